@@ -1,0 +1,133 @@
+//! Types shared by the eBPF program and userspace. Everything here is `#[repr(C)]`
+//! plain data: the kernel writes it, userspace reads the same bytes.
+#![no_std]
+
+/// Length of `task_struct::comm`, including the NUL.
+pub const TASK_COMM_LEN: usize = 16;
+
+pub const AF_INET: u16 = 2;
+pub const AF_INET6: u16 = 10;
+pub const IPPROTO_TCP: u16 = 6;
+
+/// Number of `u64` words in a port bitmap (one bit per port 0..=65535).
+pub const PORT_BITMAP_WORDS: usize = 65536 / 64;
+
+/// Size of the event ring buffer unless the user asks for another.
+pub const DEFAULT_RING_BUFFER_BYTES: u32 = 8 << 20;
+/// Sockets whose current state is remembered in the kernel (LRU: old ones are dropped).
+pub const DEFAULT_SOCKET_MAP_ENTRIES: u32 = 65536;
+
+/// One TCP state change, as emitted by the kernel program.
+///
+/// Addresses are in network byte order; for IPv4 only the first 4 bytes are used.
+/// Ports are in host byte order (the tracepoint already converts them).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Event {
+    /// Kernel address of the `struct sock`: identifies the socket while it lives.
+    pub skaddr: u64,
+    /// `bpf_ktime_get_ns()` (CLOCK_MONOTONIC) at the transition.
+    pub ts_ns: u64,
+    /// Nanoseconds spent in `oldstate`; 0 when the socket's previous transition was not seen.
+    pub delta_ns: u64,
+    pub saddr: [u8; 16],
+    pub daddr: [u8; 16],
+    /// Thread group id of the task on the CPU (may be unrelated in softirq context).
+    pub pid: u32,
+    /// Process that owns the socket as far as the kernel program knows, 0 if not yet seen.
+    pub owner_pid: u32,
+    pub comm: [u8; TASK_COMM_LEN],
+    pub sport: u16,
+    pub dport: u16,
+    pub family: u16,
+    pub oldstate: u8,
+    pub newstate: u8,
+}
+
+/// Scalar filters, set by userspace before the program is loaded.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Config {
+    /// Only this owner process (0: any).
+    pub pid: u32,
+    /// Only this address family (0: any).
+    pub family: u16,
+    /// Non-zero: only sockets whose local port is set in `LOCAL_PORTS`.
+    pub filter_local_ports: u8,
+    /// Non-zero: only sockets whose remote port is set in `REMOTE_PORTS`.
+    pub filter_remote_ports: u8,
+}
+
+/// What the kernel remembers per socket between transitions.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct SocketState {
+    /// When the socket entered its current state.
+    pub since_ns: u64,
+    /// See [`Event::owner_pid`].
+    pub owner_pid: u32,
+    pub _pad: u32,
+}
+
+/// Names of the global variables and maps in the eBPF object, used by both sides.
+pub mod names {
+    pub const PROGRAM: &str = "inet_sock_set_state";
+    pub const CONFIG: &str = "CONFIG";
+    pub const LOCAL_PORTS: &str = "LOCAL_PORTS";
+    pub const REMOTE_PORTS: &str = "REMOTE_PORTS";
+    pub const EVENTS: &str = "EVENTS";
+    pub const SOCKETS: &str = "SOCKETS";
+    pub const LOST: &str = "LOST";
+    pub const WAKEUP_BYTES: &str = "WAKEUP_BYTES";
+}
+
+/// TCP states as numbered in include/net/tcp_states.h.
+pub mod tcp_state {
+    pub const ESTABLISHED: u8 = 1;
+    pub const SYN_SENT: u8 = 2;
+    pub const SYN_RECV: u8 = 3;
+    pub const FIN_WAIT1: u8 = 4;
+    pub const FIN_WAIT2: u8 = 5;
+    pub const TIME_WAIT: u8 = 6;
+    pub const CLOSE: u8 = 7;
+    pub const CLOSE_WAIT: u8 = 8;
+    pub const LAST_ACK: u8 = 9;
+    pub const LISTEN: u8 = 10;
+    pub const CLOSING: u8 = 11;
+    pub const NEW_SYN_RECV: u8 = 12;
+
+    /// The name tcpstates prints (no `TCP_` prefix), or `None` for an unknown number.
+    pub const fn name(state: u8) -> Option<&'static str> {
+        Some(match state {
+            ESTABLISHED => "ESTABLISHED",
+            SYN_SENT => "SYN_SENT",
+            SYN_RECV => "SYN_RECV",
+            FIN_WAIT1 => "FIN_WAIT1",
+            FIN_WAIT2 => "FIN_WAIT2",
+            TIME_WAIT => "TIME_WAIT",
+            CLOSE => "CLOSE",
+            CLOSE_WAIT => "CLOSE_WAIT",
+            LAST_ACK => "LAST_ACK",
+            LISTEN => "LISTEN",
+            CLOSING => "CLOSING",
+            NEW_SYN_RECV => "NEW_SYN_RECV",
+            _ => return None,
+        })
+    }
+
+    /// Transitions only a system call on the socket makes (connect, listen, close,
+    /// shutdown), so the task on the CPU is the socket's owner. Others may run in
+    /// softirq on whatever task happened to be interrupted.
+    pub const fn entered_by_owner(newstate: u8) -> bool {
+        matches!(newstate, SYN_SENT | LISTEN | FIN_WAIT1 | LAST_ACK)
+    }
+}
+
+#[cfg(feature = "user")]
+mod pod {
+    // SAFETY: all are #[repr(C)] structs of integers and byte arrays with no padding
+    // that could hold uninitialised bytes when read back.
+    unsafe impl aya::Pod for super::Event {}
+    unsafe impl aya::Pod for super::Config {}
+    unsafe impl aya::Pod for super::SocketState {}
+}

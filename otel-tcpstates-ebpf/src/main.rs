@@ -1,0 +1,214 @@
+//! Kernel side of otel-tcpstates: one handler on `sock:inet_sock_set_state` that
+//! filters, measures the time spent in the previous state, and queues an [`Event`].
+#![no_std]
+#![no_main]
+
+use aya_ebpf::{
+    EbpfContext as _, Global,
+    bindings::{BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP},
+    helpers::{bpf_get_current_pid_tgid, bpf_ktime_get_ns, generated::bpf_get_current_comm},
+    macros::{map, tracepoint},
+    maps::{LruHashMap, PerCpuArray, RingBuf},
+    programs::TracePointContext,
+};
+use otel_tcpstates_common::{
+    Config, DEFAULT_RING_BUFFER_BYTES, DEFAULT_SOCKET_MAP_ENTRIES, Event, IPPROTO_TCP,
+    PORT_BITMAP_WORDS, SocketState, TASK_COMM_LEN, tcp_state,
+};
+
+/// The tracepoint's record (stable since Linux 4.16). Userspace checks it against
+/// the kernel's format file before loading, because the fields are read directly
+/// from the context at these fixed offsets (cheaper than bpf_probe_read).
+#[repr(C)]
+struct Args {
+    _common: u64,
+    skaddr: u64,
+    oldstate: i32,
+    newstate: i32,
+    sport: u16,
+    dport: u16,
+    family: u16,
+    protocol: u16,
+    saddr: u32,
+    daddr: u32,
+    saddr_v6: [u64; 2],
+    daddr_v6: [u64; 2],
+}
+
+#[unsafe(no_mangle)]
+static CONFIG: Global<Config> = Global::new(Config {
+    pid: 0,
+    family: 0,
+    filter_local_ports: 0,
+    filter_remote_ports: 0,
+});
+
+// Port filters as bitmaps: one bit test per event instead of a map lookup.
+#[unsafe(no_mangle)]
+static LOCAL_PORTS: [u64; PORT_BITMAP_WORDS] = [0; PORT_BITMAP_WORDS];
+#[unsafe(no_mangle)]
+static REMOTE_PORTS: [u64; PORT_BITMAP_WORDS] = [0; PORT_BITMAP_WORDS];
+
+/// Wake the reader only once this many bytes are queued; it polls on a short
+/// timer otherwise, so a busy host does not pay a wakeup per event.
+#[unsafe(no_mangle)]
+static WAKEUP_BYTES: Global<u64> = Global::new(DEFAULT_RING_BUFFER_BYTES as u64 / 4);
+
+#[map]
+static EVENTS: RingBuf = RingBuf::with_byte_size(DEFAULT_RING_BUFFER_BYTES, 0);
+
+/// Socket address → when it entered its current state and who owns it. LRU so
+/// sockets whose CLOSE is never seen cannot fill it up.
+#[map]
+static SOCKETS: LruHashMap<u64, SocketState> =
+    LruHashMap::with_max_entries(DEFAULT_SOCKET_MAP_ENTRIES, 0);
+
+/// Events the ring buffer had no room for, per CPU.
+#[map]
+static LOST: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
+
+#[tracepoint]
+pub fn inet_sock_set_state(ctx: TracePointContext) -> u32 {
+    // SAFETY: the tracepoint context points at a record with this layout, which
+    // userspace verified against the running kernel before loading us.
+    let args = unsafe { &*ctx.as_ptr().cast::<Args>() };
+    handle(args);
+    0
+}
+
+#[inline(always)]
+fn port_in(bitmap: &[u64; PORT_BITMAP_WORDS], port: u16) -> bool {
+    let word = (port >> 6) as usize;
+    // SAFETY: word < 1024 since port < 65536; volatile so the loader's values are
+    // read rather than the all-zero initialiser being constant-folded.
+    let bits = unsafe { core::ptr::read_volatile(bitmap.as_ptr().add(word)) };
+    bits & (1u64 << (port & 63)) != 0
+}
+
+/// Reads a context field with one load at a constant offset: the verifier rejects
+/// the pointer arithmetic of a memcpy from the context.
+#[inline(always)]
+fn load<T: Copy>(field: &T) -> T {
+    // SAFETY: `field` is a reference into the tracepoint record.
+    unsafe { core::ptr::read_volatile(field) }
+}
+
+/// An address as the event stores it: IPv4 in the first 4 bytes, in network order.
+#[inline(always)]
+fn address(v4: Option<u32>, v6: [u64; 2]) -> [u8; 16] {
+    let mut out = [0u8; 16];
+    match v4 {
+        Some(v4) => out[..4].copy_from_slice(&v4.to_ne_bytes()),
+        None => {
+            out[..8].copy_from_slice(&v6[0].to_ne_bytes());
+            out[8..].copy_from_slice(&v6[1].to_ne_bytes());
+        }
+    }
+    out
+}
+
+#[inline(always)]
+fn handle(args: &Args) {
+    if args.protocol != IPPROTO_TCP {
+        return;
+    }
+    let config = CONFIG.load();
+    let family = args.family;
+    if config.family != 0 && family != config.family {
+        return;
+    }
+    let sport = args.sport;
+    let dport = args.dport;
+    if config.filter_local_ports != 0 && !port_in(&LOCAL_PORTS, sport) {
+        return;
+    }
+    if config.filter_remote_ports != 0 && !port_in(&REMOTE_PORTS, dport) {
+        return;
+    }
+
+    let skaddr = args.skaddr;
+    let oldstate = args.oldstate as u8;
+    let newstate = args.newstate as u8;
+    // One clock read serves the delta, the event and the stored entry, so a socket's
+    // deltas add up exactly to its lifetime.
+    let now = unsafe { bpf_ktime_get_ns() };
+    let pid = (bpf_get_current_pid_tgid() >> 32) as u32;
+
+    let known = SOCKETS.get_ptr_mut(&skaddr);
+    let (delta_ns, mut owner_pid) = match known {
+        // SAFETY: the pointer comes from a successful lookup; the socket lock
+        // serialises transitions of one socket, so no one else writes it now.
+        Some(state) => unsafe { (now.wrapping_sub((*state).since_ns), (*state).owner_pid) },
+        None => (0, 0),
+    };
+    if tcp_state::entered_by_owner(newstate) {
+        owner_pid = pid;
+    }
+    if newstate == tcp_state::CLOSE {
+        let _ = SOCKETS.remove(&skaddr);
+    } else if let Some(state) = known {
+        // SAFETY: as above.
+        unsafe {
+            (*state).since_ns = now;
+            (*state).owner_pid = owner_pid;
+        }
+    } else {
+        let state = SocketState {
+            since_ns: now,
+            owner_pid,
+            _pad: 0,
+        };
+        let _ = SOCKETS.insert(&skaddr, &state, 0);
+    }
+
+    if config.pid != 0 && owner_pid != config.pid {
+        return;
+    }
+
+    let Some(mut entry) = EVENTS.reserve::<Event>(0) else {
+        if let Some(lost) = LOST.get_ptr_mut(0) {
+            // SAFETY: per-CPU slot, and tracepoint programs do not nest on one CPU.
+            unsafe { *lost += 1 };
+        }
+        return;
+    };
+    let event = entry.as_mut_ptr();
+    // SAFETY: `event` points at a reserved, exclusively owned Event-sized slot;
+    // every field is written before submit.
+    unsafe {
+        (*event).skaddr = skaddr;
+        (*event).ts_ns = now;
+        (*event).delta_ns = delta_ns;
+        if family == otel_tcpstates_common::AF_INET {
+            (*event).saddr = address(Some(load(&args.saddr)), [0; 2]);
+            (*event).daddr = address(Some(load(&args.daddr)), [0; 2]);
+        } else {
+            let s = [load(&args.saddr_v6[0]), load(&args.saddr_v6[1])];
+            let d = [load(&args.daddr_v6[0]), load(&args.daddr_v6[1])];
+            (*event).saddr = address(None, s);
+            (*event).daddr = address(None, d);
+        }
+        (*event).pid = pid;
+        (*event).owner_pid = owner_pid;
+        if bpf_get_current_comm((*event).comm.as_mut_ptr().cast(), TASK_COMM_LEN as u32) != 0 {
+            (*event).comm = [0; TASK_COMM_LEN];
+        }
+        (*event).sport = sport;
+        (*event).dport = dport;
+        (*event).family = family;
+        (*event).oldstate = oldstate;
+        (*event).newstate = newstate;
+    }
+    let flags = if EVENTS.query(BPF_RB_AVAIL_DATA as u64) >= WAKEUP_BYTES.load() {
+        BPF_RB_FORCE_WAKEUP
+    } else {
+        BPF_RB_NO_WAKEUP
+    };
+    entry.submit(flags as u64);
+}
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    loop {}
+}

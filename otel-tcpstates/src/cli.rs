@@ -1,0 +1,197 @@
+//! Command-line flags, mirroring bcc's tcpstates (and tcplife's `-p`).
+use std::{fmt, str::FromStr};
+
+use clap::{ArgAction, Parser};
+
+const EXAMPLES: &str = "\
+Examples:
+  otel-tcpstates              # trace all TCP state changes
+  otel-tcpstates -t           # include timestamp column
+  otel-tcpstates -T           # include time column (HH:MM:SS)
+  otel-tcpstates -w           # wider columns (fit IPv6)
+  otel-tcpstates -stT         # csv output, with times & timestamps
+  otel-tcpstates -L 80        # only trace local port 80
+  otel-tcpstates -L 80,81     # only trace local ports 80 and 81
+  otel-tcpstates -D 8000-8080 # only trace remote ports 8000 to 8080
+  otel-tcpstates -p 181       # only sockets owned by PID 181
+
+Needs Linux >= 4.16 and root (or CAP_BPF + CAP_PERFMON).";
+
+/// Trace TCP socket state changes and the time spent in each state, from the kernel (eBPF).
+#[derive(Debug, Parser)]
+#[command(name = "otel-tcpstates", version, after_help = EXAMPLES)]
+pub struct Cli {
+    /// Include a time column (HH:MM:SS)
+    #[arg(short = 'T', long = "time")]
+    pub time: bool,
+
+    /// Include a timestamp column (seconds since the first event)
+    #[arg(short = 't', long = "timestamp")]
+    pub timestamp: bool,
+
+    /// Wide columns (fit IPv6 addresses) and an IP version column
+    #[arg(short = 'w', long = "wide")]
+    pub wide: bool,
+
+    /// Comma-separated values
+    #[arg(short = 's', long = "csv")]
+    pub csv: bool,
+
+    /// Only local ports in PORTS (comma-separated ports or ranges, e.g. 80,443,8000-8080)
+    #[arg(short = 'L', long = "localport", value_name = "PORTS")]
+    pub localport: Option<PortSet>,
+
+    /// Only remote ports in PORTS (comma-separated ports or ranges)
+    #[arg(short = 'D', long = "remoteport", value_name = "PORTS")]
+    pub remoteport: Option<PortSet>,
+
+    /// Only IPv4 sockets
+    #[arg(short = '4', long = "ipv4", conflicts_with = "ipv6")]
+    pub ipv4: bool,
+
+    /// Only IPv6 sockets
+    #[arg(short = '6', long = "ipv6")]
+    pub ipv6: bool,
+
+    /// Only sockets owned by this process (the one that connected, listened or closed it)
+    #[arg(short = 'p', long = "pid", value_name = "PID",
+          value_parser = clap::value_parser!(u32).range(1..))]
+    pub pid: Option<u32>,
+
+    /// Kernel ring buffer size in MiB (a power of two); larger survives longer bursts
+    #[arg(long = "ring-buffer-mib", value_name = "MIB", default_value_t = 8,
+          value_parser = parse_ring_buffer_mib)]
+    pub ring_buffer_mib: u32,
+
+    /// How often to drain the ring buffer when the kernel has not woken us, in milliseconds
+    #[arg(long = "poll-ms", value_name = "MS", default_value_t = 50,
+          value_parser = clap::value_parser!(u64).range(1..=10_000))]
+    pub poll_ms: u64,
+
+    /// More diagnostics on stderr (-v, -vv)
+    #[arg(short = 'v', long = "verbose", action = ArgAction::Count)]
+    pub verbose: u8,
+}
+
+/// A set of TCP ports given as `80,443,8000-8080`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PortSet(Vec<u16>);
+
+impl PortSet {
+    pub fn ports(&self) -> &[u16] {
+        &self.0
+    }
+}
+
+#[derive(Debug, PartialEq, Eq)]
+pub struct PortSetError(String);
+
+impl fmt::Display for PortSetError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for PortSetError {}
+
+fn parse_port(text: &str) -> Result<u16, PortSetError> {
+    match text.trim().parse::<u32>() {
+        Ok(port @ 1..=65535) => Ok(port as u16),
+        Ok(_) => Err(PortSetError(format!(
+            "port '{text}' is out of range 1-65535"
+        ))),
+        Err(_) => Err(PortSetError(format!("'{text}' is not a port number"))),
+    }
+}
+
+impl FromStr for PortSet {
+    type Err = PortSetError;
+
+    fn from_str(text: &str) -> Result<Self, Self::Err> {
+        let mut ports = Vec::new();
+        for item in text.split(',') {
+            match item.split_once('-') {
+                Some((first, last)) => {
+                    let (first, last) = (parse_port(first)?, parse_port(last)?);
+                    if first > last {
+                        return Err(PortSetError(format!("empty port range '{item}'")));
+                    }
+                    ports.extend(first..=last);
+                }
+                None => ports.push(parse_port(item)?),
+            }
+        }
+        ports.sort_unstable();
+        ports.dedup();
+        Ok(PortSet(ports))
+    }
+}
+
+fn parse_ring_buffer_mib(text: &str) -> Result<u32, String> {
+    match text.parse::<u32>() {
+        Ok(mib @ 1..=1024) if mib.is_power_of_two() => Ok(mib),
+        _ => Err(format!("'{text}' is not a power of two from 1 to 1024")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::{CommandFactory as _, error::ErrorKind};
+
+    use super::*;
+
+    fn parse(args: &[&str]) -> Result<Cli, clap::Error> {
+        Cli::try_parse_from(std::iter::once("otel-tcpstates").chain(args.iter().copied()))
+    }
+
+    #[test]
+    fn clap_definition_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn port_lists_and_ranges() {
+        let set: PortSet = "443,80,8000-8002,80".parse().unwrap();
+        assert_eq!(set.ports(), &[80, 443, 8000, 8001, 8002]);
+    }
+
+    #[test]
+    fn bad_ports_are_named_in_the_error() {
+        assert_eq!(
+            "abc".parse::<PortSet>().unwrap_err().to_string(),
+            "'abc' is not a port number"
+        );
+        assert_eq!(
+            "80,70000".parse::<PortSet>().unwrap_err().to_string(),
+            "port '70000' is out of range 1-65535"
+        );
+        assert!("0".parse::<PortSet>().is_err());
+        assert!("90-80".parse::<PortSet>().is_err());
+        assert!("".parse::<PortSet>().is_err());
+    }
+
+    #[test]
+    fn bad_flags_are_usage_errors() {
+        for args in [
+            &["-L", "abc"][..],
+            &["-D", "70000"],
+            &["-4", "-6"],
+            &["--bogus"],
+            &["-p", "0"],
+            &["-p", "x"],
+            &["--ring-buffer-mib", "3"],
+        ] {
+            let err = parse(args).unwrap_err();
+            assert_ne!(err.kind(), ErrorKind::DisplayHelp, "{args:?}");
+            assert_eq!(err.exit_code(), 2, "{args:?}");
+        }
+    }
+
+    #[test]
+    fn combined_short_flags() {
+        let cli = parse(&["-stT", "-L", "80", "-4", "-p", "42"]).unwrap();
+        assert!(cli.csv && cli.timestamp && cli.time && cli.ipv4 && !cli.ipv6);
+        assert_eq!(cli.localport.unwrap().ports(), &[80]);
+        assert_eq!(cli.pid, Some(42));
+    }
+}

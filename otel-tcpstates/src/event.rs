@@ -1,0 +1,209 @@
+//! Decoding the kernel's ring-buffer records into [`TcpEvent`]s.
+use std::{
+    fmt,
+    mem::size_of,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
+};
+
+use otel_tcpstates_common::{AF_INET, AF_INET6, Event, TASK_COMM_LEN, tcp_state};
+
+/// A TCP state number from include/net/tcp_states.h.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct TcpState(pub u8);
+
+impl fmt::Display for TcpState {
+    /// The name tcpstates prints, e.g. `SYN_SENT`; unknown numbers print as digits.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match tcp_state::name(self.0) {
+            Some(name) => f.pad(name),
+            None => f.pad(&self.0.to_string()),
+        }
+    }
+}
+
+/// A task's `comm`: up to 15 bytes, not necessarily UTF-8.
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Comm([u8; TASK_COMM_LEN]);
+
+impl Comm {
+    pub fn as_bytes(&self) -> &[u8] {
+        let len = self.0.iter().position(|&b| b == 0).unwrap_or(TASK_COMM_LEN);
+        &self.0[..len]
+    }
+}
+
+impl fmt::Display for Comm {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.pad(&String::from_utf8_lossy(self.as_bytes()))
+    }
+}
+
+impl fmt::Debug for Comm {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{:?}", String::from_utf8_lossy(self.as_bytes()))
+    }
+}
+
+/// One TCP state change of one socket.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TcpEvent {
+    /// Kernel address of the socket: unique among live sockets, reused after close.
+    pub skaddr: u64,
+    /// Kernel CLOCK_MONOTONIC nanoseconds at the transition.
+    pub ts_ns: u64,
+    /// Nanoseconds spent in `oldstate`, measured in the kernel (0 if unknown).
+    pub delta_ns: u64,
+    pub local_addr: IpAddr,
+    pub local_port: u16,
+    pub remote_addr: IpAddr,
+    pub remote_port: u16,
+    /// Process on the CPU at the transition (bcc's C-PID).
+    pub pid: u32,
+    /// Owner of the socket as far as the kernel has seen (0: not yet known).
+    pub owner_pid: u32,
+    /// Command of the task on the CPU (bcc's C-COMM).
+    pub comm: Comm,
+    pub oldstate: TcpState,
+    pub newstate: TcpState,
+}
+
+impl TcpEvent {
+    pub fn is_ipv4(&self) -> bool {
+        self.local_addr.is_ipv4()
+    }
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum DecodeError {
+    #[error("record of {0} bytes is shorter than an event ({1} bytes)")]
+    Short(usize, usize),
+    #[error("unknown address family {0}")]
+    Family(u16),
+}
+
+/// Size of the record the kernel program writes.
+pub const RECORD_SIZE: usize = size_of::<Event>();
+
+/// Decodes one ring-buffer record. Never panics, whatever the bytes.
+pub fn decode(record: &[u8]) -> Result<TcpEvent, DecodeError> {
+    if record.len() < RECORD_SIZE {
+        return Err(DecodeError::Short(record.len(), RECORD_SIZE));
+    }
+    // SAFETY: the slice holds at least size_of::<Event>() bytes, Event is plain
+    // data valid for any bit pattern, and read_unaligned has no alignment needs.
+    let raw: Event = unsafe { record.as_ptr().cast::<Event>().read_unaligned() };
+    let (local_addr, remote_addr) = match raw.family {
+        AF_INET => (ipv4(&raw.saddr), ipv4(&raw.daddr)),
+        AF_INET6 => (
+            IpAddr::V6(Ipv6Addr::from(raw.saddr)),
+            IpAddr::V6(Ipv6Addr::from(raw.daddr)),
+        ),
+        other => return Err(DecodeError::Family(other)),
+    };
+    Ok(TcpEvent {
+        skaddr: raw.skaddr,
+        ts_ns: raw.ts_ns,
+        delta_ns: raw.delta_ns,
+        local_addr,
+        local_port: raw.sport,
+        remote_addr,
+        remote_port: raw.dport,
+        pid: raw.pid,
+        owner_pid: raw.owner_pid,
+        comm: Comm(raw.comm),
+        oldstate: TcpState(raw.oldstate),
+        newstate: TcpState(raw.newstate),
+    })
+}
+
+fn ipv4(bytes: &[u8; 16]) -> IpAddr {
+    IpAddr::V4(Ipv4Addr::new(bytes[0], bytes[1], bytes[2], bytes[3]))
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+
+    /// The bytes the kernel would write for `event`.
+    pub(crate) fn record(event: &Event) -> Vec<u8> {
+        // SAFETY: Event is #[repr(C)] plain data without padding.
+        unsafe { std::slice::from_raw_parts((event as *const Event).cast::<u8>(), RECORD_SIZE) }
+            .to_vec()
+    }
+
+    pub(crate) fn raw_v4() -> Event {
+        let mut comm = [0u8; TASK_COMM_LEN];
+        comm[..4].copy_from_slice(b"curl");
+        let mut saddr = [0u8; 16];
+        saddr[..4].copy_from_slice(&[10, 0, 0, 1]);
+        let mut daddr = [0u8; 16];
+        daddr[..4].copy_from_slice(&[93, 184, 216, 34]);
+        Event {
+            skaddr: 0xffff_9fd7_e819_2000,
+            ts_ns: 5_000_000_123,
+            delta_ns: 1_234_567,
+            saddr,
+            daddr,
+            pid: 22384,
+            owner_pid: 22384,
+            comm,
+            sport: 52_000,
+            dport: 80,
+            family: AF_INET,
+            oldstate: tcp_state::SYN_SENT,
+            newstate: tcp_state::ESTABLISHED,
+        }
+    }
+
+    #[test]
+    fn decodes_ipv4() {
+        let event = decode(&record(&raw_v4())).unwrap();
+        assert_eq!(event.local_addr, "10.0.0.1".parse::<IpAddr>().unwrap());
+        assert_eq!(
+            event.remote_addr,
+            "93.184.216.34".parse::<IpAddr>().unwrap()
+        );
+        assert_eq!((event.local_port, event.remote_port), (52_000, 80));
+        assert_eq!(event.comm.to_string(), "curl");
+        assert_eq!(event.oldstate.to_string(), "SYN_SENT");
+        assert_eq!(event.newstate, TcpState(tcp_state::ESTABLISHED));
+        assert_eq!(event.delta_ns, 1_234_567);
+    }
+
+    #[test]
+    fn decodes_ipv6() {
+        let mut raw = raw_v4();
+        raw.family = AF_INET6;
+        raw.saddr = "::1".parse::<Ipv6Addr>().unwrap().octets();
+        raw.daddr = "2001:db8::7".parse::<Ipv6Addr>().unwrap().octets();
+        let event = decode(&record(&raw)).unwrap();
+        assert_eq!(event.local_addr.to_string(), "::1");
+        assert_eq!(event.remote_addr.to_string(), "2001:db8::7");
+        assert!(!event.is_ipv4());
+    }
+
+    #[test]
+    fn rejects_short_and_unknown_records() {
+        let bytes = record(&raw_v4());
+        for len in 0..RECORD_SIZE {
+            assert_eq!(
+                decode(&bytes[..len]),
+                Err(DecodeError::Short(len, RECORD_SIZE))
+            );
+        }
+        let mut raw = raw_v4();
+        raw.family = 1;
+        assert_eq!(decode(&record(&raw)), Err(DecodeError::Family(1)));
+    }
+
+    #[test]
+    fn unknown_states_and_odd_comms_still_print() {
+        let mut raw = raw_v4();
+        raw.oldstate = 99;
+        raw.comm = [0xff; TASK_COMM_LEN];
+        let event = decode(&record(&raw)).unwrap();
+        assert_eq!(event.oldstate.to_string(), "99");
+        assert_eq!(event.comm.as_bytes().len(), TASK_COMM_LEN);
+        assert!(event.comm.to_string().contains('\u{fffd}'));
+    }
+}

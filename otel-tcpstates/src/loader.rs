@@ -1,0 +1,116 @@
+//! Loading the embedded eBPF program with the user's filters and attaching it to
+//! `sock:inet_sock_set_state`.
+use anyhow::{Context as _, Result, anyhow};
+use aya::{
+    Ebpf, EbpfLoader,
+    maps::{MapData, PerCpuArray, RingBuf},
+    programs::TracePoint,
+};
+use otel_tcpstates_common::{AF_INET, AF_INET6, Config, PORT_BITMAP_WORDS, names};
+
+use crate::cli::PortSet;
+
+/// The compiled eBPF object, built by build.rs.
+static PROGRAM: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/otel-tcpstates"));
+
+/// What the kernel program should keep; everything else is dropped in the kernel.
+#[derive(Clone, Debug, Default)]
+pub struct Filters {
+    pub owner_pid: Option<u32>,
+    pub ipv4_only: bool,
+    pub ipv6_only: bool,
+    pub local_ports: Option<PortSet>,
+    pub remote_ports: Option<PortSet>,
+}
+
+/// The attached program. Dropping it detaches from the tracepoint.
+pub struct Probe {
+    // Owns the program and its link: keep it alive as long as events are wanted.
+    _ebpf: Ebpf,
+    lost: PerCpuArray<MapData, u64>,
+}
+
+fn bitmap(ports: Option<&PortSet>) -> [u64; PORT_BITMAP_WORDS] {
+    let mut words = [0u64; PORT_BITMAP_WORDS];
+    for &port in ports.map(PortSet::ports).unwrap_or_default() {
+        words[usize::from(port >> 6)] |= 1 << (port & 63);
+    }
+    words
+}
+
+impl Probe {
+    /// Returns the attached probe and the ring buffer its events arrive on.
+    pub fn load(filters: &Filters, ring_buffer_bytes: u32) -> Result<(Self, RingBuf<MapData>)> {
+        let config = Config {
+            pid: filters.owner_pid.unwrap_or(0),
+            family: match (filters.ipv4_only, filters.ipv6_only) {
+                (true, false) => AF_INET,
+                (false, true) => AF_INET6,
+                _ => 0,
+            },
+            filter_local_ports: u8::from(filters.local_ports.is_some()),
+            filter_remote_ports: u8::from(filters.remote_ports.is_some()),
+        };
+        let local = bitmap(filters.local_ports.as_ref());
+        let remote = bitmap(filters.remote_ports.as_ref());
+        let wakeup_bytes = u64::from(ring_buffer_bytes / 4);
+
+        let mut ebpf = EbpfLoader::new()
+            .override_global(names::CONFIG, &config, true)
+            .override_global(names::LOCAL_PORTS, &local, true)
+            .override_global(names::REMOTE_PORTS, &remote, true)
+            .override_global(names::WAKEUP_BYTES, &wakeup_bytes, true)
+            .map_max_entries(names::EVENTS, ring_buffer_bytes)
+            .load(PROGRAM)
+            .context("the kernel refused the eBPF program's maps or object")?;
+
+        let program: &mut TracePoint = ebpf
+            .program_mut(names::PROGRAM)
+            .ok_or_else(|| anyhow!("eBPF object has no program {}", names::PROGRAM))?
+            .try_into()
+            .context("eBPF program is not a tracepoint program")?;
+        program
+            .load()
+            .context("the kernel verifier rejected the eBPF program")?;
+        program
+            .attach("sock", "inet_sock_set_state")
+            .context("attaching to tracepoint sock:inet_sock_set_state failed")?;
+
+        let events = RingBuf::try_from(
+            ebpf.take_map(names::EVENTS)
+                .ok_or_else(|| anyhow!("eBPF object has no map {}", names::EVENTS))?,
+        )
+        .context("opening the event ring buffer")?;
+        let lost = PerCpuArray::try_from(
+            ebpf.take_map(names::LOST)
+                .ok_or_else(|| anyhow!("eBPF object has no map {}", names::LOST))?,
+        )
+        .context("opening the lost-event counter")?;
+        Ok((Self { _ebpf: ebpf, lost }, events))
+    }
+
+    /// Events the kernel could not queue because the ring buffer was full, so far.
+    pub fn lost_events(&self) -> Result<u64> {
+        let per_cpu = self
+            .lost
+            .get(&0, 0)
+            .context("reading the lost-event counter")?;
+        Ok(per_cpu.iter().sum())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn port_bitmap_sets_exactly_the_given_ports() {
+        let ports: PortSet = "1,63,64,65535".parse().unwrap();
+        let words = bitmap(Some(&ports));
+        let set: Vec<u32> = (0..=65535u32)
+            .filter(|&p| words[(p >> 6) as usize] & (1 << (p & 63)) != 0)
+            .collect();
+        assert_eq!(set, vec![1, 63, 64, 65535]);
+        assert!(bitmap(None).iter().all(|&w| w == 0));
+    }
+}

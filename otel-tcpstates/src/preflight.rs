@@ -1,0 +1,180 @@
+//! Checks that this host can run the tracer, each failure as one line that says what
+//! to do: privileges, tracefs, the tracepoint and its record layout.
+use std::{fs, io, path::Path};
+
+use anyhow::{Context as _, Result, bail};
+use caps::{CapSet, Capability};
+
+pub const TRACEFS: &str = "/sys/kernel/tracing";
+const TRACEPOINT_FORMAT: &str = "events/sock/inet_sock_set_state/format";
+
+/// Field offsets the eBPF program reads the tracepoint record at (Linux ≥ 4.16).
+const EXPECTED_FIELDS: &[(&str, usize, usize)] = &[
+    ("skaddr", 8, 8),
+    ("oldstate", 16, 4),
+    ("newstate", 20, 4),
+    ("sport", 24, 2),
+    ("dport", 26, 2),
+    ("family", 28, 2),
+    ("protocol", 30, 2),
+    ("saddr", 32, 4),
+    ("daddr", 36, 4),
+    ("saddr_v6", 40, 16),
+    ("daddr_v6", 56, 16),
+];
+
+pub fn run() -> Result<()> {
+    check_privileges()?;
+    raise_memlock_limit();
+    ensure_tracefs()?;
+    check_tracepoint(Path::new(TRACEFS))
+}
+
+fn has(cap: Capability) -> bool {
+    caps::has_cap(None, CapSet::Effective, cap).unwrap_or(false)
+}
+
+fn check_privileges() -> Result<()> {
+    if has(Capability::CAP_SYS_ADMIN) || (has(Capability::CAP_BPF) && has(Capability::CAP_PERFMON))
+    {
+        return Ok(());
+    }
+    let missing: Vec<&str> = [
+        (Capability::CAP_BPF, "CAP_BPF"),
+        (Capability::CAP_PERFMON, "CAP_PERFMON"),
+    ]
+    .into_iter()
+    .filter(|(cap, _)| !has(*cap))
+    .map(|(_, name)| name)
+    .collect();
+    bail!(
+        "missing privileges: loading the eBPF program needs root or CAP_BPF and CAP_PERFMON \
+         (missing: {}); run as root, e.g. `sudo otel-tcpstates`",
+        missing.join(", ")
+    )
+}
+
+/// Kernels before 5.11 charge BPF maps to RLIMIT_MEMLOCK; lift it where allowed.
+fn raise_memlock_limit() {
+    use nix::sys::resource::{RLIM_INFINITY, Resource, setrlimit};
+    if let Err(err) = setrlimit(Resource::RLIMIT_MEMLOCK, RLIM_INFINITY, RLIM_INFINITY) {
+        tracing::debug!("could not raise RLIMIT_MEMLOCK: {err}");
+    }
+}
+
+fn ensure_tracefs() -> Result<()> {
+    let root = Path::new(TRACEFS);
+    if root.join("events").is_dir() {
+        return Ok(());
+    }
+    use nix::mount::{MsFlags, mount};
+    let flags = MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC;
+    match mount(Some("tracefs"), root, Some("tracefs"), flags, None::<&str>) {
+        Ok(()) => {
+            tracing::info!("mounted tracefs at {TRACEFS}");
+            Ok(())
+        }
+        Err(err) => bail!(
+            "tracefs is not mounted at {TRACEFS} and mounting it failed ({err}); \
+             mount it as root with `mount -t tracefs tracefs {TRACEFS}`"
+        ),
+    }
+}
+
+fn check_tracepoint(tracefs: &Path) -> Result<()> {
+    let path = tracefs.join(TRACEPOINT_FORMAT);
+    let format = match fs::read_to_string(&path) {
+        Ok(text) => text,
+        Err(err) if err.kind() == io::ErrorKind::NotFound => {
+            let release = fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+            bail!(
+                "this kernel ({}) has no tracepoint sock:inet_sock_set_state; it needs Linux 4.16 or newer",
+                release.trim()
+            )
+        }
+        Err(err) => return Err(err).with_context(|| format!("reading {}", path.display())),
+    };
+    check_layout(&format)
+}
+
+/// Compares the tracepoint's format file with the offsets the eBPF program uses.
+pub fn check_layout(format: &str) -> Result<()> {
+    for &(name, offset, size) in EXPECTED_FIELDS {
+        match field(format, name) {
+            Some((o, s)) if (o, s) == (offset, size) => {}
+            Some((o, s)) => bail!(
+                "sock:inet_sock_set_state has field {name} at offset {o} size {s}, \
+                 expected offset {offset} size {size}; this kernel's layout is not supported yet, please report it"
+            ),
+            None => bail!(
+                "sock:inet_sock_set_state has no field {name}; this kernel's layout is not supported yet, please report it"
+            ),
+        }
+    }
+    Ok(())
+}
+
+/// Finds `offset` and `size` of a field in a tracepoint format file, whose lines read
+/// `field:__u16 sport;<TAB>offset:24;<TAB>size:2;<TAB>signed:0;`.
+fn field(format: &str, name: &str) -> Option<(usize, usize)> {
+    format.lines().find_map(|line| {
+        let mut parts = line.trim().split(';').map(str::trim);
+        let decl = parts.next()?.strip_prefix("field:")?;
+        let declared = decl.rsplit(' ').next()?;
+        let declared = declared.split('[').next()?.trim_start_matches('*');
+        if declared != name {
+            return None;
+        }
+        let mut offset = None;
+        let mut size = None;
+        for part in parts {
+            if let Some(v) = part.strip_prefix("offset:") {
+                offset = v.parse().ok();
+            } else if let Some(v) = part.strip_prefix("size:") {
+                size = v.parse().ok();
+            }
+        }
+        Some((offset?, size?))
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const FORMAT_6_18: &str = "name: inet_sock_set_state
+ID: 2287
+format:
+	field:unsigned short common_type;	offset:0;	size:2;	signed:0;
+	field:unsigned char common_flags;	offset:2;	size:1;	signed:0;
+	field:unsigned char common_preempt_count;	offset:3;	size:1;	signed:0;
+	field:int common_pid;	offset:4;	size:4;	signed:1;
+
+	field:const void * skaddr;	offset:8;	size:8;	signed:0;
+	field:int oldstate;	offset:16;	size:4;	signed:1;
+	field:int newstate;	offset:20;	size:4;	signed:1;
+	field:__u16 sport;	offset:24;	size:2;	signed:0;
+	field:__u16 dport;	offset:26;	size:2;	signed:0;
+	field:__u16 family;	offset:28;	size:2;	signed:0;
+	field:__u16 protocol;	offset:30;	size:2;	signed:0;
+	field:__u8 saddr[4];	offset:32;	size:4;	signed:0;
+	field:__u8 daddr[4];	offset:36;	size:4;	signed:0;
+	field:__u8 saddr_v6[16];	offset:40;	size:16;	signed:0;
+	field:__u8 daddr_v6[16];	offset:56;	size:16;	signed:0;
+";
+
+    #[test]
+    fn accepts_the_known_layout() {
+        check_layout(FORMAT_6_18).unwrap();
+    }
+
+    #[test]
+    fn rejects_a_moved_or_missing_field() {
+        let moved = FORMAT_6_18.replace("sport;\toffset:24", "sport;\toffset:26");
+        let err = check_layout(&moved).unwrap_err().to_string();
+        assert!(err.contains("field sport at offset 26"), "{err}");
+        let missing = FORMAT_6_18.replace("protocol;", "proto;");
+        let err = check_layout(&missing).unwrap_err().to_string();
+        assert!(err.contains("no field protocol"), "{err}");
+    }
+}

@@ -1,0 +1,71 @@
+//! Draining the kernel's ring buffer: waits for a wakeup or the poll timer, then
+//! hands every queued record, decoded, to the caller.
+use std::{io, time::Duration};
+
+use aya::maps::{MapData, RingBuf};
+use tokio::{
+    io::{Interest, unix::AsyncFd},
+    time::{Interval, MissedTickBehavior, interval},
+};
+
+use crate::event::{self, TcpEvent};
+
+pub struct EventReader {
+    ring: AsyncFd<RingBuf<MapData>>,
+    poll: Interval,
+    /// Records that did not decode (never expected; counted, not fatal).
+    pub malformed: u64,
+}
+
+impl EventReader {
+    /// `poll_every` bounds the latency of an event on a quiet host: the kernel only
+    /// wakes us once a quarter of the buffer is full.
+    pub fn new(ring: RingBuf<MapData>, poll_every: Duration) -> io::Result<Self> {
+        let mut poll = interval(poll_every);
+        poll.set_missed_tick_behavior(MissedTickBehavior::Delay);
+        // SAFETY: the RingBuf owns its map fd and keeps it open, unreplaced, for as
+        // long as the AsyncFd (which owns the RingBuf) lives.
+        let ring = unsafe { AsyncFd::register_with_interest(ring, Interest::READABLE)? };
+        Ok(Self {
+            ring,
+            poll,
+            malformed: 0,
+        })
+    }
+
+    /// Waits until there may be records to drain.
+    pub async fn ready(&mut self) -> io::Result<()> {
+        tokio::select! {
+            guard = self.ring.readable_mut() => {
+                // Cleared before draining, so a wakeup that races the drain is kept.
+                guard?.clear_ready();
+            }
+            _ = self.poll.tick() => {}
+        }
+        Ok(())
+    }
+
+    /// Decodes and passes on every queued record; stops at the first error `sink` returns.
+    pub fn drain<E>(
+        &mut self,
+        mut sink: impl FnMut(&TcpEvent) -> Result<(), E>,
+    ) -> Result<usize, E> {
+        let ring = self.ring.get_mut();
+        let mut count = 0;
+        while let Some(record) = ring.next() {
+            match event::decode(&record) {
+                Ok(event) => {
+                    count += 1;
+                    sink(&event)?;
+                }
+                Err(err) => {
+                    if self.malformed == 0 {
+                        tracing::warn!("skipping malformed event record: {err}");
+                    }
+                    self.malformed += 1;
+                }
+            }
+        }
+        Ok(count)
+    }
+}

@@ -1,0 +1,80 @@
+#!/usr/bin/env bash
+# Idempotent machine setup for building and testing otel-tcpstates.
+# Installs only what is missing, so a second run takes seconds.
+#   scripts/setup.sh          toolchains + bpf-linker (enough to build and run)
+#   scripts/setup.sh --test   also the packages the test suite uses
+set -euo pipefail
+
+root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+channel_of() { sed -n 's/^channel *= *"\(.*\)"/\1/p' "$1"; }
+STABLE=$(channel_of "$root/rust-toolchain.toml")
+NIGHTLY=$(channel_of "$root/otel-tcpstates-ebpf/rust-toolchain.toml")
+BPF_LINKER_VERSION=0.13.0
+
+want_test=0
+for arg in "$@"; do
+  case "$arg" in
+    --test) want_test=1 ;;
+    *) echo "setup.sh: unknown argument '$arg' (use --test)" >&2; exit 2 ;;
+  esac
+done
+
+log() { printf '[setup] %s\n' "$*" >&2; }
+
+if ! command -v rustup >/dev/null; then
+  echo "setup.sh: rustup is required (https://rustup.rs)" >&2
+  exit 1
+fi
+
+have_toolchain() { rustup toolchain list | grep -q "^$1"; }
+
+if ! have_toolchain "$STABLE"; then
+  log "installing Rust $STABLE"
+  rustup toolchain install "$STABLE" --profile minimal --component clippy,rustfmt
+else
+  # A toolchain installed elsewhere with --profile minimal may lack these.
+  rustup component add --toolchain "$STABLE" clippy rustfmt >/dev/null 2>&1 || true
+fi
+
+if ! have_toolchain "$NIGHTLY" || ! rustup component list --toolchain "$NIGHTLY" --installed | grep -q '^rust-src'; then
+  log "installing $NIGHTLY with rust-src (builds the eBPF program)"
+  rustup toolchain install "$NIGHTLY" --profile minimal --component rust-src
+fi
+
+# bpf-linker must link against the same LLVM as the nightly that emits the bitcode.
+nightly_sysroot=$(rustup run "$NIGHTLY" rustc --print sysroot)
+libllvm=$(find "$nightly_sysroot/lib" -maxdepth 1 -name 'libLLVM.so.*' | head -n1)
+if [[ -z "$libllvm" ]]; then
+  echo "setup.sh: no libLLVM.so.* in $nightly_sysroot/lib; is $NIGHTLY installed with the full rustc component?" >&2
+  exit 1
+fi
+llvm_prefix="${CARGO_HOME:-$HOME/.cargo}/otel-tcpstates-llvm"
+stamp="$llvm_prefix/bpf-linker.stamp"
+want_stamp="$BPF_LINKER_VERSION $(basename "$libllvm")"
+if [[ "$(cat "$stamp" 2>/dev/null)" != "$want_stamp" ]] || ! command -v bpf-linker >/dev/null; then
+  log "building bpf-linker $BPF_LINKER_VERSION against $(basename "$libllvm")"
+  mkdir -p "$llvm_prefix/lib"
+  ln -sf "$libllvm" "$llvm_prefix/lib/libLLVM.so"
+  LLVM_PREFIX="$llvm_prefix" cargo +"$STABLE" install bpf-linker --version "$BPF_LINKER_VERSION" --locked --force
+  echo "$want_stamp" >"$stamp"
+fi
+
+if [[ $want_test -eq 1 ]]; then
+  # setpriv and unshare (util-linux) let the tests drop privileges and unmount
+  # tracefs in a private namespace.
+  missing=()
+  command -v setpriv >/dev/null && command -v unshare >/dev/null || missing+=(util-linux)
+  command -v bash >/dev/null || missing+=(bash)
+  if ((${#missing[@]})); then
+    log "installing ${missing[*]}"
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}"
+  fi
+fi
+
+# The tracer mounts tracefs itself; doing it here too keeps bpftool and friends usable.
+if [[ $EUID -eq 0 ]] && ! mountpoint -q /sys/kernel/tracing 2>/dev/null; then
+  mount -t tracefs tracefs /sys/kernel/tracing 2>/dev/null || log "could not mount tracefs (the tracer will try again)"
+fi
+
+log "ready"

@@ -1,0 +1,120 @@
+//! The daemon as a command: bad input, missing privileges, tracefs, signals.
+mod support;
+
+use std::{process::Command, time::Duration};
+
+use nix::sys::signal::Signal;
+use support::*;
+
+fn run(args: &[&str]) -> (i32, String) {
+    let out = Command::new(BIN).args(args).output().unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn bad_input_is_a_usage_error() {
+    for (args, says) in [
+        (&["-L", "abc"][..], "'abc' is not a port number"),
+        (&["-D", "70000"], "port '70000' is out of range 1-65535"),
+        (&["-4", "-6"], "cannot be used with"),
+        (&["--frobnicate"], "unexpected argument '--frobnicate'"),
+        (&["-p", "0"], "0 is not in 1.."),
+    ] {
+        let (code, stderr) = run(args);
+        assert_eq!(code, 2, "{args:?}: {stderr}");
+        assert!(stderr.contains(says), "{args:?}: {stderr}");
+        assert!(!stderr.contains("panicked"), "{stderr}");
+    }
+}
+
+#[test]
+fn missing_privileges_are_one_clear_line() {
+    if !root_or_skip("missing_privileges_are_one_clear_line") {
+        return;
+    }
+    // As nobody, with no capabilities at all.
+    let out = Command::new("setpriv")
+        .args([
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+            "--inh-caps=-all",
+        ])
+        .arg(BIN)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert_eq!(stderr.lines().count(), 1, "{stderr}");
+    assert!(
+        stderr.starts_with("otel-tcpstates: error: missing privileges")
+            && stderr.contains("CAP_BPF")
+            && stderr.contains("CAP_PERFMON"),
+        "{stderr}"
+    );
+    assert!(out.stdout.is_empty());
+}
+
+#[test]
+fn sigterm_and_sigint_exit_zero_promptly() {
+    if !root_or_skip("sigterm_and_sigint_exit_zero_promptly") {
+        return;
+    }
+    for signal in [Signal::SIGTERM, Signal::SIGINT] {
+        let done = Tracer::start(&[]).stop_with(signal);
+        assert!(done.status.success(), "{signal}: {:?}", done.stderr);
+        assert!(
+            done.took < Duration::from_secs(2),
+            "{signal} took {:?}",
+            done.took
+        );
+        assert!(done.stderr.is_empty(), "{:?}", done.stderr);
+    }
+}
+
+#[test]
+fn mounts_tracefs_when_it_is_not_mounted() {
+    if !root_or_skip("mounts_tracefs_when_it_is_not_mounted") {
+        return;
+    }
+    // In a private mount namespace, so the rest of the host keeps its tracefs.
+    let script = format!(
+        "umount /sys/kernel/tracing 2>/dev/null; \
+         test -d /sys/kernel/tracing/events && exit 3; \
+         exec {BIN} -s --poll-ms 10"
+    );
+    let mut child = Command::new("unshare")
+        .args(["--mount", "--propagation", "private", "sh", "-c", &script])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Wait for the header (printed once attached), then stop it.
+    let stdout = child.stdout.take().unwrap();
+    let mut lines = std::io::BufRead::lines(std::io::BufReader::new(stdout));
+    let header = lines.next().and_then(Result::ok).unwrap_or_default();
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(child.id() as i32),
+        Signal::SIGINT,
+    )
+    .unwrap();
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_ne!(
+        out.status.code(),
+        Some(3),
+        "could not unmount tracefs to test"
+    );
+    assert!(
+        header.starts_with("SKADDR,"),
+        "header {header:?}, stderr {stderr}"
+    );
+    assert!(
+        stderr.contains("mounted tracefs at /sys/kernel/tracing"),
+        "{stderr}"
+    );
+    assert!(out.status.success(), "{stderr}");
+}

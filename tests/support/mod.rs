@@ -1,0 +1,272 @@
+//! Helpers for the integration tests: run the real daemon, make real connections,
+//! read what it printed.
+#![allow(dead_code)]
+
+use std::{
+    io::{BufRead as _, BufReader},
+    net::{SocketAddr, TcpListener, TcpStream},
+    process::{Child, Command, ExitStatus, Stdio},
+    sync::{Arc, Mutex},
+    thread,
+    time::{Duration, Instant},
+};
+
+use nix::{
+    sys::signal::{Signal, kill},
+    unistd::Pid,
+};
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_otel-tcpstates");
+
+/// Whether a test that loads eBPF can run. Outside CI a non-root run skips with a
+/// note; in CI (which runs as root) not being root is a failure, never a skip.
+pub fn root_or_skip(test: &str) -> bool {
+    if nix::unistd::geteuid().is_root() {
+        return true;
+    }
+    assert!(
+        std::env::var_os("CI").is_none(),
+        "{test}: CI must run as root so the eBPF tests run"
+    );
+    eprintln!("skipping {test}: needs root (loads an eBPF program)");
+    false
+}
+
+/// The calling thread's `comm`, as the kernel reports it in events.
+pub fn thread_comm() -> String {
+    std::fs::read_to_string("/proc/thread-self/comm")
+        .unwrap()
+        .trim_end()
+        .to_owned()
+}
+
+/// A running otel-tcpstates whose stdout is collected line by line.
+pub struct Tracer {
+    child: Child,
+    lines: Arc<Mutex<Vec<String>>>,
+    stderr: Arc<Mutex<Vec<String>>>,
+}
+
+pub struct Finished {
+    pub status: ExitStatus,
+    pub lines: Vec<String>,
+    pub stderr: Vec<String>,
+    pub took: Duration,
+}
+
+fn collect(stream: impl std::io::Read + Send + 'static) -> Arc<Mutex<Vec<String>>> {
+    let lines = Arc::new(Mutex::new(Vec::new()));
+    let sink = Arc::clone(&lines);
+    thread::spawn(move || {
+        for line in BufReader::new(stream).lines() {
+            let Ok(line) = line else { break };
+            sink.lock().unwrap().push(line);
+        }
+    });
+    lines
+}
+
+impl Tracer {
+    /// Starts the daemon and waits for its header, which it prints once attached.
+    pub fn start(args: &[&str]) -> Tracer {
+        let mut child = Command::new(BIN)
+            .args(args)
+            .args(["--poll-ms", "10"])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn otel-tcpstates");
+        let lines = collect(child.stdout.take().unwrap());
+        let stderr = collect(child.stderr.take().unwrap());
+        let mut tracer = Tracer {
+            child,
+            lines,
+            stderr,
+        };
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while tracer.lines().is_empty() {
+            if let Some(status) = tracer.child.try_wait().unwrap() {
+                panic!(
+                    "otel-tcpstates {args:?} exited with {status} before attaching: {:?}",
+                    tracer.stderr.lock().unwrap()
+                );
+            }
+            assert!(
+                Instant::now() < deadline,
+                "otel-tcpstates {args:?} never attached"
+            );
+            thread::sleep(Duration::from_millis(20));
+        }
+        tracer
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    pub fn lines(&self) -> Vec<String> {
+        self.lines.lock().unwrap().clone()
+    }
+
+    /// Waits until `done` holds for the output so far; returns that output.
+    pub fn wait_for(&self, what: &str, done: impl Fn(&[String]) -> bool) -> Vec<String> {
+        let deadline = Instant::now() + Duration::from_secs(15);
+        loop {
+            let lines = self.lines();
+            if done(&lines) {
+                return lines;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "timed out waiting for {what}; output so far:\n{}",
+                lines.join("\n")
+            );
+            thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Sends `signal` and waits for the daemon to exit.
+    pub fn stop_with(mut self, signal: Signal) -> Finished {
+        let started = Instant::now();
+        kill(Pid::from_raw(self.child.id() as i32), signal).unwrap();
+        let deadline = started + Duration::from_secs(10);
+        let status = loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                break status;
+            }
+            if Instant::now() > deadline {
+                let _ = self.child.kill();
+                panic!("otel-tcpstates did not exit within 10 s of {signal}");
+            }
+            thread::sleep(Duration::from_millis(10));
+        };
+        let took = started.elapsed();
+        // Let the reader threads see EOF.
+        thread::sleep(Duration::from_millis(50));
+        Finished {
+            status,
+            lines: self.lines(),
+            stderr: self.stderr.lock().unwrap().clone(),
+            took,
+        }
+    }
+
+    pub fn stop(self) -> Finished {
+        self.stop_with(Signal::SIGINT)
+    }
+}
+
+impl Drop for Tracer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// One line of `-s` (CSV) output, optionally with `-t` first.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Row {
+    pub timestamp: Option<f64>,
+    pub skaddr: String,
+    pub pid: u32,
+    pub comm: String,
+    pub ip: u8,
+    pub laddr: String,
+    pub lport: u16,
+    pub raddr: String,
+    pub rport: u16,
+    pub old: String,
+    pub new: String,
+    pub ms: f64,
+}
+
+impl Row {
+    pub fn transition(&self) -> (&str, &str) {
+        (&self.old, &self.new)
+    }
+}
+
+/// Parses CSV rows (skipping the header); `with_timestamp` for `-s -t` output.
+pub fn rows(lines: &[String], with_timestamp: bool) -> Vec<Row> {
+    lines
+        .iter()
+        .skip(1)
+        .map(|line| {
+            let mut f: Vec<&str> = line.split(',').collect();
+            let timestamp = with_timestamp.then(|| f.remove(0).parse().unwrap());
+            assert_eq!(f.len(), 11, "unexpected CSV line {line:?}");
+            Row {
+                timestamp,
+                skaddr: f[0].to_owned(),
+                pid: f[1].parse().unwrap(),
+                comm: f[2].to_owned(),
+                ip: f[3].parse().unwrap(),
+                laddr: f[4].to_owned(),
+                lport: f[5].parse().unwrap(),
+                raddr: f[6].to_owned(),
+                rport: f[7].parse().unwrap(),
+                old: f[8].to_owned(),
+                new: f[9].to_owned(),
+                ms: f[10].parse().unwrap(),
+            }
+        })
+        .collect()
+}
+
+/// The rows of one socket: the one whose transition `pick` selects, and every row
+/// with the same kernel address before it was closed.
+pub fn socket_rows(rows: &[Row], pick: impl Fn(&Row) -> bool) -> Vec<Row> {
+    let Some(first) = rows.iter().position(&pick) else {
+        return Vec::new();
+    };
+    let skaddr = rows[first].skaddr.clone();
+    // Start at this socket's first row: the latest earlier row of the same address
+    // that follows a CLOSE of a previous socket at that address.
+    let mut start = first;
+    while start > 0 {
+        let prev = rows[..start].iter().rposition(|r| r.skaddr == skaddr);
+        match prev {
+            Some(i) if rows[i].new != "CLOSE" => start = i,
+            _ => break,
+        }
+    }
+    let mut out = Vec::new();
+    for row in &rows[start..] {
+        if row.skaddr == skaddr {
+            out.push(row.clone());
+            if row.new == "CLOSE" {
+                break;
+            }
+        }
+    }
+    out
+}
+
+pub fn transitions(rows: &[Row]) -> Vec<(&str, &str)> {
+    rows.iter().map(Row::transition).collect()
+}
+
+/// A listener on `ip` with an ephemeral port.
+pub fn listen(ip: &str) -> (TcpListener, SocketAddr) {
+    let listener = TcpListener::bind((ip, 0)).unwrap();
+    let addr = listener.local_addr().unwrap();
+    (listener, addr)
+}
+
+/// Connects to `listener`, accepts, holds the connection for `hold`, then the client
+/// closes first and the server after it. Returns (client local addr, server peer addr).
+pub fn connect_hold_close(listener: &TcpListener, hold: Duration) -> (SocketAddr, Duration) {
+    let started = Instant::now();
+    let client = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+    let (server, _) = listener.accept().unwrap();
+    let client_addr = client.local_addr().unwrap();
+    thread::sleep(hold);
+    drop(client);
+    // Wait for the FIN to arrive so the server side goes ESTABLISHED → CLOSE_WAIT
+    // before it closes.
+    let mut buf = [0u8; 1];
+    use std::io::Read as _;
+    assert_eq!((&server).read(&mut buf).unwrap(), 0);
+    drop(server);
+    (client_addr, started.elapsed())
+}
