@@ -284,38 +284,32 @@ fn remote_port_filter() {
     assert!(!has_socket(&rows, cb.port(), sb.port()));
 }
 
-#[test]
-fn ipv4_filter() {
-    if !root_or_skip("ipv4_filter") {
+/// `-4` or `-6`: the connection of that family is kept whole, the other is gone.
+fn family_filter(test: &str, flag: &str, version: u8) {
+    if !root_or_skip(test) {
         return;
     }
-    let (rows, pairs) = filtered(&["-s", "-4"], &[]);
-    let [(ca, sa), _, (c6, s6)] = pairs[..] else {
+    let (rows, pairs) = filtered(&["-s", flag], &[]);
+    let [v4, _, v6] = pairs[..] else {
         unreachable!()
     };
+    let ((kc, ks), (dc, ds)) = if version == 4 { (v4, v6) } else { (v6, v4) };
     assert_eq!(
-        transitions(&socket_rows(&rows, |r| r.lport == ca.port() && r.rport == sa.port())),
+        transitions(&socket_rows(&rows, |r| r.lport == kc.port() && r.rport == ks.port())),
         CLIENT
     );
-    assert!(rows.iter().all(|r| r.ip == 4), "{rows:#?}");
-    assert!(!has_socket(&rows, c6.port(), s6.port()));
+    assert!(rows.iter().all(|r| r.ip == version), "{rows:#?}");
+    assert!(!has_socket(&rows, dc.port(), ds.port()));
+}
+
+#[test]
+fn ipv4_filter() {
+    family_filter("ipv4_filter", "-4", 4);
 }
 
 #[test]
 fn ipv6_filter() {
-    if !root_or_skip("ipv6_filter") {
-        return;
-    }
-    let (rows, pairs) = filtered(&["-s", "-6"], &[]);
-    let [(ca, sa), _, (c6, s6)] = pairs[..] else {
-        unreachable!()
-    };
-    assert_eq!(
-        transitions(&socket_rows(&rows, |r| r.lport == c6.port() && r.rport == s6.port())),
-        CLIENT
-    );
-    assert!(rows.iter().all(|r| r.ip == 6), "{rows:#?}");
-    assert!(!has_socket(&rows, ca.port(), sa.port()));
+    family_filter("ipv6_filter", "-6", 6);
 }
 
 #[test]

@@ -131,3 +131,41 @@ mod pod {
     unsafe impl aya::Pod for super::Config {}
     unsafe impl aya::Pod for super::SocketState {}
 }
+
+#[cfg(test)]
+mod tests {
+    use core::mem::{offset_of, size_of};
+
+    use super::*;
+
+    #[test]
+    fn event_layout_has_no_padding() {
+        // Userspace decodes these exact bytes; padding would hold garbage.
+        assert_eq!(size_of::<Event>(), 88);
+        assert_eq!(offset_of!(Event, saddr), 24);
+        assert_eq!(offset_of!(Event, comm), 64);
+        assert_eq!(offset_of!(Event, newstate), 87);
+        assert_eq!(size_of::<Config>(), 8);
+        assert_eq!(size_of::<SocketState>(), 16);
+    }
+
+    #[test]
+    fn state_names_match_tcpstates() {
+        assert_eq!(tcp_state::name(tcp_state::SYN_SENT), Some("SYN_SENT"));
+        assert_eq!(
+            tcp_state::name(tcp_state::NEW_SYN_RECV),
+            Some("NEW_SYN_RECV")
+        );
+        assert_eq!(tcp_state::name(0), None);
+        assert_eq!(tcp_state::name(13), None);
+    }
+
+    #[test]
+    fn only_system_call_transitions_reveal_the_owner() {
+        use tcp_state::*;
+        let owners: [u8; 4] = [SYN_SENT, LISTEN, FIN_WAIT1, LAST_ACK];
+        for state in 0..=13 {
+            assert_eq!(entered_by_owner(state), owners.contains(&state), "{state}");
+        }
+    }
+}
