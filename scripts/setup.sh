@@ -70,6 +70,24 @@ if [[ $want_test -eq 1 ]]; then
     apt-get update -qq
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}"
   fi
+
+  # rotel, a third-party OTLP collector, for the interoperability tests. The PyPI
+  # wheel only carries its binary, so `pip --target` into a fixed directory is
+  # enough; tests/support/rotel.rs runs $rotel_dir/rotel/rotel-agent.
+  ROTEL_VERSION=0.0.1a15
+  rotel_dir="${CARGO_HOME:-$HOME/.cargo}/otel-tcpstates-rotel"
+  if [[ ! -x "$rotel_dir/rotel/rotel-agent" || ! -d "$rotel_dir/rotel-$ROTEL_VERSION.dist-info" ]]; then
+    if ! python3 -m pip --version >/dev/null 2>&1; then
+      log "installing python3-pip"
+      apt-get update -qq
+      DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3-pip
+    fi
+    log "installing rotel $ROTEL_VERSION into $rotel_dir"
+    rm -rf "$rotel_dir"
+    # --target also sidesteps PEP 668 (externally managed system Python).
+    PIP_ROOT_USER_ACTION=ignore python3 -m pip install --quiet --disable-pip-version-check --no-deps \
+      --target "$rotel_dir" "rotel==$ROTEL_VERSION"
+  fi
 fi
 
 # The tracer mounts tracefs itself; doing it here too keeps bpftool and friends usable.

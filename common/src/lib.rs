@@ -50,6 +50,8 @@ pub struct Event {
 pub struct Config {
     /// Only this owner process (0: any).
     pub pid: u32,
+    /// Never this owner process (0: none): the tracer's own export connections.
+    pub exclude_pid: u32,
     /// Only this address family (0: any).
     pub family: u16,
     /// Non-zero: only sockets whose local port is set in `LOCAL_PORTS`.
@@ -145,7 +147,7 @@ mod tests {
         assert_eq!(offset_of!(Event, saddr), 24);
         assert_eq!(offset_of!(Event, comm), 64);
         assert_eq!(offset_of!(Event, newstate), 87);
-        assert_eq!(size_of::<Config>(), 8);
+        assert_eq!(size_of::<Config>(), 12);
         assert_eq!(size_of::<SocketState>(), 16);
     }
 

@@ -38,6 +38,7 @@ struct Args {
 #[unsafe(no_mangle)]
 static CONFIG: Global<Config> = Global::new(Config {
     pid: 0,
+    exclude_pid: 0,
     family: 0,
     filter_local_ports: 0,
     filter_remote_ports: 0,
@@ -161,7 +162,9 @@ fn handle(args: &Args) {
         let _ = SOCKETS.insert(&skaddr, &state, 0);
     }
 
-    if config.pid != 0 && owner_pid != config.pid {
+    if (config.pid != 0 && owner_pid != config.pid)
+        || (config.exclude_pid != 0 && owner_pid == config.exclude_pid)
+    {
         return;
     }
 

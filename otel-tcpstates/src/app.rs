@@ -1,7 +1,7 @@
-//! Wires the pipeline: preflight → load → drain ring buffer → text output, until a
-//! signal arrives.
+//! Wires the pipeline: preflight → load → drain the ring buffer → text output and/or
+//! the trace pipeline, until a signal arrives.
 use std::{
-    io::{self, BufWriter},
+    io::{self, BufWriter, StdoutLock},
     time::Duration,
 };
 
@@ -11,20 +11,57 @@ use tokio::signal::unix::{SignalKind, signal};
 use crate::{
     cli::Cli,
     clock::WallClock,
+    event::TcpEvent,
+    export::{self, Protocol},
     loader::{Filters, Probe},
     output::text::{Layout, TextWriter},
     preflight,
     reader::EventReader,
+    traces::Traces,
 };
 
 /// How often a growing lost-event count is reported while running.
 const LOST_REPORT_EVERY: Duration = Duration::from_secs(1);
 const LOST_ADVICE: &str = "raise --ring-buffer-mib or lower --poll-ms";
+/// How often the kernel-to-wall-clock offset is measured again (NTP may step it).
+const CLOCK_RESYNC_EVERY: Duration = Duration::from_secs(60);
+
+/// Where events go: the text output, the trace pipeline, or both.
+struct Sinks {
+    text: Option<TextWriter<BufWriter<StdoutLock<'static>>>>,
+    traces: Option<Traces>,
+}
+
+impl Sinks {
+    fn event(&mut self, event: &TcpEvent) -> io::Result<()> {
+        if let Some(traces) = &mut self.traces {
+            traces.apply(event);
+        }
+        match &mut self.text {
+            Some(text) => text.event(event),
+            None => Ok(()),
+        }
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        match &mut self.text {
+            Some(text) => text.flush(),
+            None => Ok(()),
+        }
+    }
+}
 
 pub async fn run(cli: Cli) -> Result<()> {
+    let export = export::settings(
+        cli.otlp_endpoint.as_deref(),
+        cli.otlp_protocol.as_deref().and_then(Protocol::parse),
+    )?;
     preflight::run()?;
     let filters = Filters {
         owner_pid: cli.pid,
+        // Our own export connections would trace themselves, each export making
+        // spans for the next.
+        exclude_owner_pid: (!cli.trace_self).then(std::process::id),
         ipv4_only: cli.ipv4,
         ipv6_only: cli.ipv6,
         local_ports: cli.localport.clone(),
@@ -35,26 +72,48 @@ pub async fn run(cli: Cli) -> Result<()> {
     let mut sigint = signal(SignalKind::interrupt()).context("installing SIGINT handler")?;
     let mut sigterm = signal(SignalKind::terminate()).context("installing SIGTERM handler")?;
 
-    let (probe, ring) = Probe::load(&filters, cli.ring_buffer_mib << 20)?;
+    let clock = WallClock::measure();
+    let traces = match &export {
+        Some(settings) => Some(Traces::start(settings, cli.max_sockets, clock)?),
+        None => None,
+    };
+    let (probe, ring) = Probe::load(&filters, cli.ring_buffer_mib << 20, cli.max_sockets)?;
     let mut reader = EventReader::new(ring, Duration::from_millis(cli.poll_ms))
         .context("watching the ring buffer")?;
 
-    let layout = Layout {
-        time: cli.time,
-        timestamp: cli.timestamp,
-        wide: cli.wide,
-        csv: cli.csv,
-    };
-    let stdout = BufWriter::with_capacity(64 << 10, io::stdout().lock());
-    let mut text = TextWriter::new(layout, WallClock::measure(), stdout);
+    let text = (export.is_none() || cli.print).then(|| {
+        let layout = Layout {
+            time: cli.time,
+            timestamp: cli.timestamp,
+            wide: cli.wide,
+            csv: cli.csv,
+        };
+        TextWriter::new(
+            layout,
+            clock,
+            BufWriter::with_capacity(64 << 10, io::stdout().lock()),
+        )
+    });
+    let mut sinks = Sinks { text, traces };
+    if let Some(settings) = &export {
+        tracing::info!(
+            "exporting traces over OTLP/{} to {}",
+            settings.protocol.as_str(),
+            settings.endpoint
+        );
+    }
     // The header appears only once the program is attached: a consumer that waits
     // for it knows every later transition will be seen.
-    if let Err(err) = text.header().and_then(|()| text.flush()) {
+    if let Some(text) = &mut sinks.text
+        && let Err(err) = text.header().and_then(|()| text.flush())
+    {
         return quiet_on_broken_pipe(err);
     }
 
     let mut lost_timer = tokio::time::interval(LOST_REPORT_EVERY);
+    let mut clock_timer = tokio::time::interval(CLOCK_RESYNC_EVERY);
     let mut lost_reported = 0;
+    let mut broken_pipe = false;
     loop {
         tokio::select! {
             _ = sigint.recv() => break,
@@ -70,19 +129,32 @@ pub async fn run(cli: Cli) -> Result<()> {
                     lost_reported = lost;
                 }
             }
+            _ = clock_timer.tick() => {
+                if let Some(traces) = &mut sinks.traces {
+                    traces.resync_clock();
+                }
+            }
         }
         // Flush once per drained batch: prompt for pipes, no write(2) per line.
         if let Err(err) = reader
-            .drain(|event| text.event(event))
-            .and_then(|_| text.flush())
+            .drain(|event| sinks.event(event))
+            .and_then(|_| sinks.flush())
         {
-            return quiet_on_broken_pipe(err);
+            broken_pipe = err.kind() == io::ErrorKind::BrokenPipe;
+            if !broken_pipe {
+                return Err(err).context("writing output");
+            }
+            break;
         }
     }
 
-    let last = reader
-        .drain(|event| text.event(event))
-        .and_then(|_| text.flush());
+    let last = if broken_pipe {
+        Ok(())
+    } else {
+        reader
+            .drain(|event| sinks.event(event))
+            .and_then(|_| sinks.flush())
+    };
     let lost = probe.lost_events()?;
     drop(probe);
     if lost > 0 {
@@ -90,6 +162,24 @@ pub async fn run(cli: Cli) -> Result<()> {
     }
     if reader.malformed > 0 {
         tracing::warn!("{} malformed event records skipped", reader.malformed);
+    }
+    if let Some(traces) = sinks.traces.take() {
+        let (summary, flushed) = traces.shutdown(Duration::from_secs(cli.shutdown_timeout));
+        tracing::info!(
+            "{} sockets traced ({} evicted, {} open at exit), {} spans: {} exported, {} failed, {} not sent",
+            summary.sessions,
+            summary.evicted,
+            summary.in_flight,
+            summary.spans,
+            summary.exported,
+            summary.failed,
+            summary
+                .spans
+                .saturating_sub(summary.exported + summary.failed)
+        );
+        if let Err(err) = flushed {
+            tracing::warn!("{err:#}");
+        }
     }
     last.or_else(quiet_on_broken_pipe)
 }

@@ -1,5 +1,5 @@
 //! Command-line flags, mirroring bcc's tcpstates (and tcplife's `-p`).
-use std::{fmt, str::FromStr};
+use std::{fmt, num::NonZeroUsize, str::FromStr};
 
 use clap::{ArgAction, Parser};
 
@@ -14,6 +14,8 @@ Examples:
   otel-tcpstates -L 80,81     # only trace local ports 80 and 81
   otel-tcpstates -D 8000-8080 # only trace remote ports 8000 to 8080
   otel-tcpstates -p 181       # only sockets owned by PID 181
+  otel-tcpstates --otlp-endpoint http://localhost:4318            # spans over OTLP/HTTP
+  otel-tcpstates --otlp-endpoint http://localhost:4317 --otlp-protocol grpc --print
 
 Needs Linux >= 4.16 and root (or CAP_BPF + CAP_PERFMON).";
 
@@ -58,6 +60,33 @@ pub struct Cli {
           value_parser = clap::value_parser!(u32).range(1..))]
     pub pid: Option<u32>,
 
+    /// Export each socket as a trace to this OTLP endpoint (base URL, e.g.
+    /// http://localhost:4318); also OTEL_EXPORTER_OTLP_[TRACES_]ENDPOINT
+    #[arg(long = "otlp-endpoint", value_name = "URL")]
+    pub otlp_endpoint: Option<String>,
+
+    /// OTLP transport: grpc or http/protobuf (default; also OTEL_EXPORTER_OTLP_[TRACES_]PROTOCOL)
+    #[arg(long = "otlp-protocol", value_name = "PROTOCOL", value_parser = ["grpc", "http/protobuf"])]
+    pub otlp_protocol: Option<String>,
+
+    /// Also trace the tracer's own sockets (its connections to the collector)
+    #[arg(long = "trace-self")]
+    pub trace_self: bool,
+
+    /// Print the text output too when exporting spans
+    #[arg(long = "print")]
+    pub print: bool,
+
+    /// Sockets followed at once for traces; the least recently active is ended
+    /// (its spans marked evicted) to make room
+    #[arg(long = "max-sockets", value_name = "N", default_value = "65536")]
+    pub max_sockets: NonZeroUsize,
+
+    /// On exit, wait at most this many seconds for the collector to take the last spans
+    #[arg(long = "shutdown-timeout", value_name = "SECS", default_value_t = 5,
+          value_parser = clap::value_parser!(u64).range(0..=600))]
+    pub shutdown_timeout: u64,
+
     /// Kernel ring buffer size in MiB (a power of two); larger survives longer bursts
     #[arg(long = "ring-buffer-mib", value_name = "MIB", default_value_t = 8,
           value_parser = parse_ring_buffer_mib)]
@@ -72,6 +101,19 @@ pub struct Cli {
     #[arg(short = 'v', long = "verbose", action = ArgAction::Count)]
     pub verbose: u8,
 }
+
+/// A bad setting found after flag parsing (e.g. in an environment variable): reported
+/// like a bad flag, with exit status 2.
+#[derive(Debug, PartialEq, Eq)]
+pub struct UsageError(pub String);
+
+impl fmt::Display for UsageError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for UsageError {}
 
 /// A set of TCP ports given as `80,443,8000-8080`.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -180,6 +222,8 @@ mod tests {
             &["-p", "0"],
             &["-p", "x"],
             &["--ring-buffer-mib", "3"],
+            &["--otlp-protocol", "http/json"],
+            &["--max-sockets", "0"],
         ] {
             let err = parse(args).unwrap_err();
             assert_ne!(err.kind(), ErrorKind::DisplayHelp, "{args:?}");

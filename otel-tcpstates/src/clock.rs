@@ -39,6 +39,11 @@ impl WallClock {
     }
 }
 
+/// Kernel CLOCK_MONOTONIC now, in the units of `bpf_ktime_get_ns`.
+pub fn monotonic_now_ns() -> u64 {
+    u64::try_from(now_ns(ClockId::CLOCK_MONOTONIC)).unwrap_or(0)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -46,8 +51,7 @@ mod tests {
     #[test]
     fn monotonic_now_maps_to_wall_now() {
         let clock = WallClock::measure();
-        let now = u64::try_from(now_ns(ClockId::CLOCK_MONOTONIC)).unwrap();
-        let mapped = clock.system_time(now);
+        let mapped = clock.system_time(monotonic_now_ns());
         let skew = match SystemTime::now().duration_since(mapped) {
             Ok(d) => d,
             Err(e) => e.duration(),

@@ -22,7 +22,7 @@ impl fmt::Display for TcpState {
 }
 
 /// A task's `comm`: up to 15 bytes, not necessarily UTF-8.
-#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Clone, Copy, Default, PartialEq, Eq, Hash)]
 pub struct Comm([u8; TASK_COMM_LEN]);
 
 impl Comm {

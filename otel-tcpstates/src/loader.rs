@@ -1,12 +1,16 @@
 //! Loading the embedded eBPF program with the user's filters and attaching it to
 //! `sock:inet_sock_set_state`.
+use std::num::NonZeroUsize;
+
 use anyhow::{Context as _, Result, anyhow};
 use aya::{
     Ebpf, EbpfLoader,
     maps::{MapData, PerCpuArray, RingBuf},
     programs::TracePoint,
 };
-use otel_tcpstates_common::{AF_INET, AF_INET6, Config, PORT_BITMAP_WORDS, names};
+use otel_tcpstates_common::{
+    AF_INET, AF_INET6, Config, DEFAULT_SOCKET_MAP_ENTRIES, PORT_BITMAP_WORDS, names,
+};
 
 use crate::cli::PortSet;
 
@@ -17,6 +21,8 @@ static PROGRAM: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/o
 #[derive(Clone, Debug, Default)]
 pub struct Filters {
     pub owner_pid: Option<u32>,
+    /// Sockets of this process are left out (the tracer's own).
+    pub exclude_owner_pid: Option<u32>,
     pub ipv4_only: bool,
     pub ipv6_only: bool,
     pub local_ports: Option<PortSet>,
@@ -38,11 +44,23 @@ fn bitmap(ports: Option<&PortSet>) -> [u64; PORT_BITMAP_WORDS] {
     words
 }
 
+fn socket_map_entries(max_sockets: NonZeroUsize) -> u32 {
+    u32::try_from(max_sockets.get())
+        .unwrap_or(u32::MAX)
+        .max(DEFAULT_SOCKET_MAP_ENTRIES)
+}
+
 impl Probe {
     /// Returns the attached probe and the ring buffer its events arrive on.
-    pub fn load(filters: &Filters, ring_buffer_bytes: u32) -> Result<(Self, RingBuf<MapData>)> {
+    /// The kernel remembers at least `max_sockets` sockets' current state.
+    pub fn load(
+        filters: &Filters,
+        ring_buffer_bytes: u32,
+        max_sockets: NonZeroUsize,
+    ) -> Result<(Self, RingBuf<MapData>)> {
         let config = Config {
             pid: filters.owner_pid.unwrap_or(0),
+            exclude_pid: filters.exclude_owner_pid.unwrap_or(0),
             family: match (filters.ipv4_only, filters.ipv6_only) {
                 (true, false) => AF_INET,
                 (false, true) => AF_INET6,
@@ -61,6 +79,7 @@ impl Probe {
             .override_global(names::REMOTE_PORTS, &remote, true)
             .override_global(names::WAKEUP_BYTES, &wakeup_bytes, true)
             .map_max_entries(names::EVENTS, ring_buffer_bytes)
+            .map_max_entries(names::SOCKETS, socket_map_entries(max_sockets))
             .load(PROGRAM)
             .context("the kernel refused the eBPF program's maps or object")?;
 

@@ -3,10 +3,14 @@ mod app;
 mod cli;
 mod clock;
 mod event;
+mod export;
 mod loader;
 mod output;
 mod preflight;
 mod reader;
+mod sessions;
+mod spans;
+mod traces;
 
 use std::process::ExitCode;
 
@@ -21,7 +25,10 @@ fn main() -> ExitCode {
         eprintln!("otel-tcpstates: internal error: {info}; please report this");
     }));
 
-    let runtime = match tokio::runtime::Builder::new_current_thread()
+    // One worker besides the main thread: the gRPC exporter's channel task runs there,
+    // so it makes progress even while the main loop drains events or shuts down.
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
         .enable_all()
         .build()
     {
@@ -33,10 +40,16 @@ fn main() -> ExitCode {
     };
     match runtime.block_on(app::run(cli)) {
         Ok(()) => ExitCode::SUCCESS,
-        Err(err) => {
-            eprintln!("otel-tcpstates: error: {err:#}");
-            ExitCode::FAILURE
-        }
+        Err(err) => match err.downcast_ref::<cli::UsageError>() {
+            Some(usage) => {
+                eprintln!("error: {usage}\n\nFor more information, try '--help'.");
+                ExitCode::from(2)
+            }
+            None => {
+                eprintln!("otel-tcpstates: error: {err:#}");
+                ExitCode::FAILURE
+            }
+        },
     }
 }
 
@@ -52,5 +65,6 @@ fn init_logging(verbose: u8) {
         .with_writer(std::io::stderr)
         .without_time()
         .with_target(false)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
 }

@@ -2,6 +2,9 @@
 //! read what it printed.
 #![allow(dead_code)]
 
+pub mod otlp;
+pub mod rotel;
+
 use std::{
     io::{BufRead as _, BufReader},
     net::{SocketAddr, TcpListener, TcpStream},
@@ -69,9 +72,15 @@ fn collect(stream: impl std::io::Read + Send + 'static) -> Arc<Mutex<Vec<String>
 impl Tracer {
     /// Starts the daemon and waits for its header, which it prints once attached.
     pub fn start(args: &[&str]) -> Tracer {
+        Self::start_with_env(args, &[])
+    }
+
+    /// [`Tracer::start`] with extra environment variables.
+    pub fn start_with_env(args: &[&str], env: &[(&str, &str)]) -> Tracer {
         let mut child = Command::new(BIN)
             .args(args)
             .args(["--poll-ms", "10"])
+            .envs(env.iter().copied())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
@@ -106,6 +115,10 @@ impl Tracer {
 
     pub fn lines(&self) -> Vec<String> {
         self.lines.lock().unwrap().clone()
+    }
+
+    pub fn stderr(&self) -> Vec<String> {
+        self.stderr.lock().unwrap().clone()
     }
 
     /// Waits until `done` holds for the output so far; returns that output.

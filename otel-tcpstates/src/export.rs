@@ -1,0 +1,390 @@
+//! OTLP export: where to send (flags and the standard `OTEL_*` variables), the
+//! resource, and a batch processor with a bounded queue that counts what it sends.
+use std::{
+    env,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, AtomicU64, Ordering},
+    },
+    time::Duration,
+};
+
+use anyhow::{Context as _, Result};
+use opentelemetry::KeyValue;
+use opentelemetry_otlp::{Protocol as OtlpProtocol, WithExportConfig as _};
+use opentelemetry_sdk::{
+    Resource,
+    error::OTelSdkResult,
+    resource::{EnvResourceDetector, ResourceDetector, TelemetryResourceDetector},
+    trace::{BatchConfigBuilder, BatchSpanProcessor, SpanData, SpanExporter, SpanProcessor as _},
+};
+use url::Url;
+
+use crate::cli::UsageError;
+
+const DEFAULT_SERVICE_NAME: &str = "otel-tcpstates";
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Protocol {
+    Grpc,
+    HttpProtobuf,
+}
+
+impl Protocol {
+    pub fn parse(text: &str) -> Option<Self> {
+        match text.trim() {
+            "grpc" => Some(Self::Grpc),
+            "http/protobuf" => Some(Self::HttpProtobuf),
+            _ => None,
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Grpc => "grpc",
+            Self::HttpProtobuf => "http/protobuf",
+        }
+    }
+}
+
+/// Where and how to export, once resolved from flags and environment.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Settings {
+    /// The endpoint given with `--otlp-endpoint` (already a full URL for HTTP); `None`
+    /// leaves it to `OTEL_EXPORTER_OTLP_[TRACES_]ENDPOINT`.
+    pub flag_endpoint: Option<String>,
+    /// For messages: the endpoint in effect, whichever source it came from.
+    pub endpoint: String,
+    pub protocol: Protocol,
+}
+
+fn env_nonempty(name: &str) -> Option<String> {
+    env::var(name).ok().filter(|v| !v.trim().is_empty())
+}
+
+/// [`settings_from`] with the process environment.
+pub fn settings(
+    flag_endpoint: Option<&str>,
+    flag_protocol: Option<Protocol>,
+) -> Result<Option<Settings>, UsageError> {
+    settings_from(flag_endpoint, flag_protocol, env_nonempty)
+}
+
+fn check_url(text: &str, source: &str) -> Result<Url, UsageError> {
+    let url = Url::parse(text.trim()).map_err(|err| {
+        UsageError(format!(
+            "{source} '{text}' is not a URL ({err}); expected e.g. http://localhost:4318"
+        ))
+    })?;
+    if !matches!(url.scheme(), "http" | "https") || url.host_str().is_none() {
+        return Err(UsageError(format!(
+            "{source} '{text}' must be an http:// or https:// URL with a host"
+        )));
+    }
+    Ok(url)
+}
+
+/// Resolves the export settings from flags and `env` (non-empty variables); `None`
+/// when no endpoint is configured at all (the tracer then prints text only).
+pub fn settings_from(
+    flag_endpoint: Option<&str>,
+    flag_protocol: Option<Protocol>,
+    env: impl Fn(&str) -> Option<String>,
+) -> Result<Option<Settings>, UsageError> {
+    let protocol = match flag_protocol {
+        Some(protocol) => protocol,
+        None => {
+            let from_env = [
+                "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL",
+                "OTEL_EXPORTER_OTLP_PROTOCOL",
+            ]
+            .into_iter()
+            .find_map(|name| env(name).map(|value| (name, value)));
+            match from_env {
+                None => Protocol::HttpProtobuf,
+                Some((name, value)) => Protocol::parse(&value).ok_or_else(|| {
+                    UsageError(format!(
+                        "{name}='{value}' is not supported; use grpc or http/protobuf"
+                    ))
+                })?,
+            }
+        }
+    };
+    if let Some(flag) = flag_endpoint {
+        let mut url = check_url(flag, "--otlp-endpoint")?;
+        // Like OTEL_EXPORTER_OTLP_ENDPOINT: a base URL, to which HTTP adds the path.
+        if protocol == Protocol::HttpProtobuf && !url.path().ends_with("/v1/traces") {
+            let path = format!("{}/v1/traces", url.path().trim_end_matches('/'));
+            url.set_path(&path);
+        }
+        return Ok(Some(Settings {
+            flag_endpoint: Some(url.to_string()),
+            endpoint: url.to_string(),
+            protocol,
+        }));
+    }
+    for name in [
+        "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT",
+        "OTEL_EXPORTER_OTLP_ENDPOINT",
+    ] {
+        if let Some(value) = env(name) {
+            check_url(&value, name)?;
+            return Ok(Some(Settings {
+                flag_endpoint: None,
+                endpoint: value,
+                protocol,
+            }));
+        }
+    }
+    Ok(None)
+}
+
+/// The resource every span carries: `service.name` (default `otel-tcpstates`,
+/// overridden by `OTEL_SERVICE_NAME` or `OTEL_RESOURCE_ATTRIBUTES`), `host.name`, and
+/// the SDK's own attributes.
+pub fn resource() -> Resource {
+    let host = nix::unistd::gethostname()
+        .ok()
+        .and_then(|name| name.into_string().ok())
+        .unwrap_or_default();
+    let mut builder = Resource::builder_empty()
+        .with_attributes([
+            KeyValue::new("service.name", DEFAULT_SERVICE_NAME),
+            KeyValue::new("host.name", host),
+        ])
+        .with_attributes(TelemetryResourceDetector.detect().iter().map(kv))
+        .with_attributes(EnvResourceDetector::new().detect().iter().map(kv));
+    if let Some(name) = env_nonempty("OTEL_SERVICE_NAME") {
+        builder = builder.with_service_name(name);
+    }
+    builder.build()
+}
+
+fn kv((key, value): (&opentelemetry::Key, &opentelemetry::Value)) -> KeyValue {
+    KeyValue::new(key.clone(), value.clone())
+}
+
+/// What the exporter has done so far.
+#[derive(Debug, Default)]
+pub struct Counters {
+    /// Spans handed to the batch processor.
+    pub produced: AtomicU64,
+    /// Spans the collector accepted.
+    pub exported: AtomicU64,
+    /// Spans in batches the collector did not accept (unreachable, timeout, error).
+    pub failed: AtomicU64,
+}
+
+/// Wraps the OTLP exporter to count outcomes and say, once, when export starts
+/// failing and when it recovers.
+#[derive(Debug)]
+struct Counting<E> {
+    inner: E,
+    counters: Arc<Counters>,
+    failing: AtomicBool,
+    endpoint: String,
+}
+
+impl<E: SpanExporter> SpanExporter for Counting<E> {
+    async fn export(&self, batch: Vec<SpanData>) -> OTelSdkResult {
+        let spans = batch.len() as u64;
+        let result = self.inner.export(batch).await;
+        match &result {
+            Ok(()) => {
+                self.counters.exported.fetch_add(spans, Ordering::Relaxed);
+                if self.failing.swap(false, Ordering::Relaxed) {
+                    tracing::info!("export to {} works again", self.endpoint);
+                }
+            }
+            Err(err) => {
+                self.counters.failed.fetch_add(spans, Ordering::Relaxed);
+                if !self.failing.swap(true, Ordering::Relaxed) {
+                    tracing::warn!(
+                        "export to {} failed ({err}); spans are dropped until it answers, tracing goes on",
+                        self.endpoint
+                    );
+                }
+            }
+        }
+        result
+    }
+
+    fn shutdown_with_timeout(&self, timeout: Duration) -> OTelSdkResult {
+        self.inner.shutdown_with_timeout(timeout)
+    }
+
+    fn force_flush(&self) -> OTelSdkResult {
+        self.inner.force_flush()
+    }
+
+    fn set_resource(&mut self, resource: &Resource) {
+        self.inner.set_resource(resource);
+    }
+}
+
+pub struct Exporter {
+    processor: BatchSpanProcessor,
+    counters: Arc<Counters>,
+}
+
+impl Exporter {
+    /// Builds the OTLP exporter and its batch processor. Must run inside the tokio
+    /// runtime: the gRPC channel's worker is spawned on it.
+    pub fn start(settings: &Settings, resource: &Resource) -> Result<Self> {
+        let exporter = match settings.protocol {
+            Protocol::Grpc => {
+                let mut builder = opentelemetry_otlp::SpanExporter::builder()
+                    .with_tonic()
+                    .with_protocol(OtlpProtocol::Grpc);
+                if let Some(endpoint) = &settings.flag_endpoint {
+                    builder = builder.with_endpoint(endpoint);
+                }
+                builder.build()
+            }
+            Protocol::HttpProtobuf => {
+                let mut builder = opentelemetry_otlp::SpanExporter::builder()
+                    .with_http()
+                    .with_protocol(OtlpProtocol::HttpBinary);
+                if let Some(endpoint) = &settings.flag_endpoint {
+                    builder = builder.with_endpoint(endpoint);
+                }
+                builder.build()
+            }
+        }
+        .with_context(|| {
+            format!(
+                "setting up OTLP/{} export to {}",
+                settings.protocol.as_str(),
+                settings.endpoint
+            )
+        })?;
+        let counters = Arc::new(Counters::default());
+        let exporter = Counting {
+            inner: exporter,
+            counters: Arc::clone(&counters),
+            failing: AtomicBool::new(false),
+            endpoint: settings.endpoint.clone(),
+        };
+        // The SDK reads OTEL_BSP_*; where unset, favour a deeper queue (bursts of
+        // connection churn) and a shorter delay than the SDK's defaults.
+        let mut config = BatchConfigBuilder::default();
+        if env::var_os("OTEL_BSP_MAX_QUEUE_SIZE").is_none() {
+            config = config.with_max_queue_size(65_536);
+        }
+        if env::var_os("OTEL_BSP_SCHEDULE_DELAY").is_none() {
+            config = config.with_scheduled_delay(Duration::from_millis(1000));
+        }
+        if env::var_os("OTEL_BSP_MAX_EXPORT_BATCH_SIZE").is_none() {
+            config = config.with_max_export_batch_size(2048);
+        }
+        let mut processor = BatchSpanProcessor::builder(exporter)
+            .with_batch_config(config.build())
+            .build();
+        processor.set_resource(resource);
+        Ok(Self {
+            processor,
+            counters,
+        })
+    }
+
+    pub fn send(&self, span: SpanData) {
+        self.counters.produced.fetch_add(1, Ordering::Relaxed);
+        self.processor.on_end(span);
+    }
+
+    pub fn counters(&self) -> &Counters {
+        &self.counters
+    }
+
+    /// Exports what is queued, waiting at most `timeout` (the collector may be gone).
+    pub fn shutdown(&self, timeout: Duration) -> Result<()> {
+        self.processor
+            .shutdown_with_timeout(timeout)
+            .map_err(|err| anyhow::anyhow!("flushing spans on exit: {err}"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn resolve(
+        endpoint: Option<&str>,
+        protocol: Option<Protocol>,
+        vars: &[(&str, &str)],
+    ) -> Result<Option<Settings>, UsageError> {
+        settings_from(endpoint, protocol, |name| {
+            vars.iter()
+                .find(|(k, _)| *k == name)
+                .map(|(_, v)| v.to_string())
+        })
+    }
+
+    #[test]
+    fn no_endpoint_means_no_export() {
+        assert_eq!(resolve(None, None, &[]), Ok(None));
+        assert_eq!(
+            resolve(None, None, &[("OTEL_EXPORTER_OTLP_PROTOCOL", "grpc")]),
+            Ok(None)
+        );
+    }
+
+    #[test]
+    fn flag_endpoint_is_a_base_url_for_http() {
+        let s = resolve(Some("http://collector:4318"), None, &[])
+            .unwrap()
+            .unwrap();
+        assert_eq!(s.protocol, Protocol::HttpProtobuf);
+        assert_eq!(
+            s.flag_endpoint.as_deref(),
+            Some("http://collector:4318/v1/traces")
+        );
+        let s = resolve(Some("https://c.example/otlp/"), None, &[])
+            .unwrap()
+            .unwrap();
+        assert_eq!(s.endpoint, "https://c.example/otlp/v1/traces");
+        let s = resolve(Some("http://c:4317"), Some(Protocol::Grpc), &[])
+            .unwrap()
+            .unwrap();
+        assert_eq!(s.flag_endpoint.as_deref(), Some("http://c:4317/"));
+    }
+
+    #[test]
+    fn environment_is_honoured_and_flags_win() {
+        let vars = [
+            ("OTEL_EXPORTER_OTLP_ENDPOINT", "http://a:4317"),
+            ("OTEL_EXPORTER_OTLP_PROTOCOL", "grpc"),
+        ];
+        let s = resolve(None, None, &vars).unwrap().unwrap();
+        assert_eq!(
+            (s.protocol, s.flag_endpoint, s.endpoint.as_str()),
+            (Protocol::Grpc, None, "http://a:4317")
+        );
+        let s = resolve(None, Some(Protocol::HttpProtobuf), &vars)
+            .unwrap()
+            .unwrap();
+        assert_eq!(s.protocol, Protocol::HttpProtobuf);
+        let traces = [(
+            "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT",
+            "http://t:4318/v1/traces",
+        )];
+        let s = resolve(None, None, &[vars[0], traces[0]]).unwrap().unwrap();
+        assert_eq!(s.endpoint, "http://t:4318/v1/traces");
+    }
+
+    #[test]
+    fn bad_values_are_usage_errors_naming_their_source() {
+        let err = resolve(Some("localhost:4317"), None, &[]).unwrap_err();
+        assert!(err.0.contains("--otlp-endpoint"), "{err}");
+        let err = resolve(None, None, &[("OTEL_EXPORTER_OTLP_ENDPOINT", "not a url")]).unwrap_err();
+        assert!(
+            err.0
+                .starts_with("OTEL_EXPORTER_OTLP_ENDPOINT 'not a url' is not a URL"),
+            "{err}"
+        );
+        let err = resolve(None, None, &[("OTEL_EXPORTER_OTLP_PROTOCOL", "http/json")]).unwrap_err();
+        assert!(err.0.contains("use grpc or http/protobuf"), "{err}");
+        let err = resolve(Some("ftp://x"), None, &[]).unwrap_err();
+        assert!(err.0.contains("http:// or https://"), "{err}");
+    }
+}

@@ -1,0 +1,586 @@
+//! The per-socket session table: follows each socket from its first seen transition
+//! to its CLOSE, and reports each state it left and each session that ended.
+//!
+//! It knows nothing of OpenTelemetry; `spans` turns what it reports into spans.
+use std::{net::IpAddr, num::NonZeroUsize};
+
+use lru::LruCache;
+use otel_tcpstates_common::tcp_state;
+
+use crate::event::{Comm, TcpEvent, TcpState};
+
+/// How the socket came to be, as far as its first seen transition tells.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Role {
+    /// Active open: connect().
+    Client,
+    /// Accepted from a listener.
+    Server,
+    /// A listening socket.
+    Listener,
+    /// Already open when the tracer started, in a state that does not tell.
+    Unknown,
+}
+
+/// Why a connection counts as failed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Failure {
+    /// SYN_SENT → CLOSE: refused (RST) or the handshake timed out.
+    ConnectFailed,
+    /// SYN_RECV → CLOSE: the handshake of an accepted socket did not complete.
+    HandshakeFailed,
+    /// ESTABLISHED or CLOSE_WAIT → CLOSE: reset or aborted (SO_LINGER 0, RST).
+    Reset { from: TcpState },
+}
+
+impl Failure {
+    fn of(old: TcpState, new: TcpState) -> Option<Self> {
+        if new.0 != tcp_state::CLOSE {
+            return None;
+        }
+        match old.0 {
+            tcp_state::SYN_SENT => Some(Self::ConnectFailed),
+            tcp_state::SYN_RECV => Some(Self::HandshakeFailed),
+            tcp_state::ESTABLISHED | tcp_state::CLOSE_WAIT => Some(Self::Reset { from: old }),
+            _ => None,
+        }
+    }
+}
+
+/// Why a session ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum EndReason {
+    /// The socket reached CLOSE.
+    Closed,
+    /// Pushed out of the full table by a newer socket.
+    Evicted,
+    /// The tracer is shutting down.
+    Shutdown,
+    /// A new socket appeared at the same kernel address before this one's CLOSE
+    /// was seen (its last transitions were lost).
+    Replaced,
+}
+
+impl EndReason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Closed => "closed",
+            Self::Evicted => "evicted",
+            Self::Shutdown => "shutdown",
+            Self::Replaced => "replaced",
+        }
+    }
+}
+
+/// The process that owns a socket, learned from a transition only a system call on
+/// the socket makes (so the task on the CPU is the owner, not a softirq's victim).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Owner {
+    pub pid: u32,
+    pub comm: Comm,
+}
+
+/// One socket's life so far.
+#[derive(Clone, Debug)]
+pub struct Session {
+    pub skaddr: u64,
+    /// Kernel time the socket was first seen (or entered the state it was first
+    /// seen leaving, when the kernel knew that).
+    pub birth_ns: u64,
+    /// Whether the socket's creation (connect, listen, accept) was seen.
+    pub begin_seen: bool,
+    pub role: Role,
+    pub local_addr: IpAddr,
+    pub local_port: u16,
+    pub remote_addr: IpAddr,
+    pub remote_port: u16,
+    pub owner: Option<Owner>,
+    pub failure: Option<Failure>,
+    /// The state the socket is in and since when; `None` start when unknown.
+    pub state: TcpState,
+    pub state_since_ns: Option<u64>,
+    /// State spans reported so far: numbers the next one.
+    pub states_ended: u32,
+}
+
+impl Session {
+    pub fn is_ipv4(&self) -> bool {
+        self.local_addr.is_ipv4()
+    }
+}
+
+/// A state the socket left: one child span.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct StateEnded {
+    pub state: TcpState,
+    /// 0-based position among the session's state spans.
+    pub index: u32,
+    pub start_ns: u64,
+    pub end_ns: u64,
+    /// The state it moved to; `None` when the span was cut short (eviction, shutdown).
+    pub next: Option<TcpState>,
+    /// Task on the CPU at the transition out (bcc's C-PID/C-COMM).
+    pub pid: u32,
+    pub comm: Comm,
+    /// Set when the transition out was a failure (e.g. SYN_SENT → CLOSE).
+    pub failure: Option<Failure>,
+    /// Why the span was cut short, when it was.
+    pub cut_short: Option<EndReason>,
+}
+
+/// What the table reports, in order, as events arrive.
+pub enum Update<'a> {
+    StateEnded(&'a Session, StateEnded),
+    SessionEnded(&'a Session, u64, EndReason),
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct TableStats {
+    pub started: u64,
+    pub closed: u64,
+    pub evicted: u64,
+    pub replaced: u64,
+}
+
+pub struct SessionTable {
+    sessions: LruCache<u64, Session>,
+    stats: TableStats,
+}
+
+/// Whether `event` is the first transition of a new socket: created by connect() or
+/// listen() (leaving CLOSE), or cloned from a listener for an incoming connection.
+fn starts_socket(event: &TcpEvent) -> bool {
+    event.oldstate.0 == tcp_state::CLOSE
+        || (event.oldstate.0 == tcp_state::LISTEN && event.newstate.0 == tcp_state::SYN_RECV)
+}
+
+fn role_of(event: &TcpEvent) -> Role {
+    match (event.oldstate.0, event.newstate.0) {
+        (tcp_state::CLOSE, tcp_state::SYN_SENT) | (tcp_state::SYN_SENT, _) => Role::Client,
+        (tcp_state::LISTEN, tcp_state::SYN_RECV) | (tcp_state::SYN_RECV, _) => Role::Server,
+        (_, tcp_state::LISTEN) | (tcp_state::LISTEN, _) => Role::Listener,
+        _ => Role::Unknown,
+    }
+}
+
+impl SessionTable {
+    pub fn new(capacity: NonZeroUsize) -> Self {
+        Self {
+            sessions: LruCache::new(capacity),
+            stats: TableStats::default(),
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.sessions.len()
+    }
+
+    pub fn stats(&self) -> TableStats {
+        self.stats
+    }
+
+    /// Applies one transition, reporting what ended through `out`.
+    pub fn apply(&mut self, event: &TcpEvent, out: &mut impl FnMut(Update<'_>)) {
+        let starts = starts_socket(event);
+        if starts && let Some(old) = self.sessions.pop(&event.skaddr) {
+            self.stats.replaced += 1;
+            finish(old, event.ts_ns, EndReason::Replaced, out);
+        }
+        if !self.sessions.contains(&event.skaddr) {
+            self.start(event, starts, out);
+        }
+        let Some(session) = self.sessions.get_mut(&event.skaddr) else {
+            return;
+        };
+
+        // The kernel measured how long the socket was in `oldstate`; its start is
+        // exact even when an earlier transition was lost or never seen. Without a
+        // kernel measurement (its own table forgot the socket), fall back on ours.
+        let entered_ns = event.ts_ns.saturating_sub(event.delta_ns);
+        let known_start = if starts {
+            None
+        } else if event.delta_ns > 0 {
+            Some(entered_ns)
+        } else if session.state == event.oldstate {
+            session.state_since_ns
+        } else {
+            None
+        };
+        if session.state != event.oldstate
+            && let Some(since) = session.state_since_ns
+        {
+            // Transitions were lost in between: end what we believed at the
+            // point the kernel says the socket entered `oldstate`.
+            let ended = StateEnded {
+                state: session.state,
+                index: session.states_ended,
+                start_ns: since,
+                end_ns: entered_ns.max(since),
+                next: Some(event.oldstate),
+                pid: event.pid,
+                comm: event.comm,
+                failure: None,
+                cut_short: None,
+            };
+            session.states_ended += 1;
+            out(Update::StateEnded(session, ended));
+        }
+        update_endpoints(session, event);
+        if tcp_state::entered_by_owner(event.newstate.0) {
+            session.owner = Some(Owner {
+                pid: event.pid,
+                comm: event.comm,
+            });
+        }
+        let failure = Failure::of(event.oldstate, event.newstate);
+        if failure.is_some() {
+            session.failure = failure;
+        }
+        if let Some(start_ns) = known_start {
+            let ended = StateEnded {
+                state: event.oldstate,
+                index: session.states_ended,
+                start_ns,
+                end_ns: event.ts_ns,
+                next: Some(event.newstate),
+                pid: event.pid,
+                comm: event.comm,
+                failure,
+                cut_short: None,
+            };
+            session.states_ended += 1;
+            out(Update::StateEnded(session, ended));
+        }
+
+        if event.newstate.0 == tcp_state::CLOSE {
+            if let Some(done) = self.sessions.pop(&event.skaddr) {
+                self.stats.closed += 1;
+                out(Update::SessionEnded(&done, event.ts_ns, EndReason::Closed));
+            }
+        } else {
+            session.state = event.newstate;
+            session.state_since_ns = Some(event.ts_ns);
+        }
+    }
+
+    fn start(&mut self, event: &TcpEvent, begin_seen: bool, out: &mut impl FnMut(Update<'_>)) {
+        let known = event.delta_ns > 0 && !begin_seen;
+        let session = Session {
+            skaddr: event.skaddr,
+            birth_ns: event
+                .ts_ns
+                .saturating_sub(if known { event.delta_ns } else { 0 }),
+            begin_seen,
+            role: role_of(event),
+            local_addr: event.local_addr,
+            local_port: event.local_port,
+            remote_addr: event.remote_addr,
+            remote_port: event.remote_port,
+            owner: None,
+            failure: None,
+            state: event.oldstate,
+            state_since_ns: known.then_some(event.ts_ns.saturating_sub(event.delta_ns)),
+            states_ended: 0,
+        };
+        self.stats.started += 1;
+        if let Some((_, evicted)) = self.sessions.push(event.skaddr, session) {
+            self.stats.evicted += 1;
+            finish(evicted, event.ts_ns, EndReason::Evicted, out);
+        }
+    }
+
+    /// Ends every session in flight (at kernel time `now_ns`), oldest activity first.
+    pub fn end_all(&mut self, now_ns: u64, reason: EndReason, out: &mut impl FnMut(Update<'_>)) {
+        while let Some((_, session)) = self.sessions.pop_lru() {
+            finish(session, now_ns, reason, out);
+        }
+    }
+}
+
+/// Ports and addresses get filled in as the socket progresses (connect() picks the
+/// local port after entering SYN_SENT); keep the latest non-zero values.
+fn update_endpoints(session: &mut Session, event: &TcpEvent) {
+    if event.local_port != 0 {
+        session.local_port = event.local_port;
+    }
+    if event.remote_port != 0 {
+        session.remote_port = event.remote_port;
+    }
+    if !event.local_addr.is_unspecified() {
+        session.local_addr = event.local_addr;
+    }
+    if !event.remote_addr.is_unspecified() {
+        session.remote_addr = event.remote_addr;
+    }
+}
+
+/// Ends a session that did not reach CLOSE: its open state is cut short at `end_ns`.
+fn finish(mut session: Session, end_ns: u64, reason: EndReason, out: &mut impl FnMut(Update<'_>)) {
+    if let Some(since) = session.state_since_ns {
+        let ended = StateEnded {
+            state: session.state,
+            index: session.states_ended,
+            start_ns: since,
+            end_ns: end_ns.max(since),
+            next: None,
+            pid: 0,
+            comm: Comm::default(),
+            failure: None,
+            cut_short: Some(reason),
+        };
+        session.states_ended += 1;
+        out(Update::StateEnded(&session, ended));
+    }
+    out(Update::SessionEnded(
+        &session,
+        end_ns.max(session.birth_ns),
+        reason,
+    ));
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use std::net::Ipv4Addr;
+
+    use otel_tcpstates_common::tcp_state::*;
+
+    use super::*;
+
+    pub(crate) const SK: u64 = 0xffff_8881_0000_1000;
+
+    /// A transition of socket `sk` at kernel time `ts`, `delta` ns after the previous.
+    pub(crate) fn ev(sk: u64, ts: u64, delta: u64, old: u8, new: u8, lport: u16) -> TcpEvent {
+        let mut comm = [0u8; 16];
+        comm[..4].copy_from_slice(b"test");
+        let raw = otel_tcpstates_common::Event {
+            skaddr: sk,
+            ts_ns: ts,
+            delta_ns: delta,
+            saddr: [127, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0],
+            daddr: [127, 0, 0, 2, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0],
+            pid: 4242,
+            owner_pid: 0,
+            comm,
+            sport: lport,
+            dport: 8080,
+            family: otel_tcpstates_common::AF_INET,
+            oldstate: old,
+            newstate: new,
+        };
+        crate::event::decode(&crate::event::tests::record(&raw)).unwrap()
+    }
+
+    /// What the table reported, flattened for comparison.
+    #[derive(Debug, PartialEq)]
+    pub(crate) enum Got {
+        State(&'static str, u32, u64, u64, Option<&'static str>),
+        Ended(u64, EndReason),
+    }
+
+    fn name(state: TcpState) -> &'static str {
+        otel_tcpstates_common::tcp_state::name(state.0).unwrap()
+    }
+
+    pub(crate) fn run(table: &mut SessionTable, events: &[TcpEvent]) -> (Vec<Got>, Vec<Session>) {
+        let mut got = Vec::new();
+        let mut sessions = Vec::new();
+        for event in events {
+            table.apply(event, &mut |update| match update {
+                Update::StateEnded(_, e) => got.push(Got::State(
+                    name(e.state),
+                    e.index,
+                    e.start_ns,
+                    e.end_ns,
+                    e.next.map(name),
+                )),
+                Update::SessionEnded(s, end, reason) => {
+                    got.push(Got::Ended(end, reason));
+                    sessions.push(s.clone());
+                }
+            });
+        }
+        (got, sessions)
+    }
+
+    pub(crate) fn client_events(sk: u64, t0: u64) -> Vec<TcpEvent> {
+        vec![
+            ev(sk, t0, 0, CLOSE, SYN_SENT, 0),
+            ev(sk, t0 + 50, 50, SYN_SENT, ESTABLISHED, 40000),
+            ev(sk, t0 + 1050, 1000, ESTABLISHED, FIN_WAIT1, 40000),
+            ev(sk, t0 + 1060, 10, FIN_WAIT1, FIN_WAIT2, 40000),
+            ev(sk, t0 + 1065, 5, FIN_WAIT2, CLOSE, 40000),
+        ]
+    }
+
+    fn table(capacity: usize) -> SessionTable {
+        SessionTable::new(NonZeroUsize::new(capacity).unwrap())
+    }
+
+    #[test]
+    fn client_lifecycle_reports_each_state_then_the_session() {
+        let mut t = table(16);
+        let (got, sessions) = run(&mut t, &client_events(SK, 100));
+        assert_eq!(
+            got,
+            [
+                Got::State("SYN_SENT", 0, 100, 150, Some("ESTABLISHED")),
+                Got::State("ESTABLISHED", 1, 150, 1150, Some("FIN_WAIT1")),
+                Got::State("FIN_WAIT1", 2, 1150, 1160, Some("FIN_WAIT2")),
+                Got::State("FIN_WAIT2", 3, 1160, 1165, Some("CLOSE")),
+                Got::Ended(1165, EndReason::Closed),
+            ]
+        );
+        let s = &sessions[0];
+        assert_eq!(
+            (s.role, s.begin_seen, s.birth_ns),
+            (Role::Client, true, 100)
+        );
+        assert_eq!(
+            s.local_port, 40000,
+            "the port connect() picked later is kept"
+        );
+        assert_eq!(s.local_addr, IpAddr::V4(Ipv4Addr::LOCALHOST));
+        assert_eq!(s.owner.map(|o| o.pid), Some(4242));
+        assert_eq!(s.failure, None);
+        assert_eq!(t.len(), 0);
+        assert_eq!(t.stats().closed, 1);
+    }
+
+    #[test]
+    fn accepted_socket_is_a_server_and_failures_are_named() {
+        let mut t = table(16);
+        let (got, sessions) = run(
+            &mut t,
+            &[
+                ev(SK, 10, 0, LISTEN, SYN_RECV, 8080),
+                ev(SK, 20, 10, SYN_RECV, ESTABLISHED, 8080),
+                ev(SK, 30, 10, ESTABLISHED, CLOSE, 8080),
+            ],
+        );
+        assert_eq!(got.len(), 3);
+        assert_eq!(sessions[0].role, Role::Server);
+        assert_eq!(
+            sessions[0].failure,
+            Some(Failure::Reset {
+                from: TcpState(ESTABLISHED)
+            })
+        );
+        assert_eq!(sessions[0].owner, None, "no system call on it was seen");
+
+        let (_, refused) = run(
+            &mut t,
+            &[
+                ev(SK, 40, 0, CLOSE, SYN_SENT, 0),
+                ev(SK, 41, 1, SYN_SENT, CLOSE, 1),
+            ],
+        );
+        assert_eq!(refused[0].failure, Some(Failure::ConnectFailed));
+    }
+
+    #[test]
+    fn a_reused_address_is_a_new_session() {
+        let mut t = table(16);
+        let mut events = client_events(SK, 100);
+        events.extend(client_events(SK, 5000));
+        let (_, sessions) = run(&mut t, &events);
+        assert_eq!(sessions.len(), 2);
+        assert_eq!((sessions[0].birth_ns, sessions[1].birth_ns), (100, 5000));
+
+        // A new socket at the address before the old one's CLOSE was seen.
+        let (got, _) = run(
+            &mut t,
+            &[
+                ev(SK, 9000, 0, CLOSE, SYN_SENT, 0),
+                ev(SK, 9010, 10, SYN_SENT, ESTABLISHED, 1),
+                ev(SK, 9500, 0, CLOSE, SYN_SENT, 0),
+            ],
+        );
+        assert_eq!(
+            got[1..],
+            [
+                Got::State("ESTABLISHED", 1, 9010, 9500, None),
+                Got::Ended(9500, EndReason::Replaced),
+            ]
+        );
+        assert_eq!(t.stats().replaced, 1);
+    }
+
+    #[test]
+    fn a_full_table_evicts_the_least_recently_active() {
+        let mut t = table(2);
+        let (got, sessions) = run(
+            &mut t,
+            &[
+                ev(1, 10, 0, CLOSE, SYN_SENT, 0),
+                ev(2, 20, 0, CLOSE, SYN_SENT, 0),
+                ev(1, 30, 20, SYN_SENT, ESTABLISHED, 1), // 1 is now the most recent
+                ev(3, 40, 0, CLOSE, SYN_SENT, 0),        // evicts 2
+            ],
+        );
+        assert_eq!(
+            got[1..],
+            [
+                Got::State("SYN_SENT", 0, 20, 40, None),
+                Got::Ended(40, EndReason::Evicted),
+            ]
+        );
+        assert_eq!(sessions[0].skaddr, 2);
+        assert_eq!((t.len(), t.stats().evicted), (2, 1));
+    }
+
+    #[test]
+    fn a_socket_open_before_the_tracer_started() {
+        let mut t = table(16);
+        // The kernel did not know it either: no span for the state it left.
+        let (got, _) = run(
+            &mut t,
+            &[
+                ev(SK, 1000, 0, ESTABLISHED, FIN_WAIT1, 1),
+                ev(SK, 1010, 10, FIN_WAIT1, FIN_WAIT2, 1),
+            ],
+        );
+        assert_eq!(
+            got,
+            [Got::State("FIN_WAIT1", 0, 1000, 1010, Some("FIN_WAIT2"))]
+        );
+        let mut sessions = Vec::new();
+        t.end_all(2000, EndReason::Shutdown, &mut |u| {
+            if let Update::SessionEnded(s, end, reason) = u {
+                sessions.push((s.clone(), end, reason));
+            }
+        });
+        let (s, end, reason) = &sessions[0];
+        assert_eq!(
+            (s.begin_seen, s.role, s.birth_ns),
+            (false, Role::Unknown, 1000)
+        );
+        assert_eq!((*end, *reason), (2000, EndReason::Shutdown));
+
+        // The kernel knew when it entered ESTABLISHED: that span is exact.
+        let (got, _) = run(&mut t, &[ev(7, 5000, 300, ESTABLISHED, CLOSE_WAIT, 1)]);
+        assert_eq!(
+            got,
+            [Got::State("ESTABLISHED", 0, 4700, 5000, Some("CLOSE_WAIT"))]
+        );
+    }
+
+    #[test]
+    fn lost_transitions_end_the_believed_state_where_the_kernel_says() {
+        let mut t = table(16);
+        let (got, _) = run(
+            &mut t,
+            &[
+                ev(SK, 100, 0, CLOSE, SYN_SENT, 0),
+                // SYN_SENT -> ESTABLISHED at 150 was lost.
+                ev(SK, 400, 250, ESTABLISHED, FIN_WAIT1, 1),
+            ],
+        );
+        assert_eq!(
+            got,
+            [
+                Got::State("SYN_SENT", 0, 100, 150, Some("ESTABLISHED")),
+                Got::State("ESTABLISHED", 1, 150, 400, Some("FIN_WAIT1")),
+            ]
+        );
+    }
+}

@@ -1,0 +1,377 @@
+//! An in-process OTLP trace receiver, so tests can check what the daemon really
+//! puts on the wire: gRPC (the tonic-generated `TraceService`) and HTTP/protobuf
+//! (`POST /v1/traces`), each on its own 127.0.0.1 port, served from a background
+//! thread with its own tokio runtime.
+
+use std::{
+    collections::BTreeMap,
+    io::Read as _,
+    net::SocketAddr,
+    sync::{Arc, Mutex, MutexGuard, PoisonError, mpsc},
+    thread,
+    time::{Duration, Instant},
+};
+
+use axum::{
+    Router,
+    body::Bytes,
+    extract::State,
+    http::{HeaderMap, StatusCode, header},
+    response::{IntoResponse, Response},
+    routing::post,
+};
+use opentelemetry_proto::tonic::{
+    collector::trace::v1::{
+        ExportTraceServiceRequest, ExportTraceServiceResponse,
+        trace_service_server::{TraceService, TraceServiceServer},
+    },
+    common::v1::{AnyValue, KeyValue, any_value},
+};
+use prost::Message as _;
+use tonic::{
+    codec::CompressionEncoding,
+    transport::{Server, server::TcpIncoming},
+};
+
+#[derive(Clone, Debug, PartialEq)]
+pub enum Value {
+    Str(String),
+    Int(i64),
+    Double(f64),
+    Bool(bool),
+    /// Arrays, maps, bytes: their debug form, enough to tell they were there.
+    Other(String),
+}
+
+/// One span as received, flattened together with its resource and scope.
+#[derive(Clone, Debug)]
+pub struct ReceivedSpan {
+    /// "grpc" or "http".
+    pub transport: &'static str,
+    pub resource: BTreeMap<String, Value>,
+    pub scope_name: String,
+    /// Lowercase hex, 32 characters.
+    pub trace_id: String,
+    /// Lowercase hex, 16 characters.
+    pub span_id: String,
+    /// "" for a root span.
+    pub parent_span_id: String,
+    pub name: String,
+    /// OTLP `SpanKind`: 1 internal, 2 server, 3 client, 4 producer, 5 consumer.
+    pub kind: i32,
+    pub start_ns: u64,
+    pub end_ns: u64,
+    pub attributes: BTreeMap<String, Value>,
+    /// 0 unset, 1 ok, 2 error.
+    pub status_code: i32,
+    pub status_message: String,
+}
+
+impl ReceivedSpan {
+    pub fn attr(&self, key: &str) -> Option<&Value> {
+        self.attributes.get(key)
+    }
+
+    pub fn str_attr(&self, key: &str) -> Option<&str> {
+        match self.attr(key)? {
+            Value::Str(s) => Some(s),
+            _ => None,
+        }
+    }
+
+    pub fn int_attr(&self, key: &str) -> Option<i64> {
+        match self.attr(key)? {
+            Value::Int(i) => Some(*i),
+            _ => None,
+        }
+    }
+
+    pub fn bool_attr(&self, key: &str) -> Option<bool> {
+        match self.attr(key)? {
+            Value::Bool(b) => Some(*b),
+            _ => None,
+        }
+    }
+
+    pub fn duration_ns(&self) -> u64 {
+        self.end_ns.saturating_sub(self.start_ns)
+    }
+}
+
+#[derive(Default)]
+struct Store {
+    spans: Vec<ReceivedSpan>,
+    requests: usize,
+}
+
+type Shared = Arc<Mutex<Store>>;
+
+/// A poisoned lock only means a test thread panicked while holding it; what was
+/// received is still worth showing.
+fn lock(store: &Shared) -> MutexGuard<'_, Store> {
+    store.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// A running receiver; dropping it shuts both servers down.
+pub struct Receiver {
+    store: Shared,
+    grpc_addr: SocketAddr,
+    http_addr: SocketAddr,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    thread: Option<thread::JoinHandle<()>>,
+}
+
+impl Receiver {
+    /// Starts both servers; they are listening when this returns.
+    pub fn start() -> Receiver {
+        let store = Shared::default();
+        let (ready_tx, ready_rx) = mpsc::channel();
+        let (stop, stopped) = tokio::sync::oneshot::channel();
+        let served = Arc::clone(&store);
+        let thread = thread::Builder::new()
+            .name("otlp-receiver".into())
+            .spawn(move || {
+                let runtime = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .expect("tokio runtime for the OTLP receiver");
+                runtime.block_on(serve(served, ready_tx, stopped));
+                // Dropping the runtime here closes the listeners and every open
+                // connection, so exporters see the receiver go away.
+            })
+            .expect("spawn the OTLP receiver thread");
+        let (grpc_addr, http_addr) = ready_rx
+            .recv()
+            .expect("the OTLP receiver thread died before listening");
+        Receiver {
+            store,
+            grpc_addr,
+            http_addr,
+            stop: Some(stop),
+            thread: Some(thread),
+        }
+    }
+
+    pub fn grpc_addr(&self) -> SocketAddr {
+        self.grpc_addr
+    }
+
+    pub fn http_addr(&self) -> SocketAddr {
+        self.http_addr
+    }
+
+    /// For an OTLP/gRPC exporter: "http://127.0.0.1:PORT".
+    pub fn grpc_endpoint(&self) -> String {
+        format!("http://{}", self.grpc_addr)
+    }
+
+    /// The base URL for an OTLP/HTTP exporter, without "/v1/traces".
+    pub fn http_endpoint(&self) -> String {
+        format!("http://{}", self.http_addr)
+    }
+
+    /// Everything received so far, in arrival order.
+    pub fn spans(&self) -> Vec<ReceivedSpan> {
+        lock(&self.store).spans.clone()
+    }
+
+    /// Export requests received over both transports (including empty ones).
+    pub fn requests(&self) -> usize {
+        lock(&self.store).requests
+    }
+
+    /// Polls until `done(&spans)` holds or `timeout` passes; returns the spans
+    /// either way, so the caller's assertion can show what did arrive.
+    pub fn wait_for(
+        &self,
+        timeout: Duration,
+        done: impl Fn(&[ReceivedSpan]) -> bool,
+    ) -> Vec<ReceivedSpan> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let spans = self.spans();
+            if done(&spans) || Instant::now() >= deadline {
+                return spans;
+            }
+            thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Receiver {
+    fn drop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+/// Binds both listeners, reports their addresses, and serves until `stopped`.
+async fn serve(
+    store: Shared,
+    ready: mpsc::Sender<(SocketAddr, SocketAddr)>,
+    stopped: tokio::sync::oneshot::Receiver<()>,
+) {
+    let grpc = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind the OTLP/gRPC receiver");
+    let http = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind the OTLP/HTTP receiver");
+    let addrs = (
+        grpc.local_addr().expect("gRPC receiver address"),
+        http.local_addr().expect("HTTP receiver address"),
+    );
+
+    // Collectors (rotel included) gzip by default, so accept it like a real one.
+    let trace_service = TraceServiceServer::new(Grpc(Arc::clone(&store)))
+        .accept_compressed(CompressionEncoding::Gzip);
+    let grpc_server = Server::builder()
+        .add_service(trace_service)
+        .serve_with_incoming(TcpIncoming::from(grpc));
+    let app = Router::new()
+        .route("/v1/traces", post(http_export))
+        .with_state(store);
+    let http_server = axum::serve(http, app);
+
+    if ready.send(addrs).is_err() {
+        return; // start() is gone; nobody will ever send to us.
+    }
+    // Neither server returns unless its listener fails; say so, since the test
+    // will then only see spans stop arriving.
+    tokio::select! {
+        _ = stopped => {}
+        result = grpc_server => eprintln!("OTLP/gRPC receiver stopped: {result:?}"),
+        result = http_server.into_future() => eprintln!("OTLP/HTTP receiver stopped: {result:?}"),
+    }
+}
+
+struct Grpc(Shared);
+
+#[tonic::async_trait]
+impl TraceService for Grpc {
+    async fn export(
+        &self,
+        request: tonic::Request<ExportTraceServiceRequest>,
+    ) -> Result<tonic::Response<ExportTraceServiceResponse>, tonic::Status> {
+        record(&self.0, "grpc", request.into_inner());
+        Ok(tonic::Response::new(ExportTraceServiceResponse::default()))
+    }
+}
+
+/// OTLP/HTTP with binary protobuf; JSON is not accepted, so a test notices if the
+/// daemon ever sends it.
+async fn http_export(State(store): State<Shared>, headers: HeaderMap, body: Bytes) -> Response {
+    let content_type = header_str(&headers, header::CONTENT_TYPE);
+    let media_type = content_type.split(';').next().unwrap_or("").trim();
+    if media_type != "application/x-protobuf" {
+        return reject(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            format!("want application/x-protobuf, got {content_type:?}"),
+        );
+    }
+    let body = match header_str(&headers, header::CONTENT_ENCODING) {
+        "" | "identity" => body.to_vec(),
+        "gzip" => {
+            let mut plain = Vec::new();
+            if let Err(e) = flate2::read::GzDecoder::new(&body[..]).read_to_end(&mut plain) {
+                return reject(StatusCode::BAD_REQUEST, format!("bad gzip body: {e}"));
+            }
+            plain
+        }
+        other => {
+            return reject(
+                StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                format!("unsupported content-encoding {other:?}"),
+            );
+        }
+    };
+    match ExportTraceServiceRequest::decode(&body[..]) {
+        Ok(request) => {
+            record(&store, "http", request);
+            let response = ExportTraceServiceResponse::default().encode_to_vec();
+            ([(header::CONTENT_TYPE, "application/x-protobuf")], response).into_response()
+        }
+        Err(e) => reject(
+            StatusCode::BAD_REQUEST,
+            format!("not an ExportTraceServiceRequest: {e}"),
+        ),
+    }
+}
+
+fn header_str(headers: &HeaderMap, name: header::HeaderName) -> &str {
+    headers
+        .get(name)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+}
+
+/// Rejections are printed too: the exporter usually only logs them, and the test
+/// output is where someone will look.
+fn reject(status: StatusCode, message: String) -> Response {
+    eprintln!("OTLP/HTTP receiver: {status}: {message}");
+    (status, message).into_response()
+}
+
+fn record(store: &Shared, transport: &'static str, request: ExportTraceServiceRequest) {
+    let spans = flatten(transport, request);
+    let mut store = lock(store);
+    store.requests += 1;
+    store.spans.extend(spans);
+}
+
+fn flatten(transport: &'static str, request: ExportTraceServiceRequest) -> Vec<ReceivedSpan> {
+    let mut out = Vec::new();
+    for resource_spans in request.resource_spans {
+        let resource = resource_spans
+            .resource
+            .map(|r| attributes(r.attributes))
+            .unwrap_or_default();
+        for scope_spans in resource_spans.scope_spans {
+            let scope_name = scope_spans.scope.map(|s| s.name).unwrap_or_default();
+            for span in scope_spans.spans {
+                let status = span.status.unwrap_or_default();
+                out.push(ReceivedSpan {
+                    transport,
+                    resource: resource.clone(),
+                    scope_name: scope_name.clone(),
+                    trace_id: hex(&span.trace_id),
+                    span_id: hex(&span.span_id),
+                    parent_span_id: hex(&span.parent_span_id),
+                    name: span.name,
+                    kind: span.kind,
+                    start_ns: span.start_time_unix_nano,
+                    end_ns: span.end_time_unix_nano,
+                    attributes: attributes(span.attributes),
+                    status_code: status.code,
+                    status_message: status.message,
+                });
+            }
+        }
+    }
+    out
+}
+
+fn attributes(list: Vec<KeyValue>) -> BTreeMap<String, Value> {
+    list.into_iter()
+        .map(|kv| (kv.key, value(kv.value)))
+        .collect()
+}
+
+fn value(v: Option<AnyValue>) -> Value {
+    match v.and_then(|v| v.value) {
+        Some(any_value::Value::StringValue(s)) => Value::Str(s),
+        Some(any_value::Value::IntValue(i)) => Value::Int(i),
+        Some(any_value::Value::DoubleValue(d)) => Value::Double(d),
+        Some(any_value::Value::BoolValue(b)) => Value::Bool(b),
+        Some(other) => Value::Other(format!("{other:?}")),
+        None => Value::Other("<empty>".to_owned()),
+    }
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
