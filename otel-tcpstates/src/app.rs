@@ -95,6 +95,7 @@ pub async fn run(cli: Cli) -> Result<()> {
         )
     });
     let mut sinks = Sinks { text, traces };
+    // Logged once attached, like the header below.
     if let Some(settings) = &export {
         tracing::info!(
             "exporting traces over OTLP/{} to {}",

@@ -70,7 +70,8 @@ fn collect(stream: impl std::io::Read + Send + 'static) -> Arc<Mutex<Vec<String>
 }
 
 impl Tracer {
-    /// Starts the daemon and waits for its header, which it prints once attached.
+    /// Starts the daemon and waits until it is attached: it then prints its header
+    /// or, exporting without `--print`, logs where it exports to.
     pub fn start(args: &[&str]) -> Tracer {
         Self::start_with_env(args, &[])
     }
@@ -93,7 +94,10 @@ impl Tracer {
             stderr,
         };
         let deadline = Instant::now() + Duration::from_secs(60);
-        while tracer.lines().is_empty() {
+        let attached = |t: &Tracer| {
+            !t.lines().is_empty() || t.stderr().iter().any(|l| l.contains("exporting traces"))
+        };
+        while !attached(&tracer) {
             if let Some(status) = tracer.child.try_wait().unwrap() {
                 panic!(
                     "otel-tcpstates {args:?} exited with {status} before attaching: {:?}",
