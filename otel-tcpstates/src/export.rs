@@ -11,7 +11,7 @@ use std::{
 
 use anyhow::{Context as _, Result};
 use opentelemetry::KeyValue;
-use opentelemetry_otlp::{Protocol as OtlpProtocol, WithExportConfig as _};
+use opentelemetry_otlp::{Protocol as OtlpProtocol, WithExportConfig};
 use opentelemetry_sdk::{
     Resource,
     error::OTelSdkResult,
@@ -231,25 +231,25 @@ impl Exporter {
     /// Builds the OTLP exporter and its batch processor. Must run inside the tokio
     /// runtime: the gRPC channel's worker is spawned on it.
     pub fn start(settings: &Settings, resource: &Resource) -> Result<Self> {
+        // Without a flag the exporter reads OTEL_EXPORTER_OTLP_[TRACES_]ENDPOINT itself.
+        fn endpoint<B: WithExportConfig>(builder: B, settings: &Settings) -> B {
+            match &settings.flag_endpoint {
+                Some(endpoint) => builder.with_endpoint(endpoint),
+                None => builder,
+            }
+        }
+        let builder = opentelemetry_otlp::SpanExporter::builder();
         let exporter = match settings.protocol {
-            Protocol::Grpc => {
-                let mut builder = opentelemetry_otlp::SpanExporter::builder()
-                    .with_tonic()
-                    .with_protocol(OtlpProtocol::Grpc);
-                if let Some(endpoint) = &settings.flag_endpoint {
-                    builder = builder.with_endpoint(endpoint);
-                }
-                builder.build()
-            }
-            Protocol::HttpProtobuf => {
-                let mut builder = opentelemetry_otlp::SpanExporter::builder()
-                    .with_http()
-                    .with_protocol(OtlpProtocol::HttpBinary);
-                if let Some(endpoint) = &settings.flag_endpoint {
-                    builder = builder.with_endpoint(endpoint);
-                }
-                builder.build()
-            }
+            Protocol::Grpc => endpoint(
+                builder.with_tonic().with_protocol(OtlpProtocol::Grpc),
+                settings,
+            )
+            .build(),
+            Protocol::HttpProtobuf => endpoint(
+                builder.with_http().with_protocol(OtlpProtocol::HttpBinary),
+                settings,
+            )
+            .build(),
         }
         .with_context(|| {
             format!(
