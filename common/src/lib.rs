@@ -30,6 +30,10 @@ pub struct Event {
     pub ts_ns: u64,
     /// Nanoseconds spent in `oldstate`; 0 when the socket's previous transition was not seen.
     pub delta_ns: u64,
+    /// cgroup v2 id of the task, on transitions made by the owner (0 otherwise).
+    pub cgroup_id: u64,
+    /// On CLOSE, from `struct tcp_sock` (0 otherwise, or without BTF): see [`TcpFacts`].
+    pub facts: TcpFacts,
     pub saddr: [u8; 16],
     pub daddr: [u8; 16],
     /// Thread group id of the task on the CPU (may be unrelated in softirq context).
@@ -42,6 +46,37 @@ pub struct Event {
     pub family: u16,
     pub oldstate: u8,
     pub newstate: u8,
+}
+
+/// Connection facts read from `struct tcp_sock` when the socket reaches CLOSE.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct TcpFacts {
+    /// Payload bytes sent and acknowledged by the peer (tcplife's TX).
+    pub bytes_acked: u64,
+    /// Payload bytes received (tcplife's RX).
+    pub bytes_received: u64,
+    /// Smoothed RTT in microseconds, times 8 (the kernel's fixed point).
+    pub srtt_us_x8: u32,
+    pub total_retrans: u32,
+    pub segs_in: u32,
+    pub segs_out: u32,
+}
+
+/// Byte offsets of the [`TcpFacts`] fields in `struct tcp_sock`, resolved from the
+/// kernel's BTF by userspace (aya-ebpf has no CO-RE field relocations).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct TcpOffsets {
+    /// Non-zero when the offsets are known; otherwise facts stay 0.
+    pub enabled: u32,
+    pub bytes_acked: u32,
+    pub bytes_received: u32,
+    pub srtt_us: u32,
+    pub total_retrans: u32,
+    pub segs_in: u32,
+    pub segs_out: u32,
+    pub _pad: u32,
 }
 
 /// Scalar filters, set by userspace before the program is loaded.
@@ -75,11 +110,13 @@ pub struct SocketState {
 pub mod names {
     pub const PROGRAM: &str = "inet_sock_set_state";
     pub const CONFIG: &str = "CONFIG";
+    pub const TCP_OFFSETS: &str = "TCP_OFFSETS";
     pub const LOCAL_PORTS: &str = "LOCAL_PORTS";
     pub const REMOTE_PORTS: &str = "REMOTE_PORTS";
     pub const EVENTS: &str = "EVENTS";
     pub const SOCKETS: &str = "SOCKETS";
     pub const LOST: &str = "LOST";
+    pub const LISTENERS: &str = "LISTENERS";
     pub const WAKEUP_BYTES: &str = "WAKEUP_BYTES";
 }
 
@@ -132,6 +169,7 @@ mod pod {
     unsafe impl aya::Pod for super::Event {}
     unsafe impl aya::Pod for super::Config {}
     unsafe impl aya::Pod for super::SocketState {}
+    unsafe impl aya::Pod for super::TcpOffsets {}
 }
 
 #[cfg(test)]
@@ -143,10 +181,12 @@ mod tests {
     #[test]
     fn event_layout_has_no_padding() {
         // Userspace decodes these exact bytes; padding would hold garbage.
-        assert_eq!(size_of::<Event>(), 88);
-        assert_eq!(offset_of!(Event, saddr), 24);
-        assert_eq!(offset_of!(Event, comm), 64);
-        assert_eq!(offset_of!(Event, newstate), 87);
+        assert_eq!(size_of::<Event>(), 128);
+        assert_eq!(size_of::<TcpFacts>(), 32);
+        assert_eq!(offset_of!(Event, saddr), 64);
+        assert_eq!(offset_of!(Event, comm), 104);
+        assert_eq!(offset_of!(Event, newstate), 127);
+        assert_eq!(size_of::<TcpOffsets>(), 32);
         assert_eq!(size_of::<Config>(), 12);
         assert_eq!(size_of::<SocketState>(), 16);
     }

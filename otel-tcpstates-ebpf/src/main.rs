@@ -6,14 +6,17 @@
 use aya_ebpf::{
     EbpfContext as _, Global,
     bindings::{BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP},
-    helpers::{bpf_get_current_pid_tgid, bpf_ktime_get_ns, generated::bpf_get_current_comm},
+    helpers::{
+        bpf_get_current_pid_tgid, bpf_ktime_get_ns, bpf_probe_read_kernel,
+        generated::{bpf_get_current_cgroup_id, bpf_get_current_comm},
+    },
     macros::{map, tracepoint},
-    maps::{LruHashMap, PerCpuArray, RingBuf},
+    maps::{HashMap, LruHashMap, PerCpuArray, RingBuf},
     programs::TracePointContext,
 };
 use otel_tcpstates_common::{
     Config, DEFAULT_RING_BUFFER_BYTES, DEFAULT_SOCKET_MAP_ENTRIES, Event, IPPROTO_TCP,
-    PORT_BITMAP_WORDS, SocketState, TASK_COMM_LEN, tcp_state,
+    PORT_BITMAP_WORDS, SocketState, TASK_COMM_LEN, TcpFacts, TcpOffsets, tcp_state,
 };
 
 /// The tracepoint's record (stable since Linux 4.16). Userspace checks it against
@@ -44,6 +47,18 @@ static CONFIG: Global<Config> = Global::new(Config {
     filter_remote_ports: 0,
 });
 
+#[unsafe(no_mangle)]
+static TCP_OFFSETS: Global<TcpOffsets> = Global::new(TcpOffsets {
+    enabled: 0,
+    bytes_acked: 0,
+    bytes_received: 0,
+    srtt_us: 0,
+    total_retrans: 0,
+    segs_in: 0,
+    segs_out: 0,
+    _pad: 0,
+});
+
 // Port filters as bitmaps: one bit test per event instead of a map lookup.
 #[unsafe(no_mangle)]
 static LOCAL_PORTS: [u64; PORT_BITMAP_WORDS] = [0; PORT_BITMAP_WORDS];
@@ -63,6 +78,11 @@ static EVENTS: RingBuf = RingBuf::with_byte_size(DEFAULT_RING_BUFFER_BYTES, 0);
 #[map]
 static SOCKETS: LruHashMap<u64, SocketState> =
     LruHashMap::with_max_entries(DEFAULT_SOCKET_MAP_ENTRIES, 0);
+
+/// (family << 16 | port) → pid of the process that made a socket listen there:
+/// the owner of the connections accepted from it.
+#[map]
+static LISTENERS: HashMap<u32, u32> = HashMap::with_max_entries(4096, 0);
 
 /// Events the ring buffer had no room for, per CPU.
 #[map]
@@ -142,8 +162,23 @@ fn handle(args: &Args) {
         Some(state) => unsafe { (now.wrapping_sub((*state).since_ns), (*state).owner_pid) },
         None => (0, 0),
     };
-    if tcp_state::entered_by_owner(newstate) {
+    let by_owner = tcp_state::entered_by_owner(newstate);
+    let listener_key = (u32::from(family) << 16) | u32::from(sport);
+    if by_owner {
         owner_pid = pid;
+        if newstate == tcp_state::LISTEN {
+            let _ = LISTENERS.insert(&listener_key, &pid, 0);
+        }
+    } else if oldstate == tcp_state::LISTEN {
+        if newstate == tcp_state::SYN_RECV {
+            // A connection cloned from a listener belongs to the listener's process.
+            // SAFETY: plain u32 value from a successful lookup.
+            if let Some(listener) = unsafe { LISTENERS.get(&listener_key) } {
+                owner_pid = *listener;
+            }
+        } else if newstate == tcp_state::CLOSE {
+            let _ = LISTENERS.remove(&listener_key);
+        }
     }
     if newstate == tcp_state::CLOSE {
         let _ = SOCKETS.remove(&skaddr);
@@ -175,6 +210,17 @@ fn handle(args: &Args) {
         }
         return;
     };
+    let facts = if newstate == tcp_state::CLOSE {
+        read_facts(skaddr)
+    } else {
+        TcpFacts::default()
+    };
+    let cgroup_id = if by_owner {
+        // SAFETY: helper without arguments, always callable from tracepoints.
+        unsafe { bpf_get_current_cgroup_id() }
+    } else {
+        0
+    };
     let event = entry.as_mut_ptr();
     // SAFETY: `event` points at a reserved, exclusively owned Event-sized slot;
     // every field is written before submit.
@@ -182,6 +228,8 @@ fn handle(args: &Args) {
         (*event).skaddr = skaddr;
         (*event).ts_ns = now;
         (*event).delta_ns = delta_ns;
+        (*event).cgroup_id = cgroup_id;
+        (*event).facts = facts;
         if family == otel_tcpstates_common::AF_INET {
             (*event).saddr = address(Some(load(&args.saddr)), [0; 2]);
             (*event).daddr = address(Some(load(&args.daddr)), [0; 2]);
@@ -208,6 +256,30 @@ fn handle(args: &Args) {
         BPF_RB_NO_WAKEUP
     };
     entry.submit(flags as u64);
+}
+
+/// Reads one field of the socket's `struct tcp_sock` (the tracepoint's `struct sock`
+/// is its first member) at an offset userspace resolved from BTF.
+#[inline(always)]
+fn read_field<T: Default>(skaddr: u64, offset: u32) -> T {
+    // SAFETY: bpf_probe_read_kernel checks the address; a failed read gives 0.
+    unsafe { bpf_probe_read_kernel((skaddr + u64::from(offset)) as *const T) }.unwrap_or_default()
+}
+
+#[inline(always)]
+fn read_facts(skaddr: u64) -> TcpFacts {
+    let offsets = TCP_OFFSETS.load();
+    if offsets.enabled == 0 {
+        return TcpFacts::default();
+    }
+    TcpFacts {
+        bytes_acked: read_field(skaddr, offsets.bytes_acked),
+        bytes_received: read_field(skaddr, offsets.bytes_received),
+        srtt_us_x8: read_field(skaddr, offsets.srtt_us),
+        total_retrans: read_field(skaddr, offsets.total_retrans),
+        segs_in: read_field(skaddr, offsets.segs_in),
+        segs_out: read_field(skaddr, offsets.segs_out),
+    }
 }
 
 #[cfg(not(test))]

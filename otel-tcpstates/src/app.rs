@@ -10,13 +10,15 @@ use tokio::signal::unix::{SignalKind, signal};
 
 use crate::{
     cli::Cli,
-    clock::WallClock,
+    clock::{self, WallClock},
     event::TcpEvent,
     export::{self, Protocol},
-    loader::{Filters, Probe},
-    output::text::{Layout, TextWriter},
+    loader::{self, Filters, Probe},
+    output::{Layout, life::LifeWriter, text::TextWriter},
     preflight,
     reader::EventReader,
+    sessions::{EndReason, SessionTable},
+    spans::MapperOptions,
     traces::Traces,
 };
 
@@ -26,28 +28,66 @@ const LOST_ADVICE: &str = "raise --ring-buffer-mib or lower --poll-ms";
 /// How often the kernel-to-wall-clock offset is measured again (NTP may step it).
 const CLOCK_RESYNC_EVERY: Duration = Duration::from_secs(60);
 
-/// Where events go: the text output, the trace pipeline, or both.
+type Stdout = BufWriter<StdoutLock<'static>>;
+
+/// Where events go: tcpstates lines, or the session table, whose updates feed
+/// tcplife lines and/or traces.
 struct Sinks {
-    text: Option<TextWriter<BufWriter<StdoutLock<'static>>>>,
+    text: Option<TextWriter<Stdout>>,
+    table: Option<SessionTable>,
+    life: Option<LifeWriter<Stdout>>,
     traces: Option<Traces>,
 }
 
 impl Sinks {
     fn event(&mut self, event: &TcpEvent) -> io::Result<()> {
-        if let Some(traces) = &mut self.traces {
-            traces.apply(event);
+        let Self {
+            text,
+            table,
+            life,
+            traces,
+        } = self;
+        if let Some(text) = text {
+            text.event(event)?;
         }
-        match &mut self.text {
-            Some(text) => text.event(event),
-            None => Ok(()),
+        let Some(table) = table else {
+            return Ok(());
+        };
+        if let Some(traces) = traces {
+            traces.observe(event);
         }
+        let mut written = Ok(());
+        table.apply(event, &mut |update| {
+            if let Some(traces) = traces {
+                traces.send(&update);
+            }
+            if let Some(life) = life
+                && written.is_ok()
+            {
+                written = life.update(&update);
+            }
+        });
+        written
+    }
+
+    fn header(&mut self) -> io::Result<()> {
+        if let Some(text) = &mut self.text {
+            text.header()?;
+        }
+        if let Some(life) = &mut self.life {
+            life.header()?;
+        }
+        self.flush()
     }
 
     fn flush(&mut self) -> io::Result<()> {
-        match &mut self.text {
-            Some(text) => text.flush(),
-            None => Ok(()),
+        if let Some(text) = &mut self.text {
+            text.flush()?;
         }
+        if let Some(life) = &mut self.life {
+            life.flush()?;
+        }
+        Ok(())
     }
 }
 
@@ -73,28 +113,40 @@ pub async fn run(cli: Cli) -> Result<()> {
     let mut sigterm = signal(SignalKind::terminate()).context("installing SIGTERM handler")?;
 
     let clock = WallClock::measure();
+    let offsets = loader::tcp_offsets();
     let traces = match &export {
-        Some(settings) => Some(Traces::start(settings, cli.max_sockets, clock)?),
+        Some(settings) => {
+            let options = MapperOptions {
+                service_per_process: cli.service_per_process,
+                facts: offsets.enabled != 0,
+            };
+            Some(Traces::start(settings, clock, options)?)
+        }
         None => None,
     };
-    let (probe, ring) = Probe::load(&filters, cli.ring_buffer_mib << 20, cli.max_sockets)?;
+    let (probe, ring) = Probe::load(
+        &filters,
+        &offsets,
+        cli.ring_buffer_mib << 20,
+        cli.max_sockets,
+    )?;
     let mut reader = EventReader::new(ring, Duration::from_millis(cli.poll_ms))
         .context("watching the ring buffer")?;
 
-    let text = (export.is_none() || cli.print).then(|| {
-        let layout = Layout {
-            time: cli.time,
-            timestamp: cli.timestamp,
-            wide: cli.wide,
-            csv: cli.csv,
-        };
-        TextWriter::new(
-            layout,
-            clock,
-            BufWriter::with_capacity(64 << 10, io::stdout().lock()),
-        )
-    });
-    let mut sinks = Sinks { text, traces };
+    let layout = Layout {
+        time: cli.time,
+        timestamp: cli.timestamp,
+        wide: cli.wide,
+        csv: cli.csv,
+    };
+    let printing = export.is_none() || cli.print;
+    let stdout = || BufWriter::with_capacity(64 << 10, io::stdout().lock());
+    let mut sinks = Sinks {
+        text: (printing && !cli.life).then(|| TextWriter::new(layout, clock, stdout())),
+        life: (printing && cli.life).then(|| LifeWriter::new(layout, clock, stdout())),
+        table: (traces.is_some() || cli.life).then(|| SessionTable::new(cli.max_sockets)),
+        traces,
+    };
     // Logged once attached, like the header below.
     if let Some(settings) = &export {
         tracing::info!(
@@ -105,9 +157,7 @@ pub async fn run(cli: Cli) -> Result<()> {
     }
     // The header appears only once the program is attached: a consumer that waits
     // for it knows every later transition will be seen.
-    if let Some(text) = &mut sinks.text
-        && let Err(err) = text.header().and_then(|()| text.flush())
-    {
+    if let Err(err) = sinks.header() {
         return quiet_on_broken_pipe(err);
     }
 
@@ -164,8 +214,18 @@ pub async fn run(cli: Cli) -> Result<()> {
     if reader.malformed > 0 {
         tracing::warn!("{} malformed event records skipped", reader.malformed);
     }
-    if let Some(traces) = sinks.traces.take() {
-        let (summary, flushed) = traces.shutdown(Duration::from_secs(cli.shutdown_timeout));
+    if let (Some(traces), Some(mut table)) = (sinks.traces.take(), sinks.table.take()) {
+        let in_flight = table.len();
+        table.end_all(
+            clock::monotonic_now_ns(),
+            EndReason::Shutdown,
+            &mut |update| traces.send(&update),
+        );
+        let (summary, flushed) = traces.shutdown(
+            Duration::from_secs(cli.shutdown_timeout),
+            table.stats(),
+            in_flight,
+        );
         tracing::info!(
             "{} sockets traced ({} evicted, {} open at exit), {} spans: {} exported, {} failed, {} not sent",
             summary.sessions,

@@ -73,6 +73,15 @@ pub struct Cli {
     #[arg(long = "trace-self")]
     pub trace_self: bool,
 
+    /// tcplife mode: one line per closed connection (owner, bytes each way, lifespan)
+    #[arg(long = "life")]
+    pub life: bool,
+
+    /// Export each owning process's sockets under its own service.name (its command
+    /// name) instead of otel-tcpstates
+    #[arg(long = "service-per-process")]
+    pub service_per_process: bool,
+
     /// Print the text output too when exporting spans
     #[arg(long = "print")]
     pub print: bool,

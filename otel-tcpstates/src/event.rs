@@ -5,6 +5,7 @@ use std::{
     net::{IpAddr, Ipv4Addr, Ipv6Addr},
 };
 
+pub use otel_tcpstates_common::TcpFacts;
 use otel_tcpstates_common::{AF_INET, AF_INET6, Event, TASK_COMM_LEN, tcp_state};
 
 /// A TCP state number from include/net/tcp_states.h.
@@ -53,6 +54,10 @@ pub struct TcpEvent {
     pub ts_ns: u64,
     /// Nanoseconds spent in `oldstate`, measured in the kernel (0 if unknown).
     pub delta_ns: u64,
+    /// cgroup v2 id of the task, on transitions made by the socket's owner (else 0).
+    pub cgroup_id: u64,
+    /// On CLOSE: bytes, RTT, retransmits, segments (zero without BTF).
+    pub facts: TcpFacts,
     pub local_addr: IpAddr,
     pub local_port: u16,
     pub remote_addr: IpAddr,
@@ -104,6 +109,8 @@ pub fn decode(record: &[u8]) -> Result<TcpEvent, DecodeError> {
         skaddr: raw.skaddr,
         ts_ns: raw.ts_ns,
         delta_ns: raw.delta_ns,
+        cgroup_id: raw.cgroup_id,
+        facts: raw.facts,
         local_addr,
         local_port: raw.sport,
         remote_addr,
@@ -142,6 +149,8 @@ pub(crate) mod tests {
             skaddr: 0xffff_9fd7_e819_2000,
             ts_ns: 5_000_000_123,
             delta_ns: 1_234_567,
+            cgroup_id: 0,
+            facts: TcpFacts::default(),
             saddr,
             daddr,
             pid: 22384,

@@ -1,6 +1,7 @@
 //! OTLP export: where to send (flags and the standard `OTEL_*` variables), the
 //! resource, and a batch processor with a bounded queue that counts what it sends.
 use std::{
+    collections::{BTreeMap, HashMap},
     env,
     sync::{
         Arc,
@@ -20,7 +21,7 @@ use opentelemetry_sdk::{
 };
 use url::Url;
 
-use crate::cli::UsageError;
+use crate::{cli::UsageError, spans::attr::SERVICE_ROUTE};
 
 const DEFAULT_SERVICE_NAME: &str = "otel-tcpstates";
 
@@ -175,20 +176,72 @@ pub struct Counters {
     pub failed: AtomicU64,
 }
 
-/// Wraps the OTLP exporter to count outcomes and say, once, when export starts
-/// failing and when it recovers.
+/// Wraps the OTLP exporter to count outcomes, to say once when export starts failing
+/// and when it recovers, and, with `--service-per-process`, to send each process's
+/// spans under its own `service.name`.
 #[derive(Debug)]
 struct Counting<E> {
-    inner: E,
+    // A lock, because switching the resource takes `&mut`; the batch processor
+    // exports one batch at a time, so it is never contended.
+    inner: tokio::sync::Mutex<E>,
     counters: Arc<Counters>,
     failing: AtomicBool,
     endpoint: String,
+    /// Set with `--service-per-process`: the base resource to derive from.
+    per_process: Option<Resource>,
+    /// Resources per service name, built once each.
+    resources: std::sync::Mutex<HashMap<Option<String>, Resource>>,
+}
+
+/// Takes the service route attribute out of each span and groups spans by it.
+fn by_service(batch: Vec<SpanData>) -> BTreeMap<Option<String>, Vec<SpanData>> {
+    let mut groups: BTreeMap<Option<String>, Vec<SpanData>> = BTreeMap::new();
+    for mut span in batch {
+        let service = span
+            .attributes
+            .iter()
+            .position(|kv| kv.key.as_str() == SERVICE_ROUTE)
+            .map(|at| span.attributes.swap_remove(at).value.to_string());
+        groups.entry(service).or_default().push(span);
+    }
+    groups
+}
+
+impl<E: SpanExporter> Counting<E> {
+    fn resource_for(&self, base: &Resource, service: &Option<String>) -> Resource {
+        let mut resources = self.resources.lock().unwrap_or_else(|e| e.into_inner());
+        resources
+            .entry(service.clone())
+            .or_insert_with(|| match service {
+                Some(name) => Resource::builder_empty()
+                    .with_attributes(base.iter().map(kv))
+                    .with_service_name(name.clone())
+                    .build(),
+                None => base.clone(),
+            })
+            .clone()
+    }
+
+    async fn export_all(&self, batch: Vec<SpanData>) -> OTelSdkResult {
+        let mut inner = self.inner.lock().await;
+        let Some(base) = &self.per_process else {
+            return inner.export(batch).await;
+        };
+        let mut result = Ok(());
+        for (service, spans) in by_service(batch) {
+            inner.set_resource(&self.resource_for(base, &service));
+            if let Err(err) = inner.export(spans).await {
+                result = Err(err);
+            }
+        }
+        result
+    }
 }
 
 impl<E: SpanExporter> SpanExporter for Counting<E> {
     async fn export(&self, batch: Vec<SpanData>) -> OTelSdkResult {
         let spans = batch.len() as u64;
-        let result = self.inner.export(batch).await;
+        let result = self.export_all(batch).await;
         match &result {
             Ok(()) => {
                 self.counters.exported.fetch_add(spans, Ordering::Relaxed);
@@ -210,15 +263,22 @@ impl<E: SpanExporter> SpanExporter for Counting<E> {
     }
 
     fn shutdown_with_timeout(&self, timeout: Duration) -> OTelSdkResult {
-        self.inner.shutdown_with_timeout(timeout)
+        match self.inner.try_lock() {
+            Ok(inner) => inner.shutdown_with_timeout(timeout),
+            // An export is still running (the collector hangs): nothing to wait for.
+            Err(_) => Ok(()),
+        }
     }
 
     fn force_flush(&self) -> OTelSdkResult {
-        self.inner.force_flush()
+        match self.inner.try_lock() {
+            Ok(inner) => inner.force_flush(),
+            Err(_) => Ok(()),
+        }
     }
 
     fn set_resource(&mut self, resource: &Resource) {
-        self.inner.set_resource(resource);
+        self.inner.get_mut().set_resource(resource);
     }
 }
 
@@ -230,7 +290,11 @@ pub struct Exporter {
 impl Exporter {
     /// Builds the OTLP exporter and its batch processor. Must run inside the tokio
     /// runtime: the gRPC channel's worker is spawned on it.
-    pub fn start(settings: &Settings, resource: &Resource) -> Result<Self> {
+    pub fn start(
+        settings: &Settings,
+        resource: &Resource,
+        service_per_process: bool,
+    ) -> Result<Self> {
         // Without a flag the exporter reads OTEL_EXPORTER_OTLP_[TRACES_]ENDPOINT itself.
         fn endpoint<B: WithExportConfig>(builder: B, settings: &Settings) -> B {
             match &settings.flag_endpoint {
@@ -260,10 +324,12 @@ impl Exporter {
         })?;
         let counters = Arc::new(Counters::default());
         let exporter = Counting {
-            inner: exporter,
+            inner: tokio::sync::Mutex::new(exporter),
             counters: Arc::clone(&counters),
             failing: AtomicBool::new(false),
             endpoint: settings.endpoint.clone(),
+            per_process: service_per_process.then(|| resource.clone()),
+            resources: std::sync::Mutex::new(HashMap::new()),
         };
         // The SDK reads OTEL_BSP_*; where unset, favour a deeper queue (bursts of
         // connection churn) and a shorter delay than the SDK's defaults.
@@ -307,6 +373,41 @@ impl Exporter {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn spans_are_grouped_by_service_and_the_route_is_removed() {
+        use opentelemetry::trace::{SpanContext, SpanId, SpanKind, Status};
+        let span = |service: Option<&str>| SpanData {
+            span_context: SpanContext::empty_context(),
+            parent_span_id: SpanId::INVALID,
+            parent_span_is_remote: false,
+            span_kind: SpanKind::Internal,
+            name: "ESTABLISHED".into(),
+            start_time: std::time::SystemTime::UNIX_EPOCH,
+            end_time: std::time::SystemTime::UNIX_EPOCH,
+            attributes: [KeyValue::new("network.transport", "tcp")]
+                .into_iter()
+                .chain(service.map(|s| KeyValue::new(SERVICE_ROUTE, s.to_owned())))
+                .collect(),
+            dropped_attributes_count: 0,
+            events: Default::default(),
+            links: Default::default(),
+            status: Status::Unset,
+            instrumentation_scope: Default::default(),
+        };
+        let groups = by_service(vec![
+            span(Some("curl")),
+            span(None),
+            span(Some("curl")),
+            span(Some("nginx")),
+        ]);
+        let sizes: Vec<(Option<&str>, usize)> = groups
+            .iter()
+            .map(|(k, v)| (k.as_deref(), v.len()))
+            .collect();
+        assert_eq!(sizes, [(None, 1), (Some("curl"), 2), (Some("nginx"), 1)]);
+        assert!(groups.values().flatten().all(|s| s.attributes.len() == 1));
+    }
 
     fn resolve(
         endpoint: Option<&str>,

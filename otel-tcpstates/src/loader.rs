@@ -9,10 +9,15 @@ use aya::{
     programs::TracePoint,
 };
 use otel_tcpstates_common::{
-    AF_INET, AF_INET6, Config, DEFAULT_SOCKET_MAP_ENTRIES, PORT_BITMAP_WORDS, names,
+    AF_INET, AF_INET6, Config, DEFAULT_SOCKET_MAP_ENTRIES, PORT_BITMAP_WORDS, TcpOffsets, names,
 };
 
-use crate::cli::PortSet;
+use crate::{
+    btf::{self, Btf},
+    cli::PortSet,
+};
+
+const KERNEL_BTF: &str = "/sys/kernel/btf/vmlinux";
 
 /// The compiled eBPF object, built by build.rs.
 static PROGRAM: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/otel-tcpstates"));
@@ -44,6 +49,47 @@ fn bitmap(ports: Option<&PortSet>) -> [u64; PORT_BITMAP_WORDS] {
     words
 }
 
+/// Where `struct tcp_sock` keeps the facts read at CLOSE, from the kernel's BTF. Without
+/// BTF (or with an unexpected layout) says so once and returns offsets that leave the
+/// facts out: tracing works without them.
+pub fn tcp_offsets() -> TcpOffsets {
+    match tcp_offsets_from(std::path::Path::new(KERNEL_BTF)) {
+        Ok(offsets) => offsets,
+        Err(err) => {
+            tracing::warn!(
+                "bytes, RTT and retransmits will be missing: {err} (needs a kernel with CONFIG_DEBUG_INFO_BTF)"
+            );
+            TcpOffsets::default()
+        }
+    }
+}
+
+fn tcp_offsets_from(path: &std::path::Path) -> Result<TcpOffsets, btf::BtfError> {
+    let btf = Btf::from_file(path)?;
+    // Each read in the kernel is exactly this wide; refuse any other layout.
+    let field = |name: &str, size: u32| -> Result<u32, btf::BtfError> {
+        let field = btf.field("tcp_sock", name)?;
+        if field.size == size {
+            Ok(field.offset)
+        } else {
+            Err(btf::BtfError::Malformed(format!(
+                "tcp_sock.{name} is {} bytes, expected {size}",
+                field.size
+            )))
+        }
+    };
+    Ok(TcpOffsets {
+        enabled: 1,
+        bytes_acked: field("bytes_acked", 8)?,
+        bytes_received: field("bytes_received", 8)?,
+        srtt_us: field("srtt_us", 4)?,
+        total_retrans: field("total_retrans", 4)?,
+        segs_in: field("segs_in", 4)?,
+        segs_out: field("segs_out", 4)?,
+        _pad: 0,
+    })
+}
+
 fn socket_map_entries(max_sockets: NonZeroUsize) -> u32 {
     u32::try_from(max_sockets.get())
         .unwrap_or(u32::MAX)
@@ -55,6 +101,7 @@ impl Probe {
     /// The kernel remembers at least `max_sockets` sockets' current state.
     pub fn load(
         filters: &Filters,
+        offsets: &TcpOffsets,
         ring_buffer_bytes: u32,
         max_sockets: NonZeroUsize,
     ) -> Result<(Self, RingBuf<MapData>)> {
@@ -78,6 +125,7 @@ impl Probe {
             .override_global(names::LOCAL_PORTS, &local, true)
             .override_global(names::REMOTE_PORTS, &remote, true)
             .override_global(names::WAKEUP_BYTES, &wakeup_bytes, true)
+            .override_global(names::TCP_OFFSETS, offsets, true)
             .map_max_entries(names::EVENTS, ring_buffer_bytes)
             .map_max_entries(names::SOCKETS, socket_map_entries(max_sockets))
             .load(PROGRAM)
@@ -121,6 +169,19 @@ impl Probe {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn tcp_sock_offsets_resolve_on_this_kernel() {
+        let path = std::path::Path::new(KERNEL_BTF);
+        if !path.exists() {
+            eprintln!("skipping: no {KERNEL_BTF}");
+            return;
+        }
+        let offsets = tcp_offsets_from(path).unwrap();
+        assert_eq!(offsets.enabled, 1);
+        let err = tcp_offsets_from(std::path::Path::new("/nonexistent/vmlinux")).unwrap_err();
+        assert!(err.to_string().contains("/nonexistent/vmlinux"), "{err}");
+    }
 
     #[test]
     fn port_bitmap_sets_exactly_the_given_ports() {

@@ -1,7 +1,9 @@
 //! otel-tcpstates: every TCP socket's state changes, from the kernel.
 mod app;
+mod btf;
 mod cli;
 mod clock;
+mod container;
 mod event;
 mod export;
 mod loader;

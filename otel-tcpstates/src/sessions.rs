@@ -2,12 +2,12 @@
 //! to its CLOSE, and reports each state it left and each session that ended.
 //!
 //! It knows nothing of OpenTelemetry; `spans` turns what it reports into spans.
-use std::{net::IpAddr, num::NonZeroUsize};
+use std::{collections::HashMap, net::IpAddr, num::NonZeroUsize};
 
 use lru::LruCache;
 use otel_tcpstates_common::tcp_state;
 
-use crate::event::{Comm, TcpEvent, TcpState};
+use crate::event::{Comm, TcpEvent, TcpFacts, TcpState};
 
 /// How the socket came to be, as far as its first seen transition tells.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -78,6 +78,8 @@ impl EndReason {
 pub struct Owner {
     pub pid: u32,
     pub comm: Comm,
+    /// cgroup v2 id of the owner when it acted (its container, if any).
+    pub cgroup_id: u64,
 }
 
 /// One socket's life so far.
@@ -101,6 +103,12 @@ pub struct Session {
     pub state_since_ns: Option<u64>,
     /// State spans reported so far: numbers the next one.
     pub states_ended: u32,
+    /// Read from the kernel at CLOSE.
+    pub facts: Option<TcpFacts>,
+    /// Task on the CPU at the latest transition (the owner, for tcplife, when no
+    /// system call on the socket was seen).
+    pub last_pid: u32,
+    pub last_comm: Comm,
 }
 
 impl Session {
@@ -144,6 +152,9 @@ pub struct TableStats {
 
 pub struct SessionTable {
     sessions: LruCache<u64, Session>,
+    /// (IPv4?, port) → owner of the socket listening there: accepted sockets
+    /// belong to it until their own owner acts on them.
+    listeners: HashMap<(bool, u16), Owner>,
     stats: TableStats,
 }
 
@@ -167,6 +178,7 @@ impl SessionTable {
     pub fn new(capacity: NonZeroUsize) -> Self {
         Self {
             sessions: LruCache::new(capacity),
+            listeners: HashMap::new(),
             stats: TableStats::default(),
         }
     }
@@ -226,11 +238,23 @@ impl SessionTable {
             out(Update::StateEnded(session, ended));
         }
         update_endpoints(session, event);
+        session.last_pid = event.pid;
+        session.last_comm = event.comm;
         if tcp_state::entered_by_owner(event.newstate.0) {
-            session.owner = Some(Owner {
+            let owner = Owner {
                 pid: event.pid,
                 comm: event.comm,
-            });
+                cgroup_id: event.cgroup_id,
+            };
+            session.owner = Some(owner);
+            if event.newstate.0 == tcp_state::LISTEN {
+                self.listeners
+                    .insert((event.local_addr.is_ipv4(), event.local_port), owner);
+            }
+        }
+        if event.oldstate.0 == tcp_state::LISTEN && event.newstate.0 == tcp_state::CLOSE {
+            self.listeners
+                .remove(&(event.local_addr.is_ipv4(), event.local_port));
         }
         let failure = Failure::of(event.oldstate, event.newstate);
         if failure.is_some() {
@@ -253,6 +277,7 @@ impl SessionTable {
         }
 
         if event.newstate.0 == tcp_state::CLOSE {
+            session.facts = Some(event.facts);
             if let Some(done) = self.sessions.pop(&event.skaddr) {
                 self.stats.closed += 1;
                 out(Update::SessionEnded(&done, event.ts_ns, EndReason::Closed));
@@ -276,8 +301,18 @@ impl SessionTable {
             local_port: event.local_port,
             remote_addr: event.remote_addr,
             remote_port: event.remote_port,
-            owner: None,
+            // An accepted socket starts out owned by its listener's process.
+            owner: (event.oldstate.0 == tcp_state::LISTEN)
+                .then(|| {
+                    self.listeners
+                        .get(&(event.local_addr.is_ipv4(), event.local_port))
+                        .copied()
+                })
+                .flatten(),
             failure: None,
+            facts: None,
+            last_pid: event.pid,
+            last_comm: event.comm,
             state: event.oldstate,
             state_since_ns: known.then_some(event.ts_ns.saturating_sub(event.delta_ns)),
             states_ended: 0,
@@ -352,13 +387,30 @@ pub(crate) mod tests {
     pub(crate) fn ev(sk: u64, ts: u64, delta: u64, old: u8, new: u8, lport: u16) -> TcpEvent {
         let mut comm = [0u8; 16];
         comm[..4].copy_from_slice(b"test");
+        ev_as(sk, ts, delta, old, new, lport, 4242, comm)
+    }
+
+    /// [`ev`] made by task `pid` named `comm`.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn ev_as(
+        sk: u64,
+        ts: u64,
+        delta: u64,
+        old: u8,
+        new: u8,
+        lport: u16,
+        pid: u32,
+        comm: [u8; 16],
+    ) -> TcpEvent {
         let raw = otel_tcpstates_common::Event {
             skaddr: sk,
             ts_ns: ts,
             delta_ns: delta,
+            cgroup_id: 0,
+            facts: Default::default(),
             saddr: [127, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0],
             daddr: [127, 0, 0, 2, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0],
-            pid: 4242,
+            pid,
             owner_pid: 0,
             comm,
             sport: lport,
@@ -475,6 +527,67 @@ pub(crate) mod tests {
             ],
         );
         assert_eq!(refused[0].failure, Some(Failure::ConnectFailed));
+    }
+
+    #[test]
+    fn accepted_sockets_belong_to_their_listener_until_their_owner_acts() {
+        let mut t = table(16);
+        let named = |name: &[u8]| {
+            let mut comm = [0u8; 16];
+            comm[..name.len()].copy_from_slice(name);
+            comm
+        };
+        let (_, sessions) = run(
+            &mut t,
+            &[
+                ev_as(1, 10, 0, CLOSE, LISTEN, 8080, 100, named(b"nginx")),
+                // Cloned in softirq, on whatever task was running.
+                ev_as(2, 20, 0, LISTEN, SYN_RECV, 8080, 0, named(b"swapper/0")),
+                ev_as(
+                    2,
+                    30,
+                    10,
+                    SYN_RECV,
+                    ESTABLISHED,
+                    8080,
+                    0,
+                    named(b"swapper/0"),
+                ),
+                ev_as(3, 40, 0, LISTEN, SYN_RECV, 8080, 0, named(b"swapper/1")),
+                ev_as(3, 50, 10, SYN_RECV, CLOSE, 8080, 0, named(b"swapper/1")),
+                // A worker process closes the first connection.
+                ev_as(
+                    2,
+                    60,
+                    30,
+                    ESTABLISHED,
+                    FIN_WAIT1,
+                    8080,
+                    101,
+                    named(b"worker"),
+                ),
+                ev_as(2, 70, 10, FIN_WAIT1, CLOSE, 8080, 0, named(b"swapper/0")),
+                ev_as(1, 80, 70, LISTEN, CLOSE, 8080, 100, named(b"nginx")),
+            ],
+        );
+        let owner = |s: &Session| s.owner.map(|o| (o.pid, o.comm.to_string()));
+        assert_eq!(
+            owner(&sessions[0]),
+            Some((100, "nginx".into())),
+            "inherited"
+        );
+        assert_eq!(owner(&sessions[1]), Some((101, "worker".into())), "its own");
+        assert_eq!(
+            owner(&sessions[2]),
+            Some((100, "nginx".into())),
+            "the listener"
+        );
+        assert_eq!(
+            sessions[1].facts,
+            Some(TcpFacts::default()),
+            "read at CLOSE"
+        );
+        assert!(t.listeners.is_empty(), "forgotten at the listener's CLOSE");
     }
 
     #[test]

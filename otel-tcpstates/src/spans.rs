@@ -14,6 +14,8 @@ use opentelemetry_sdk::trace::{SpanData, SpanEvents, SpanLinks};
 
 use crate::{
     clock::WallClock,
+    container::ContainerResolver,
+    event::TcpEvent,
     sessions::{EndReason, Failure, Role, Session, StateEnded},
 };
 
@@ -33,6 +35,16 @@ pub mod attr {
     pub const SERVER_PORT: &str = "server.port";
     pub const PROCESS_PID: &str = "process.pid";
     pub const PROCESS_EXECUTABLE_NAME: &str = "process.executable.name";
+    pub const CONTAINER_ID: &str = "container.id";
+
+    /// Connection facts read from the kernel's `struct tcp_sock` at CLOSE (root only),
+    /// named after the kernel fields and tcplife's columns.
+    pub const TX_BYTES: &str = "tcpstates.tx_bytes";
+    pub const RX_BYTES: &str = "tcpstates.rx_bytes";
+    pub const SRTT_US: &str = "tcpstates.srtt_us";
+    pub const TOTAL_RETRANS: &str = "tcpstates.total_retrans";
+    pub const SEGS_IN: &str = "tcpstates.segs_in";
+    pub const SEGS_OUT: &str = "tcpstates.segs_out";
 
     /// Kernel address of the socket, hex (what tcpstates prints as SKADDR).
     pub const SKADDR: &str = "tcpstates.skaddr";
@@ -49,6 +61,20 @@ pub mod attr {
     /// C-COMM); in softirq context, whichever task was interrupted.
     pub const TRANSITION_PID: &str = "tcpstates.transition.pid";
     pub const TRANSITION_COMM: &str = "tcpstates.transition.comm";
+
+    /// Carries the owning process's name to the exporter with
+    /// `--service-per-process`; removed there, never exported.
+    pub const SERVICE_ROUTE: &str = "otel_tcpstates.internal.service";
+}
+
+/// How spans are built.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct MapperOptions {
+    /// Tag spans with their owner's process name so the exporter can use it as the
+    /// service name.
+    pub service_per_process: bool,
+    /// The kernel reads bytes, RTT and retransmits at CLOSE (BTF was available).
+    pub facts: bool,
 }
 
 /// Builds span data from session table updates.
@@ -58,16 +84,28 @@ pub struct SpanMapper {
     /// per run, nothing to store per session.
     ids: RandomState,
     scope: InstrumentationScope,
+    options: MapperOptions,
+    containers: ContainerResolver,
 }
 
 impl SpanMapper {
-    pub fn new(clock: WallClock) -> Self {
+    pub fn new(clock: WallClock, options: MapperOptions) -> Self {
         Self {
             clock,
+            options,
+            containers: ContainerResolver::new(),
             ids: RandomState::new(),
             scope: InstrumentationScope::builder(env!("CARGO_PKG_NAME"))
                 .with_version(env!("CARGO_PKG_VERSION"))
                 .build(),
+        }
+    }
+
+    /// Looks at an event before the session table does: a transition made by the
+    /// socket's owner is the moment to find its container, while it surely lives.
+    pub fn observe(&mut self, event: &TcpEvent) {
+        if event.cgroup_id != 0 {
+            self.containers.resolve(event.pid, event.cgroup_id);
         }
     }
 
@@ -112,6 +150,7 @@ impl SpanMapper {
         if let Some(reason) = ended.cut_short {
             attributes.push(KeyValue::new(attr::END_REASON, reason.as_str()));
         }
+        self.route(session, &mut attributes);
         SpanData {
             span_context: self.context(session, Some(ended.index)),
             parent_span_id: self.span_id(session, None),
@@ -154,7 +193,22 @@ impl SpanMapper {
                 attr::PROCESS_EXECUTABLE_NAME,
                 owner.comm.to_string(),
             ));
+            if let Some(id) = self.containers.cached(owner.pid, owner.cgroup_id) {
+                attributes.push(KeyValue::new(attr::CONTAINER_ID, id));
+            }
         }
+        if let Some(facts) = session.facts.filter(|_| self.options.facts) {
+            let int = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
+            attributes.extend([
+                KeyValue::new(attr::TX_BYTES, int(facts.bytes_acked)),
+                KeyValue::new(attr::RX_BYTES, int(facts.bytes_received)),
+                KeyValue::new(attr::SRTT_US, i64::from(facts.srtt_us_x8 >> 3)),
+                KeyValue::new(attr::TOTAL_RETRANS, i64::from(facts.total_retrans)),
+                KeyValue::new(attr::SEGS_IN, i64::from(facts.segs_in)),
+                KeyValue::new(attr::SEGS_OUT, i64::from(facts.segs_out)),
+            ]);
+        }
+        self.route(session, &mut attributes);
         attributes.push(KeyValue::new(attr::SKADDR, format!("{:x}", session.skaddr)));
         attributes.push(KeyValue::new(attr::ROLE, role_name(session.role)));
         attributes.push(KeyValue::new(attr::BEGIN_SEEN, session.begin_seen));
@@ -177,6 +231,16 @@ impl SpanMapper {
             links: SpanLinks::default(),
             status: status(session.failure),
             instrumentation_scope: self.scope.clone(),
+        }
+    }
+}
+
+impl SpanMapper {
+    fn route(&self, session: &Session, attributes: &mut Vec<KeyValue>) {
+        if self.options.service_per_process
+            && let Some(owner) = session.owner
+        {
+            attributes.push(KeyValue::new(attr::SERVICE_ROUTE, owner.comm.to_string()));
         }
     }
 }
@@ -233,7 +297,7 @@ mod tests {
     };
 
     fn spans(events: &[crate::event::TcpEvent]) -> Vec<SpanData> {
-        let mapper = SpanMapper::new(WallClock::measure());
+        let mapper = SpanMapper::new(WallClock::measure(), MapperOptions::default());
         let mut table = SessionTable::new(NonZeroUsize::new(16).unwrap());
         let mut out = Vec::new();
         for event in events {

@@ -1,19 +1,18 @@
-//! The trace pipeline: events through the session table, its updates mapped to
-//! spans, the spans handed to the exporter.
-use std::{num::NonZeroUsize, sync::atomic::Ordering, time::Duration};
+//! The trace pipeline's far end: session table updates mapped to spans, handed to
+//! the exporter.
+use std::{sync::atomic::Ordering, time::Duration};
 
 use anyhow::Result;
 
 use crate::{
-    clock::{self, WallClock},
+    clock::WallClock,
     event::TcpEvent,
     export::{self, Exporter, Settings},
-    sessions::{EndReason, SessionTable, Update},
-    spans::SpanMapper,
+    sessions::{TableStats, Update},
+    spans::{MapperOptions, SpanMapper},
 };
 
 pub struct Traces {
-    table: SessionTable,
     mapper: SpanMapper,
     exporter: Exporter,
 }
@@ -31,48 +30,46 @@ pub struct Summary {
 }
 
 impl Traces {
-    pub fn start(settings: &Settings, max_sockets: NonZeroUsize, clock: WallClock) -> Result<Self> {
-        let exporter = Exporter::start(settings, &export::resource())?;
+    pub fn start(settings: &Settings, clock: WallClock, options: MapperOptions) -> Result<Self> {
+        let exporter = Exporter::start(settings, &export::resource(), options.service_per_process)?;
         Ok(Self {
-            table: SessionTable::new(max_sockets),
-            mapper: SpanMapper::new(clock),
+            mapper: SpanMapper::new(clock, options),
             exporter,
         })
     }
 
-    pub fn apply(&mut self, event: &TcpEvent) {
-        let Self {
-            table,
-            mapper,
-            exporter,
-        } = self;
-        table.apply(event, &mut |update| send(mapper, exporter, update));
+    /// Sees each event before the session table does.
+    pub fn observe(&mut self, event: &TcpEvent) {
+        self.mapper.observe(event);
+    }
+
+    pub fn send(&self, update: &Update<'_>) {
+        let span = match *update {
+            Update::StateEnded(session, ref ended) => self.mapper.state_span(session, ended),
+            Update::SessionEnded(session, end_ns, reason) => {
+                self.mapper.root_span(session, end_ns, reason)
+            }
+        };
+        self.exporter.send(span);
     }
 
     pub fn resync_clock(&mut self) {
         self.mapper.resync_clock();
     }
 
-    /// Ends every session in flight as ended by shutdown, then flushes, waiting at
-    /// most `timeout` for the collector.
-    pub fn shutdown(mut self, timeout: Duration) -> (Summary, Result<()>) {
-        let Self {
-            table,
-            mapper,
-            exporter,
-        } = &mut self;
-        let in_flight = table.len();
-        table.end_all(
-            clock::monotonic_now_ns(),
-            EndReason::Shutdown,
-            &mut |update| send(mapper, exporter, update),
-        );
-        let flushed = exporter.shutdown(timeout);
-        let stats = table.stats();
-        let counters = exporter.counters();
+    /// Flushes, waiting at most `timeout` for the collector; the table's sessions
+    /// must have been ended (and sent) already.
+    pub fn shutdown(
+        self,
+        timeout: Duration,
+        table: TableStats,
+        in_flight: usize,
+    ) -> (Summary, Result<()>) {
+        let flushed = self.exporter.shutdown(timeout);
+        let counters = self.exporter.counters();
         let summary = Summary {
-            sessions: stats.started,
-            evicted: stats.evicted,
+            sessions: table.started,
+            evicted: table.evicted,
             in_flight,
             spans: counters.produced.load(Ordering::Relaxed),
             exported: counters.exported.load(Ordering::Relaxed),
@@ -80,12 +77,4 @@ impl Traces {
         };
         (summary, flushed)
     }
-}
-
-fn send(mapper: &SpanMapper, exporter: &Exporter, update: Update<'_>) {
-    let span = match update {
-        Update::StateEnded(session, ended) => mapper.state_span(session, &ended),
-        Update::SessionEnded(session, end_ns, reason) => mapper.root_span(session, end_ns, reason),
-    };
-    exporter.send(span);
 }

@@ -1,62 +1,28 @@
 //! bcc tcpstates' text output: the same columns, widths, header and CSV layout.
 use std::io::{self, Write};
 
-use chrono::{DateTime, Local};
-
+use super::{Layout, TimeColumns, write_csv_field};
 use crate::{clock::WallClock, event::TcpEvent};
-
-/// Which of tcpstates' layout flags are on.
-#[derive(Clone, Copy, Debug, Default)]
-pub struct Layout {
-    /// `-T`: HH:MM:SS column.
-    pub time: bool,
-    /// `-t`: seconds since the first event.
-    pub timestamp: bool,
-    /// `-w`: IP column, wider addresses and command.
-    pub wide: bool,
-    /// `-s`: comma-separated values.
-    pub csv: bool,
-}
 
 pub struct TextWriter<W: Write> {
     layout: Layout,
-    clock: WallClock,
+    times: TimeColumns,
     out: W,
-    first_ts_ns: Option<u64>,
 }
 
 impl<W: Write> TextWriter<W> {
     pub fn new(layout: Layout, clock: WallClock, out: W) -> Self {
         Self {
             layout,
-            clock,
+            times: TimeColumns::new(layout, clock),
             out,
-            first_ts_ns: None,
         }
     }
 
     pub fn header(&mut self) -> io::Result<()> {
-        let Layout {
-            time,
-            timestamp,
-            wide,
-            csv,
-        } = self.layout;
+        let Layout { wide, csv, .. } = self.layout;
         let out = &mut self.out;
-        if time {
-            if csv {
-                write!(out, "TIME,")?
-            } else {
-                write!(out, "{:<8} ", "TIME")?
-            }
-        }
-        if timestamp {
-            if csv {
-                write!(out, "TIME(s),")?
-            } else {
-                write!(out, "{:<9} ", "TIME(s)")?
-            }
-        }
+        self.times.header(out)?;
         if csv {
             writeln!(
                 out,
@@ -95,30 +61,8 @@ impl<W: Write> TextWriter<W> {
     }
 
     pub fn event(&mut self, event: &TcpEvent) -> io::Result<()> {
-        let Layout {
-            time,
-            timestamp,
-            wide,
-            csv,
-        } = self.layout;
-        if time {
-            let at: DateTime<Local> = self.clock.system_time(event.ts_ns).into();
-            let at = at.format("%H:%M:%S");
-            if csv {
-                write!(self.out, "{at},")?
-            } else {
-                write!(self.out, "{at:<8} ")?
-            }
-        }
-        if timestamp {
-            let first = *self.first_ts_ns.get_or_insert(event.ts_ns);
-            let secs = event.ts_ns.saturating_sub(first) as f64 / 1e9;
-            if csv {
-                write!(self.out, "{secs:.6},")?
-            } else {
-                write!(self.out, "{secs:<9.6} ")?
-            }
-        }
+        let Layout { wide, csv, .. } = self.layout;
+        self.times.write(&mut self.out, event.ts_ns)?;
         let ip = if event.is_ipv4() { 4 } else { 6 };
         let ms = event.delta_ns as f64 / 1e6;
         let e = event;
@@ -164,15 +108,6 @@ impl<W: Write> TextWriter<W> {
 
     pub fn flush(&mut self) -> io::Result<()> {
         self.out.flush()
-    }
-}
-
-/// Quotes a field only when it needs it (RFC 4180), so ordinary output matches bcc's.
-fn write_csv_field(out: &mut impl Write, field: &str) -> io::Result<()> {
-    if field.contains([',', '"', '\n', '\r']) {
-        write!(out, "\"{}\"", field.replace('"', "\"\""))
-    } else {
-        out.write_all(field.as_bytes())
     }
 }
 
