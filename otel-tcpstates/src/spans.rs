@@ -38,9 +38,10 @@ pub mod attr {
     pub const CONTAINER_ID: &str = "container.id";
 
     /// Connection facts read from the kernel's `struct tcp_sock` at CLOSE (root only),
-    /// named after the kernel fields and tcplife's columns.
-    pub const TX_BYTES: &str = "tcpstates.tx_bytes";
-    pub const RX_BYTES: &str = "tcpstates.rx_bytes";
+    /// named and counted as the kernel does (as `ss -i` and tcp_info show them): bytes
+    /// in sequence space, so an acknowledged SYN or FIN counts as one byte.
+    pub const BYTES_ACKED: &str = "tcpstates.bytes_acked";
+    pub const BYTES_RECEIVED: &str = "tcpstates.bytes_received";
     pub const SRTT_US: &str = "tcpstates.srtt_us";
     pub const TOTAL_RETRANS: &str = "tcpstates.total_retrans";
     pub const SEGS_IN: &str = "tcpstates.segs_in";
@@ -200,8 +201,8 @@ impl SpanMapper {
         if let Some(facts) = session.facts.filter(|_| self.options.facts) {
             let int = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
             attributes.extend([
-                KeyValue::new(attr::TX_BYTES, int(facts.bytes_acked)),
-                KeyValue::new(attr::RX_BYTES, int(facts.bytes_received)),
+                KeyValue::new(attr::BYTES_ACKED, int(facts.bytes_acked)),
+                KeyValue::new(attr::BYTES_RECEIVED, int(facts.bytes_received)),
                 KeyValue::new(attr::SRTT_US, i64::from(facts.srtt_us_x8 >> 3)),
                 KeyValue::new(attr::TOTAL_RETRANS, i64::from(facts.total_retrans)),
                 KeyValue::new(attr::SEGS_IN, i64::from(facts.segs_in)),
