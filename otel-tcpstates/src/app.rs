@@ -111,6 +111,7 @@ pub async fn run(cli: Cli) -> Result<()> {
     // program half attached.
     let mut sigint = signal(SignalKind::interrupt()).context("installing SIGINT handler")?;
     let mut sigterm = signal(SignalKind::terminate()).context("installing SIGTERM handler")?;
+    exit_watchdog(Duration::from_secs(cli.shutdown_timeout) + SHUTDOWN_GRACE)?;
 
     let clock = WallClock::measure();
     let offsets = loader::tcp_offsets();
@@ -162,7 +163,10 @@ pub async fn run(cli: Cli) -> Result<()> {
     }
 
     let mut lost_timer = tokio::time::interval(LOST_REPORT_EVERY);
-    let mut clock_timer = tokio::time::interval(CLOCK_RESYNC_EVERY);
+    let mut clock_timer = tokio::time::interval_at(
+        tokio::time::Instant::now() + CLOCK_RESYNC_EVERY,
+        CLOCK_RESYNC_EVERY,
+    );
     let mut lost_reported = 0;
     let mut broken_pipe = false;
     loop {
@@ -243,6 +247,31 @@ pub async fn run(cli: Cli) -> Result<()> {
         }
     }
     last.or_else(quiet_on_broken_pipe)
+}
+
+/// Beyond the flush timeout, what an orderly exit may take (draining, ending sessions).
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
+
+/// Makes sure a signal ends the process even if the main loop cannot: it may be stuck
+/// writing to a pipe nobody reads. A second signal, or the first one's deadline,
+/// exits at once.
+fn exit_watchdog(deadline: Duration) -> Result<()> {
+    let mut sigint = signal(SignalKind::interrupt()).context("installing SIGINT handler")?;
+    let mut sigterm = signal(SignalKind::terminate()).context("installing SIGTERM handler")?;
+    tokio::spawn(async move {
+        tokio::select! {
+            _ = sigint.recv() => {}
+            _ = sigterm.recv() => {}
+        }
+        let forced = tokio::select! {
+            _ = sigint.recv() => "a second signal",
+            _ = sigterm.recv() => "a second signal",
+            _ = tokio::time::sleep(deadline) => "the shutdown deadline",
+        };
+        eprintln!("otel-tcpstates: exiting now on {forced}, without a complete shutdown");
+        std::process::exit(1);
+    });
+    Ok(())
 }
 
 /// A reader that went away (`| head`) ends the trace quietly, as for other filters.

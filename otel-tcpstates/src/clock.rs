@@ -28,6 +28,11 @@ impl WallClock {
         }
     }
 
+    /// Whether two measurements disagree by more than `tolerance_ns`.
+    pub fn offset_differs(&self, other: &WallClock, tolerance_ns: i128) -> bool {
+        (self.offset_ns - other.offset_ns).abs() > tolerance_ns
+    }
+
     /// Nanoseconds since the Unix epoch for a kernel monotonic timestamp.
     pub fn unix_ns(&self, monotonic_ns: u64) -> i128 {
         i128::from(monotonic_ns) + self.offset_ns
@@ -47,6 +52,18 @@ pub fn monotonic_now_ns() -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn measurements_agree_within_noise() {
+        let (a, b) = (WallClock::measure(), WallClock::measure());
+        assert!(!a.offset_differs(&b, 1_000_000));
+        assert!(a.offset_differs(
+            &WallClock {
+                offset_ns: a.offset_ns + 2_000_000
+            },
+            1_000_000
+        ));
+    }
 
     #[test]
     fn monotonic_now_maps_to_wall_now() {

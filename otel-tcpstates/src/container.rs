@@ -1,14 +1,34 @@
-//! The container a process runs in, from its cgroup paths (`/proc/PID/cgroup`), as
-//! the 64-hex-digit id Docker, containerd, CRI-O and Podman give their containers.
-use std::{fs, num::NonZeroUsize};
+//! The container a process runs in, as the 64-hex-digit id Docker, containerd,
+//! CRI-O and Podman give their containers: from the path of its cgroup v2 (found by
+//! the cgroup id the kernel reports, so it works after the process exited), else from
+//! `/proc/PID/cgroup` (cgroup v1 hierarchies).
+use std::{
+    collections::HashMap,
+    fs,
+    num::NonZeroUsize,
+    os::unix::fs::MetadataExt as _,
+    path::{Path, PathBuf},
+    time::{Duration, Instant},
+};
 
 use lru::LruCache;
+
+/// Unknown cgroup ids trigger a new scan of the cgroup tree at most this often.
+const RESCAN_EVERY: Duration = Duration::from_secs(1);
+/// Bounds on a scan, for hosts with very large cgroup trees.
+const SCAN_MAX_DIRS: usize = 200_000;
+const SCAN_MAX_DEPTH: usize = 16;
 
 /// Remembers answers per (pid, cgroup id): reading /proc once per process, not per
 /// socket, and still right when a pid is reused in another cgroup.
 pub struct ContainerResolver {
     cache: LruCache<(u32, u64), Option<String>>,
     proc_root: String,
+    /// Where cgroup v2 is mounted, if it is.
+    cgroup2: Option<PathBuf>,
+    /// cgroup id (the directory's inode) → container id, from the last scan.
+    by_cgroup: HashMap<u64, Option<String>>,
+    last_scan: Option<Instant>,
 }
 
 impl ContainerResolver {
@@ -17,10 +37,31 @@ impl ContainerResolver {
     }
 
     fn with_proc_root(proc_root: &str) -> Self {
+        let cgroup2 = fs::read_to_string(format!("{proc_root}/self/mountinfo"))
+            .ok()
+            .and_then(|text| cgroup2_mount(&text));
         Self {
             cache: LruCache::new(NonZeroUsize::new(4096).expect("non-zero")),
             proc_root: proc_root.to_owned(),
+            cgroup2,
+            by_cgroup: HashMap::new(),
+            last_scan: None,
         }
+    }
+
+    /// The container of the cgroup v2 with this id, scanning the tree again if the id
+    /// is new (rate-limited).
+    fn by_cgroup_id(&mut self, cgroup_id: u64) -> Option<String> {
+        if let Some(known) = self.by_cgroup.get(&cgroup_id) {
+            return known.clone();
+        }
+        let root = self.cgroup2.clone()?;
+        if self.last_scan.is_some_and(|at| at.elapsed() < RESCAN_EVERY) {
+            return None;
+        }
+        self.last_scan = Some(Instant::now());
+        self.by_cgroup = scan(&root);
+        self.by_cgroup.get(&cgroup_id).cloned().flatten()
     }
 
     /// The container id of `pid` (in cgroup `cgroup_id`), if it runs in one. Call it
@@ -32,9 +73,11 @@ impl ContainerResolver {
         if let Some(known) = self.cache.get(&(pid, cgroup_id)) {
             return known.clone();
         }
-        let id = fs::read_to_string(format!("{}/{pid}/cgroup", self.proc_root))
-            .ok()
-            .and_then(|text| container_id(&text));
+        let id = self.by_cgroup_id(cgroup_id).or_else(|| {
+            fs::read_to_string(format!("{}/{pid}/cgroup", self.proc_root))
+                .ok()
+                .and_then(|text| container_id(&text))
+        });
         self.cache.put((pid, cgroup_id), id.clone());
         id
     }
@@ -43,6 +86,48 @@ impl ContainerResolver {
     pub fn cached(&self, pid: u32, cgroup_id: u64) -> Option<String> {
         self.cache.peek(&(pid, cgroup_id)).cloned().flatten()
     }
+}
+
+/// The mount point of cgroup v2 from a mountinfo file (field 5 is the mount point;
+/// the filesystem type follows the ` - ` separator).
+fn cgroup2_mount(mountinfo: &str) -> Option<PathBuf> {
+    mountinfo.lines().find_map(|line| {
+        let (mount, fs) = line.split_once(" - ")?;
+        (fs.split_whitespace().next()? == "cgroup2")
+            .then(|| mount.split_whitespace().nth(4).map(PathBuf::from))
+            .flatten()
+    })
+}
+
+/// Maps every cgroup directory's id (its inode) to the container its path names.
+fn scan(root: &Path) -> HashMap<u64, Option<String>> {
+    let mut found = HashMap::new();
+    let mut pending = vec![(root.to_path_buf(), 0)];
+    while let Some((dir, depth)) = pending.pop() {
+        if found.len() >= SCAN_MAX_DIRS {
+            break;
+        }
+        let Ok(meta) = fs::metadata(&dir) else {
+            continue;
+        };
+        let id = dir
+            .strip_prefix(root)
+            .ok()
+            .and_then(|rel| rel.iter().rev().find_map(|s| segment_id(s.to_str()?)));
+        found.insert(meta.ino(), id);
+        if depth >= SCAN_MAX_DEPTH {
+            continue;
+        }
+        let Ok(entries) = fs::read_dir(&dir) else {
+            continue;
+        };
+        for entry in entries.flatten() {
+            if entry.file_type().is_ok_and(|t| t.is_dir()) {
+                pending.push((entry.path(), depth + 1));
+            }
+        }
+    }
+    found
 }
 
 /// Finds a container id in the contents of a `/proc/PID/cgroup` file (cgroup v1
@@ -108,6 +193,41 @@ mod tests {
         ] {
             assert_eq!(container_id(file), None, "{file}");
         }
+    }
+
+    #[test]
+    fn finds_the_cgroup2_mount() {
+        let mountinfo = "24 31 0:22 / /sys rw,nosuid shared:7 - sysfs sysfs rw\n\
+            35 24 0:30 / /sys/fs/cgroup/unified rw,nosuid shared:10 - cgroup2 cgroup2 rw\n";
+        assert_eq!(
+            cgroup2_mount(mountinfo),
+            Some(PathBuf::from("/sys/fs/cgroup/unified"))
+        );
+        assert_eq!(
+            cgroup2_mount("24 31 0:22 / /sys rw - sysfs sysfs rw\n"),
+            None
+        );
+    }
+
+    #[test]
+    fn scans_a_tree_by_inode() {
+        let root = std::env::temp_dir().join(format!("otel-tcpstates-cg-{}", std::process::id()));
+        let scope = root.join("system.slice").join(format!("docker-{ID}.scope"));
+        fs::create_dir_all(scope.join("inner")).unwrap();
+        let (scope_ino, slice_ino) = (
+            fs::metadata(&scope).unwrap().ino(),
+            fs::metadata(root.join("system.slice")).unwrap().ino(),
+        );
+        let found = scan(&root);
+        fs::remove_dir_all(&root).unwrap();
+        assert_eq!(found.len(), 4, "root, slice, scope, inner");
+        assert_eq!(found.get(&scope_ino), Some(&Some(ID.to_owned())));
+        assert_eq!(found.get(&slice_ino), Some(&None));
+        assert_eq!(
+            found.values().filter(|v| v.is_some()).count(),
+            2,
+            "the scope and below"
+        );
     }
 
     #[test]

@@ -21,6 +21,9 @@ use crate::{
 
 pub const ROOT_NAME: &str = "tcp.session";
 
+/// A wall-clock change smaller than this is measurement noise, not a step.
+const STEP_NS: i128 = 1_000_000;
+
 /// Attribute keys: OpenTelemetry semantic conventions, plus our own under `tcpstates.`.
 pub mod attr {
     pub const NETWORK_TRANSPORT: &str = "network.transport";
@@ -110,9 +113,14 @@ impl SpanMapper {
         }
     }
 
-    /// Re-measures the kernel-to-wall-clock offset (after NTP steps the wall clock).
+    /// Re-measures the kernel-to-wall-clock offset, and adopts it only when the wall
+    /// clock was stepped: the measurement's own jitter (a few hundred ns) would
+    /// otherwise open gaps between consecutive state spans.
     pub fn resync_clock(&mut self) {
-        self.clock = WallClock::measure();
+        let now = WallClock::measure();
+        if now.offset_differs(&self.clock, STEP_NS) {
+            self.clock = now;
+        }
     }
 
     pub fn trace_id(&self, session: &Session) -> TraceId {
