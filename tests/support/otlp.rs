@@ -102,6 +102,10 @@ impl ReceivedSpan {
 struct Store {
     spans: Vec<ReceivedSpan>,
     requests: usize,
+    /// Spans received, kept or not.
+    span_count: u64,
+    /// Set by [`Receiver::start_counting`]: spans are counted, not kept.
+    count_only: bool,
 }
 
 type Shared = Arc<Mutex<Store>>;
@@ -124,7 +128,21 @@ pub struct Receiver {
 impl Receiver {
     /// Starts both servers; they are listening when this returns.
     pub fn start() -> Receiver {
-        let store = Shared::default();
+        Self::start_with(Store::default())
+    }
+
+    /// Like [`Receiver::start`], but spans are only counted ([`Receiver::span_count`],
+    /// [`Receiver::requests`]), never stored: for load, where keeping millions of
+    /// spans would cost more than receiving them.
+    pub fn start_counting() -> Receiver {
+        Self::start_with(Store {
+            count_only: true,
+            ..Store::default()
+        })
+    }
+
+    fn start_with(store: Store) -> Receiver {
+        let store = Shared::new(Mutex::new(store));
         let (ready_tx, ready_rx) = mpsc::channel();
         let (stop, stopped) = tokio::sync::oneshot::channel();
         let served = Arc::clone(&store);
@@ -178,6 +196,11 @@ impl Receiver {
     /// Export requests received over both transports (including empty ones).
     pub fn requests(&self) -> usize {
         lock(&self.store).requests
+    }
+
+    /// Spans received so far over both transports, stored or only counted.
+    pub fn span_count(&self) -> u64 {
+        lock(&self.store).span_count
     }
 
     /// Polls until `done(&spans)` holds or `timeout` passes; returns the spans
@@ -317,9 +340,21 @@ fn reject(status: StatusCode, message: String) -> Response {
 }
 
 fn record(store: &Shared, transport: &'static str, request: ExportTraceServiceRequest) {
-    let spans = flatten(transport, request);
+    let count: usize = request
+        .resource_spans
+        .iter()
+        .flat_map(|r| &r.scope_spans)
+        .map(|s| s.spans.len())
+        .sum();
+    // Checked before flattening, which is the costly part.
+    let spans = if lock(store).count_only {
+        Vec::new()
+    } else {
+        flatten(transport, request)
+    };
     let mut store = lock(store);
     store.requests += 1;
+    store.span_count += count as u64;
     store.spans.extend(spans);
 }
 
