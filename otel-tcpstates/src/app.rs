@@ -168,6 +168,7 @@ pub async fn run(cli: Cli) -> Result<()> {
         CLOCK_RESYNC_EVERY,
     );
     let mut lost_reported = 0;
+    let mut dropped_reported = 0;
     let mut broken_pipe = false;
     loop {
         tokio::select! {
@@ -182,6 +183,14 @@ pub async fn run(cli: Cli) -> Result<()> {
                         lost - lost_reported
                     );
                     lost_reported = lost;
+                }
+                let dropped = sinks.traces.as_ref().map_or(0, Traces::dropped_at_least);
+                if dropped > dropped_reported {
+                    tracing::warn!(
+                        "at least {} spans dropped (export queue full): the collector, or the export path, cannot keep up",
+                        dropped - dropped_reported
+                    );
+                    dropped_reported = dropped;
                 }
             }
             _ = clock_timer.tick() => {
@@ -218,7 +227,7 @@ pub async fn run(cli: Cli) -> Result<()> {
     if reader.malformed > 0 {
         tracing::warn!("{} malformed event records skipped", reader.malformed);
     }
-    if let (Some(traces), Some(mut table)) = (sinks.traces.take(), sinks.table.take()) {
+    if let (Some(mut traces), Some(mut table)) = (sinks.traces.take(), sinks.table.take()) {
         let in_flight = table.len();
         table.end_all(
             clock::monotonic_now_ns(),

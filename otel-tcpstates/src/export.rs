@@ -285,6 +285,8 @@ impl<E: SpanExporter> SpanExporter for Counting<E> {
 pub struct Exporter {
     processor: BatchSpanProcessor,
     counters: Arc<Counters>,
+    /// What the batch processor can hold: its queue plus the batch being exported.
+    capacity: u64,
 }
 
 impl Exporter {
@@ -332,17 +334,25 @@ impl Exporter {
             resources: std::sync::Mutex::new(HashMap::new()),
         };
         // The SDK reads OTEL_BSP_*; where unset, favour a deeper queue (bursts of
-        // connection churn) and a shorter delay than the SDK's defaults.
-        let mut config = BatchConfigBuilder::default();
-        if env::var_os("OTEL_BSP_MAX_QUEUE_SIZE").is_none() {
-            config = config.with_max_queue_size(65_536);
-        }
+        // connection churn) and a shorter delay than the SDK's defaults. The queue
+        // is allocated up front and a queued span holds about 1 KiB, so it is also
+        // what bounds the exporter's memory: 8192 spans, about 10 MiB.
+        let size = |name: &str, default: usize| {
+            env::var(name)
+                .ok()
+                .and_then(|v| v.trim().parse::<usize>().ok())
+                .filter(|&n| n > 0)
+                .unwrap_or(default)
+        };
+        let queue = size("OTEL_BSP_MAX_QUEUE_SIZE", 8192);
+        let batch = size("OTEL_BSP_MAX_EXPORT_BATCH_SIZE", 2048).min(queue);
+        let mut config = BatchConfigBuilder::default()
+            .with_max_queue_size(queue)
+            .with_max_export_batch_size(batch);
         if env::var_os("OTEL_BSP_SCHEDULE_DELAY").is_none() {
             config = config.with_scheduled_delay(Duration::from_millis(1000));
         }
-        if env::var_os("OTEL_BSP_MAX_EXPORT_BATCH_SIZE").is_none() {
-            config = config.with_max_export_batch_size(2048);
-        }
+        let capacity = (queue + batch) as u64;
         let mut processor = BatchSpanProcessor::builder(exporter)
             .with_batch_config(config.build())
             .build();
@@ -350,6 +360,7 @@ impl Exporter {
         Ok(Self {
             processor,
             counters,
+            capacity,
         })
     }
 
@@ -360,6 +371,17 @@ impl Exporter {
 
     pub fn counters(&self) -> &Counters {
         &self.counters
+    }
+
+    /// Spans certainly dropped so far because the queue was full: whatever was
+    /// handed over and is neither exported, failed, nor able to fit in the queue.
+    /// (Exact once the processor is shut down, when nothing is left queued.)
+    pub fn dropped_at_least(&self) -> u64 {
+        let c = &self.counters;
+        let settled = c.exported.load(Ordering::Relaxed) + c.failed.load(Ordering::Relaxed);
+        c.produced
+            .load(Ordering::Relaxed)
+            .saturating_sub(settled + self.capacity)
     }
 
     /// Exports what is queued, waiting at most `timeout` (the collector may be gone).

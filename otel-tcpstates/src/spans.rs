@@ -2,20 +2,24 @@
 //! root, one child per TCP state, all timed by the kernel.
 use std::{
     borrow::Cow,
-    hash::{BuildHasher, RandomState},
+    collections::HashMap,
+    hash::{BuildHasher, Hash},
     net::IpAddr,
+    sync::Arc,
 };
 
+use foldhash::fast::RandomState;
 use opentelemetry::{
-    InstrumentationScope, KeyValue,
+    InstrumentationScope, KeyValue, StringValue, Value,
     trace::{SpanContext, SpanId, SpanKind, Status, TraceFlags, TraceId, TraceState},
 };
 use opentelemetry_sdk::trace::{SpanData, SpanEvents, SpanLinks};
+use otel_tcpstates_common::tcp_state;
 
 use crate::{
     clock::WallClock,
     container::ContainerResolver,
-    event::TcpEvent,
+    event::{Comm, TcpEvent, TcpState},
     sessions::{EndReason, Failure, Role, Session, StateEnded},
 };
 
@@ -90,6 +94,37 @@ pub struct SpanMapper {
     scope: InstrumentationScope,
     options: MapperOptions,
     containers: ContainerResolver,
+    /// The same few addresses and command names recur in every span: format each once.
+    ips: Interner<IpAddr>,
+    comms: Interner<Comm>,
+}
+
+/// Shared strings for recurring values, so a span's attributes cost no formatting.
+struct Interner<K>(HashMap<K, StringValue, RandomState>);
+
+impl<K: Eq + Hash + Copy + std::fmt::Display> Interner<K> {
+    /// Bound on distinct values kept; past it the cache starts over.
+    const MAX: usize = 4096;
+
+    fn new() -> Self {
+        Self(HashMap::default())
+    }
+
+    fn get(&mut self, key: K) -> Value {
+        if self.0.len() >= Self::MAX && !self.0.contains_key(&key) {
+            self.0.clear();
+        }
+        let text = self
+            .0
+            .entry(key)
+            .or_insert_with(|| StringValue::from(Arc::<str>::from(key.to_string())));
+        Value::String(text.clone())
+    }
+}
+
+/// A state's name without allocating (numbers the kernel may add print as digits).
+fn state_name(state: TcpState) -> Cow<'static, str> {
+    tcp_state::name(state.0).map_or_else(|| Cow::Owned(state.0.to_string()), Cow::Borrowed)
 }
 
 impl SpanMapper {
@@ -98,7 +133,9 @@ impl SpanMapper {
             clock,
             options,
             containers: ContainerResolver::new(),
-            ids: RandomState::new(),
+            ips: Interner::new(),
+            comms: Interner::new(),
+            ids: RandomState::default(),
             scope: InstrumentationScope::builder(env!("CARGO_PKG_NAME"))
                 .with_version(env!("CARGO_PKG_VERSION"))
                 .build(),
@@ -148,13 +185,16 @@ impl SpanMapper {
     }
 
     /// A child span for a state the socket left.
-    pub fn state_span(&self, session: &Session, ended: &StateEnded) -> SpanData {
-        let mut attributes = network_attributes(session);
-        attributes.push(KeyValue::new(attr::STATE, ended.state.to_string()));
+    pub fn state_span(&mut self, session: &Session, ended: &StateEnded) -> SpanData {
+        let mut attributes = self.network_attributes(session, 4);
+        attributes.push(KeyValue::new(attr::STATE, state_name(ended.state)));
         if let Some(next) = ended.next {
-            attributes.push(KeyValue::new(attr::NEXT_STATE, next.to_string()));
+            attributes.push(KeyValue::new(attr::NEXT_STATE, state_name(next)));
             attributes.push(KeyValue::new(attr::TRANSITION_PID, i64::from(ended.pid)));
-            attributes.push(KeyValue::new(attr::TRANSITION_COMM, ended.comm.to_string()));
+            attributes.push(KeyValue::new(
+                attr::TRANSITION_COMM,
+                self.comms.get(ended.comm),
+            ));
         }
         if let Some(reason) = ended.cut_short {
             attributes.push(KeyValue::new(attr::END_REASON, reason.as_str()));
@@ -165,7 +205,7 @@ impl SpanMapper {
             parent_span_id: self.span_id(session, None),
             parent_span_is_remote: false,
             span_kind: SpanKind::Internal,
-            name: Cow::Owned(ended.state.to_string()),
+            name: state_name(ended.state),
             start_time: self.clock.system_time(ended.start_ns),
             end_time: self.clock.system_time(ended.end_ns),
             attributes,
@@ -178,8 +218,8 @@ impl SpanMapper {
     }
 
     /// The root span of a session that ended at kernel time `end_ns`.
-    pub fn root_span(&self, session: &Session, end_ns: u64, reason: EndReason) -> SpanData {
-        let mut attributes = network_attributes(session);
+    pub fn root_span(&mut self, session: &Session, end_ns: u64, reason: EndReason) -> SpanData {
+        let mut attributes = self.network_attributes(session, 16);
         let local = (session.local_addr, session.local_port);
         let remote = (session.remote_addr, session.remote_port);
         let (client, server) = match session.role {
@@ -189,18 +229,18 @@ impl SpanMapper {
             Role::Unknown => (None, None),
         };
         if let Some((addr, port)) = client {
-            attributes.push(KeyValue::new(attr::CLIENT_ADDRESS, addr.to_string()));
+            attributes.push(KeyValue::new(attr::CLIENT_ADDRESS, self.ips.get(addr)));
             attributes.push(KeyValue::new(attr::CLIENT_PORT, i64::from(port)));
         }
         if let Some((addr, port)) = server {
-            attributes.push(KeyValue::new(attr::SERVER_ADDRESS, addr.to_string()));
+            attributes.push(KeyValue::new(attr::SERVER_ADDRESS, self.ips.get(addr)));
             attributes.push(KeyValue::new(attr::SERVER_PORT, i64::from(port)));
         }
         if let Some(owner) = session.owner {
             attributes.push(KeyValue::new(attr::PROCESS_PID, i64::from(owner.pid)));
             attributes.push(KeyValue::new(
                 attr::PROCESS_EXECUTABLE_NAME,
-                owner.comm.to_string(),
+                self.comms.get(owner.comm),
             ));
             if let Some(id) = self.containers.cached(owner.pid, owner.cgroup_id) {
                 attributes.push(KeyValue::new(attr::CONTAINER_ID, id));
@@ -245,12 +285,32 @@ impl SpanMapper {
 }
 
 impl SpanMapper {
-    fn route(&self, session: &Session, attributes: &mut Vec<KeyValue>) {
+    fn route(&mut self, session: &Session, attributes: &mut Vec<KeyValue>) {
         if self.options.service_per_process
             && let Some(owner) = session.owner
         {
-            attributes.push(KeyValue::new(attr::SERVICE_ROUTE, owner.comm.to_string()));
+            attributes.push(KeyValue::new(
+                attr::SERVICE_ROUTE,
+                self.comms.get(owner.comm),
+            ));
         }
+    }
+
+    /// The attributes every span of a session carries, with room for `more`.
+    fn network_attributes(&mut self, session: &Session, more: usize) -> Vec<KeyValue> {
+        let mut attributes = Vec::with_capacity(6 + more);
+        attributes.extend([
+            KeyValue::new(attr::NETWORK_TRANSPORT, "tcp"),
+            KeyValue::new(
+                attr::NETWORK_TYPE,
+                if session.is_ipv4() { "ipv4" } else { "ipv6" },
+            ),
+            KeyValue::new(attr::LOCAL_ADDRESS, self.ips.get(session.local_addr)),
+            KeyValue::new(attr::LOCAL_PORT, i64::from(session.local_port)),
+            KeyValue::new(attr::PEER_ADDRESS, self.ips.get(session.remote_addr)),
+            KeyValue::new(attr::PEER_PORT, i64::from(session.remote_port)),
+        ]);
+        attributes
     }
 }
 
@@ -261,21 +321,6 @@ fn role_name(role: Role) -> &'static str {
         Role::Listener => "listener",
         Role::Unknown => "unknown",
     }
-}
-
-fn network_attributes(session: &Session) -> Vec<KeyValue> {
-    let ip = |addr: IpAddr| addr.to_string();
-    vec![
-        KeyValue::new(attr::NETWORK_TRANSPORT, "tcp"),
-        KeyValue::new(
-            attr::NETWORK_TYPE,
-            if session.is_ipv4() { "ipv4" } else { "ipv6" },
-        ),
-        KeyValue::new(attr::LOCAL_ADDRESS, ip(session.local_addr)),
-        KeyValue::new(attr::LOCAL_PORT, i64::from(session.local_port)),
-        KeyValue::new(attr::PEER_ADDRESS, ip(session.remote_addr)),
-        KeyValue::new(attr::PEER_PORT, i64::from(session.remote_port)),
-    ]
 }
 
 fn status(failure: Option<Failure>) -> Status {
@@ -306,7 +351,7 @@ mod tests {
     };
 
     fn spans(events: &[crate::event::TcpEvent]) -> Vec<SpanData> {
-        let mapper = SpanMapper::new(WallClock::measure(), MapperOptions::default());
+        let mut mapper = SpanMapper::new(WallClock::measure(), MapperOptions::default());
         let mut table = SessionTable::new(NonZeroUsize::new(16).unwrap());
         let mut out = Vec::new();
         for event in events {

@@ -43,7 +43,7 @@ impl Traces {
         self.mapper.observe(event);
     }
 
-    pub fn send(&self, update: &Update<'_>) {
+    pub fn send(&mut self, update: &Update<'_>) {
         let span = match *update {
             Update::StateEnded(session, ref ended) => self.mapper.state_span(session, ended),
             Update::SessionEnded(session, end_ns, reason) => {
@@ -51,6 +51,11 @@ impl Traces {
             }
         };
         self.exporter.send(span);
+    }
+
+    /// See [`Exporter::dropped_at_least`].
+    pub fn dropped_at_least(&self) -> u64 {
+        self.exporter.dropped_at_least()
     }
 
     pub fn resync_clock(&mut self) {
