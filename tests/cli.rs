@@ -120,3 +120,53 @@ fn mounts_tracefs_when_it_is_not_mounted() {
     );
     assert!(out.status.success(), "{stderr}");
 }
+
+/// What the tracer needs and no more: as root, CAP_BPF and CAP_PERFMON; as another
+/// user, also CAP_DAC_READ_SEARCH (tracefs is readable by root only).
+#[test]
+fn runs_with_least_privilege() {
+    if !root_or_skip("runs_with_least_privilege") {
+        return;
+    }
+    let as_root = ["--bounding-set=-all,+bpf,+perfmon", "--inh-caps=-all"];
+    let caps = "-all,+bpf,+perfmon,+dac_read_search";
+    let (bounding, inheritable, ambient) = (
+        format!("--bounding-set={caps}"),
+        format!("--inh-caps={caps}"),
+        format!("--ambient-caps={caps}"),
+    );
+    let as_nobody = [
+        bounding.as_str(),
+        &inheritable,
+        &ambient,
+        "--reuid=65534",
+        "--regid=65534",
+        "--clear-groups",
+    ];
+    for setpriv in [&as_root[..], &as_nobody[..]] {
+        let mut child = Command::new("setpriv")
+            .args(setpriv)
+            .args([BIN, "-s", "-L", "1"])
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let stdout = child.stdout.take().unwrap();
+        let header = std::io::BufRead::lines(std::io::BufReader::new(stdout))
+            .next()
+            .and_then(Result::ok)
+            .unwrap_or_default();
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(child.id() as i32),
+            Signal::SIGINT,
+        )
+        .unwrap();
+        let out = child.wait_with_output().unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            header.starts_with("SKADDR,"),
+            "{setpriv:?}: no header; {stderr}"
+        );
+        assert!(out.status.success(), "{setpriv:?}: {stderr}");
+    }
+}

@@ -85,12 +85,59 @@ fn check_url(text: &str, source: &str) -> Result<Url, UsageError> {
     Ok(url)
 }
 
+/// Checks a `key=value,key=value` list (OTEL_RESOURCE_ATTRIBUTES, the headers). A
+/// header's value is never echoed: it may be a secret.
+fn check_pairs(name: &str, text: &str, echo: bool) -> Result<(), UsageError> {
+    for (at, item) in text.split(',').enumerate() {
+        if item.trim().is_empty() {
+            continue;
+        }
+        let ok = item
+            .split_once('=')
+            .is_some_and(|(key, _)| !key.trim().is_empty());
+        if !ok {
+            let shown = if echo {
+                format!(" '{item}'")
+            } else {
+                String::new()
+            };
+            return Err(UsageError(format!(
+                "{name}: item {}{shown} is not key=value",
+                at + 1
+            )));
+        }
+    }
+    Ok(())
+}
+
 /// Resolves the export settings from flags and `env` (non-empty variables); `None`
 /// when no endpoint is configured at all (the tracer then prints text only).
 pub fn settings_from(
     flag_endpoint: Option<&str>,
     flag_protocol: Option<Protocol>,
     env: impl Fn(&str) -> Option<String>,
+) -> Result<Option<Settings>, UsageError> {
+    let settings = resolve(flag_endpoint, flag_protocol, &env)?;
+    if settings.is_some() {
+        if let Some(value) = env("OTEL_RESOURCE_ATTRIBUTES") {
+            check_pairs("OTEL_RESOURCE_ATTRIBUTES", &value, true)?;
+        }
+        for name in [
+            "OTEL_EXPORTER_OTLP_HEADERS",
+            "OTEL_EXPORTER_OTLP_TRACES_HEADERS",
+        ] {
+            if let Some(value) = env(name) {
+                check_pairs(name, &value, false)?;
+            }
+        }
+    }
+    Ok(settings)
+}
+
+fn resolve(
+    flag_endpoint: Option<&str>,
+    flag_protocol: Option<Protocol>,
+    env: &impl Fn(&str) -> Option<String>,
 ) -> Result<Option<Settings>, UsageError> {
     let protocol = match flag_protocol {
         Some(protocol) => protocol,
@@ -493,6 +540,45 @@ mod tests {
         )];
         let s = resolve(None, None, &[vars[0], traces[0]]).unwrap().unwrap();
         assert_eq!(s.endpoint, "http://t:4318/v1/traces");
+    }
+
+    #[test]
+    fn malformed_lists_are_usage_errors_without_secrets() {
+        let endpoint = ("OTEL_EXPORTER_OTLP_ENDPOINT", "http://a:4318");
+        let err = resolve(
+            None,
+            None,
+            &[
+                endpoint,
+                (
+                    "OTEL_EXPORTER_OTLP_HEADERS",
+                    "authorization=ok,Bearer s3cr3t",
+                ),
+            ],
+        )
+        .unwrap_err();
+        assert_eq!(err.0, "OTEL_EXPORTER_OTLP_HEADERS: item 2 is not key=value");
+        let err = resolve(
+            None,
+            None,
+            &[endpoint, ("OTEL_RESOURCE_ATTRIBUTES", "a=1,=2")],
+        )
+        .unwrap_err();
+        assert_eq!(
+            err.0,
+            "OTEL_RESOURCE_ATTRIBUTES: item 2 '=2' is not key=value"
+        );
+        let fine = [
+            endpoint,
+            ("OTEL_RESOURCE_ATTRIBUTES", "a=1, b = 2,"),
+            ("OTEL_EXPORTER_OTLP_HEADERS", "x=y=z"),
+        ];
+        assert!(resolve(None, None, &fine).unwrap().is_some());
+        // Without export they do not matter.
+        assert_eq!(
+            resolve(None, None, &[("OTEL_RESOURCE_ATTRIBUTES", "junk")]),
+            Ok(None)
+        );
     }
 
     #[test]

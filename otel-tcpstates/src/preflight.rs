@@ -24,10 +24,25 @@ const EXPECTED_FIELDS: &[(&str, usize, usize)] = &[
 ];
 
 pub fn run() -> Result<()> {
+    check_kernel(&fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default())?;
     check_privileges()?;
     raise_memlock_limit();
     ensure_tracefs()?;
     check_tracepoint(Path::new(TRACEFS))
+}
+
+/// The BPF ring buffer arrived in Linux 5.8 (the tracepoint in 4.16).
+fn check_kernel(release: &str) -> Result<()> {
+    let mut numbers = release.trim().split(['.', '-']).map(|n| n.parse::<u32>());
+    if let (Some(Ok(major)), Some(Ok(minor))) = (numbers.next(), numbers.next())
+        && (major, minor) < (5, 8)
+    {
+        bail!(
+            "this kernel ({}) is too old: otel-tcpstates needs Linux 5.8 or newer (BPF ring buffer)",
+            release.trim()
+        );
+    }
+    Ok(())
 }
 
 fn has(cap: Capability) -> bool {
@@ -62,10 +77,25 @@ fn raise_memlock_limit() {
     }
 }
 
+/// Whether something is mounted at `path` (tracefs mounts are root-only, so the
+/// directory may exist but be unreadable).
+fn mounted(path: &str) -> bool {
+    fs::read_to_string("/proc/self/mountinfo").is_ok_and(|info| {
+        info.lines()
+            .any(|line| line.split_whitespace().nth(4) == Some(path))
+    })
+}
+
 fn ensure_tracefs() -> Result<()> {
     let root = Path::new(TRACEFS);
     if root.join("events").is_dir() {
         return Ok(());
+    }
+    if mounted(TRACEFS) {
+        bail!(
+            "{TRACEFS} is mounted but not readable by this user; run as root, or add \
+             CAP_DAC_READ_SEARCH to CAP_BPF and CAP_PERFMON"
+        );
     }
     use nix::mount::{MsFlags, mount};
     let flags = MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC;
@@ -162,6 +192,26 @@ format:
 	field:__u8 saddr_v6[16];	offset:40;	size:16;	signed:0;
 	field:__u8 daddr_v6[16];	offset:56;	size:16;	signed:0;
 ";
+
+    #[test]
+    fn kernel_version_gate() {
+        for ok in [
+            "6.18.44-fc-v595",
+            "5.8.0",
+            "5.15.0-91-generic",
+            "7.0",
+            "garbage",
+            "",
+        ] {
+            check_kernel(ok).unwrap();
+        }
+        let err = check_kernel("5.4.0-150-generic\n").unwrap_err().to_string();
+        assert_eq!(
+            err,
+            "this kernel (5.4.0-150-generic) is too old: otel-tcpstates needs Linux 5.8 or newer (BPF ring buffer)"
+        );
+        assert!(check_kernel("4.19.0").is_err());
+    }
 
     #[test]
     fn accepts_the_known_layout() {
