@@ -215,4 +215,37 @@ pub(crate) mod tests {
         assert_eq!(event.comm.as_bytes().len(), TASK_COMM_LEN);
         assert!(event.comm.to_string().contains('\u{fffd}'));
     }
+
+    proptest::proptest! {
+        /// Whatever bytes arrive, decoding returns a value or an error.
+        #[test]
+        fn decoding_never_panics(bytes in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..400)) {
+            let _ = decode(&bytes);
+        }
+
+        /// Any well-formed record decodes to the fields it holds, extra bytes ignored.
+        #[test]
+        fn records_round_trip(
+            skaddr: u64, ts: u64, delta: u64, pid: u32, sport: u16, dport: u16,
+            old: u8, new: u8, v6: bool, addr: [u8; 16], extra in 0usize..16,
+        ) {
+            let mut raw = raw_v4();
+            (raw.skaddr, raw.ts_ns, raw.delta_ns, raw.pid) = (skaddr, ts, delta, pid);
+            (raw.sport, raw.dport, raw.oldstate, raw.newstate) = (sport, dport, old, new);
+            raw.family = if v6 { AF_INET6 } else { AF_INET };
+            raw.saddr = addr;
+            let mut bytes = record(&raw);
+            bytes.extend(std::iter::repeat_n(0xAA, extra));
+            let event = decode(&bytes).unwrap();
+            proptest::prop_assert_eq!((event.skaddr, event.ts_ns, event.delta_ns, event.pid), (skaddr, ts, delta, pid));
+            proptest::prop_assert_eq!((event.local_port, event.remote_port), (sport, dport));
+            proptest::prop_assert_eq!((event.oldstate, event.newstate), (TcpState(old), TcpState(new)));
+            let expected = if v6 {
+                IpAddr::V6(Ipv6Addr::from(addr))
+            } else {
+                IpAddr::V4(Ipv4Addr::new(addr[0], addr[1], addr[2], addr[3]))
+            };
+            proptest::prop_assert_eq!(event.local_addr, expected);
+        }
+    }
 }

@@ -128,20 +128,29 @@ pub struct Receiver {
 impl Receiver {
     /// Starts both servers; they are listening when this returns.
     pub fn start() -> Receiver {
-        Self::start_with(Store::default())
+        Self::start_with(Store::default(), (0, 0))
+    }
+
+    /// Like [`Receiver::start`], on given ports (0: any): a collector coming back
+    /// where the daemon expects it.
+    pub fn start_at(grpc_port: u16, http_port: u16) -> Receiver {
+        Self::start_with(Store::default(), (grpc_port, http_port))
     }
 
     /// Like [`Receiver::start`], but spans are only counted ([`Receiver::span_count`],
     /// [`Receiver::requests`]), never stored: for load, where keeping millions of
     /// spans would cost more than receiving them.
     pub fn start_counting() -> Receiver {
-        Self::start_with(Store {
-            count_only: true,
-            ..Store::default()
-        })
+        Self::start_with(
+            Store {
+                count_only: true,
+                ..Store::default()
+            },
+            (0, 0),
+        )
     }
 
-    fn start_with(store: Store) -> Receiver {
+    fn start_with(store: Store, ports: (u16, u16)) -> Receiver {
         let store = Shared::new(Mutex::new(store));
         let (ready_tx, ready_rx) = mpsc::channel();
         let (stop, stopped) = tokio::sync::oneshot::channel();
@@ -153,7 +162,7 @@ impl Receiver {
                     .enable_all()
                     .build()
                     .expect("tokio runtime for the OTLP receiver");
-                runtime.block_on(serve(served, ready_tx, stopped));
+                runtime.block_on(serve(served, ports, ready_tx, stopped));
                 // Dropping the runtime here closes the listeners and every open
                 // connection, so exporters see the receiver go away.
             })
@@ -235,13 +244,14 @@ impl Drop for Receiver {
 /// Binds both listeners, reports their addresses, and serves until `stopped`.
 async fn serve(
     store: Shared,
+    (grpc_port, http_port): (u16, u16),
     ready: mpsc::Sender<(SocketAddr, SocketAddr)>,
     stopped: tokio::sync::oneshot::Receiver<()>,
 ) {
-    let grpc = tokio::net::TcpListener::bind("127.0.0.1:0")
+    let grpc = tokio::net::TcpListener::bind(("127.0.0.1", grpc_port))
         .await
         .expect("bind the OTLP/gRPC receiver");
-    let http = tokio::net::TcpListener::bind("127.0.0.1:0")
+    let http = tokio::net::TcpListener::bind(("127.0.0.1", http_port))
         .await
         .expect("bind the OTLP/HTTP receiver");
     let addrs = (
