@@ -75,6 +75,28 @@ fn sigterm_and_sigint_exit_zero_promptly() {
     }
 }
 
+/// Runs `command` (a tracer, perhaps behind a wrapper that execs it), waits for its
+/// first line (printed once attached), interrupts it and collects the rest.
+fn header_then_interrupt(command: &mut Command) -> (String, std::process::Output) {
+    let mut child = command
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let header = std::io::BufRead::lines(std::io::BufReader::new(stdout))
+        .next()
+        .and_then(Result::ok)
+        .unwrap_or_default();
+    // Its stdout is closed from here on: give it nothing more to print (-L 1).
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(child.id() as i32),
+        Signal::SIGINT,
+    )
+    .unwrap();
+    (header, child.wait_with_output().unwrap())
+}
+
 #[test]
 fn mounts_tracefs_when_it_is_not_mounted() {
     if !root_or_skip("mounts_tracefs_when_it_is_not_mounted") {
@@ -86,24 +108,14 @@ fn mounts_tracefs_when_it_is_not_mounted() {
          test -d /sys/kernel/tracing/events && exit 3; \
          exec {BIN} -s --poll-ms 10 -L 1"
     );
-    let mut child = Command::new("unshare")
-        .args(["--mount", "--propagation", "private", "sh", "-c", &script])
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    // Wait for the header (printed once attached), then stop it.
-    let stdout = child.stdout.take().unwrap();
-    let mut lines = std::io::BufRead::lines(std::io::BufReader::new(stdout));
-    let header = lines.next().and_then(Result::ok).unwrap_or_default();
-    // Nothing reads its stdout from here on (-L 1 keeps it quiet anyway).
-    drop(lines);
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(child.id() as i32),
-        Signal::SIGINT,
-    )
-    .unwrap();
-    let out = child.wait_with_output().unwrap();
+    let (header, out) = header_then_interrupt(Command::new("unshare").args([
+        "--mount",
+        "--propagation",
+        "private",
+        "sh",
+        "-c",
+        &script,
+    ]));
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_ne!(
         out.status.code(),
@@ -144,24 +156,11 @@ fn runs_with_least_privilege() {
         "--clear-groups",
     ];
     for setpriv in [&as_root[..], &as_nobody[..]] {
-        let mut child = Command::new("setpriv")
-            .args(setpriv)
-            .args([BIN, "-s", "-L", "1"])
-            .stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::piped())
-            .spawn()
-            .unwrap();
-        let stdout = child.stdout.take().unwrap();
-        let header = std::io::BufRead::lines(std::io::BufReader::new(stdout))
-            .next()
-            .and_then(Result::ok)
-            .unwrap_or_default();
-        nix::sys::signal::kill(
-            nix::unistd::Pid::from_raw(child.id() as i32),
-            Signal::SIGINT,
-        )
-        .unwrap();
-        let out = child.wait_with_output().unwrap();
+        let (header, out) = header_then_interrupt(
+            Command::new("setpriv")
+                .args(setpriv)
+                .args([BIN, "-s", "-L", "1"]),
+        );
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert!(
             header.starts_with("SKADDR,"),

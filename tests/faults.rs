@@ -6,11 +6,6 @@ use std::{thread, time::Duration};
 use nix::sys::signal::Signal;
 use support::{otlp::Receiver, *};
 
-/// A free loopback port (bound, then released).
-fn free_port() -> u16 {
-    listen("127.0.0.1").1.port()
-}
-
 /// The collector is down when the daemon starts and comes back later: tracing goes
 /// on, the failures are counted, and export resumes by itself.
 #[test]
@@ -18,7 +13,7 @@ fn export_resumes_when_the_collector_comes_back() {
     if !root_or_skip("export_resumes_when_the_collector_comes_back") {
         return;
     }
-    let port = free_port();
+    let port = closed_port();
     let endpoint = format!("http://127.0.0.1:{port}");
     let tracer = Tracer::start_with_env(
         &[
@@ -94,7 +89,7 @@ fn header_secrets_stay_out_of_logs() {
         return;
     }
     const SECRET: &str = "s3cr3t-t0ken-do-not-log";
-    let endpoint = format!("http://127.0.0.1:{}", free_port());
+    let endpoint = format!("http://127.0.0.1:{}", closed_port());
     for protocol in ["grpc", "http/protobuf"] {
         let tracer = Tracer::start_with_env(
             &[

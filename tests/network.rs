@@ -21,41 +21,9 @@ use std::{
 };
 
 use support::{
-    otlp::{ReceivedSpan, Receiver, Value},
+    otlp::{FAST, KIND_CLIENT, KIND_SERVER, ReceivedSpan, Receiver, Value, WAIT, names, trace_of},
     *,
 };
-
-const ROOT: &str = "tcp.session";
-const KIND_SERVER: i32 = 2;
-const KIND_CLIENT: i32 = 3;
-const WAIT: Duration = Duration::from_secs(20);
-/// Export promptly in tests (the default batch delay is a second).
-const FAST: &[(&str, &str)] = &[("OTEL_BSP_SCHEDULE_DELAY", "50")];
-
-/// The root of the socket with these local and peer ports, and its children in order.
-fn trace_of(
-    spans: &[ReceivedSpan],
-    local: u16,
-    peer: u16,
-) -> Option<(ReceivedSpan, Vec<ReceivedSpan>)> {
-    let port = |s: &ReceivedSpan, key| s.int_attr(key).map(|p| p as u16);
-    let root = spans.iter().find(|s| {
-        s.name == ROOT
-            && port(s, "network.local.port") == Some(local)
-            && port(s, "network.peer.port") == Some(peer)
-    })?;
-    let mut children: Vec<ReceivedSpan> = spans
-        .iter()
-        .filter(|s| s.trace_id == root.trace_id && !s.parent_span_id.is_empty())
-        .cloned()
-        .collect();
-    children.sort_by_key(|s| (s.start_ns, s.end_ns));
-    Some((root.clone(), children))
-}
-
-fn names(spans: &[ReceivedSpan]) -> Vec<&str> {
-    spans.iter().map(|s| s.name.as_str()).collect()
-}
 
 fn int_attr(span: &ReceivedSpan, key: &str) -> i64 {
     span.int_attr(key)

@@ -119,14 +119,6 @@ fn ipv6_connection_lifecycle() {
     }
 }
 
-/// A port nothing listens on (bound then released: the kernel does not hand it out
-/// again at once).
-fn closed_port() -> u16 {
-    let (listener, addr) = listen("127.0.0.1");
-    drop(listener);
-    addr.port()
-}
-
 #[test]
 fn refused_connect_goes_from_syn_sent_to_close() {
     if !root_or_skip("refused_connect_goes_from_syn_sent_to_close") {

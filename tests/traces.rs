@@ -15,45 +15,13 @@ use nix::sys::{
     socket::{setsockopt, sockopt::Linger},
 };
 use support::{
-    otlp::{ReceivedSpan, Receiver, Value},
+    otlp::{
+        FAST, KIND_CLIENT, KIND_INTERNAL, KIND_SERVER, ROOT, ReceivedSpan, Receiver, STATUS_ERROR,
+        STATUS_UNSET, Value, WAIT, names, trace_of,
+    },
     rotel::Rotel,
     *,
 };
-
-const ROOT: &str = "tcp.session";
-const KIND_INTERNAL: i32 = 1;
-const KIND_SERVER: i32 = 2;
-const KIND_CLIENT: i32 = 3;
-const STATUS_UNSET: i32 = 0;
-const STATUS_ERROR: i32 = 2;
-const WAIT: Duration = Duration::from_secs(20);
-/// Export promptly in tests (the default batch delay is a second).
-const FAST: &[(&str, &str)] = &[("OTEL_BSP_SCHEDULE_DELAY", "50")];
-
-/// The root of the socket with these local and peer ports, and its children in order.
-fn trace_of(
-    spans: &[ReceivedSpan],
-    local: u16,
-    peer: u16,
-) -> Option<(ReceivedSpan, Vec<ReceivedSpan>)> {
-    let port = |s: &ReceivedSpan, key| s.int_attr(key).map(|p| p as u16);
-    let root = spans.iter().find(|s| {
-        s.name == ROOT
-            && port(s, "network.local.port") == Some(local)
-            && port(s, "network.peer.port") == Some(peer)
-    })?;
-    let mut children: Vec<ReceivedSpan> = spans
-        .iter()
-        .filter(|s| s.trace_id == root.trace_id && !s.parent_span_id.is_empty())
-        .cloned()
-        .collect();
-    children.sort_by_key(|s| (s.start_ns, s.end_ns));
-    Some((root.clone(), children))
-}
-
-fn names(spans: &[ReceivedSpan]) -> Vec<&str> {
-    spans.iter().map(|s| s.name.as_str()).collect()
-}
 
 fn str_attr<'a>(span: &'a ReceivedSpan, key: &str) -> &'a str {
     span.str_attr(key)
@@ -191,11 +159,6 @@ fn grpc_traces_match_the_kernel() {
         );
         assert_eq!(str_attr(&root, "tcpstates.skaddr"), sock[0].skaddr);
     }
-}
-
-/// A closed port: bound, then released.
-fn closed_port() -> u16 {
-    listen("127.0.0.1").1.port()
 }
 
 /// Failures over OTLP/HTTP: a refused connect and an abortive close are errors.

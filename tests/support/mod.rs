@@ -263,6 +263,12 @@ pub fn transitions(rows: &[Row]) -> Vec<(&str, &str)> {
     rows.iter().map(Row::transition).collect()
 }
 
+/// A loopback port nothing listens on (bound, then released: the kernel does not
+/// hand it out again at once).
+pub fn closed_port() -> u16 {
+    listen("127.0.0.1").1.port()
+}
+
 /// A listener on `ip` with an ephemeral port.
 pub fn listen(ip: &str) -> (TcpListener, SocketAddr) {
     let listener = TcpListener::bind((ip, 0)).unwrap();

@@ -420,3 +420,41 @@ fn value(v: Option<AnyValue>) -> Value {
 fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
+
+/// What the tests look for in exported traces.
+pub const ROOT: &str = "tcp.session";
+pub const KIND_INTERNAL: i32 = 1;
+pub const KIND_SERVER: i32 = 2;
+pub const KIND_CLIENT: i32 = 3;
+pub const STATUS_UNSET: i32 = 0;
+pub const STATUS_ERROR: i32 = 2;
+/// How long a test waits for spans to arrive.
+pub const WAIT: Duration = Duration::from_secs(20);
+/// Export promptly in tests (the default batch delay is a second).
+pub const FAST: &[(&str, &str)] = &[("OTEL_BSP_SCHEDULE_DELAY", "50")];
+
+/// The root of the socket with these local and peer ports, and its children in order.
+pub fn trace_of(
+    spans: &[ReceivedSpan],
+    local: u16,
+    peer: u16,
+) -> Option<(ReceivedSpan, Vec<ReceivedSpan>)> {
+    let port = |s: &ReceivedSpan, key| s.int_attr(key).map(|p| p as u16);
+    let root = spans.iter().find(|s| {
+        s.name == ROOT
+            && port(s, "network.local.port") == Some(local)
+            && port(s, "network.peer.port") == Some(peer)
+    })?;
+    let mut children: Vec<ReceivedSpan> = spans
+        .iter()
+        .filter(|s| s.trace_id == root.trace_id && !s.parent_span_id.is_empty())
+        .cloned()
+        .collect();
+    children.sort_by_key(|s| (s.start_ns, s.end_ns));
+    Some((root.clone(), children))
+}
+
+/// The spans' names, in order.
+pub fn names(spans: &[ReceivedSpan]) -> Vec<&str> {
+    spans.iter().map(|s| s.name.as_str()).collect()
+}
