@@ -132,3 +132,76 @@ fn header_secrets_stay_out_of_logs() {
     assert_eq!(out.status.code(), Some(2), "{stderr}");
     assert!(!stderr.contains(SECRET), "{stderr}");
 }
+
+/// The one-line counters, logged at the interval asked for, agree with what the
+/// daemon printed and exported.
+#[test]
+fn stats_line_counts_what_happened() {
+    if !root_or_skip("stats_line_counts_what_happened") {
+        return;
+    }
+    let rx = Receiver::start();
+    let endpoint = rx.grpc_endpoint();
+    let tracer = Tracer::start_with_env(
+        &[
+            "--otlp-endpoint",
+            &endpoint,
+            "--otlp-protocol",
+            "grpc",
+            "--print",
+            "-s",
+            "--stats-interval",
+            "1",
+        ],
+        &[("OTEL_BSP_SCHEDULE_DELAY", "50")],
+    );
+    let (listener, _) = listen("127.0.0.1");
+    let clients: Vec<u16> = (0..5)
+        .map(|_| connect_hold_close(&listener, Duration::ZERO).0.port())
+        .collect();
+    let printed = tracer
+        .wait_for("the clients' CLOSE", |lines| {
+            let rows = rows(lines, false);
+            clients
+                .iter()
+                .all(|&c| rows.iter().any(|r| r.lport == c && r.new == "CLOSE"))
+        })
+        .len()
+        - 1;
+    let before = tracer.stderr().len();
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    let line = loop {
+        let stderr = tracer.stderr();
+        if let Some(line) = stderr[before..].iter().find(|l| l.contains("stats:")) {
+            break line.clone();
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no stats line in {stderr:?}"
+        );
+        thread::sleep(Duration::from_millis(50));
+    };
+    drop(tracer);
+    let number = |label: &str| -> u64 {
+        let at = line
+            .find(label)
+            .unwrap_or_else(|| panic!("no {label:?} in {line}"));
+        line[..at]
+            .split_whitespace()
+            .last()
+            .unwrap()
+            .parse()
+            .unwrap()
+    };
+    assert!(
+        number(" events seen") >= printed as u64,
+        "{line} vs {printed} rows"
+    );
+    assert_eq!(number(" lost"), 0, "{line}");
+    assert!(
+        number(" started") >= 10,
+        "5 connections, 10 sockets: {line}"
+    );
+    assert!(number(" exported") <= number(" produced"), "{line}");
+    assert_eq!(number(" failed"), 0, "{line}");
+}

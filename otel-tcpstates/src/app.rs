@@ -33,6 +33,8 @@ type Stdout = BufWriter<StdoutLock<'static>>;
 /// Where events go: tcpstates lines, or the session table, whose updates feed
 /// tcplife lines and/or traces.
 struct Sinks {
+    /// Events decoded so far.
+    seen: u64,
     text: Option<TextWriter<Stdout>>,
     table: Option<SessionTable>,
     life: Option<LifeWriter<Stdout>>,
@@ -42,11 +44,13 @@ struct Sinks {
 impl Sinks {
     fn event(&mut self, event: &TcpEvent) -> io::Result<()> {
         let Self {
+            seen,
             text,
             table,
             life,
             traces,
         } = self;
+        *seen += 1;
         if let Some(text) = text {
             text.event(event)?;
         }
@@ -143,6 +147,7 @@ pub async fn run(cli: Cli) -> Result<()> {
     let printing = export.is_none() || cli.print;
     let stdout = || BufWriter::with_capacity(64 << 10, io::stdout().lock());
     let mut sinks = Sinks {
+        seen: 0,
         text: (printing && !cli.life).then(|| TextWriter::new(layout, clock, stdout())),
         life: (printing && cli.life).then(|| LifeWriter::new(layout, clock, stdout())),
         table: (traces.is_some() || cli.life).then(|| SessionTable::new(cli.max_sockets)),
@@ -163,6 +168,19 @@ pub async fn run(cli: Cli) -> Result<()> {
     }
 
     let mut lost_timer = tokio::time::interval(LOST_REPORT_EVERY);
+    // Off (a timer that never fires) unless asked for, or when exporting.
+    let stats_every = match cli.stats_interval {
+        Some(secs) => secs,
+        None if sinks.traces.is_some() => DEFAULT_STATS_EVERY_SECS,
+        None => 0,
+    };
+    let stats_period = Duration::from_secs(if stats_every == 0 {
+        86_400 * 365
+    } else {
+        stats_every
+    });
+    let mut stats_timer =
+        tokio::time::interval_at(tokio::time::Instant::now() + stats_period, stats_period);
     let mut clock_timer = tokio::time::interval_at(
         tokio::time::Instant::now() + CLOCK_RESYNC_EVERY,
         CLOCK_RESYNC_EVERY,
@@ -192,6 +210,9 @@ pub async fn run(cli: Cli) -> Result<()> {
                     );
                     dropped_reported = dropped;
                 }
+            }
+            _ = stats_timer.tick(), if stats_every > 0 => {
+                tracing::info!("{}", stats_line(&sinks, probe.lost_events()?));
             }
             _ = clock_timer.tick() => {
                 if let Some(traces) = &mut sinks.traces {
@@ -256,6 +277,34 @@ pub async fn run(cli: Cli) -> Result<()> {
         }
     }
     last.or_else(quiet_on_broken_pipe)
+}
+
+/// How often the one-line counters are logged when exporting, unless set.
+const DEFAULT_STATS_EVERY_SECS: u64 = 60;
+
+/// The tracer's own counters, as one line.
+fn stats_line(sinks: &Sinks, lost: u64) -> String {
+    let mut line = format!("stats: {} events seen, {lost} lost", sinks.seen);
+    if let Some(table) = &sinks.table {
+        let stats = table.stats();
+        line += &format!(
+            "; sessions: {} in flight, {} started, {} evicted",
+            table.len(),
+            stats.started,
+            stats.evicted
+        );
+    }
+    if let Some(traces) = &sinks.traces {
+        let c = traces.counters();
+        line += &format!(
+            "; spans: {} produced, {} exported, {} failed, at least {} dropped",
+            c.produced.load(std::sync::atomic::Ordering::Relaxed),
+            c.exported.load(std::sync::atomic::Ordering::Relaxed),
+            c.failed.load(std::sync::atomic::Ordering::Relaxed),
+            traces.dropped_at_least()
+        );
+    }
+    line
 }
 
 /// Beyond the flush timeout, what an orderly exit may take (draining, ending sessions).

@@ -96,6 +96,11 @@ pub struct Cli {
           value_parser = clap::value_parser!(u64).range(0..=600))]
     pub shutdown_timeout: u64,
 
+    /// Log the tracer's own counters (events seen/lost, sessions, spans) as one line
+    /// every SECS seconds; 0 turns it off [default: 60 when exporting, else off]
+    #[arg(long = "stats-interval", value_name = "SECS")]
+    pub stats_interval: Option<u64>,
+
     /// Kernel ring buffer size in MiB (a power of two); larger survives longer bursts
     #[arg(long = "ring-buffer-mib", value_name = "MIB", default_value_t = 8,
           value_parser = parse_ring_buffer_mib)]

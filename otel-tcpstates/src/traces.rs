@@ -53,6 +53,10 @@ impl Traces {
         self.exporter.send(span);
     }
 
+    pub fn counters(&self) -> &crate::export::Counters {
+        self.exporter.counters()
+    }
+
     /// See [`Exporter::dropped_at_least`].
     pub fn dropped_at_least(&self) -> u64 {
         self.exporter.dropped_at_least()
