@@ -6,6 +6,7 @@ use std::{
 };
 
 use anyhow::{Context as _, Result};
+use otel_tcpstates_common::TcpOffsets;
 use tokio::signal::unix::{SignalKind, signal};
 
 use crate::{
@@ -118,7 +119,14 @@ pub async fn run(cli: Cli) -> Result<()> {
     exit_watchdog(Duration::from_secs(cli.shutdown_timeout) + SHUTDOWN_GRACE)?;
 
     let clock = WallClock::measure();
-    let offsets = loader::tcp_offsets();
+    // Only sessions (traces, --life) report the facts read at CLOSE: plain tcpstates
+    // output skips the BTF parse, and the kernel skips the reads.
+    let sessions = export.is_some() || cli.life;
+    let offsets = if sessions {
+        loader::tcp_offsets()
+    } else {
+        TcpOffsets::default()
+    };
     let traces = match &export {
         Some(settings) => {
             let options = MapperOptions {
@@ -150,7 +158,7 @@ pub async fn run(cli: Cli) -> Result<()> {
         seen: 0,
         text: (printing && !cli.life).then(|| TextWriter::new(layout, clock, stdout())),
         life: (printing && cli.life).then(|| LifeWriter::new(layout, clock, stdout())),
-        table: (traces.is_some() || cli.life).then(|| SessionTable::new(cli.max_sockets)),
+        table: sessions.then(|| SessionTable::new(cli.max_sockets)),
         traces,
     };
     // Logged once attached, like the header below.
@@ -168,17 +176,13 @@ pub async fn run(cli: Cli) -> Result<()> {
     }
 
     let mut lost_timer = tokio::time::interval(LOST_REPORT_EVERY);
-    // Off (a timer that never fires) unless asked for, or when exporting.
+    // Off (0: the branch below is disabled) unless asked for, or when exporting.
     let stats_every = match cli.stats_interval {
         Some(secs) => secs,
         None if sinks.traces.is_some() => DEFAULT_STATS_EVERY_SECS,
         None => 0,
     };
-    let stats_period = Duration::from_secs(if stats_every == 0 {
-        86_400 * 365
-    } else {
-        stats_every
-    });
+    let stats_period = Duration::from_secs(stats_every.max(1));
     let mut stats_timer =
         tokio::time::interval_at(tokio::time::Instant::now() + stats_period, stats_period);
     let mut clock_timer = tokio::time::interval_at(
@@ -255,11 +259,9 @@ pub async fn run(cli: Cli) -> Result<()> {
             EndReason::Shutdown,
             &mut |update| traces.send(&update),
         );
-        let (summary, flushed) = traces.shutdown(
-            Duration::from_secs(cli.shutdown_timeout),
-            table.stats(),
-            in_flight,
-        );
+        let flushed = traces.shutdown(Duration::from_secs(cli.shutdown_timeout));
+        // Nothing is queued any more: whatever was not exported or failed was dropped.
+        let summary = traces.summary(table.stats(), in_flight);
         tracing::info!(
             "{} sockets traced ({} evicted, {} open at exit), {} spans: {} exported, {} failed, {} not sent",
             summary.sessions,
@@ -268,9 +270,7 @@ pub async fn run(cli: Cli) -> Result<()> {
             summary.spans,
             summary.exported,
             summary.failed,
-            summary
-                .spans
-                .saturating_sub(summary.exported + summary.failed)
+            summary.not_sent
         );
         if let Err(err) = flushed {
             tracing::warn!("{err:#}");
@@ -294,13 +294,13 @@ fn stats_line(sinks: &Sinks, lost: u64) -> String {
             stats.evicted
         );
     }
-    if let Some(traces) = &sinks.traces {
-        let c = traces.counters();
+    if let (Some(traces), Some(table)) = (&sinks.traces, &sinks.table) {
+        let s = traces.summary(table.stats(), table.len());
         line += &format!(
             "; spans: {} produced, {} exported, {} failed, at least {} dropped",
-            c.produced.load(std::sync::atomic::Ordering::Relaxed),
-            c.exported.load(std::sync::atomic::Ordering::Relaxed),
-            c.failed.load(std::sync::atomic::Ordering::Relaxed),
+            s.spans,
+            s.exported,
+            s.failed,
             traces.dropped_at_least()
         );
     }

@@ -17,7 +17,7 @@ pub struct Traces {
     exporter: Exporter,
 }
 
-/// Counts for the exit summary.
+/// The pipeline's counts at one moment.
 #[derive(Clone, Copy, Debug)]
 pub struct Summary {
     pub sessions: u64,
@@ -27,6 +27,8 @@ pub struct Summary {
     pub spans: u64,
     pub exported: u64,
     pub failed: u64,
+    /// Neither exported nor failed: queued, or dropped (all dropped after shutdown).
+    pub not_sent: u64,
 }
 
 impl Traces {
@@ -53,10 +55,6 @@ impl Traces {
         self.exporter.send(span);
     }
 
-    pub fn counters(&self) -> &crate::export::Counters {
-        self.exporter.counters()
-    }
-
     /// See [`Exporter::dropped_at_least`].
     pub fn dropped_at_least(&self) -> u64 {
         self.exporter.dropped_at_least()
@@ -68,22 +66,23 @@ impl Traces {
 
     /// Flushes, waiting at most `timeout` for the collector; the table's sessions
     /// must have been ended (and sent) already.
-    pub fn shutdown(
-        self,
-        timeout: Duration,
-        table: TableStats,
-        in_flight: usize,
-    ) -> (Summary, Result<()>) {
-        let flushed = self.exporter.shutdown(timeout);
+    pub fn shutdown(&self, timeout: Duration) -> Result<()> {
+        self.exporter.shutdown(timeout)
+    }
+
+    pub fn summary(&self, table: TableStats, in_flight: usize) -> Summary {
         let counters = self.exporter.counters();
-        let summary = Summary {
+        let spans = counters.produced.load(Ordering::Relaxed);
+        let exported = counters.exported.load(Ordering::Relaxed);
+        let failed = counters.failed.load(Ordering::Relaxed);
+        Summary {
             sessions: table.started,
             evicted: table.evicted,
             in_flight,
-            spans: counters.produced.load(Ordering::Relaxed),
-            exported: counters.exported.load(Ordering::Relaxed),
-            failed: counters.failed.load(Ordering::Relaxed),
-        };
-        (summary, flushed)
+            spans,
+            exported,
+            failed,
+            not_sent: spans.saturating_sub(exported + failed),
+        }
     }
 }
