@@ -2,7 +2,7 @@
 //! the trace pipeline, until a signal arrives.
 use std::{
     io::{self, BufWriter, StdoutLock},
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use anyhow::{Context as _, Result};
@@ -18,8 +18,10 @@ use crate::{
     output::{Layout, life::LifeWriter, text::TextWriter},
     preflight,
     reader::EventReader,
+    self_metrics::SelfMetrics,
     sessions::{EndReason, SessionTable},
     spans::MapperOptions,
+    stats::{SessionStats, Stats},
     traces::Traces,
 };
 
@@ -127,13 +129,18 @@ pub async fn run(cli: Cli) -> Result<()> {
     } else {
         TcpOffsets::default()
     };
+    let mut self_metrics = None;
     let traces = match &export {
         Some(settings) => {
             let options = MapperOptions {
                 service_per_process: cli.service_per_process,
                 facts: offsets.enabled != 0,
             };
-            Some(Traces::start(settings, clock, options)?)
+            let resource = export::resource();
+            if settings.metrics {
+                self_metrics = Some(SelfMetrics::start(settings, &resource)?);
+            }
+            Some(Traces::start(settings, &resource, clock, options)?)
         }
         None => None,
     };
@@ -206,7 +213,11 @@ pub async fn run(cli: Cli) -> Result<()> {
                     );
                     lost_reported = lost;
                 }
-                let dropped = sinks.traces.as_ref().map_or(0, Traces::dropped_at_least);
+                let stats = stats(&sinks, lost);
+                if let Some(metrics) = &self_metrics {
+                    metrics.publish(&stats);
+                }
+                let dropped = stats.spans.map_or(0, |s| s.dropped);
                 if dropped > dropped_reported {
                     tracing::warn!(
                         "at least {} spans dropped (export queue full): the collector, or the export path, cannot keep up",
@@ -216,7 +227,7 @@ pub async fn run(cli: Cli) -> Result<()> {
                 }
             }
             _ = stats_timer.tick(), if stats_every > 0 => {
-                tracing::info!("{}", stats_line(&sinks, probe.lost_events()?));
+                tracing::info!("{}", stats(&sinks, probe.lost_events()?));
             }
             _ = clock_timer.tick() => {
                 if let Some(traces) = &mut sinks.traces {
@@ -252,28 +263,45 @@ pub async fn run(cli: Cli) -> Result<()> {
     if reader.malformed > 0 {
         tracing::warn!("{} malformed event records skipped", reader.malformed);
     }
-    if let (Some(mut traces), Some(mut table)) = (sinks.traces.take(), sinks.table.take()) {
+    if let Some(mut traces) = sinks.traces.take()
+        && let Some(table) = &mut sinks.table
+    {
         let in_flight = table.len();
+        // One deadline for ending the in-flight sessions and the final flushes.
+        let deadline = Instant::now() + Duration::from_secs(cli.shutdown_timeout);
         table.end_all(
             clock::monotonic_now_ns(),
             EndReason::Shutdown,
-            &mut |update| traces.send(&update),
+            &mut |update| traces.send_flushing(&update, deadline),
         );
-        let flushed = traces.shutdown(Duration::from_secs(cli.shutdown_timeout));
+        let left = || deadline.saturating_duration_since(Instant::now());
+        let flushed = traces.shutdown(left().max(MIN_FINAL_FLUSH));
         // Nothing is queued any more: whatever was not exported or failed was dropped.
-        let summary = traces.summary(table.stats(), in_flight);
+        let spans = traces.stats();
+        let sessions = table.stats();
         tracing::info!(
-            "{} sockets traced ({} evicted, {} open at exit), {} spans: {} exported, {} failed, {} not sent",
-            summary.sessions,
-            summary.evicted,
-            summary.in_flight,
-            summary.spans,
-            summary.exported,
-            summary.failed,
-            summary.not_sent
+            "{} sockets traced ({} evicted, {in_flight} open at exit), {} spans: {} exported, {} failed, {} not sent",
+            sessions.started,
+            sessions.evicted,
+            spans.produced,
+            spans.exported,
+            spans.failed,
+            spans.dropped
         );
         if let Err(err) = flushed {
             tracing::warn!("{err:#}");
+        }
+        if let Some(metrics) = self_metrics.take() {
+            let mut last = stats(&sinks, lost);
+            last.spans = Some(spans);
+            // The sessions ended by shutdown are no longer in flight.
+            if let Some(s) = &mut last.sessions {
+                s.in_flight = 0;
+            }
+            metrics.publish(&last);
+            if let Err(err) = metrics.shutdown(left().max(MIN_FINAL_FLUSH)) {
+                tracing::warn!("{err:#}");
+            }
         }
     }
     last.or_else(quiet_on_broken_pipe)
@@ -282,33 +310,30 @@ pub async fn run(cli: Cli) -> Result<()> {
 /// How often the one-line counters are logged when exporting, unless set.
 const DEFAULT_STATS_EVERY_SECS: u64 = 60;
 
-/// The tracer's own counters, as one line.
-fn stats_line(sinks: &Sinks, lost: u64) -> String {
-    let mut line = format!("stats: {} events seen, {lost} lost", sinks.seen);
-    if let Some(table) = &sinks.table {
-        let stats = table.stats();
-        line += &format!(
-            "; sessions: {} in flight, {} started, {} evicted",
-            table.len(),
-            stats.started,
-            stats.evicted
-        );
+/// The tracer's own counters now.
+fn stats(sinks: &Sinks, lost: u64) -> Stats {
+    Stats {
+        events_seen: sinks.seen,
+        events_lost: lost,
+        sessions: sinks.table.as_ref().map(|table| {
+            let s = table.stats();
+            SessionStats {
+                in_flight: table.len() as u64,
+                started: s.started,
+                evicted: s.evicted,
+            }
+        }),
+        spans: sinks.traces.as_ref().map(Traces::stats),
     }
-    if let (Some(traces), Some(table)) = (&sinks.traces, &sinks.table) {
-        let s = traces.summary(table.stats(), table.len());
-        line += &format!(
-            "; spans: {} produced, {} exported, {} failed, at least {} dropped",
-            s.spans,
-            s.exported,
-            s.failed,
-            traces.dropped_at_least()
-        );
-    }
-    line
 }
 
-/// Beyond the flush timeout, what an orderly exit may take (draining, ending sessions).
-const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
+/// The final flush gets at least this, even when ending the sessions used up the
+/// shutdown deadline: the last batch may still go through.
+const MIN_FINAL_FLUSH: Duration = Duration::from_millis(500);
+
+/// Beyond the shutdown timeout, what an orderly exit may take: draining, and one
+/// flush started just before the deadline (the SDK lets it wait 5 s).
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(7);
 
 /// Makes sure a signal ends the process even if the main loop cannot: it may be stuck
 /// writing to a pipe nobody reads. A second signal, or the first one's deadline,

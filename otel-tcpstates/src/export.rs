@@ -7,7 +7,7 @@ use std::{
         Arc,
         atomic::{AtomicBool, AtomicU64, Ordering},
     },
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use anyhow::{Context as _, Result};
@@ -57,6 +57,12 @@ pub struct Settings {
     /// For messages: the endpoint in effect, whichever source it came from.
     pub endpoint: String,
     pub protocol: Protocol,
+    /// Whether the tracer's own counters are exported as metrics too (unless
+    /// `OTEL_METRICS_EXPORTER=none`).
+    pub metrics: bool,
+    /// Where those go, when it differs from what the metrics exporter would read
+    /// from `OTEL_EXPORTER_OTLP_[METRICS_]ENDPOINT` itself: next to the traces.
+    pub metrics_endpoint: Option<String>,
 }
 
 fn env_nonempty(name: &str) -> Option<String> {
@@ -117,14 +123,27 @@ pub fn settings_from(
     flag_protocol: Option<Protocol>,
     env: impl Fn(&str) -> Option<String>,
 ) -> Result<Option<Settings>, UsageError> {
-    let settings = resolve(flag_endpoint, flag_protocol, &env)?;
-    if settings.is_some() {
+    let mut settings = resolve(flag_endpoint, flag_protocol, &env)?;
+    if let Some(settings) = &mut settings {
+        settings.metrics = match env("OTEL_METRICS_EXPORTER").as_deref().map(str::trim) {
+            None | Some("otlp") => true,
+            Some("none") => false,
+            Some(other) => {
+                return Err(UsageError(format!(
+                    "OTEL_METRICS_EXPORTER='{other}' is not supported; use otlp or none"
+                )));
+            }
+        };
+        if let Some(value) = env("OTEL_EXPORTER_OTLP_METRICS_ENDPOINT") {
+            check_url(&value, "OTEL_EXPORTER_OTLP_METRICS_ENDPOINT")?;
+        }
         if let Some(value) = env("OTEL_RESOURCE_ATTRIBUTES") {
             check_pairs("OTEL_RESOURCE_ATTRIBUTES", &value, true)?;
         }
         for name in [
             "OTEL_EXPORTER_OTLP_HEADERS",
             "OTEL_EXPORTER_OTLP_TRACES_HEADERS",
+            "OTEL_EXPORTER_OTLP_METRICS_HEADERS",
         ] {
             if let Some(value) = env(name) {
                 check_pairs(name, &value, false)?;
@@ -169,6 +188,10 @@ fn resolve(
             flag_endpoint: Some(url.to_string()),
             endpoint: url.to_string(),
             protocol,
+            metrics: true,
+            metrics_endpoint: env("OTEL_EXPORTER_OTLP_METRICS_ENDPOINT")
+                .is_none()
+                .then(|| metrics_next_to(url.as_str(), protocol)),
         }));
     }
     for name in [
@@ -177,14 +200,33 @@ fn resolve(
     ] {
         if let Some(value) = env(name) {
             check_url(&value, name)?;
+            // Only a traces-specific endpoint leaves the metrics exporter without
+            // one of its own to read.
+            let metrics_endpoint = (name == "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"
+                && env("OTEL_EXPORTER_OTLP_METRICS_ENDPOINT").is_none()
+                && env("OTEL_EXPORTER_OTLP_ENDPOINT").is_none())
+            .then(|| metrics_next_to(&value, protocol));
             return Ok(Some(Settings {
                 flag_endpoint: None,
                 endpoint: value,
                 protocol,
+                metrics: true,
+                metrics_endpoint,
             }));
         }
     }
     Ok(None)
+}
+
+/// The metrics endpoint on the collector that takes the traces at `traces`.
+fn metrics_next_to(traces: &str, protocol: Protocol) -> String {
+    match protocol {
+        Protocol::Grpc => traces.to_owned(),
+        Protocol::HttpProtobuf => match traces.trim_end_matches('/').strip_suffix("/v1/traces") {
+            Some(base) => format!("{base}/v1/metrics"),
+            None => traces.to_owned(),
+        },
+    }
 }
 
 /// The resource every span carries: `service.name` (default `otel-tcpstates`,
@@ -221,6 +263,8 @@ pub struct Counters {
     pub exported: AtomicU64,
     /// Spans in batches the collector did not accept (unreachable, timeout, error).
     pub failed: AtomicU64,
+    /// Export requests that failed.
+    pub errors: AtomicU64,
 }
 
 /// Wraps the OTLP exporter to count outcomes, to say once when export starts failing
@@ -298,6 +342,7 @@ impl<E: SpanExporter> SpanExporter for Counting<E> {
             }
             Err(err) => {
                 self.counters.failed.fetch_add(spans, Ordering::Relaxed);
+                self.counters.errors.fetch_add(1, Ordering::Relaxed);
                 if !self.failing.swap(true, Ordering::Relaxed) {
                     tracing::warn!(
                         "export to {} failed ({err}); spans are dropped until it answers, tracing goes on",
@@ -332,8 +377,15 @@ impl<E: SpanExporter> SpanExporter for Counting<E> {
 pub struct Exporter {
     processor: BatchSpanProcessor,
     counters: Arc<Counters>,
+    /// The batch processor's queue length.
+    queue: u64,
     /// What the batch processor can hold: its queue plus the batch being exported.
     capacity: u64,
+    /// Set when a flush at shutdown failed: the collector does not answer, so
+    /// waiting for it again would only spend the shutdown deadline.
+    flush_failed: bool,
+    /// Once shut down nothing is queued any more.
+    shut_down: bool,
 }
 
 impl Exporter {
@@ -407,7 +459,10 @@ impl Exporter {
         Ok(Self {
             processor,
             counters,
+            queue: queue as u64,
             capacity,
+            flush_failed: false,
+            shut_down: false,
         })
     }
 
@@ -416,23 +471,43 @@ impl Exporter {
         self.processor.on_end(span);
     }
 
+    /// Like [`Exporter::send`], but while the collector answers and `deadline` has
+    /// not passed, flushes instead of letting a full queue drop the span. For
+    /// shutdown, when every in-flight session is ended at once and nothing else
+    /// competes for the time; while running, the event loop must never wait.
+    pub fn send_flushing(&mut self, span: SpanData, deadline: Instant) {
+        // Fewer than `queue` spans unsettled means fewer than `queue` in the
+        // queue: the span fits.
+        while !self.flush_failed && self.unsettled() >= self.queue && Instant::now() < deadline {
+            if self.processor.force_flush().is_err() {
+                self.flush_failed = true;
+            }
+        }
+        self.send(span);
+    }
+
+    /// Handed over and neither exported nor failed yet.
+    fn unsettled(&self) -> u64 {
+        let c = &self.counters;
+        let settled = c.exported.load(Ordering::Relaxed) + c.failed.load(Ordering::Relaxed);
+        c.produced.load(Ordering::Relaxed).saturating_sub(settled)
+    }
+
     pub fn counters(&self) -> &Counters {
         &self.counters
     }
 
     /// Spans certainly dropped so far because the queue was full: whatever was
     /// handed over and is neither exported, failed, nor able to fit in the queue.
-    /// (Exact once the processor is shut down, when nothing is left queued.)
+    /// Exact once shut down, when nothing is left queued.
     pub fn dropped_at_least(&self) -> u64 {
-        let c = &self.counters;
-        let settled = c.exported.load(Ordering::Relaxed) + c.failed.load(Ordering::Relaxed);
-        c.produced
-            .load(Ordering::Relaxed)
-            .saturating_sub(settled + self.capacity)
+        let queued_at_most = if self.shut_down { 0 } else { self.capacity };
+        self.unsettled().saturating_sub(queued_at_most)
     }
 
     /// Exports what is queued, waiting at most `timeout` (the collector may be gone).
-    pub fn shutdown(&self, timeout: Duration) -> Result<()> {
+    pub fn shutdown(&mut self, timeout: Duration) -> Result<()> {
+        self.shut_down = true;
         self.processor
             .shutdown_with_timeout(timeout)
             .map_err(|err| anyhow::anyhow!("flushing spans on exit: {err}"))
@@ -578,6 +653,65 @@ mod tests {
         assert_eq!(
             resolve(None, None, &[("OTEL_RESOURCE_ATTRIBUTES", "junk")]),
             Ok(None)
+        );
+    }
+
+    #[test]
+    fn metrics_go_next_to_the_traces_unless_told_otherwise() {
+        let s = resolve(Some("http://c:4318"), None, &[]).unwrap().unwrap();
+        assert!(s.metrics);
+        assert_eq!(
+            s.metrics_endpoint.as_deref(),
+            Some("http://c:4318/v1/metrics")
+        );
+        let s = resolve(Some("http://c:4317"), Some(Protocol::Grpc), &[])
+            .unwrap()
+            .unwrap();
+        assert_eq!(s.metrics_endpoint.as_deref(), Some("http://c:4317/"));
+        let traces = (
+            "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT",
+            "http://t:4318/v1/traces",
+        );
+        let s = resolve(None, None, &[traces]).unwrap().unwrap();
+        assert_eq!(
+            s.metrics_endpoint.as_deref(),
+            Some("http://t:4318/v1/metrics")
+        );
+        // Endpoints the metrics exporter reads itself win.
+        for own in [
+            ("OTEL_EXPORTER_OTLP_ENDPOINT", "http://a:4318"),
+            (
+                "OTEL_EXPORTER_OTLP_METRICS_ENDPOINT",
+                "http://m:4318/v1/metrics",
+            ),
+        ] {
+            let s = resolve(None, None, &[traces, own]).unwrap().unwrap();
+            assert_eq!(s.metrics_endpoint, None, "{own:?}");
+        }
+        let s = resolve(
+            Some("http://c:4318"),
+            None,
+            &[("OTEL_METRICS_EXPORTER", "none")],
+        )
+        .unwrap()
+        .unwrap();
+        assert!(!s.metrics);
+        let err = resolve(
+            Some("http://c:4318"),
+            None,
+            &[("OTEL_METRICS_EXPORTER", "prometheus")],
+        )
+        .unwrap_err();
+        assert!(err.0.contains("use otlp or none"), "{err}");
+        let err = resolve(
+            Some("http://c:4318"),
+            None,
+            &[("OTEL_EXPORTER_OTLP_METRICS_ENDPOINT", "m:4318")],
+        )
+        .unwrap_err();
+        assert!(
+            err.0.starts_with("OTEL_EXPORTER_OTLP_METRICS_ENDPOINT"),
+            "{err}"
         );
     }
 

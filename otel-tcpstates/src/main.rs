@@ -10,8 +10,10 @@ mod loader;
 mod output;
 mod preflight;
 mod reader;
+mod self_metrics;
 mod sessions;
 mod spans;
+mod stats;
 mod traces;
 
 use std::process::ExitCode;

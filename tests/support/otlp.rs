@@ -1,7 +1,7 @@
-//! An in-process OTLP trace receiver, so tests can check what the daemon really
-//! puts on the wire: gRPC (the tonic-generated `TraceService`) and HTTP/protobuf
-//! (`POST /v1/traces`), each on its own 127.0.0.1 port, served from a background
-//! thread with its own tokio runtime.
+//! An in-process OTLP receiver, so tests can check what the daemon really puts on
+//! the wire: gRPC (the tonic-generated trace and metrics services) and
+//! HTTP/protobuf (`POST /v1/traces`, `/v1/metrics`), each on its own 127.0.0.1
+//! port, served from a background thread with its own tokio runtime.
 
 use std::{
     collections::BTreeMap,
@@ -21,11 +21,18 @@ use axum::{
     routing::post,
 };
 use opentelemetry_proto::tonic::{
-    collector::trace::v1::{
-        ExportTraceServiceRequest, ExportTraceServiceResponse,
-        trace_service_server::{TraceService, TraceServiceServer},
+    collector::{
+        metrics::v1::{
+            ExportMetricsServiceRequest, ExportMetricsServiceResponse,
+            metrics_service_server::{MetricsService, MetricsServiceServer},
+        },
+        trace::v1::{
+            ExportTraceServiceRequest, ExportTraceServiceResponse,
+            trace_service_server::{TraceService, TraceServiceServer},
+        },
     },
     common::v1::{AnyValue, KeyValue, any_value},
+    metrics::v1::{metric, number_data_point},
 };
 use prost::Message as _;
 use tonic::{
@@ -106,6 +113,19 @@ struct Store {
     span_count: u64,
     /// Set by [`Receiver::start_counting`]: spans are counted, not kept.
     count_only: bool,
+    /// Each metric's latest data point.
+    metrics: BTreeMap<String, ReceivedMetric>,
+    metric_requests: usize,
+}
+
+/// A metric's latest single data point, as received.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ReceivedMetric {
+    pub value: i64,
+    /// "sum" (monotonic: a counter) or "gauge".
+    pub kind: &'static str,
+    pub service_name: Option<String>,
+    pub transport: &'static str,
 }
 
 type Shared = Arc<Mutex<Store>>;
@@ -207,6 +227,16 @@ impl Receiver {
         lock(&self.store).requests
     }
 
+    /// Each metric's latest data point, by name.
+    pub fn metrics(&self) -> BTreeMap<String, ReceivedMetric> {
+        lock(&self.store).metrics.clone()
+    }
+
+    /// Metrics export requests received over both transports.
+    pub fn metric_requests(&self) -> usize {
+        lock(&self.store).metric_requests
+    }
+
     /// Spans received so far over both transports, stored or only counted.
     pub fn span_count(&self) -> u64 {
         lock(&self.store).span_count
@@ -262,11 +292,15 @@ async fn serve(
     // Collectors (rotel included) gzip by default, so accept it like a real one.
     let trace_service = TraceServiceServer::new(Grpc(Arc::clone(&store)))
         .accept_compressed(CompressionEncoding::Gzip);
+    let metrics_service = MetricsServiceServer::new(Grpc(Arc::clone(&store)))
+        .accept_compressed(CompressionEncoding::Gzip);
     let grpc_server = Server::builder()
         .add_service(trace_service)
+        .add_service(metrics_service)
         .serve_with_incoming(TcpIncoming::from(grpc));
     let app = Router::new()
         .route("/v1/traces", post(http_export))
+        .route("/v1/metrics", post(http_export_metrics))
         .with_state(store);
     let http_server = axum::serve(http, app);
 
@@ -295,32 +329,21 @@ impl TraceService for Grpc {
     }
 }
 
-/// OTLP/HTTP with binary protobuf; JSON is not accepted, so a test notices if the
-/// daemon ever sends it.
-async fn http_export(State(store): State<Shared>, headers: HeaderMap, body: Bytes) -> Response {
-    let content_type = header_str(&headers, header::CONTENT_TYPE);
-    let media_type = content_type.split(';').next().unwrap_or("").trim();
-    if media_type != "application/x-protobuf" {
-        return reject(
-            StatusCode::UNSUPPORTED_MEDIA_TYPE,
-            format!("want application/x-protobuf, got {content_type:?}"),
-        );
+#[tonic::async_trait]
+impl MetricsService for Grpc {
+    async fn export(
+        &self,
+        request: tonic::Request<ExportMetricsServiceRequest>,
+    ) -> Result<tonic::Response<ExportMetricsServiceResponse>, tonic::Status> {
+        record_metrics(&self.0, "grpc", request.into_inner());
+        Ok(tonic::Response::new(ExportMetricsServiceResponse::default()))
     }
-    let body = match header_str(&headers, header::CONTENT_ENCODING) {
-        "" | "identity" => body.to_vec(),
-        "gzip" => {
-            let mut plain = Vec::new();
-            if let Err(e) = flate2::read::GzDecoder::new(&body[..]).read_to_end(&mut plain) {
-                return reject(StatusCode::BAD_REQUEST, format!("bad gzip body: {e}"));
-            }
-            plain
-        }
-        other => {
-            return reject(
-                StatusCode::UNSUPPORTED_MEDIA_TYPE,
-                format!("unsupported content-encoding {other:?}"),
-            );
-        }
+}
+
+async fn http_export(State(store): State<Shared>, headers: HeaderMap, body: Bytes) -> Response {
+    let body = match protobuf_body(&headers, body) {
+        Ok(body) => body,
+        Err(rejected) => return rejected,
     };
     match ExportTraceServiceRequest::decode(&body[..]) {
         Ok(request) => {
@@ -333,6 +356,61 @@ async fn http_export(State(store): State<Shared>, headers: HeaderMap, body: Byte
             format!("not an ExportTraceServiceRequest: {e}"),
         ),
     }
+}
+
+async fn http_export_metrics(
+    State(store): State<Shared>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let body = match protobuf_body(&headers, body) {
+        Ok(body) => body,
+        Err(rejected) => return rejected,
+    };
+    match ExportMetricsServiceRequest::decode(&body[..]) {
+        Ok(request) => {
+            record_metrics(&store, "http", request);
+            let response = ExportMetricsServiceResponse::default().encode_to_vec();
+            ([(header::CONTENT_TYPE, "application/x-protobuf")], response).into_response()
+        }
+        Err(e) => reject(
+            StatusCode::BAD_REQUEST,
+            format!("not an ExportMetricsServiceRequest: {e}"),
+        ),
+    }
+}
+
+/// OTLP/HTTP with binary protobuf, maybe gzipped; JSON is not accepted, so a test
+/// notices if the daemon ever sends it.
+#[allow(clippy::result_large_err)]
+fn protobuf_body(headers: &HeaderMap, body: Bytes) -> Result<Vec<u8>, Response> {
+    let content_type = header_str(headers, header::CONTENT_TYPE);
+    let media_type = content_type.split(';').next().unwrap_or("").trim();
+    if media_type != "application/x-protobuf" {
+        return Err(reject(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            format!("want application/x-protobuf, got {content_type:?}"),
+        ));
+    }
+    Ok(match header_str(headers, header::CONTENT_ENCODING) {
+        "" | "identity" => body.to_vec(),
+        "gzip" => {
+            let mut plain = Vec::new();
+            if let Err(e) = flate2::read::GzDecoder::new(&body[..]).read_to_end(&mut plain) {
+                return Err(reject(
+                    StatusCode::BAD_REQUEST,
+                    format!("bad gzip body: {e}"),
+                ));
+            }
+            plain
+        }
+        other => {
+            return Err(reject(
+                StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                format!("unsupported content-encoding {other:?}"),
+            ));
+        }
+    })
 }
 
 fn header_str(headers: &HeaderMap, name: header::HeaderName) -> &str {
@@ -366,6 +444,44 @@ fn record(store: &Shared, transport: &'static str, request: ExportTraceServiceRe
     store.requests += 1;
     store.span_count += count as u64;
     store.spans.extend(spans);
+}
+
+/// Keeps each metric's latest integer data point (the daemon's are all integers
+/// without attributes).
+fn record_metrics(store: &Shared, transport: &'static str, request: ExportMetricsServiceRequest) {
+    let mut store = lock(store);
+    store.metric_requests += 1;
+    for resource in request.resource_metrics {
+        let service_name = resource
+            .resource
+            .map(|r| attributes(r.attributes))
+            .and_then(|a| match a.get("service.name") {
+                Some(Value::Str(name)) => Some(name.clone()),
+                _ => None,
+            });
+        for metric in resource.scope_metrics.into_iter().flat_map(|s| s.metrics) {
+            let (kind, points) = match metric.data {
+                Some(metric::Data::Sum(sum)) if sum.is_monotonic => ("sum", sum.data_points),
+                Some(metric::Data::Gauge(gauge)) => ("gauge", gauge.data_points),
+                _ => continue,
+            };
+            let Some(value) = points.last().and_then(|p| match p.value {
+                Some(number_data_point::Value::AsInt(v)) => Some(v),
+                _ => None,
+            }) else {
+                continue;
+            };
+            store.metrics.insert(
+                metric.name,
+                ReceivedMetric {
+                    value,
+                    kind,
+                    service_name: service_name.clone(),
+                    transport,
+                },
+            );
+        }
+    }
 }
 
 fn flatten(transport: &'static str, request: ExportTraceServiceRequest) -> Vec<ReceivedSpan> {

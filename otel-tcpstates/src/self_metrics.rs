@@ -1,0 +1,222 @@
+//! Self-telemetry: the tracer's own counters exported as OTLP metrics next to its
+//! traces, so a fleet's collectors can alert on lost events or dropped spans.
+use std::{
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+        mpsc,
+    },
+    thread,
+    time::Duration,
+};
+
+use anyhow::{Context as _, Result};
+use opentelemetry::metrics::MeterProvider as _;
+use opentelemetry_otlp::{Protocol as OtlpProtocol, WithExportConfig};
+use opentelemetry_sdk::{
+    Resource,
+    metrics::{PeriodicReader, SdkMeterProvider},
+};
+
+use crate::{
+    export::{Protocol, Settings},
+    stats::Stats,
+};
+
+/// Metric names; `otel_tcpstates.` keeps them apart from the SDK's own.
+pub mod name {
+    pub const EVENTS_SEEN: &str = "otel_tcpstates.events.seen";
+    pub const EVENTS_LOST: &str = "otel_tcpstates.events.lost";
+    pub const SESSIONS_IN_FLIGHT: &str = "otel_tcpstates.sessions.in_flight";
+    pub const SESSIONS_STARTED: &str = "otel_tcpstates.sessions.started";
+    pub const SESSIONS_EVICTED: &str = "otel_tcpstates.sessions.evicted";
+    pub const SPANS_PRODUCED: &str = "otel_tcpstates.spans.produced";
+    pub const SPANS_EXPORTED: &str = "otel_tcpstates.spans.exported";
+    pub const SPANS_FAILED: &str = "otel_tcpstates.spans.failed";
+    pub const SPANS_DROPPED: &str = "otel_tcpstates.spans.dropped";
+    pub const EXPORT_ERRORS: &str = "otel_tcpstates.export.errors";
+}
+
+/// The last published value of each counter, read by the SDK's collection
+/// callbacks on its own thread.
+#[derive(Debug, Default)]
+struct Published {
+    events_seen: AtomicU64,
+    events_lost: AtomicU64,
+    in_flight: AtomicU64,
+    started: AtomicU64,
+    evicted: AtomicU64,
+    produced: AtomicU64,
+    exported: AtomicU64,
+    failed: AtomicU64,
+    dropped: AtomicU64,
+    export_errors: AtomicU64,
+}
+
+pub struct SelfMetrics {
+    provider: SdkMeterProvider,
+    published: Arc<Published>,
+}
+
+impl SelfMetrics {
+    /// Starts the periodic export (every `OTEL_METRIC_EXPORT_INTERVAL` ms, 60 s by
+    /// default) to the traces' collector. Must run inside the tokio runtime, like
+    /// the span exporter.
+    pub fn start(settings: &Settings, resource: &Resource) -> Result<Self> {
+        let builder = opentelemetry_otlp::MetricExporter::builder();
+        let endpoint = settings.metrics_endpoint.as_deref();
+        let exporter = match settings.protocol {
+            Protocol::Grpc => {
+                let builder = builder.with_tonic().with_protocol(OtlpProtocol::Grpc);
+                match endpoint {
+                    Some(url) => builder.with_endpoint(url).build(),
+                    None => builder.build(),
+                }
+            }
+            Protocol::HttpProtobuf => {
+                let builder = builder.with_http().with_protocol(OtlpProtocol::HttpBinary);
+                match endpoint {
+                    Some(url) => builder.with_endpoint(url).build(),
+                    None => builder.build(),
+                }
+            }
+        }
+        .with_context(|| {
+            format!(
+                "setting up OTLP/{} metrics export next to {}",
+                settings.protocol.as_str(),
+                settings.endpoint
+            )
+        })?;
+        let provider = SdkMeterProvider::builder()
+            .with_reader(PeriodicReader::builder(exporter).build())
+            .with_resource(resource.clone())
+            .build();
+        let published = Arc::new(Published::default());
+        register(&provider, &published);
+        Ok(Self {
+            provider,
+            published,
+        })
+    }
+
+    /// Makes `stats` what the next collection reports.
+    pub fn publish(&self, stats: &Stats) {
+        let p = &self.published;
+        let set = |cell: &AtomicU64, value: u64| cell.store(value, Ordering::Relaxed);
+        set(&p.events_seen, stats.events_seen);
+        set(&p.events_lost, stats.events_lost);
+        if let Some(s) = &stats.sessions {
+            set(&p.in_flight, s.in_flight);
+            set(&p.started, s.started);
+            set(&p.evicted, s.evicted);
+        }
+        if let Some(s) = &stats.spans {
+            set(&p.produced, s.produced);
+            set(&p.exported, s.exported);
+            set(&p.failed, s.failed);
+            set(&p.dropped, s.dropped);
+            set(&p.export_errors, s.export_errors);
+        }
+    }
+
+    /// Exports the last published values and stops, waiting at most `timeout`
+    /// for a collector that may hang.
+    pub fn shutdown(self, timeout: Duration) -> Result<()> {
+        let (done, finished) = mpsc::channel();
+        let provider = self.provider;
+        thread::Builder::new()
+            .name("metrics-shutdown".into())
+            .spawn(move || {
+                let _ = done.send(provider.shutdown());
+            })
+            .context("starting the metrics shutdown")?;
+        match finished.recv_timeout(timeout) {
+            Ok(result) => {
+                result.map_err(|err| anyhow::anyhow!("exporting the last metrics: {err}"))
+            }
+            Err(_) => Err(anyhow::anyhow!(
+                "exporting the last metrics: no answer within {timeout:?}"
+            )),
+        }
+    }
+}
+
+/// One observable instrument per counter, each reading its published value.
+fn register(provider: &SdkMeterProvider, published: &Arc<Published>) {
+    let meter = provider.meter("otel-tcpstates");
+    type Pick = fn(&Published) -> &AtomicU64;
+    let counters: [(&'static str, &'static str, &'static str, Pick); 9] = [
+        (
+            name::EVENTS_SEEN,
+            "{event}",
+            "State changes read from the kernel",
+            |p| &p.events_seen,
+        ),
+        (
+            name::EVENTS_LOST,
+            "{event}",
+            "State changes lost because the ring buffer was full",
+            |p| &p.events_lost,
+        ),
+        (
+            name::SESSIONS_STARTED,
+            "{session}",
+            "Sockets whose session was started",
+            |p| &p.started,
+        ),
+        (
+            name::SESSIONS_EVICTED,
+            "{session}",
+            "Sessions evicted from the full session table",
+            |p| &p.evicted,
+        ),
+        (
+            name::SPANS_PRODUCED,
+            "{span}",
+            "Spans handed to the exporter",
+            |p| &p.produced,
+        ),
+        (
+            name::SPANS_EXPORTED,
+            "{span}",
+            "Spans the collector accepted",
+            |p| &p.exported,
+        ),
+        (
+            name::SPANS_FAILED,
+            "{span}",
+            "Spans in export requests that failed",
+            |p| &p.failed,
+        ),
+        (
+            name::SPANS_DROPPED,
+            "{span}",
+            "Spans dropped because the export queue was full",
+            |p| &p.dropped,
+        ),
+        (
+            name::EXPORT_ERRORS,
+            "{request}",
+            "Span export requests that failed",
+            |p| &p.export_errors,
+        ),
+    ];
+    for (name, unit, description, pick) in counters {
+        let published = Arc::clone(published);
+        // Registered callbacks live as long as the provider; the handle is not needed.
+        let _ = meter
+            .u64_observable_counter(name)
+            .with_unit(unit)
+            .with_description(description)
+            .with_callback(move |out| out.observe(pick(&published).load(Ordering::Relaxed), &[]))
+            .build();
+    }
+    let published = Arc::clone(published);
+    let _ = meter
+        .u64_observable_gauge(name::SESSIONS_IN_FLIGHT)
+        .with_unit("{session}")
+        .with_description("Sessions open in the session table")
+        .with_callback(move |out| out.observe(published.in_flight.load(Ordering::Relaxed), &[]))
+        .build();
+}

@@ -1,0 +1,94 @@
+//! The tracer's own counters at one moment: what the periodic log line, the exit
+//! summary and the self-telemetry metrics all report.
+use std::fmt;
+
+/// The counters of one moment. Sessions and spans exist only when sessions are kept
+/// (traces, `--life`) and when exporting, respectively.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Stats {
+    /// Events decoded from the ring buffer.
+    pub events_seen: u64,
+    /// Events the kernel could not hand over (ring buffer full).
+    pub events_lost: u64,
+    pub sessions: Option<SessionStats>,
+    pub spans: Option<SpanStats>,
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SessionStats {
+    pub in_flight: u64,
+    pub started: u64,
+    pub evicted: u64,
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SpanStats {
+    /// Handed to the exporter.
+    pub produced: u64,
+    /// Accepted by the collector.
+    pub exported: u64,
+    /// In batches the collector did not accept.
+    pub failed: u64,
+    /// Dropped because the export queue was full: a lower bound while running,
+    /// exact once the exporter is shut down.
+    pub dropped: u64,
+    /// Export requests that failed.
+    pub export_errors: u64,
+}
+
+impl fmt::Display for Stats {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "stats: {} events seen, {} lost",
+            self.events_seen, self.events_lost
+        )?;
+        if let Some(s) = &self.sessions {
+            write!(
+                f,
+                "; sessions: {} in flight, {} started, {} evicted",
+                s.in_flight, s.started, s.evicted
+            )?;
+        }
+        if let Some(s) = &self.spans {
+            write!(
+                f,
+                "; spans: {} produced, {} exported, {} failed, at least {} dropped; {} export errors",
+                s.produced, s.exported, s.failed, s.dropped, s.export_errors
+            )?;
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_line_shows_what_is_known() {
+        let mut stats = Stats {
+            events_seen: 12,
+            events_lost: 3,
+            ..Stats::default()
+        };
+        assert_eq!(stats.to_string(), "stats: 12 events seen, 3 lost");
+        stats.sessions = Some(SessionStats {
+            in_flight: 1,
+            started: 4,
+            evicted: 2,
+        });
+        stats.spans = Some(SpanStats {
+            produced: 9,
+            exported: 5,
+            failed: 2,
+            dropped: 1,
+            export_errors: 1,
+        });
+        assert_eq!(
+            stats.to_string(),
+            "stats: 12 events seen, 3 lost; sessions: 1 in flight, 4 started, 2 evicted; \
+             spans: 9 produced, 5 exported, 2 failed, at least 1 dropped; 1 export errors"
+        );
+    }
+}
