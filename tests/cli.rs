@@ -7,7 +7,15 @@ use nix::sys::signal::Signal;
 use support::*;
 
 fn run(args: &[&str]) -> (i32, String) {
-    let out = Command::new(BIN).args(args).output().unwrap();
+    run_env(args, &[])
+}
+
+fn run_env(args: &[&str], env: &[(&str, &str)]) -> (i32, String) {
+    let out = Command::new(BIN)
+        .args(args)
+        .envs(env.iter().copied())
+        .output()
+        .unwrap();
     (
         out.status.code().unwrap_or(-1),
         String::from_utf8_lossy(&out.stderr).into_owned(),
@@ -22,11 +30,58 @@ fn bad_input_is_a_usage_error() {
         (&["-4", "-6"], "cannot be used with"),
         (&["--frobnicate"], "unexpected argument '--frobnicate'"),
         (&["-p", "0"], "0 is not in 1.."),
+        (
+            &["--otlp-endpoint", "not a url"],
+            "'not a url' is not a URL",
+        ),
+        (
+            &[
+                "--otlp-endpoint",
+                "http://c:4318",
+                "--otlp-protocol",
+                "http/json",
+            ],
+            "invalid value 'http/json' for '--otlp-protocol",
+        ),
     ] {
         let (code, stderr) = run(args);
         assert_eq!(code, 2, "{args:?}: {stderr}");
         assert!(stderr.contains(says), "{args:?}: {stderr}");
         assert!(!stderr.contains("panicked"), "{stderr}");
+    }
+}
+
+/// The standard OTEL_* variables with bad values: exit 2 with a line naming the
+/// variable, before anything is loaded.
+#[test]
+fn bad_environment_is_a_usage_error() {
+    let endpoint = ("OTEL_EXPORTER_OTLP_ENDPOINT", "http://c:4318");
+    for (env, says) in [
+        (
+            &[("OTEL_EXPORTER_OTLP_ENDPOINT", "c:4318")][..],
+            "OTEL_EXPORTER_OTLP_ENDPOINT 'c:4318' must be an http:// or https:// URL",
+        ),
+        (
+            &[endpoint, ("OTEL_EXPORTER_OTLP_PROTOCOL", "http/json")],
+            "OTEL_EXPORTER_OTLP_PROTOCOL='http/json' is not supported",
+        ),
+        (
+            &[endpoint, ("OTEL_RESOURCE_ATTRIBUTES", "team=net,junk")],
+            "OTEL_RESOURCE_ATTRIBUTES: item 2 'junk' is not key=value",
+        ),
+        (
+            &[endpoint, ("OTEL_EXPORTER_OTLP_TRACES_HEADERS", "x-token")],
+            "OTEL_EXPORTER_OTLP_TRACES_HEADERS: item 1 is not key=value",
+        ),
+        (
+            &[endpoint, ("OTEL_METRICS_EXPORTER", "prometheus")],
+            "OTEL_METRICS_EXPORTER='prometheus' is not supported; use otlp or none",
+        ),
+    ] {
+        let (code, stderr) = run_env(&[], env);
+        assert_eq!(code, 2, "{env:?}: {stderr}");
+        assert!(stderr.contains(says), "{env:?}: {stderr}");
+        assert_eq!(stderr.lines().filter(|l| l.starts_with("error")).count(), 1);
     }
 }
 
@@ -131,6 +186,33 @@ fn mounts_tracefs_when_it_is_not_mounted() {
         "{stderr}"
     );
     assert!(out.status.success(), "{stderr}");
+}
+
+/// Without CAP_SYS_ADMIN an unmounted tracefs cannot be mounted: one line says
+/// how to do it, and nothing is loaded.
+#[test]
+fn unmountable_tracefs_is_one_clear_line() {
+    if !root_or_skip("unmountable_tracefs_is_one_clear_line") {
+        return;
+    }
+    let script = format!(
+        "umount /sys/kernel/tracing 2>/dev/null; \
+         test -d /sys/kernel/tracing/events && exit 3; \
+         exec setpriv --bounding-set=-all,+bpf,+perfmon --inh-caps=-all {BIN} -s"
+    );
+    let out = Command::new("unshare")
+        .args(["--mount", "--propagation", "private", "sh", "-c", &script])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert_eq!(stderr.lines().count(), 1, "{stderr}");
+    assert!(
+        stderr.contains("tracefs is not mounted at /sys/kernel/tracing")
+            && stderr.contains("mount -t tracefs tracefs /sys/kernel/tracing"),
+        "{stderr}"
+    );
+    assert!(out.stdout.is_empty());
 }
 
 /// What the tracer needs and no more: as root, CAP_BPF and CAP_PERFMON; as another
