@@ -386,6 +386,9 @@ pub struct Exporter {
     flush_failed: bool,
     /// Once shut down nothing is queued any more.
     shut_down: bool,
+    /// The highest drop count reported so far: the estimate falls when the
+    /// queue drains, a count must not.
+    dropped_reported: AtomicU64,
 }
 
 impl Exporter {
@@ -463,6 +466,7 @@ impl Exporter {
             capacity,
             flush_failed: false,
             shut_down: false,
+            dropped_reported: AtomicU64::new(0),
         })
     }
 
@@ -499,10 +503,13 @@ impl Exporter {
 
     /// Spans certainly dropped so far because the queue was full: whatever was
     /// handed over and is neither exported, failed, nor able to fit in the queue.
-    /// Exact once shut down, when nothing is left queued.
+    /// Exact once shut down, when nothing is left queued; never decreases.
     pub fn dropped_at_least(&self) -> u64 {
         let queued_at_most = if self.shut_down { 0 } else { self.capacity };
-        self.unsettled().saturating_sub(queued_at_most)
+        let now = self.unsettled().saturating_sub(queued_at_most);
+        self.dropped_reported
+            .fetch_max(now, Ordering::Relaxed)
+            .max(now)
     }
 
     /// Exports what is queued, waiting at most `timeout` (the collector may be gone).

@@ -10,9 +10,16 @@ use tokio::{
 
 use crate::event::{self, TcpEvent};
 
+/// Records handed on per drain at most (tens of ms of work): under sustained
+/// overload the buffer never empties, and the caller's timers and signals must
+/// still get their turn.
+const DRAIN_BUDGET: usize = 16 * 1024;
+
 pub struct EventReader {
     ring: AsyncFd<RingBuf<MapData>>,
     poll: Interval,
+    /// The last drain stopped at its budget with records left.
+    more: bool,
     /// Records that did not decode (never expected; counted, not fatal).
     pub malformed: u64,
 }
@@ -29,12 +36,18 @@ impl EventReader {
         Ok(Self {
             ring,
             poll,
+            more: false,
             malformed: 0,
         })
     }
 
     /// Waits until there may be records to drain.
     pub async fn ready(&mut self) -> io::Result<()> {
+        if self.more {
+            // Records are waiting: let the other tasks run, then drain again.
+            tokio::task::yield_now().await;
+            return Ok(());
+        }
         tokio::select! {
             guard = self.ring.readable_mut() => {
                 // Cleared before draining, so a wakeup that races the drain is kept.
@@ -45,14 +58,18 @@ impl EventReader {
         Ok(())
     }
 
-    /// Decodes and passes on every queued record; stops at the first error `sink` returns.
+    /// Decodes and passes on the queued records, up to a budget; stops at the first
+    /// error `sink` returns.
     pub fn drain<E>(
         &mut self,
         mut sink: impl FnMut(&TcpEvent) -> Result<(), E>,
     ) -> Result<usize, E> {
         let ring = self.ring.get_mut();
         let mut count = 0;
+        let mut taken = 0;
+        self.more = false;
         while let Some(record) = ring.next() {
+            taken += 1;
             match event::decode(&record) {
                 Ok(event) => {
                     count += 1;
@@ -64,6 +81,10 @@ impl EventReader {
                     }
                     self.malformed += 1;
                 }
+            }
+            if taken == DRAIN_BUDGET {
+                self.more = true;
+                break;
             }
         }
         Ok(count)
