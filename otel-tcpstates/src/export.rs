@@ -12,7 +12,9 @@ use std::{
 
 use anyhow::{Context as _, Result};
 use opentelemetry::KeyValue;
-use opentelemetry_otlp::{Protocol as OtlpProtocol, WithExportConfig};
+use opentelemetry_otlp::{
+    Protocol as OtlpProtocol, WithExportConfig, WithHttpConfig, WithTonicConfig,
+};
 use opentelemetry_sdk::{
     Resource,
     error::OTelSdkResult,
@@ -21,7 +23,7 @@ use opentelemetry_sdk::{
 };
 use url::Url;
 
-use crate::{cli::UsageError, spans::attr::SERVICE_ROUTE};
+use crate::{cli::UsageError, spans::attr::SERVICE_ROUTE, tls::Trust};
 
 const DEFAULT_SERVICE_NAME: &str = "otel-tcpstates";
 
@@ -57,6 +59,15 @@ pub struct Settings {
     /// For messages: the endpoint in effect, whichever source it came from.
     pub endpoint: String,
     pub protocol: Protocol,
+    /// CA certificates and client certificate from `OTEL_EXPORTER_OTLP_[TRACES_]*`;
+    /// `None`: the system's roots alone.
+    pub trust: Option<Trust>,
+}
+
+impl Settings {
+    fn is_https(&self) -> bool {
+        Url::parse(self.endpoint.trim()).is_ok_and(|url| url.scheme() == "https")
+    }
 }
 
 fn env_nonempty(name: &str) -> Option<String> {
@@ -117,8 +128,9 @@ pub fn settings_from(
     flag_protocol: Option<Protocol>,
     env: impl Fn(&str) -> Option<String>,
 ) -> Result<Option<Settings>, UsageError> {
-    let settings = resolve(flag_endpoint, flag_protocol, &env)?;
-    if settings.is_some() {
+    let mut settings = resolve(flag_endpoint, flag_protocol, &env)?;
+    if let Some(settings) = &mut settings {
+        settings.trust = Trust::from_vars("TRACES", &env)?;
         if let Some(value) = env("OTEL_RESOURCE_ATTRIBUTES") {
             check_pairs("OTEL_RESOURCE_ATTRIBUTES", &value, true)?;
         }
@@ -169,6 +181,7 @@ fn resolve(
             flag_endpoint: Some(url.to_string()),
             endpoint: url.to_string(),
             protocol,
+            trust: None,
         }));
     }
     for name in [
@@ -181,6 +194,7 @@ fn resolve(
                 flag_endpoint: None,
                 endpoint: value,
                 protocol,
+                trust: None,
             }));
         }
     }
@@ -329,6 +343,21 @@ impl<E: SpanExporter> SpanExporter for Counting<E> {
     }
 }
 
+/// The export timeout as opentelemetry-otlp resolves it: the traces variable, the
+/// general one, its default (milliseconds; an unparsable value counts as unset).
+fn export_timeout(env: impl Fn(&str) -> Option<String>) -> Duration {
+    [
+        opentelemetry_otlp::OTEL_EXPORTER_OTLP_TRACES_TIMEOUT,
+        opentelemetry_otlp::OTEL_EXPORTER_OTLP_TIMEOUT,
+    ]
+    .into_iter()
+    .find_map(|name| env(name)?.parse().ok())
+    .map_or(
+        opentelemetry_otlp::OTEL_EXPORTER_OTLP_TIMEOUT_DEFAULT,
+        Duration::from_millis,
+    )
+}
+
 pub struct Exporter {
     processor: BatchSpanProcessor,
     counters: Arc<Counters>,
@@ -351,18 +380,37 @@ impl Exporter {
                 None => builder,
             }
         }
+        let tls_context = || format!("setting up TLS for OTLP export to {}", settings.endpoint);
         let builder = opentelemetry_otlp::SpanExporter::builder();
         let exporter = match settings.protocol {
-            Protocol::Grpc => endpoint(
-                builder.with_tonic().with_protocol(OtlpProtocol::Grpc),
-                settings,
-            )
-            .build(),
-            Protocol::HttpProtobuf => endpoint(
-                builder.with_http().with_protocol(OtlpProtocol::HttpBinary),
-                settings,
-            )
-            .build(),
+            Protocol::Grpc => {
+                let mut builder = endpoint(
+                    builder.with_tonic().with_protocol(OtlpProtocol::Grpc),
+                    settings,
+                );
+                // Always for https://: left to itself, opentelemetry-otlp gives tonic
+                // no roots at all (its issue #2008), so nothing would verify.
+                if settings.is_https() {
+                    let trust = settings.trust.clone().unwrap_or_default();
+                    builder =
+                        builder.with_tls_config(trust.tonic_config().with_context(tls_context)?);
+                }
+                builder.build()
+            }
+            Protocol::HttpProtobuf => {
+                let mut builder = endpoint(
+                    builder.with_http().with_protocol(OtlpProtocol::HttpBinary),
+                    settings,
+                );
+                if let Some(trust) = &settings.trust {
+                    // Our own client replaces the exporter's, timeout included; the
+                    // same value goes to both, as the exporter would resolve it.
+                    let timeout = export_timeout(env_nonempty);
+                    let client = trust.http_client(timeout).with_context(tls_context)?;
+                    builder = builder.with_timeout(timeout).with_http_client(client);
+                }
+                builder.build()
+            }
         }
         .with_context(|| {
             format!(

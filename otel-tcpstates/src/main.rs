@@ -12,6 +12,7 @@ mod preflight;
 mod reader;
 mod sessions;
 mod spans;
+mod tls;
 mod traces;
 
 use std::process::ExitCode;
