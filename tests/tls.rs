@@ -4,6 +4,7 @@
 mod support;
 
 use std::{
+    net::TcpListener,
     process::Command,
     thread,
     time::{Duration, Instant},
@@ -26,9 +27,12 @@ fn endpoint(rx: &Receiver, protocol: &str) -> String {
     }
 }
 
-/// Starts the daemon exporting to `rx` over `protocol` with `env`.
-fn start(rx: &Receiver, protocol: &str, env: &[(&str, &str)]) -> Tracer {
+/// Starts the daemon exporting to `rx` over `protocol` with `env`, tracing only
+/// connections to `listener`: other tests' daemons, failing exports among them,
+/// make enough connections to crowd its queue.
+fn start(rx: &Receiver, protocol: &str, env: &[(&str, &str)], listener: &TcpListener) -> Tracer {
     let endpoint = endpoint(rx, protocol);
+    let port = listener.local_addr().unwrap().port().to_string();
     assert!(endpoint.starts_with("https://localhost:"), "{endpoint}");
     let env: Vec<(&str, &str)> = FAST
         .iter()
@@ -37,16 +41,23 @@ fn start(rx: &Receiver, protocol: &str, env: &[(&str, &str)]) -> Tracer {
         .chain(env.iter().copied())
         .collect();
     Tracer::start_with_env(
-        &["--otlp-endpoint", &endpoint, "--otlp-protocol", protocol],
+        &[
+            "--otlp-endpoint",
+            &endpoint,
+            "--otlp-protocol",
+            protocol,
+            "-D",
+            &port,
+        ],
         &env,
     )
 }
 
 /// Makes one connection and waits for its client socket's root span
 /// (`tcp.session`) to arrive.
-fn root_arrives(rx: &Receiver) -> bool {
-    let (listener, server) = listen("127.0.0.1");
-    let (client, _) = connect_hold_close(&listener, Duration::ZERO);
+fn root_arrives(rx: &Receiver, listener: &TcpListener) -> bool {
+    let server = listener.local_addr().unwrap();
+    let (client, _) = connect_hold_close(listener, Duration::ZERO);
     let spans = rx.wait_for(WAIT, |s| {
         trace_of(s, client.port(), server.port()).is_some()
     });
@@ -55,9 +66,8 @@ fn root_arrives(rx: &Receiver) -> bool {
 
 /// Makes one connection and waits for the daemon to say its export failed;
 /// returns what it said.
-fn export_fails(tracer: &Tracer) -> String {
-    let (listener, _) = listen("127.0.0.1");
-    connect_hold_close(&listener, Duration::ZERO);
+fn export_fails(tracer: &Tracer, listener: &TcpListener) -> String {
+    connect_hold_close(listener, Duration::ZERO);
     let deadline = Instant::now() + WAIT;
     loop {
         let said = tracer.stderr().join("\n");
@@ -81,8 +91,13 @@ fn a_ca_file_makes_the_collector_trusted() {
     let ca = files.write("ca.pem", &pki.ca);
     let rx = Receiver::start_tls(pki.server(false));
     for protocol in PROTOCOLS {
-        let tracer = start(&rx, protocol, &[(CA, &ca)]);
-        assert!(root_arrives(&rx), "{protocol}: {:?}", tracer.stderr());
+        let (listener, _) = listen("127.0.0.1");
+        let tracer = start(&rx, protocol, &[(CA, &ca)], &listener);
+        assert!(
+            root_arrives(&rx, &listener),
+            "{protocol}: {:?}",
+            tracer.stderr()
+        );
         let done = tracer.stop();
         assert!(done.status.success(), "{protocol}: {:?}", done.stderr);
         let said = done.stderr.join("\n");
@@ -101,8 +116,9 @@ fn without_the_ca_the_collector_is_refused() {
     let server = pki.server(false);
     let rx = Receiver::start_tls(server.clone());
     for protocol in PROTOCOLS {
-        let tracer = start(&rx, protocol, &[]);
-        let said = export_fails(&tracer);
+        let (listener, _) = listen("127.0.0.1");
+        let tracer = start(&rx, protocol, &[], &listener);
+        let said = export_fails(&tracer, &listener);
         drop(tracer);
         assert_eq!(rx.requests(), 0, "{protocol}: {said}");
         // Refused for the certificate: tonic says so; reqwest's reason is lost on
@@ -132,8 +148,13 @@ fn the_system_roots_are_trusted() {
     let system = files.write("system-roots.pem", &pki.ca);
     let rx = Receiver::start_tls(pki.server(false));
     for protocol in PROTOCOLS {
-        let tracer = start(&rx, protocol, &[("SSL_CERT_FILE", &system)]);
-        assert!(root_arrives(&rx), "{protocol}: {:?}", tracer.stderr());
+        let (listener, _) = listen("127.0.0.1");
+        let tracer = start(&rx, protocol, &[("SSL_CERT_FILE", &system)], &listener);
+        assert!(
+            root_arrives(&rx, &listener),
+            "{protocol}: {:?}",
+            tracer.stderr()
+        );
     }
 }
 
@@ -152,9 +173,10 @@ fn a_client_certificate_is_presented() {
     let server = pki.server(true);
     let rx = Receiver::start_tls(server.clone());
     for protocol in PROTOCOLS {
+        let (listener, _) = listen("127.0.0.1");
         let before = rx.requests();
-        let tracer = start(&rx, protocol, &[(CA, &ca)]);
-        let said = export_fails(&tracer);
+        let tracer = start(&rx, protocol, &[(CA, &ca)], &listener);
+        let said = export_fails(&tracer, &listener);
         drop(tracer);
         assert_eq!(rx.requests(), before, "{protocol}: {said}");
         if protocol != "grpc" {
@@ -173,8 +195,13 @@ fn a_client_certificate_is_presented() {
                 ("OTEL_EXPORTER_OTLP_CLIENT_CERTIFICATE", &cert),
                 ("OTEL_EXPORTER_OTLP_TRACES_CLIENT_KEY", &key),
             ],
+            &listener,
         );
-        assert!(root_arrives(&rx), "{protocol}: {:?}", tracer.stderr());
+        assert!(
+            root_arrives(&rx, &listener),
+            "{protocol}: {:?}",
+            tracer.stderr()
+        );
     }
 }
 
