@@ -7,6 +7,10 @@
 #[path = "../../tests/support/otlp.rs"]
 #[allow(dead_code)]
 mod otlp;
+// otlp.rs serves TLS through it (not used here).
+#[path = "../../tests/support/tls.rs"]
+#[allow(dead_code)]
+mod tls;
 
 use std::{
     collections::HashSet,

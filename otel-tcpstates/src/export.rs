@@ -12,7 +12,9 @@ use std::{
 
 use anyhow::{Context as _, Result};
 use opentelemetry::KeyValue;
-use opentelemetry_otlp::{Protocol as OtlpProtocol, WithExportConfig};
+use opentelemetry_otlp::{
+    Protocol as OtlpProtocol, WithExportConfig, WithHttpConfig, WithTonicConfig,
+};
 use opentelemetry_sdk::{
     Resource,
     error::OTelSdkResult,
@@ -21,7 +23,7 @@ use opentelemetry_sdk::{
 };
 use url::Url;
 
-use crate::{cli::UsageError, spans::attr::SERVICE_ROUTE};
+use crate::{cli::UsageError, spans::attr::SERVICE_ROUTE, tls::Trust};
 
 const DEFAULT_SERVICE_NAME: &str = "otel-tcpstates";
 
@@ -63,9 +65,26 @@ pub struct Settings {
     /// Where those go, when it differs from what the metrics exporter would read
     /// from `OTEL_EXPORTER_OTLP_[METRICS_]ENDPOINT` itself: next to the traces.
     pub metrics_endpoint: Option<String>,
+    /// CA certificates and client certificate from `OTEL_EXPORTER_OTLP_[TRACES_]*`;
+    /// `None`: the system's roots alone.
+    pub trust: Option<Trust>,
+    /// The same from `OTEL_EXPORTER_OTLP_[METRICS_]*`.
+    pub metrics_trust: Option<Trust>,
+    /// Whether the metrics endpoint in effect is https://.
+    pub metrics_https: bool,
 }
 
-fn env_nonempty(name: &str) -> Option<String> {
+impl Settings {
+    fn is_https(&self) -> bool {
+        is_https(&self.endpoint)
+    }
+}
+
+fn is_https(url: &str) -> bool {
+    Url::parse(url.trim()).is_ok_and(|url| url.scheme() == "https")
+}
+
+pub fn env_nonempty(name: &str) -> Option<String> {
     env::var(name).ok().filter(|v| !v.trim().is_empty())
 }
 
@@ -137,6 +156,23 @@ pub fn settings_from(
         if let Some(value) = env("OTEL_EXPORTER_OTLP_METRICS_ENDPOINT") {
             check_url(&value, "OTEL_EXPORTER_OTLP_METRICS_ENDPOINT")?;
         }
+        settings.trust = Trust::from_vars("TRACES", &env)?;
+        // The metrics go next to the traces: the same trust, unless told otherwise.
+        let metrics_own = ["CERTIFICATE", "CLIENT_CERTIFICATE", "CLIENT_KEY"]
+            .iter()
+            .any(|var| env(&format!("OTEL_EXPORTER_OTLP_METRICS_{var}")).is_some());
+        settings.metrics_trust = if metrics_own {
+            Trust::from_vars("METRICS", &env)?
+        } else {
+            settings.trust.clone()
+        };
+        let metrics_url = settings
+            .metrics_endpoint
+            .clone()
+            .or_else(|| env("OTEL_EXPORTER_OTLP_METRICS_ENDPOINT"))
+            .or_else(|| env("OTEL_EXPORTER_OTLP_ENDPOINT"))
+            .unwrap_or_else(|| settings.endpoint.clone());
+        settings.metrics_https = is_https(&metrics_url);
         if let Some(value) = env("OTEL_RESOURCE_ATTRIBUTES") {
             check_pairs("OTEL_RESOURCE_ATTRIBUTES", &value, true)?;
         }
@@ -192,6 +228,9 @@ fn resolve(
             metrics_endpoint: env("OTEL_EXPORTER_OTLP_METRICS_ENDPOINT")
                 .is_none()
                 .then(|| metrics_next_to(url.as_str(), protocol)),
+            trust: None,
+            metrics_trust: None,
+            metrics_https: false,
         }));
     }
     for name in [
@@ -212,6 +251,9 @@ fn resolve(
                 protocol,
                 metrics: true,
                 metrics_endpoint,
+                trust: None,
+                metrics_trust: None,
+                metrics_https: false,
             }));
         }
     }
@@ -374,6 +416,19 @@ impl<E: SpanExporter> SpanExporter for Counting<E> {
     }
 }
 
+/// The export timeout as opentelemetry-otlp resolves it: the signal's variable
+/// (e.g. `OTEL_EXPORTER_OTLP_TRACES_TIMEOUT`), the general one, its default
+/// (milliseconds; an unparsable value counts as unset).
+pub fn export_timeout(signal_var: &str, env: impl Fn(&str) -> Option<String>) -> Duration {
+    [signal_var, opentelemetry_otlp::OTEL_EXPORTER_OTLP_TIMEOUT]
+        .into_iter()
+        .find_map(|name| env(name)?.parse().ok())
+        .map_or(
+            opentelemetry_otlp::OTEL_EXPORTER_OTLP_TIMEOUT_DEFAULT,
+            Duration::from_millis,
+        )
+}
+
 pub struct Exporter {
     processor: BatchSpanProcessor,
     counters: Arc<Counters>,
@@ -406,18 +461,40 @@ impl Exporter {
                 None => builder,
             }
         }
+        let tls_context = || format!("setting up TLS for OTLP export to {}", settings.endpoint);
         let builder = opentelemetry_otlp::SpanExporter::builder();
         let exporter = match settings.protocol {
-            Protocol::Grpc => endpoint(
-                builder.with_tonic().with_protocol(OtlpProtocol::Grpc),
-                settings,
-            )
-            .build(),
-            Protocol::HttpProtobuf => endpoint(
-                builder.with_http().with_protocol(OtlpProtocol::HttpBinary),
-                settings,
-            )
-            .build(),
+            Protocol::Grpc => {
+                let mut builder = endpoint(
+                    builder.with_tonic().with_protocol(OtlpProtocol::Grpc),
+                    settings,
+                );
+                // Always for https://: left to itself, opentelemetry-otlp gives tonic
+                // no roots at all (its issue #2008), so nothing would verify.
+                if settings.is_https() {
+                    let trust = settings.trust.clone().unwrap_or_default();
+                    builder =
+                        builder.with_tls_config(trust.tonic_config().with_context(tls_context)?);
+                }
+                builder.build()
+            }
+            Protocol::HttpProtobuf => {
+                let mut builder = endpoint(
+                    builder.with_http().with_protocol(OtlpProtocol::HttpBinary),
+                    settings,
+                );
+                if let Some(trust) = &settings.trust {
+                    // Our own client replaces the exporter's, timeout included; the
+                    // same value goes to both, as the exporter would resolve it.
+                    let timeout = export_timeout(
+                        opentelemetry_otlp::OTEL_EXPORTER_OTLP_TRACES_TIMEOUT,
+                        env_nonempty,
+                    );
+                    let client = trust.http_client(timeout).with_context(tls_context)?;
+                    builder = builder.with_timeout(timeout).with_http_client(client);
+                }
+                builder.build()
+            }
         }
         .with_context(|| {
             format!(

@@ -14,6 +14,7 @@ mod self_metrics;
 mod sessions;
 mod spans;
 mod stats;
+mod tls;
 mod traces;
 
 use std::process::ExitCode;

@@ -12,14 +12,16 @@ use std::{
 
 use anyhow::{Context as _, Result};
 use opentelemetry::metrics::MeterProvider as _;
-use opentelemetry_otlp::{Protocol as OtlpProtocol, WithExportConfig};
+use opentelemetry_otlp::{
+    Protocol as OtlpProtocol, WithExportConfig, WithHttpConfig, WithTonicConfig,
+};
 use opentelemetry_sdk::{
     Resource,
     metrics::{PeriodicReader, SdkMeterProvider},
 };
 
 use crate::{
-    export::{Protocol, Settings},
+    export::{self, Protocol, Settings},
     stats::Stats,
 };
 
@@ -65,20 +67,40 @@ impl SelfMetrics {
     pub fn start(settings: &Settings, resource: &Resource) -> Result<Self> {
         let builder = opentelemetry_otlp::MetricExporter::builder();
         let endpoint = settings.metrics_endpoint.as_deref();
+        let tls_context = || {
+            format!(
+                "setting up TLS for OTLP metrics next to {}",
+                settings.endpoint
+            )
+        };
         let exporter = match settings.protocol {
             Protocol::Grpc => {
-                let builder = builder.with_tonic().with_protocol(OtlpProtocol::Grpc);
-                match endpoint {
-                    Some(url) => builder.with_endpoint(url).build(),
-                    None => builder.build(),
+                let mut builder = builder.with_tonic().with_protocol(OtlpProtocol::Grpc);
+                if let Some(url) = endpoint {
+                    builder = builder.with_endpoint(url);
                 }
+                // As for the spans: tonic gets no roots unless given some.
+                if settings.metrics_https {
+                    let trust = settings.metrics_trust.clone().unwrap_or_default();
+                    builder =
+                        builder.with_tls_config(trust.tonic_config().with_context(tls_context)?);
+                }
+                builder.build()
             }
             Protocol::HttpProtobuf => {
-                let builder = builder.with_http().with_protocol(OtlpProtocol::HttpBinary);
-                match endpoint {
-                    Some(url) => builder.with_endpoint(url).build(),
-                    None => builder.build(),
+                let mut builder = builder.with_http().with_protocol(OtlpProtocol::HttpBinary);
+                if let Some(url) = endpoint {
+                    builder = builder.with_endpoint(url);
                 }
+                if let Some(trust) = &settings.metrics_trust {
+                    let timeout = export::export_timeout(
+                        opentelemetry_otlp::OTEL_EXPORTER_OTLP_METRICS_TIMEOUT,
+                        export::env_nonempty,
+                    );
+                    let client = trust.http_client(timeout).with_context(tls_context)?;
+                    builder = builder.with_timeout(timeout).with_http_client(client);
+                }
+                builder.build()
             }
         }
         .with_context(|| {

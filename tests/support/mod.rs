@@ -4,6 +4,7 @@
 
 pub mod otlp;
 pub mod rotel;
+pub mod tls;
 
 use std::{
     io::{BufRead as _, BufReader},

@@ -2,9 +2,11 @@
 //! the wire: gRPC (the tonic-generated trace and metrics services) and
 //! HTTP/protobuf (`POST /v1/traces`, `/v1/metrics`), each on its own 127.0.0.1
 //! port, served from a background thread with its own tokio runtime.
+//! [`Receiver::start_tls`] serves both over TLS.
 
 use std::{
     collections::BTreeMap,
+    future::Future,
     io::Read as _,
     net::SocketAddr,
     sync::{Arc, Mutex, MutexGuard, PoisonError, mpsc},
@@ -39,6 +41,8 @@ use tonic::{
     codec::CompressionEncoding,
     transport::{Server, server::TcpIncoming},
 };
+
+use super::tls::{ServerTls, serve_https};
 
 #[derive(Clone, Debug, PartialEq)]
 pub enum Value {
@@ -141,6 +145,8 @@ pub struct Receiver {
     store: Shared,
     grpc_addr: SocketAddr,
     http_addr: SocketAddr,
+    /// Served over TLS: endpoints are https://localhost:PORT.
+    tls: bool,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
     thread: Option<thread::JoinHandle<()>>,
 }
@@ -148,13 +154,18 @@ pub struct Receiver {
 impl Receiver {
     /// Starts both servers; they are listening when this returns.
     pub fn start() -> Receiver {
-        Self::start_with(Store::default(), (0, 0))
+        Self::start_with(Store::default(), (0, 0), None)
+    }
+
+    /// Like [`Receiver::start`], both servers over TLS as `tls` says.
+    pub fn start_tls(tls: ServerTls) -> Receiver {
+        Self::start_with(Store::default(), (0, 0), Some(tls))
     }
 
     /// Like [`Receiver::start`], on given ports (0: any): a collector coming back
     /// where the daemon expects it.
     pub fn start_at(grpc_port: u16, http_port: u16) -> Receiver {
-        Self::start_with(Store::default(), (grpc_port, http_port))
+        Self::start_with(Store::default(), (grpc_port, http_port), None)
     }
 
     /// Like [`Receiver::start`], but spans are only counted ([`Receiver::span_count`],
@@ -167,14 +178,16 @@ impl Receiver {
                 ..Store::default()
             },
             (0, 0),
+            None,
         )
     }
 
-    fn start_with(store: Store, ports: (u16, u16)) -> Receiver {
+    fn start_with(store: Store, ports: (u16, u16), tls: Option<ServerTls>) -> Receiver {
         let store = Shared::new(Mutex::new(store));
         let (ready_tx, ready_rx) = mpsc::channel();
         let (stop, stopped) = tokio::sync::oneshot::channel();
         let served = Arc::clone(&store);
+        let https = tls.is_some();
         let thread = thread::Builder::new()
             .name("otlp-receiver".into())
             .spawn(move || {
@@ -182,7 +195,7 @@ impl Receiver {
                     .enable_all()
                     .build()
                     .expect("tokio runtime for the OTLP receiver");
-                runtime.block_on(serve(served, ports, ready_tx, stopped));
+                runtime.block_on(serve(served, ports, tls, ready_tx, stopped));
                 // Dropping the runtime here closes the listeners and every open
                 // connection, so exporters see the receiver go away.
             })
@@ -194,6 +207,7 @@ impl Receiver {
             store,
             grpc_addr,
             http_addr,
+            tls: https,
             stop: Some(stop),
             thread: Some(thread),
         }
@@ -207,14 +221,22 @@ impl Receiver {
         self.http_addr
     }
 
-    /// For an OTLP/gRPC exporter: "http://127.0.0.1:PORT".
+    /// For an OTLP/gRPC exporter: "http://127.0.0.1:PORT" (with TLS
+    /// "https://localhost:PORT", the name in the certificate).
     pub fn grpc_endpoint(&self) -> String {
-        format!("http://{}", self.grpc_addr)
+        self.endpoint(self.grpc_addr)
     }
 
     /// The base URL for an OTLP/HTTP exporter, without "/v1/traces".
     pub fn http_endpoint(&self) -> String {
-        format!("http://{}", self.http_addr)
+        self.endpoint(self.http_addr)
+    }
+
+    fn endpoint(&self, addr: SocketAddr) -> String {
+        match self.tls {
+            true => format!("https://localhost:{}", addr.port()),
+            false => format!("http://{addr}"),
+        }
     }
 
     /// Everything received so far, in arrival order.
@@ -271,10 +293,14 @@ impl Drop for Receiver {
     }
 }
 
+/// The HTTP server, plain or over TLS.
+type Serving = std::pin::Pin<Box<dyn Future<Output = std::io::Result<()>> + Send>>;
+
 /// Binds both listeners, reports their addresses, and serves until `stopped`.
 async fn serve(
     store: Shared,
     (grpc_port, http_port): (u16, u16),
+    tls: Option<ServerTls>,
     ready: mpsc::Sender<(SocketAddr, SocketAddr)>,
     stopped: tokio::sync::oneshot::Receiver<()>,
 ) {
@@ -292,9 +318,15 @@ async fn serve(
     // Collectors (rotel included) gzip by default, so accept it like a real one.
     let trace_service = TraceServiceServer::new(Grpc(Arc::clone(&store)))
         .accept_compressed(CompressionEncoding::Gzip);
+    let mut builder = Server::builder();
+    if let Some(tls) = &tls {
+        builder = builder
+            .tls_config(tls.grpc())
+            .expect("TLS for the OTLP/gRPC receiver");
+    }
     let metrics_service = MetricsServiceServer::new(Grpc(Arc::clone(&store)))
         .accept_compressed(CompressionEncoding::Gzip);
-    let grpc_server = Server::builder()
+    let grpc_server = builder
         .add_service(trace_service)
         .add_service(metrics_service)
         .serve_with_incoming(TcpIncoming::from(grpc));
@@ -302,7 +334,10 @@ async fn serve(
         .route("/v1/traces", post(http_export))
         .route("/v1/metrics", post(http_export_metrics))
         .with_state(store);
-    let http_server = axum::serve(http, app);
+    let http_server: Serving = match tls {
+        Some(tls) => Box::pin(serve_https(http, tls, app)),
+        None => Box::pin(axum::serve(http, app).into_future()),
+    };
 
     if ready.send(addrs).is_err() {
         return; // start() is gone; nobody will ever send to us.
@@ -312,7 +347,7 @@ async fn serve(
     tokio::select! {
         _ = stopped => {}
         result = grpc_server => eprintln!("OTLP/gRPC receiver stopped: {result:?}"),
-        result = http_server.into_future() => eprintln!("OTLP/HTTP receiver stopped: {result:?}"),
+        result = http_server => eprintln!("OTLP/HTTP receiver stopped: {result:?}"),
     }
 }
 
