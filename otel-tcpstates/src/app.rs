@@ -248,12 +248,20 @@ pub async fn run(cli: Cli) -> Result<()> {
         }
     }
 
+    // What was queued before the signal is still reported, in as many drains as
+    // it takes; under overload the kernel never stops adding, hence the bound.
     let last = if broken_pipe {
         Ok(())
     } else {
-        reader
-            .drain(|event| sinks.event(event))
-            .and_then(|_| sinks.flush())
+        let until = Instant::now() + FINAL_DRAIN;
+        loop {
+            let drained = reader
+                .drain(|event| sinks.event(event))
+                .and_then(|_| sinks.flush());
+            if drained.is_err() || !reader.more() || Instant::now() >= until {
+                break drained;
+            }
+        }
     };
     let lost = probe.lost_events()?;
     drop(probe);
@@ -326,6 +334,9 @@ fn stats(sinks: &Sinks, lost: u64) -> Stats {
         spans: sinks.traces.as_ref().map(Traces::stats),
     }
 }
+
+/// At most this long for the events queued when the signal came.
+const FINAL_DRAIN: Duration = Duration::from_secs(2);
 
 /// The final flush gets at least this, even when ending the sessions used up the
 /// shutdown deadline: the last batch may still go through.

@@ -58,6 +58,11 @@ impl EventReader {
         Ok(())
     }
 
+    /// Whether the last drain stopped at its budget, records left.
+    pub fn more(&self) -> bool {
+        self.more
+    }
+
     /// Decodes and passes on the queued records, up to a budget; stops at the first
     /// error `sink` returns.
     pub fn drain<E>(
