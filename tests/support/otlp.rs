@@ -182,6 +182,19 @@ impl Receiver {
         )
     }
 
+    /// [`Receiver::start_counting`] on given ports: a counting collector that can
+    /// go away and come back where the daemon expects it.
+    pub fn start_counting_at(grpc_port: u16, http_port: u16) -> Receiver {
+        Self::start_with(
+            Store {
+                count_only: true,
+                ..Store::default()
+            },
+            (grpc_port, http_port),
+            None,
+        )
+    }
+
     fn start_with(store: Store, ports: (u16, u16), tls: Option<ServerTls>) -> Receiver {
         let store = Shared::new(Mutex::new(store));
         let (ready_tx, ready_rx) = mpsc::channel();
