@@ -1,10 +1,21 @@
-//! Faults around the daemon: the collector gone and back, secrets in headers.
+//! Faults around the daemon: the collector gone, back, or hanging; more events
+//! than it can take; a signal under load; secrets in headers.
+//!
+//! Every test here takes [`load::serial`]: some load the machine's two cores, and
+//! the others' timings and zero-loss checks must not share them.
 mod support;
 
-use std::{thread, time::Duration};
+use std::{
+    thread,
+    time::{Duration, Instant},
+};
 
 use nix::sys::signal::Signal;
-use support::{otlp::Receiver, *};
+use support::{
+    load::{self, Summary, wait_until},
+    otlp::{ROOT, ReceivedSpan, Receiver, WAIT},
+    *,
+};
 
 /// The collector is down when the daemon starts and comes back later: tracing goes
 /// on, the failures are counted, and export resumes by itself.
@@ -13,6 +24,7 @@ fn export_resumes_when_the_collector_comes_back() {
     if !root_or_skip("export_resumes_when_the_collector_comes_back") {
         return;
     }
+    let _serial = load::serial();
     let port = closed_port();
     let endpoint = format!("http://127.0.0.1:{port}");
     let tracer = Tracer::start_with_env(
@@ -88,6 +100,7 @@ fn header_secrets_stay_out_of_logs() {
     if !root_or_skip("header_secrets_stay_out_of_logs") {
         return;
     }
+    let _serial = load::serial();
     const SECRET: &str = "s3cr3t-t0ken-do-not-log";
     let endpoint = format!("http://127.0.0.1:{}", closed_port());
     for protocol in ["grpc", "http/protobuf"] {
@@ -140,6 +153,7 @@ fn stats_line_counts_what_happened() {
     if !root_or_skip("stats_line_counts_what_happened") {
         return;
     }
+    let _serial = load::serial();
     let rx = Receiver::start();
     let endpoint = rx.grpc_endpoint();
     let tracer = Tracer::start_with_env(
@@ -204,4 +218,124 @@ fn stats_line_counts_what_happened() {
     );
     assert!(number(" exported") <= number(" produced"), "{line}");
     assert_eq!(number(" failed"), 0, "{line}");
+}
+
+/// Whether `spans` hold the root of the client socket on `local` talking to `peer`.
+fn has_root(spans: &[ReceivedSpan], local: u16, peer: u16) -> bool {
+    spans.iter().any(|s| {
+        s.name == ROOT
+            && s.int_attr("network.local.port") == Some(i64::from(local))
+            && s.int_attr("network.peer.port") == Some(i64::from(peer))
+    })
+}
+
+/// The collector dies while the daemon exports to it, over each protocol: tracing
+/// goes on, the failure is said and counted, and when a collector comes back at
+/// the same address, export resumes by itself.
+#[test]
+fn export_survives_the_collector_dying_mid_run() {
+    if !root_or_skip("export_survives_the_collector_dying_mid_run") {
+        return;
+    }
+    let _serial = load::serial();
+    for protocol in ["grpc", "http/protobuf"] {
+        // Below the ephemeral range: no connection can take them while it is down.
+        let (grpc_port, http_port) = (load::quiet_port(), load::quiet_port());
+        let rx = Receiver::start_at(grpc_port, http_port);
+        let (endpoint, transport) = match protocol {
+            "grpc" => (rx.grpc_endpoint(), "grpc"),
+            _ => (rx.http_endpoint(), "http"),
+        };
+        let tracer = Tracer::start_with_env(
+            &[
+                "--otlp-endpoint",
+                &endpoint,
+                "--otlp-protocol",
+                protocol,
+                "--print",
+                "-s",
+            ],
+            &[
+                ("OTEL_BSP_SCHEDULE_DELAY", "50"),
+                ("OTEL_EXPORTER_OTLP_TIMEOUT", "2000"),
+            ],
+        );
+        let (listener, server) = listen("127.0.0.1");
+        let sp = server.port();
+        let printed_close = |client: u16| {
+            tracer.wait_for("a client's CLOSE", |lines| {
+                rows(lines, false)
+                    .iter()
+                    .any(|r| r.lport == client && r.rport == sp && r.new == "CLOSE")
+            });
+        };
+
+        // Up: exported.
+        let (first, _) = connect_hold_close(&listener, Duration::ZERO);
+        let spans = rx.wait_for(WAIT, |s| has_root(s, first.port(), sp));
+        assert!(
+            has_root(&spans, first.port(), sp),
+            "{protocol}: not exported"
+        );
+        assert!(spans.iter().all(|s| s.transport == transport), "{protocol}");
+
+        // Down (listeners and open connections closed): still traced and printed,
+        // and the failure is said.
+        drop(rx);
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let mut outage = 0;
+        loop {
+            let (client, _) = connect_hold_close(&listener, Duration::ZERO);
+            printed_close(client.port());
+            outage += 1;
+            if outage >= 3 && tracer.stderr().iter().any(|l| l.contains("failed")) {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{protocol}: no export failure said after {outage} connections: {:?}",
+                tracer.stderr()
+            );
+            thread::sleep(Duration::from_millis(100));
+        }
+
+        // Back at the same address: a connection made now is exported. (The
+        // exporter may need a few tries to reconnect; each try is a new connection.)
+        let rx = Receiver::start_at(grpc_port, http_port);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let mut after = Vec::new();
+        loop {
+            let (client, _) = connect_hold_close(&listener, Duration::ZERO);
+            after.push(client.port());
+            let arrived = |s: &[ReceivedSpan]| after.iter().any(|&c| has_root(s, c, sp));
+            let spans = rx.wait_for(Duration::from_secs(1), arrived);
+            if arrived(&spans) {
+                assert!(spans.iter().all(|s| s.transport == transport), "{protocol}");
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{protocol}: export did not resume: {:?}",
+                tracer.stderr()
+            );
+        }
+        wait_until("\"works again\"", Duration::from_secs(5), || {
+            tracer.stderr().iter().any(|l| l.contains("works again"))
+        });
+
+        let done = tracer.stop_with(Signal::SIGTERM);
+        assert!(done.status.success(), "{protocol}: {:?}", done.stderr);
+        let summary = Summary::parse(&done.stderr);
+        eprintln!(
+            "{protocol}: {outage} connections during the outage, {} tries to resume; {summary:?}",
+            after.len()
+        );
+        assert!(summary.failed > 0, "{protocol}: {summary:?}");
+        assert!(summary.exported > 0, "{protocol}: {summary:?}");
+        assert_eq!(
+            summary.exported + summary.failed + summary.not_sent,
+            summary.spans,
+            "{protocol}: {summary:?}"
+        );
+    }
 }
