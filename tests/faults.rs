@@ -6,16 +6,22 @@
 mod support;
 
 use std::{
+    net::TcpStream,
     thread,
     time::{Duration, Instant},
 };
 
 use nix::sys::signal::Signal;
 use support::{
-    load::{self, Summary, wait_until},
+    load::{
+        self, CLIENT_SPANS, CLIENT_TRANSITIONS, Churn, RssSampler, Server, Stats, Summary,
+        abort_on_close, wait_until,
+    },
     otlp::{ROOT, ReceivedSpan, Receiver, WAIT},
     *,
 };
+
+const KIB_PER_MIB: u64 = 1024;
 
 /// The collector is down when the daemon starts and comes back later: tracing goes
 /// on, the failures are counted, and export resumes by itself.
@@ -338,4 +344,145 @@ fn export_survives_the_collector_dying_mid_run() {
             "{protocol}: {summary:?}"
         );
     }
+}
+
+/// The CSV row of a client socket's reset: its last transition.
+fn close_row_of(client_port: u16, server_port: u16) -> String {
+    format!(",127.0.0.1,{client_port},127.0.0.1,{server_port},ESTABLISHED,CLOSE,")
+}
+
+/// A collector that takes connections and never answers, while thousands of
+/// connections churn: the export queue overflows and says so, but tracing never
+/// waits for the exporter (each probe connection is printed promptly, every
+/// transition is printed, none lost), memory stays bounded, and SIGTERM exits
+/// within the shutdown timeout.
+#[test]
+fn hanging_collector_under_load_keeps_the_daemon_responsive() {
+    if !root_or_skip("hanging_collector_under_load_keeps_the_daemon_responsive") {
+        return;
+    }
+    let _serial = load::serial();
+    // About 4 s of churn, so several exports time out while it runs.
+    const CONNECTIONS: u64 = 12_000;
+    const PER_SECOND: f64 = 3000.0;
+    // 512 queued spans of ~1 KiB plus the daemon's ~45 MiB exporting at full churn
+    // (see BENCHMARKS.md): 128 MiB leaves a wide margin, and still catches a queue
+    // that grows with the backlog.
+    const RSS_BOUND_MIB: u64 = 128;
+    const SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(2);
+    // Printed this soon after the connection closed, under load.
+    const PROMPT: Duration = Duration::from_secs(3);
+    let collector = load::hanging_collector();
+    let server = Server::start();
+    let port = server.port().to_string();
+    let endpoint = format!("http://{collector}");
+    let tracer = Tracer::start_with_env(
+        &[
+            "--otlp-endpoint",
+            &endpoint,
+            "--otlp-protocol",
+            "grpc",
+            "--print",
+            "-s",
+            "-D",
+            &port,
+            "--shutdown-timeout",
+            &SHUTDOWN_TIMEOUT.as_secs().to_string(),
+            "--stats-interval",
+            "1",
+        ],
+        &[
+            ("OTEL_BSP_SCHEDULE_DELAY", "50"),
+            ("OTEL_EXPORTER_OTLP_TIMEOUT", "1000"),
+            ("OTEL_BSP_MAX_QUEUE_SIZE", "512"),
+        ],
+    );
+    let rss = RssSampler::start(tracer.pid(), Duration::from_millis(50));
+
+    let churn = Churn::start(server.addr(), 3, Some(PER_SECOND), Some(CONNECTIONS));
+    // While it churns, one probe connection at a time: printed within PROMPT.
+    let mut probes = 0u64;
+    let mut slowest = Duration::ZERO;
+    while churn.connections() < CONNECTIONS {
+        let probe = TcpStream::connect(server.addr()).unwrap();
+        let probe_port = probe.local_addr().unwrap().port();
+        abort_on_close(&probe);
+        drop(probe);
+        probes += 1;
+        let closed = Instant::now();
+        let want = close_row_of(probe_port, server.port());
+        let mut seen_lines = 0;
+        wait_until("a probe's CLOSE printed", PROMPT, || {
+            let lines = tracer.lines();
+            let found = lines[seen_lines..].iter().any(|l| l.contains(&want));
+            seen_lines = lines.len();
+            found
+        });
+        slowest = slowest.max(closed.elapsed());
+        thread::sleep(Duration::from_millis(100));
+    }
+    let made = churn.finish_within(Duration::from_secs(40));
+    assert_eq!(made.connections, CONNECTIONS, "{made:?}");
+    let connections = made.connections + probes;
+    let expected = made.client_transitions() + probes * CLIENT_TRANSITIONS;
+    tracer.wait_for("every transition printed", |lines| {
+        (lines.len() - 1) as u64 >= expected
+    });
+    wait_until("the spans-dropped warning", Duration::from_secs(10), || {
+        tracer.stderr().iter().any(|l| l.contains("spans dropped"))
+    });
+    let before_stop = tracer.stderr().len();
+    wait_until(
+        "a stats line after the churn",
+        Duration::from_secs(5),
+        || {
+            tracer.stderr()[before_stop..]
+                .iter()
+                .any(|l| l.contains("stats:"))
+        },
+    );
+    let stats = Stats::last(&tracer.stderr()).unwrap();
+    let done = tracer.stop_with(Signal::SIGTERM);
+    let peak = rss.peak_kib();
+    let summary = Summary::parse(&done.stderr);
+    eprintln!(
+        "{connections} connections in {:.2?} ({probes} probes, slowest printed after {slowest:.2?}); \
+         exit after {:.2?}; peak RSS {peak} KiB; {stats:?}; {summary:?}",
+        made.took, done.took
+    );
+
+    assert!(done.status.success(), "{:?}", done.stderr);
+    assert!(
+        done.took < SHUTDOWN_TIMEOUT + Duration::from_secs(3),
+        "exit took {:?} with --shutdown-timeout {SHUTDOWN_TIMEOUT:?}",
+        done.took
+    );
+    // Nothing lost, nothing printed twice: every transition once, every CLOSE.
+    let printed = rows(&done.lines, false);
+    assert_eq!(printed.len() as u64, expected);
+    let closes = printed
+        .iter()
+        .filter(|r| r.transition() == ("ESTABLISHED", "CLOSE"))
+        .count() as u64;
+    assert_eq!(closes, connections);
+    assert_eq!(stats.lost, 0, "{stats:?}");
+    assert!(
+        !done.stderr.iter().any(|l| l.contains("events lost")),
+        "{:?}",
+        done.stderr
+    );
+    // The export side: all spans made, none accepted, the overflow dropped.
+    assert_eq!(summary.sessions, connections, "{summary:?}");
+    assert_eq!(summary.spans, connections * CLIENT_SPANS, "{summary:?}");
+    assert_eq!(summary.exported, 0, "{summary:?}");
+    assert!(summary.failed > 0 && summary.not_sent > 0, "{summary:?}");
+    assert_eq!(
+        summary.exported + summary.failed + summary.not_sent,
+        summary.spans,
+        "{summary:?}"
+    );
+    assert!(
+        peak < RSS_BOUND_MIB * KIB_PER_MIB,
+        "peak RSS {peak} KiB, bound {RSS_BOUND_MIB} MiB"
+    );
 }
