@@ -11,11 +11,14 @@ use std::{
     time::{Duration, Instant},
 };
 
-use nix::sys::signal::Signal;
+use nix::{
+    sys::signal::{Signal, kill},
+    unistd::Pid,
+};
 use support::{
     load::{
         self, CLIENT_SPANS, CLIENT_TRANSITIONS, Churn, RssSampler, Server, Stats, Summary,
-        abort_on_close, wait_until,
+        abort_on_close, lost_reported, rss_kib, wait_until,
     },
     otlp::{ROOT, ReceivedSpan, Receiver, WAIT},
     *,
@@ -481,6 +484,98 @@ fn hanging_collector_under_load_keeps_the_daemon_responsive() {
         summary.spans,
         "{summary:?}"
     );
+    assert!(
+        peak < RSS_BOUND_MIB * KIB_PER_MIB,
+        "peak RSS {peak} KiB, bound {RSS_BOUND_MIB} MiB"
+    );
+}
+
+/// More events than userspace can take: with the daemon stopped, a flood of
+/// connections overflows its 1 MiB ring buffer. The kernel side never waits for
+/// the daemon (the flood runs at full speed and completes), every transition the
+/// test caused is either printed or counted lost, exactly, the losses are
+/// reported, and memory stays bounded.
+#[test]
+fn overload_losses_are_counted_and_memory_stays_bounded() {
+    if !root_or_skip("overload_losses_are_counted_and_memory_stays_bounded") {
+        return;
+    }
+    let _serial = load::serial();
+    // 60,000 client transitions; a 1 MiB ring buffer holds under 11,000 events.
+    const CONNECTIONS: u64 = 20_000;
+    // Text mode peaks at ~22 MiB in the benchmark; a leak per lost event or a
+    // runaway buffer would pass this.
+    const RSS_BOUND_MIB: u64 = 64;
+    let server = Server::start();
+    let port = server.port().to_string();
+    // -D: only the test's client sockets, so the count is exact whatever else runs.
+    let tracer = Tracer::start(&["-s", "-D", &port, "--ring-buffer-mib", "1"]);
+    let rss = RssSampler::start(tracer.pid(), Duration::from_millis(20));
+    let pid = Pid::from_raw(tracer.pid() as i32);
+
+    kill(pid, Signal::SIGSTOP).unwrap();
+    let made = Churn::start(server.addr(), 2, None, Some(CONNECTIONS))
+        .finish_within(Duration::from_secs(40));
+    kill(pid, Signal::SIGCONT).unwrap();
+    let expected = made.client_transitions();
+    eprintln!(
+        "flood with the daemon stopped: {} connections ({} failed) in {:.2?}, {:.0}/s",
+        made.connections,
+        made.failed,
+        made.took,
+        made.per_second()
+    );
+    assert_eq!(made.connections, CONNECTIONS, "{made:?}");
+
+    // Running again, it prints what the buffer held and reports the rest as lost.
+    wait_until(
+        "every transition printed or reported lost",
+        Duration::from_secs(20),
+        || (tracer.lines().len() - 1) as u64 + lost_reported(&tracer.stderr()) >= expected,
+    );
+    let rss_after = rss_kib(tracer.pid()).unwrap();
+    let done = tracer.stop();
+    assert!(done.status.success(), "{:?}", done.stderr);
+
+    let printed = rows(&done.lines, false);
+    let total_line = done
+        .stderr
+        .iter()
+        .find(|l| l.contains("events lost in total"))
+        .unwrap_or_else(|| panic!("no lost-event report at exit in {:?}", done.stderr));
+    let lost = load::number_before(total_line, " events lost in total");
+    let peak = rss.peak_kib();
+    eprintln!(
+        "printed {}, lost {lost} of {expected} transitions; RSS after the flood {} KiB, peak {} KiB",
+        printed.len(),
+        rss_after,
+        peak
+    );
+    assert!(
+        lost > 0 && !printed.is_empty(),
+        "printed {}, lost {lost}: the buffer did not overflow, so loss was not tested",
+        printed.len()
+    );
+    assert_eq!(
+        printed.len() as u64 + lost,
+        expected,
+        "printed {} + lost {lost} vs {expected} transitions caused",
+        printed.len()
+    );
+    // Reported while running too, and the running reports add up to the total.
+    assert_eq!(lost_reported(&done.stderr), lost, "{:?}", done.stderr);
+    assert!(total_line.contains("--ring-buffer-mib"), "{total_line}");
+    // Only the test's transitions, each of the three kinds a churned client makes.
+    for row in &printed {
+        assert_eq!(row.rport, server.port(), "{row:?}");
+        assert!(
+            matches!(
+                row.transition(),
+                ("CLOSE", "SYN_SENT") | ("SYN_SENT", "ESTABLISHED") | ("ESTABLISHED", "CLOSE")
+            ),
+            "{row:?}"
+        );
+    }
     assert!(
         peak < RSS_BOUND_MIB * KIB_PER_MIB,
         "peak RSS {peak} KiB, bound {RSS_BOUND_MIB} MiB"
