@@ -20,7 +20,7 @@ use support::{
         self, CLIENT_SPANS, CLIENT_TRANSITIONS, Churn, RssSampler, Server, Stats, Summary,
         abort_on_close, lost_reported, rss_kib, wait_until,
     },
-    otlp::{ROOT, ReceivedSpan, Receiver, WAIT},
+    otlp::{FAST, ROOT, ReceivedSpan, Receiver, WAIT},
     *,
 };
 
@@ -579,5 +579,123 @@ fn overload_losses_are_counted_and_memory_stays_bounded() {
     assert!(
         peak < RSS_BOUND_MIB * KIB_PER_MIB,
         "peak RSS {peak} KiB, bound {RSS_BOUND_MIB} MiB"
+    );
+}
+
+/// SIGTERM while 200 connections are held open and two threads churn more: the
+/// daemon exits 0 within its shutdown timeout, and every session in flight is
+/// ended (`shutdown`) and flushed to the collector, which is up throughout.
+#[test]
+fn sigterm_under_load_flushes_every_in_flight_session() {
+    if !root_or_skip("sigterm_under_load_flushes_every_in_flight_session") {
+        return;
+    }
+    let _serial = load::serial();
+    const HELD: usize = 200;
+    const SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(5);
+    // 24,000 spans/s, near what the unoptimized daemon exports (~30,000/s): load,
+    // not overload, which would test the ring buffer instead (see the overload test).
+    const CHURN_PER_SECOND: f64 = 4000.0;
+    let rx = Receiver::start();
+    let endpoint = rx.grpc_endpoint();
+    // Holds each accepted socket until its client closes.
+    let server = Server::start();
+    let sp = server.port();
+    let tracer = Tracer::start_with_env(
+        &[
+            "--otlp-endpoint",
+            &endpoint,
+            "--otlp-protocol",
+            "grpc",
+            "--shutdown-timeout",
+            &SHUTDOWN_TIMEOUT.as_secs().to_string(),
+        ],
+        FAST,
+    );
+    let held: Vec<TcpStream> = (0..HELD)
+        .map(|_| TcpStream::connect(server.addr()).unwrap())
+        .collect();
+    let held_ports: Vec<u16> = held
+        .iter()
+        .map(|c| c.local_addr().unwrap().port())
+        .collect();
+    wait_until(
+        "the held connections accepted",
+        Duration::from_secs(10),
+        || server.accepted() >= HELD as u64,
+    );
+
+    let churn = Churn::start(server.addr(), 2, Some(CHURN_PER_SECOND), None);
+    thread::sleep(Duration::from_secs(2)); // the load the signal lands in
+    let churned_before = churn.connections();
+    let done = tracer.stop_with(Signal::SIGTERM);
+    let made = churn.stop();
+    let summary = Summary::parse(&done.stderr);
+    // The daemon is gone, and the receiver records a request before answering it:
+    // every span the daemon counted as exported is here.
+    let spans = rx.spans();
+    let shutdown_roots = |local: u16, peer: u16| {
+        spans
+            .iter()
+            .filter(|s| {
+                s.name == ROOT
+                    && s.int_attr("network.local.port") == Some(i64::from(local))
+                    && s.int_attr("network.peer.port") == Some(i64::from(peer))
+                    && s.str_attr("tcpstates.end_reason") == Some("shutdown")
+            })
+            .count()
+    };
+    let missing_clients: Vec<u16> = held_ports
+        .iter()
+        .copied()
+        .filter(|&c| shutdown_roots(c, sp) != 1)
+        .collect();
+    let missing_servers: Vec<u16> = held_ports
+        .iter()
+        .copied()
+        .filter(|&c| shutdown_roots(sp, c) != 1)
+        .collect();
+    let all_shutdown = spans
+        .iter()
+        .filter(|s| s.name == ROOT && s.str_attr("tcpstates.end_reason") == Some("shutdown"))
+        .count();
+    eprintln!(
+        "{} connections churned ({churned_before} before the signal, {:.0}/s); exit after {:.2?}; \
+         {} spans received, {all_shutdown} shutdown roots; {summary:?}",
+        made.connections,
+        made.per_second(),
+        done.took,
+        spans.len()
+    );
+    drop(held);
+
+    assert!(done.status.success(), "{:?}", done.stderr);
+    assert!(
+        done.took < SHUTDOWN_TIMEOUT + Duration::from_secs(5),
+        "exit took {:?}",
+        done.took
+    );
+    assert!(
+        summary.open_at_exit >= 2 * HELD as u64,
+        "{HELD} connections held, both ends: {summary:?}"
+    );
+    assert_eq!(
+        summary.exported + summary.failed + summary.not_sent,
+        summary.spans,
+        "{summary:?}"
+    );
+    assert!(
+        missing_clients.is_empty() && missing_servers.is_empty(),
+        "held connections without exactly one shutdown root: {} clients {:?}, {} servers {:?}; {summary:?}; {:?}",
+        missing_clients.len(),
+        missing_clients,
+        missing_servers.len(),
+        missing_servers,
+        done.stderr
+    );
+    // And every other session in flight (churned ones) too.
+    assert_eq!(
+        all_shutdown as u64, summary.open_at_exit,
+        "shutdown roots received vs {summary:?}"
     );
 }
