@@ -6,6 +6,7 @@
 mod support;
 
 use std::{
+    collections::HashMap,
     net::TcpStream,
     thread,
     time::{Duration, Instant},
@@ -598,9 +599,8 @@ fn sigterm_under_load_flushes_every_in_flight_session() {
     const CHURN_PER_SECOND: f64 = 4000.0;
     let rx = Receiver::start();
     let endpoint = rx.grpc_endpoint();
-    // Holds each accepted socket until its client closes.
-    let server = Server::start();
-    let sp = server.port();
+    // -p: only this process's sockets, not whatever else the host runs meanwhile.
+    let me = std::process::id().to_string();
     let tracer = Tracer::start_with_env(
         &[
             "--otlp-endpoint",
@@ -609,9 +609,15 @@ fn sigterm_under_load_flushes_every_in_flight_session() {
             "grpc",
             "--shutdown-timeout",
             &SHUTDOWN_TIMEOUT.as_secs().to_string(),
+            "-p",
+            &me,
         ],
         FAST,
     );
+    // Listening after the tracer started, so the accepted sockets are ours too.
+    // It holds each accepted socket until its client closes.
+    let server = Server::start();
+    let sp = server.port();
     let held: Vec<TcpStream> = (0..HELD)
         .map(|_| TcpStream::connect(server.addr()).unwrap())
         .collect();
@@ -634,17 +640,18 @@ fn sigterm_under_load_flushes_every_in_flight_session() {
     // The daemon is gone, and the receiver records a request before answering it:
     // every span the daemon counted as exported is here.
     let spans = rx.spans();
-    let shutdown_roots = |local: u16, peer: u16| {
-        spans
-            .iter()
-            .filter(|s| {
-                s.name == ROOT
-                    && s.int_attr("network.local.port") == Some(i64::from(local))
-                    && s.int_attr("network.peer.port") == Some(i64::from(peer))
-                    && s.str_attr("tcpstates.end_reason") == Some("shutdown")
-            })
-            .count()
-    };
+    // (local port, peer port) of every root ended by the shutdown, in one pass:
+    // there are tens of thousands of spans.
+    let mut ended: HashMap<(u16, u16), usize> = HashMap::new();
+    for s in &spans {
+        if s.name == ROOT && s.str_attr("tcpstates.end_reason") == Some("shutdown") {
+            let port = |key| s.int_attr(key).unwrap_or(0) as u16;
+            *ended
+                .entry((port("network.local.port"), port("network.peer.port")))
+                .or_default() += 1;
+        }
+    }
+    let shutdown_roots = |local: u16, peer: u16| ended.get(&(local, peer)).copied().unwrap_or(0);
     let missing_clients: Vec<u16> = held_ports
         .iter()
         .copied()
@@ -655,10 +662,7 @@ fn sigterm_under_load_flushes_every_in_flight_session() {
         .copied()
         .filter(|&c| shutdown_roots(sp, c) != 1)
         .collect();
-    let all_shutdown = spans
-        .iter()
-        .filter(|s| s.name == ROOT && s.str_attr("tcpstates.end_reason") == Some("shutdown"))
-        .count();
+    let all_shutdown: usize = ended.values().sum();
     eprintln!(
         "{} connections churned ({churned_before} before the signal, {:.0}/s); exit after {:.2?}; \
          {} spans received, {all_shutdown} shutdown roots; {summary:?}",
