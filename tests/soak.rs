@@ -103,8 +103,8 @@ fn soak_with_a_flapping_collector() {
         if Instant::now() >= phase_end {
             match rx.take() {
                 Some(up) => {
-                    received_by_phase.push(up.span_count());
-                    drop(up); // closes its listeners and connections
+                    // Closes its listeners and connections.
+                    received_by_phase.push(up.stop());
                     outages += 1;
                     phase_end += DOWN;
                 }
@@ -130,7 +130,7 @@ fn soak_with_a_flapping_collector() {
     let stats = Stats::last(&tracer.stderr()).unwrap();
     let done = tracer.stop_with(Signal::SIGTERM);
     // The daemon is gone; every span it counted as exported has been counted here.
-    received_by_phase.push(rx.span_count());
+    received_by_phase.push(rx.stop());
     let received: u64 = received_by_phase.iter().sum();
     let recovered = done
         .stderr

@@ -295,14 +295,27 @@ impl Receiver {
     }
 }
 
-impl Drop for Receiver {
-    fn drop(&mut self) {
+impl Receiver {
+    /// Shuts both servers down, as dropping does, and returns the spans they got
+    /// in all: a request answered before the shutdown is counted, none after.
+    pub fn stop(mut self) -> u64 {
+        self.shut_down();
+        self.span_count()
+    }
+
+    fn shut_down(&mut self) {
         if let Some(stop) = self.stop.take() {
             let _ = stop.send(());
         }
         if let Some(thread) = self.thread.take() {
             let _ = thread.join();
         }
+    }
+}
+
+impl Drop for Receiver {
+    fn drop(&mut self) {
+        self.shut_down();
     }
 }
 
