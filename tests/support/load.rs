@@ -471,7 +471,7 @@ impl Stats {
     }
 
     /// The cumulative counters, named, for comparing one line with the next.
-    pub fn cumulative(&self) -> [(&'static str, u64); 8] {
+    pub fn cumulative(&self) -> [(&'static str, u64); 9] {
         [
             ("events seen", self.seen),
             ("lost", self.lost),
@@ -480,6 +480,7 @@ impl Stats {
             ("produced", self.produced),
             ("exported", self.exported),
             ("failed", self.failed),
+            ("dropped", self.dropped_at_least),
             ("export errors", self.export_errors),
         ]
     }
