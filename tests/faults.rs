@@ -824,8 +824,6 @@ fn overload_does_not_starve_signals_and_reports() {
 /// SIGTERM with far more events queued in the ring buffer than one drain takes:
 /// everything still queued is printed before the exit, and nothing is lost.
 #[test]
-#[ignore = "daemon bug: after the loop, app::run drains once, and a drain now stops at \
-            DRAIN_BUDGET (16384) records: the rest are neither printed nor counted lost"]
 fn sigterm_prints_everything_still_queued() {
     if !root_or_skip("sigterm_prints_everything_still_queued") {
         return;
