@@ -387,7 +387,7 @@ impl<E: SpanExporter> SpanExporter for Counting<E> {
                 self.counters.errors.fetch_add(1, Ordering::Relaxed);
                 if !self.failing.swap(true, Ordering::Relaxed) {
                     tracing::warn!(
-                        "export to {} failed ({err}); spans are dropped until it answers, tracing goes on",
+                        "export to {} failed ({err}); tracing goes on, spans that cannot be sent are counted as failed",
                         self.endpoint
                     );
                 }
