@@ -206,28 +206,12 @@ fn stats_line_counts_what_happened() {
         thread::sleep(Duration::from_millis(50));
     };
     drop(tracer);
-    let number = |label: &str| -> u64 {
-        let at = line
-            .find(label)
-            .unwrap_or_else(|| panic!("no {label:?} in {line}"));
-        line[..at]
-            .split_whitespace()
-            .last()
-            .unwrap()
-            .parse()
-            .unwrap()
-    };
-    assert!(
-        number(" events seen") >= printed as u64,
-        "{line} vs {printed} rows"
-    );
-    assert_eq!(number(" lost"), 0, "{line}");
-    assert!(
-        number(" started") >= 10,
-        "5 connections, 10 sockets: {line}"
-    );
-    assert!(number(" exported") <= number(" produced"), "{line}");
-    assert_eq!(number(" failed"), 0, "{line}");
+    let stats = load::Stats::parse(&line);
+    assert!(stats.seen >= printed as u64, "{line} vs {printed} rows");
+    assert_eq!(stats.lost, 0, "{line}");
+    assert!(stats.started >= 10, "5 connections, 10 sockets: {line}");
+    assert!(stats.exported <= stats.produced, "{line}");
+    assert_eq!(stats.failed, 0, "{line}");
 }
 
 /// Whether `spans` hold the root of the client socket on `local` talking to `peer`.

@@ -5,19 +5,7 @@ mod support;
 use std::{net::TcpStream, time::Duration};
 
 use nix::sys::signal::Signal;
-use support::{otlp::Receiver, *};
-
-/// The number before `label` in `line` ("… 12 exported …" → 12).
-fn number_before(line: &str, label: &str) -> i64 {
-    let at = line
-        .find(label)
-        .unwrap_or_else(|| panic!("no {label:?} in {line}"));
-    line[..at]
-        .split_whitespace()
-        .last()
-        .and_then(|n| n.trim_start_matches('(').parse().ok())
-        .unwrap_or_else(|| panic!("no number before {label:?} in {line}"))
-}
+use support::{load::Summary, otlp::Receiver, *};
 
 /// Over both transports: metrics arrive while running, and the last export agrees
 /// with the exit summary and with what was printed, evictions and all.
@@ -78,42 +66,36 @@ fn self_metrics_agree_with_the_exit_summary() {
         let done = tracer.stop_with(Signal::SIGTERM);
         drop(held);
         assert!(done.status.success(), "{protocol}: {:?}", done.stderr);
-        let summary = done
-            .stderr
-            .iter()
-            .find(|l| l.contains("sockets traced"))
-            .unwrap_or_else(|| panic!("{protocol}: no summary in {:?}", done.stderr));
+        let summary = Summary::parse(&done.stderr);
         let metrics = rx.metrics();
-        eprintln!("{protocol}: {summary}");
+        eprintln!("{protocol}: {summary:?}");
         let metric = |name: &str| {
             metrics
                 .get(&format!("otel_tcpstates.{name}"))
                 .unwrap_or_else(|| panic!("{protocol}: no {name} in {metrics:#?}"))
         };
         let printed = done.lines.len() as i64 - 1;
+        let count = |n: u64| n as i64;
         let expect = [
             ("events.seen", printed),
             ("events.lost", 0),
-            (
-                "sessions.started",
-                number_before(summary, " sockets traced"),
-            ),
-            ("sessions.evicted", number_before(summary, " evicted")),
+            ("sessions.started", count(summary.sessions)),
+            ("sessions.evicted", count(summary.evicted)),
             ("sessions.in_flight", 0),
-            ("spans.produced", number_before(summary, " spans:")),
-            ("spans.exported", number_before(summary, " exported")),
-            ("spans.failed", number_before(summary, " failed")),
-            ("spans.dropped", number_before(summary, " not sent")),
+            ("spans.produced", count(summary.spans)),
+            ("spans.exported", count(summary.exported)),
+            ("spans.failed", count(summary.failed)),
+            ("spans.dropped", count(summary.not_sent)),
             ("export.errors", 0),
         ];
         for (name, want) in expect {
-            assert_eq!(metric(name).value, want, "{protocol}: {name}; {summary}");
+            assert_eq!(metric(name).value, want, "{protocol}: {name}; {summary:?}");
         }
         assert!(
             metric("sessions.evicted").value >= 8,
-            "{protocol}: 12 held sockets, 4 slots: {summary}"
+            "{protocol}: 12 held sockets, 4 slots: {summary:?}"
         );
-        assert!(metric("spans.exported").value > 0, "{summary}");
+        assert!(metric("spans.exported").value > 0, "{summary:?}");
         assert_eq!(metric("sessions.in_flight").kind, "gauge");
         for (name, _) in expect.iter().filter(|(n, _)| *n != "sessions.in_flight") {
             assert_eq!(metric(name).kind, "sum", "{protocol}: {name} is a counter");
