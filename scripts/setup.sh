@@ -61,10 +61,13 @@ fi
 
 if [[ $want_test -eq 1 ]]; then
   # setpriv and unshare (util-linux) let the tests drop privileges and unmount
-  # tracefs in a private namespace.
+  # tracefs in a private namespace; tests/units.rs checks the systemd unit with
+  # systemd-analyze and the system calls the daemon makes with strace.
   missing=()
   command -v setpriv >/dev/null && command -v unshare >/dev/null || missing+=(util-linux)
   command -v bash >/dev/null || missing+=(bash)
+  command -v systemd-analyze >/dev/null || missing+=(systemd)
+  command -v strace >/dev/null || missing+=(strace)
   if ((${#missing[@]})); then
     log "installing ${missing[*]}"
     apt-get update -qq
@@ -87,6 +90,23 @@ if [[ $want_test -eq 1 ]]; then
     # --target also sidesteps PEP 668 (externally managed system Python).
     PIP_ROOT_USER_ACTION=ignore python3 -m pip install --quiet --disable-pip-version-check --no-deps \
       --target "$rotel_dir" "rotel==$ROTEL_VERSION"
+  fi
+
+  # kubernetes-validate checks deploy/kubernetes against the Kubernetes API schemas,
+  # which its wheel carries (no cluster, no download at test time);
+  # tests/units.rs runs it with PYTHONPATH=$kv_dir.
+  KUBERNETES_VALIDATE_VERSION=1.37.0
+  kv_dir="${CARGO_HOME:-$HOME/.cargo}/otel-tcpstates-kubernetes-validate"
+  if [[ ! -d "$kv_dir/kubernetes_validate-$KUBERNETES_VALIDATE_VERSION.dist-info" ]]; then
+    if ! python3 -m pip --version >/dev/null 2>&1; then
+      log "installing python3-pip"
+      apt-get update -qq
+      DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3-pip
+    fi
+    log "installing kubernetes-validate $KUBERNETES_VALIDATE_VERSION into $kv_dir"
+    rm -rf "$kv_dir"
+    PIP_ROOT_USER_ACTION=ignore python3 -m pip install --quiet --disable-pip-version-check \
+      --target "$kv_dir" "kubernetes-validate==$KUBERNETES_VALIDATE_VERSION"
   fi
 fi
 
