@@ -15,7 +15,12 @@ use crate::{
     event::TcpEvent,
     export::{self, Protocol},
     loader::{self, Filters, Probe},
-    output::{Layout, life::LifeWriter, text::TextWriter},
+    output::{
+        Layout,
+        journal::{self, JournalWriter},
+        life::LifeWriter,
+        text::TextWriter,
+    },
     preflight,
     reader::EventReader,
     self_metrics::SelfMetrics,
@@ -33,12 +38,13 @@ const CLOCK_RESYNC_EVERY: Duration = Duration::from_secs(60);
 
 type Stdout = BufWriter<StdoutLock<'static>>;
 
-/// Where events go: tcpstates lines, or the session table, whose updates feed
-/// tcplife lines and/or traces.
+/// Where events go: tcpstates lines, journal records, or the session table, whose
+/// updates feed tcplife lines and/or traces.
 struct Sinks {
     /// Events decoded so far.
     seen: u64,
     text: Option<TextWriter<Stdout>>,
+    journal: Option<JournalWriter>,
     table: Option<SessionTable>,
     life: Option<LifeWriter<Stdout>>,
     traces: Option<Traces>,
@@ -49,6 +55,7 @@ impl Sinks {
         let Self {
             seen,
             text,
+            journal,
             table,
             life,
             traces,
@@ -56,6 +63,9 @@ impl Sinks {
         *seen += 1;
         if let Some(text) = text {
             text.event(event)?;
+        }
+        if let Some(journal) = journal {
+            journal.event(event);
         }
         let Some(table) = table else {
             return Ok(());
@@ -103,6 +113,11 @@ pub async fn run(cli: Cli) -> Result<()> {
         cli.otlp_endpoint.as_deref(),
         cli.otlp_protocol.as_deref().and_then(Protocol::parse),
     )?;
+    // Before loading anything: a journal that is not there is a setup error.
+    let journal = cli
+        .journal
+        .then(|| JournalWriter::open(journal::socket_path()))
+        .transpose()?;
     preflight::run()?;
     let filters = Filters {
         owner_pid: cli.pid,
@@ -164,6 +179,7 @@ pub async fn run(cli: Cli) -> Result<()> {
     let mut sinks = Sinks {
         seen: 0,
         text: (printing && !cli.life).then(|| TextWriter::new(layout, clock, stdout())),
+        journal,
         life: (printing && cli.life).then(|| LifeWriter::new(layout, clock, stdout())),
         table: sessions.then(|| SessionTable::new(cli.max_sockets)),
         traces,
@@ -212,6 +228,9 @@ pub async fn run(cli: Cli) -> Result<()> {
                         lost - lost_reported
                     );
                     lost_reported = lost;
+                }
+                if let Some(unsent) = sinks.journal.as_mut().and_then(JournalWriter::take_unsent) {
+                    tracing::warn!("{unsent}");
                 }
                 let stats = stats(&sinks, lost);
                 if let Some(metrics) = &self_metrics {
@@ -267,6 +286,13 @@ pub async fn run(cli: Cli) -> Result<()> {
     drop(probe);
     if lost > 0 {
         tracing::warn!("{lost} events lost in total (ring buffer full); {LOST_ADVICE}");
+    }
+    if let Some(unsent) = sinks
+        .journal
+        .as_ref()
+        .and_then(JournalWriter::unsent_in_total)
+    {
+        tracing::warn!("{unsent}");
     }
     if reader.malformed > 0 {
         tracing::warn!("{} malformed event records skipped", reader.malformed);

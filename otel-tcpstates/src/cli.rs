@@ -14,6 +14,7 @@ Examples:
   otel-tcpstates -L 80,81     # only trace local ports 80 and 81
   otel-tcpstates -D 8000-8080 # only trace remote ports 8000 to 8080
   otel-tcpstates -p 181       # only sockets owned by PID 181
+  otel-tcpstates -Y           # also log each state change to the systemd journal
   otel-tcpstates --otlp-endpoint http://localhost:4318            # spans over OTLP/HTTP
   otel-tcpstates --otlp-endpoint http://localhost:4317 --otlp-protocol grpc --print
 
@@ -59,6 +60,11 @@ pub struct Cli {
     #[arg(short = 'p', long = "pid", value_name = "PID",
           value_parser = clap::value_parser!(u32).range(1..))]
     pub pid: Option<u32>,
+
+    /// Also log each state change to the systemd journal, with structured fields
+    /// (journald's socket: /run/systemd/journal/socket, or OTEL_TCPSTATES_JOURNAL_SOCKET)
+    #[arg(short = 'Y', long = "journal")]
+    pub journal: bool,
 
     /// Export each socket as a trace to this OTLP endpoint (base URL, e.g.
     /// http://localhost:4318); also OTEL_EXPORTER_OTLP_[TRACES_]ENDPOINT
@@ -247,8 +253,8 @@ mod tests {
 
     #[test]
     fn combined_short_flags() {
-        let cli = parse(&["-stT", "-L", "80", "-4", "-p", "42"]).unwrap();
-        assert!(cli.csv && cli.timestamp && cli.time && cli.ipv4 && !cli.ipv6);
+        let cli = parse(&["-stTY", "-L", "80", "-4", "-p", "42"]).unwrap();
+        assert!(cli.csv && cli.timestamp && cli.time && cli.journal && cli.ipv4 && !cli.ipv6);
         assert_eq!(cli.localport.unwrap().ports(), &[80]);
         assert_eq!(cli.pid, Some(42));
     }

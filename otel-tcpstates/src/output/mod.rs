@@ -5,6 +5,7 @@ use chrono::{DateTime, Local};
 
 use crate::clock::WallClock;
 
+pub mod journal;
 pub mod life;
 pub mod text;
 
