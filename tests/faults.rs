@@ -84,22 +84,18 @@ fn export_resumes_when_the_collector_comes_back() {
         "export did not resume: {:?}",
         tracer.stderr()
     );
-    assert!(
-        !root_of(&spans, before.port()),
-        "spans from the outage were not dropped?"
-    );
+    // The outage's spans may still arrive (the exporter retries) or be counted
+    // failed: either way, nothing is lost silently (the summary below).
     let done = tracer.stop_with(Signal::SIGTERM);
     assert!(done.status.success(), "{:?}", done.stderr);
     let said = done.stderr.join("\n");
     assert!(said.contains("works again"), "{said}");
-    let summary = done
-        .stderr
-        .iter()
-        .find(|l| l.contains("sockets traced"))
-        .unwrap();
-    assert!(
-        !summary.contains(" 0 failed"),
-        "failures must be counted: {summary}"
+    let summary = load::Summary::parse(&done.stderr);
+    assert!(summary.failed > 0, "failures must be counted: {summary:?}");
+    assert_eq!(
+        summary.exported + summary.failed + summary.not_sent,
+        summary.spans,
+        "{summary:?}"
     );
 }
 
