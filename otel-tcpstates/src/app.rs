@@ -358,6 +358,7 @@ fn stats(sinks: &Sinks, lost: u64) -> Stats {
             }
         }),
         spans: sinks.traces.as_ref().map(Traces::stats),
+        journal_unsent: sinks.journal.as_ref().map(JournalWriter::unsent),
     }
 }
 

@@ -37,6 +37,7 @@ pub mod name {
     pub const SPANS_FAILED: &str = "otel_tcpstates.spans.failed";
     pub const SPANS_DROPPED: &str = "otel_tcpstates.spans.dropped";
     pub const EXPORT_ERRORS: &str = "otel_tcpstates.export.errors";
+    pub const JOURNAL_UNSENT: &str = "otel_tcpstates.journal.unsent";
 }
 
 /// The last published value of each counter, read by the SDK's collection
@@ -53,6 +54,7 @@ struct Published {
     failed: AtomicU64,
     dropped: AtomicU64,
     export_errors: AtomicU64,
+    journal_unsent: AtomicU64,
 }
 
 pub struct SelfMetrics {
@@ -140,6 +142,9 @@ impl SelfMetrics {
             set(&p.dropped, s.dropped);
             set(&p.export_errors, s.export_errors);
         }
+        if let Some(unsent) = stats.journal_unsent {
+            set(&p.journal_unsent, unsent);
+        }
     }
 
     /// Exports the last published values and stops, waiting at most `timeout`
@@ -168,7 +173,7 @@ impl SelfMetrics {
 fn register(provider: &SdkMeterProvider, published: &Arc<Published>) {
     let meter = provider.meter("otel-tcpstates");
     type Pick = fn(&Published) -> &AtomicU64;
-    let counters: [(&'static str, &'static str, &'static str, Pick); 9] = [
+    let counters: [(&'static str, &'static str, &'static str, Pick); 10] = [
         (
             name::EVENTS_SEEN,
             "{event}",
@@ -222,6 +227,12 @@ fn register(provider: &SdkMeterProvider, published: &Arc<Published>) {
             "{request}",
             "Span export requests that failed",
             |p| &p.export_errors,
+        ),
+        (
+            name::JOURNAL_UNSENT,
+            "{record}",
+            "State changes the journal did not take (-Y)",
+            |p| &p.journal_unsent,
         ),
     ];
     for (name, unit, description, pick) in counters {

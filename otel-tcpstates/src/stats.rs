@@ -12,6 +12,8 @@ pub struct Stats {
     pub events_lost: u64,
     pub sessions: Option<SessionStats>,
     pub spans: Option<SpanStats>,
+    /// With `-Y`: records journald did not take.
+    pub journal_unsent: Option<u64>,
 }
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -57,6 +59,9 @@ impl fmt::Display for Stats {
                 s.produced, s.exported, s.failed, s.dropped, s.export_errors
             )?;
         }
+        if let Some(unsent) = self.journal_unsent {
+            write!(f, "; journal: {unsent} not logged")?;
+        }
         Ok(())
     }
 }
@@ -90,5 +95,7 @@ mod tests {
             "stats: 12 events seen, 3 lost; sessions: 1 in flight, 4 started, 2 evicted; \
              spans: 9 produced, 5 exported, 2 failed, at least 1 dropped; 1 export errors"
         );
+        stats.journal_unsent = Some(7);
+        assert!(stats.to_string().ends_with("; journal: 7 not logged"));
     }
 }

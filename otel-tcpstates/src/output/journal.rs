@@ -77,6 +77,11 @@ impl JournalWriter {
         }
     }
 
+    /// Records not sent since the start.
+    pub fn unsent(&self) -> u64 {
+        self.unsent
+    }
+
     /// Records not sent since the last call, if any: for a periodic warning.
     pub fn take_unsent(&mut self) -> Option<Unsent<'_>> {
         let count = self.unsent - self.reported;
