@@ -5,7 +5,7 @@
 //! [`Receiver::start_tls`] serves both over TLS.
 
 use std::{
-    collections::BTreeMap,
+    collections::{BTreeMap, BTreeSet},
     future::Future,
     io::Read as _,
     net::SocketAddr,
@@ -18,7 +18,7 @@ use axum::{
     Router,
     body::Bytes,
     extract::State,
-    http::{HeaderMap, StatusCode, header},
+    http::{HeaderMap, Method, StatusCode, Uri, header},
     response::{IntoResponse, Response},
     routing::post,
 };
@@ -120,6 +120,8 @@ struct Store {
     /// Each metric's latest data point.
     metrics: BTreeMap<String, ReceivedMetric>,
     metric_requests: usize,
+    /// The paths OTLP/HTTP exports were posted to.
+    http_paths: BTreeSet<String>,
 }
 
 /// A metric's latest single data point, as received.
@@ -272,6 +274,12 @@ impl Receiver {
         lock(&self.store).metric_requests
     }
 
+    /// The paths OTLP/HTTP exports arrived at: "/v1/traces", or under a base
+    /// path such as "/api/v1/otlp/v1/metrics".
+    pub fn http_paths(&self) -> BTreeSet<String> {
+        lock(&self.store).http_paths.clone()
+    }
+
     /// Spans received so far over both transports, stored or only counted.
     pub fn span_count(&self) -> u64 {
         lock(&self.store).span_count
@@ -359,6 +367,9 @@ async fn serve(
     let app = Router::new()
         .route("/v1/traces", post(http_export))
         .route("/v1/metrics", post(http_export_metrics))
+        // Exporters given a base URL with a path (Prometheus takes OTLP under
+        // /api/v1/otlp) post to the signal's path under it.
+        .fallback(prefixed_export)
         .with_state(store);
     let http_server: Serving = match tls {
         Some(tls) => Box::pin(serve_https(http, tls, app)),
@@ -401,7 +412,13 @@ impl MetricsService for Grpc {
     }
 }
 
-async fn http_export(State(store): State<Shared>, headers: HeaderMap, body: Bytes) -> Response {
+async fn http_export(
+    State(store): State<Shared>,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    lock(&store).http_paths.insert(uri.path().to_owned());
     let body = match protobuf_body(&headers, body) {
         Ok(body) => body,
         Err(rejected) => return rejected,
@@ -421,9 +438,11 @@ async fn http_export(State(store): State<Shared>, headers: HeaderMap, body: Byte
 
 async fn http_export_metrics(
     State(store): State<Shared>,
+    uri: Uri,
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
+    lock(&store).http_paths.insert(uri.path().to_owned());
     let body = match protobuf_body(&headers, body) {
         Ok(body) => body,
         Err(rejected) => return rejected,
@@ -437,6 +456,28 @@ async fn http_export_metrics(
         Err(e) => reject(
             StatusCode::BAD_REQUEST,
             format!("not an ExportMetricsServiceRequest: {e}"),
+        ),
+    }
+}
+
+async fn prefixed_export(
+    state: State<Shared>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let path = uri.path();
+    match (&method, path) {
+        (&Method::POST, p) if p.ends_with("/v1/traces") => {
+            http_export(state, uri, headers, body).await
+        }
+        (&Method::POST, p) if p.ends_with("/v1/metrics") => {
+            http_export_metrics(state, uri, headers, body).await
+        }
+        _ => reject(
+            StatusCode::NOT_FOUND,
+            format!("no OTLP signal at {method} {path}"),
         ),
     }
 }

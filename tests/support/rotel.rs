@@ -31,8 +31,27 @@ fn binary() -> PathBuf {
         .join("rotel-agent")
 }
 
-/// A running rotel receiving OTLP on 127.0.0.1 and forwarding traces over
-/// OTLP/gRPC. Killed when dropped.
+/// One of rotel's named exporters (`--exporters NAME:otlp`). rotel takes their
+/// settings from `ROTEL_EXPORTER_{NAME}_*` variables only.
+#[derive(Clone, Debug)]
+pub struct Export {
+    /// Letters and digits: it becomes part of the variables' names.
+    pub name: String,
+    pub signal: Signal,
+    /// For "http", the base URL: rotel appends "/v1/traces" or "/v1/metrics".
+    pub endpoint: String,
+    /// "grpc" or "http".
+    pub protocol: &'static str,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Signal {
+    Traces,
+    Metrics,
+}
+
+/// A running rotel receiving OTLP on 127.0.0.1 and forwarding it. Killed when
+/// dropped.
 pub struct Rotel {
     child: Child,
     grpc_addr: SocketAddr,
@@ -45,6 +64,68 @@ impl Rotel {
     /// `export_endpoint` (a Receiver's gRPC endpoint, "http://127.0.0.1:PORT").
     /// Returns once both its ports accept connections.
     pub fn start(export_endpoint: &str) -> Rotel {
+        let configure = |command: &mut Command| {
+            command
+                .args([
+                    "--otlp-receiver-metrics-disabled",
+                    "--otlp-receiver-logs-disabled",
+                ])
+                .args(["--exporter", "otlp"])
+                .args(["--otlp-exporter-protocol", "grpc"])
+                .args(["--otlp-exporter-endpoint", export_endpoint]);
+        };
+        Self::start_configured(&configure)
+    }
+
+    /// Starts rotel with named exporters, each for one signal: traces and metrics
+    /// received go to the exporter named for them. This rotel (0.0.1a15) takes
+    /// at most one exporter per signal; it refuses more at start-up.
+    pub fn start_exporting(exports: &[Export]) -> Rotel {
+        for export in exports {
+            assert!(
+                export.name.bytes().all(|b| b.is_ascii_alphanumeric()),
+                "rotel exporter name {:?}: letters and digits only",
+                export.name
+            );
+        }
+        let named = |signal| {
+            exports
+                .iter()
+                .filter(|e| e.signal == signal)
+                .map(|e| e.name.as_str())
+                .collect::<Vec<_>>()
+                .join(",")
+        };
+        let (traces, metrics) = (named(Signal::Traces), named(Signal::Metrics));
+        let configure = |command: &mut Command| {
+            let declared: Vec<String> =
+                exports.iter().map(|e| format!("{}:otlp", e.name)).collect();
+            command.args(["--exporters", &declared.join(",")]);
+            if traces.is_empty() {
+                command.arg("--otlp-receiver-traces-disabled");
+            } else {
+                command.args(["--exporters-traces", &traces]);
+            }
+            if metrics.is_empty() {
+                command.arg("--otlp-receiver-metrics-disabled");
+            } else {
+                command.args(["--exporters-metrics", &metrics]);
+            }
+            command.arg("--otlp-receiver-logs-disabled");
+            for export in exports {
+                let var = |setting: &str| {
+                    format!("ROTEL_EXPORTER_{}_{setting}", export.name.to_uppercase())
+                };
+                command
+                    .env(var("ENDPOINT"), &export.endpoint)
+                    .env(var("PROTOCOL"), export.protocol);
+            }
+        };
+        Self::start_configured(&configure)
+    }
+
+    /// `configure` adds the exporter settings to `rotel start`.
+    fn start_configured(configure: &dyn Fn(&mut Command)) -> Rotel {
         let bin = binary();
         assert!(
             bin.is_file(),
@@ -56,7 +137,7 @@ impl Rotel {
         // ("Address already in use") and we try again with new ports.
         let mut last_output = Vec::new();
         for _ in 0..5 {
-            match Self::try_start(&bin, export_endpoint) {
+            match Self::try_start(&bin, configure) {
                 Ok(rotel) => return rotel,
                 Err(output) => last_output = output,
             }
@@ -68,19 +149,15 @@ impl Rotel {
     }
 
     /// Err(output) if rotel exited before listening.
-    fn try_start(bin: &Path, export_endpoint: &str) -> Result<Rotel, Vec<String>> {
+    fn try_start(bin: &Path, configure: &dyn Fn(&mut Command)) -> Result<Rotel, Vec<String>> {
         let (grpc_addr, http_addr) = free_ports();
-        let mut child = Command::new(bin)
+        let mut command = Command::new(bin);
+        command
             .arg("start")
             .args(["--otlp-grpc-endpoint", &grpc_addr.to_string()])
-            .args(["--otlp-http-endpoint", &http_addr.to_string()])
-            .args([
-                "--otlp-receiver-metrics-disabled",
-                "--otlp-receiver-logs-disabled",
-            ])
-            .args(["--exporter", "otlp"])
-            .args(["--otlp-exporter-protocol", "grpc"])
-            .args(["--otlp-exporter-endpoint", export_endpoint])
+            .args(["--otlp-http-endpoint", &http_addr.to_string()]);
+        configure(&mut command);
+        let mut child = command
             .args(["--batch-timeout", BATCH_TIMEOUT])
             // Its log is only for our panic messages; keep it free of colour codes.
             .env("NO_COLOR", "1")
