@@ -596,6 +596,61 @@ fn the_gateway_balances_by_trace_to_the_sampling_backends() {
     ));
 }
 
+/// The Kubernetes DaemonSet's agent collector forwards to the gateway tier: to
+/// the port gateway.yaml takes that protocol on, and each signal it forwards has
+/// a pipeline there.
+#[test]
+fn the_kubernetes_agent_forwards_to_the_gateways_receiver() {
+    const MANIFEST: &str = "deploy/kubernetes/otel-tcpstates.yaml";
+    let agents: Vec<Collector> = read_yaml_documents(MANIFEST)
+        .iter()
+        .filter(|d| d["kind"] == "ConfigMap")
+        .flat_map(|d| d["data"].as_object().cloned().unwrap_or_default())
+        .map(|(key, text)| {
+            let text = text.as_str().expect("ConfigMap data is text");
+            Collector::parse(&format!("{MANIFEST} ConfigMap {key}"), text)
+        })
+        .collect();
+    assert!(!agents.is_empty(), "{MANIFEST}: no collector configuration");
+    let gateway = Collector::load(GATEWAY);
+    let receivers = gateway.listeners();
+    let signal = |pipeline: &str| pipeline.split('/').next().unwrap_or(pipeline).to_owned();
+    let gateway_signals: BTreeSet<String> = gateway
+        .pipelines()
+        .iter()
+        .map(|p| signal(&p.name))
+        .collect();
+    let mut forwarded = BTreeSet::new();
+    for agent in &agents {
+        for pipeline in agent.pipelines() {
+            for id in &pipeline.exporters {
+                let (endpoint, protocol) =
+                    agent.exporter_target(id).unwrap_or_else(|e| panic!("{e}"));
+                if !endpoint.host.starts_with("otel-gateway.") {
+                    continue;
+                }
+                assert!(
+                    receivers
+                        .iter()
+                        .any(|l| l.port == endpoint.port && l.serves == Serves::Otlp(protocol)),
+                    "{}: {id} sends {protocol:?} to port {}; {GATEWAY} listens for {receivers:?}",
+                    agent.file,
+                    endpoint.port
+                );
+                forwarded.insert(signal(&pipeline.name));
+            }
+        }
+    }
+    assert!(
+        !forwarded.is_empty(),
+        "{MANIFEST}: nothing goes to otel-gateway.*"
+    );
+    assert!(
+        forwarded.is_subset(&gateway_signals),
+        "{MANIFEST} forwards {forwarded:?}; {GATEWAY} has pipelines for {gateway_signals:?}"
+    );
+}
+
 #[test]
 fn the_image_builds_with_the_projects_setup_and_ships_only_the_binary() {
     fail_on(dockerfile_problems(&Dockerfile::load(), &dockerignore()));

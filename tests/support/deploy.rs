@@ -189,6 +189,16 @@ impl Collector {
         }
     }
 
+    /// A configuration held elsewhere, e.g. in a Kubernetes ConfigMap; `file`
+    /// says where, for messages.
+    pub fn parse(file: &str, text: &str) -> Collector {
+        Collector {
+            file: file.to_owned(),
+            config: serde_saphyr::from_str(text)
+                .unwrap_or_else(|e| panic!("{file} is not valid YAML: {e}")),
+        }
+    }
+
     pub fn pipelines(&self) -> Vec<Pipeline> {
         let pipelines = self.config.pointer("/service/pipelines");
         let Some(Value::Object(pipelines)) = pipelines else {
