@@ -485,7 +485,7 @@ fn overload_losses_are_counted_and_memory_stays_bounded() {
     // 60,000 client transitions; a 1 MiB ring buffer holds under 11,000 events.
     const CONNECTIONS: u64 = 20_000;
     // Text mode peaks at ~22 MiB in the benchmark; a leak per lost event or a
-    // runaway buffer would pass this.
+    // runaway buffer would exceed this.
     const RSS_BOUND_MIB: u64 = 64;
     let server = Server::start();
     let port = server.port().to_string();

@@ -36,7 +36,7 @@ use opentelemetry_proto::tonic::{
     common::v1::{AnyValue, KeyValue, any_value},
     metrics::v1::{metric, number_data_point},
 };
-use prost::Message as _;
+use prost::Message;
 use tonic::{
     codec::CompressionEncoding,
     transport::{Server, server::TcpIncoming},
@@ -418,22 +418,9 @@ async fn http_export(
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
-    lock(&store).http_paths.insert(uri.path().to_owned());
-    let body = match protobuf_body(&headers, body) {
-        Ok(body) => body,
-        Err(rejected) => return rejected,
-    };
-    match ExportTraceServiceRequest::decode(&body[..]) {
-        Ok(request) => {
-            record(&store, "http", request);
-            let response = ExportTraceServiceResponse::default().encode_to_vec();
-            ([(header::CONTENT_TYPE, "application/x-protobuf")], response).into_response()
-        }
-        Err(e) => reject(
-            StatusCode::BAD_REQUEST,
-            format!("not an ExportTraceServiceRequest: {e}"),
-        ),
-    }
+    take::<ExportTraceServiceRequest, ExportTraceServiceResponse>(
+        &store, &uri, &headers, body, record,
+    )
 }
 
 async fn http_export_metrics(
@@ -442,20 +429,37 @@ async fn http_export_metrics(
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
-    lock(&store).http_paths.insert(uri.path().to_owned());
-    let body = match protobuf_body(&headers, body) {
+    take::<ExportMetricsServiceRequest, ExportMetricsServiceResponse>(
+        &store,
+        &uri,
+        &headers,
+        body,
+        record_metrics,
+    )
+}
+
+/// One OTLP/HTTP export of either signal: decoded, recorded, answered.
+fn take<Req: Message + Default, Resp: Message + Default>(
+    store: &Shared,
+    uri: &Uri,
+    headers: &HeaderMap,
+    body: Bytes,
+    record: fn(&Shared, &'static str, Req),
+) -> Response {
+    lock(store).http_paths.insert(uri.path().to_owned());
+    let body = match protobuf_body(headers, body) {
         Ok(body) => body,
         Err(rejected) => return rejected,
     };
-    match ExportMetricsServiceRequest::decode(&body[..]) {
+    match Req::decode(&body[..]) {
         Ok(request) => {
-            record_metrics(&store, "http", request);
-            let response = ExportMetricsServiceResponse::default().encode_to_vec();
+            record(store, "http", request);
+            let response = Resp::default().encode_to_vec();
             ([(header::CONTENT_TYPE, "application/x-protobuf")], response).into_response()
         }
         Err(e) => reject(
             StatusCode::BAD_REQUEST,
-            format!("not an ExportMetricsServiceRequest: {e}"),
+            format!("not an {}: {e}", std::any::type_name::<Req>()),
         ),
     }
 }
