@@ -251,7 +251,9 @@ fn life_formats_line_by_line() {
             .unwrap_or_else(|| panic!("{:?}\nvs\n{prefix:?}", lines[1]));
         let ms: f64 = ms.parse().unwrap();
         assert_eq!(lines[1].rsplit('.').next().map(str::len), Some(2));
-        assert!((ms - r.ms).abs() <= 0.02, "{ms} vs {}", r.ms);
+        // Each tracer reads the clock itself, after the others on the same
+        // tracepoint, and rounds to 10 µs: tens of µs apart on a loaded machine.
+        assert!((ms - r.ms).abs() <= 0.05, "{ms} vs {}", r.ms);
     }
 }
 
