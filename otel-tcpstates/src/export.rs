@@ -75,8 +75,67 @@ pub struct Settings {
 }
 
 impl Settings {
-    fn is_https(&self) -> bool {
-        is_https(&self.endpoint)
+    /// How the span exporter connects. Without a flag it reads
+    /// OTEL_EXPORTER_OTLP_[TRACES_]ENDPOINT itself.
+    pub fn traces_transport(&self) -> Transport<'_> {
+        Transport {
+            endpoint: self.flag_endpoint.as_deref(),
+            https: is_https(&self.endpoint),
+            trust: self.trust.as_ref(),
+            timeout_var: opentelemetry_otlp::OTEL_EXPORTER_OTLP_TRACES_TIMEOUT,
+        }
+    }
+
+    /// How the self-metrics exporter connects: next to the traces unless its own
+    /// variables say otherwise.
+    pub fn metrics_transport(&self) -> Transport<'_> {
+        Transport {
+            endpoint: self.metrics_endpoint.as_deref(),
+            https: self.metrics_https,
+            trust: self.metrics_trust.as_ref(),
+            timeout_var: opentelemetry_otlp::OTEL_EXPORTER_OTLP_METRICS_TIMEOUT,
+        }
+    }
+}
+
+/// One signal's connection: the endpoint to set (`None`: the exporter reads its
+/// variables), and the TLS trust to give it.
+pub struct Transport<'a> {
+    endpoint: Option<&'a str>,
+    https: bool,
+    trust: Option<&'a Trust>,
+    /// The signal's own timeout variable, e.g. OTEL_EXPORTER_OTLP_TRACES_TIMEOUT.
+    timeout_var: &'static str,
+}
+
+impl Transport<'_> {
+    /// Configures a gRPC exporter builder (spans or metrics).
+    pub fn grpc<B: WithExportConfig + WithTonicConfig>(&self, mut builder: B) -> Result<B> {
+        if let Some(url) = self.endpoint {
+            builder = builder.with_endpoint(url);
+        }
+        // Always for https://: left to itself, opentelemetry-otlp gives tonic no
+        // roots at all (its issue #2008), so nothing would verify.
+        if self.https {
+            let trust = self.trust.cloned().unwrap_or_default();
+            builder = builder.with_tls_config(trust.tonic_config().context("setting up TLS")?);
+        }
+        Ok(builder)
+    }
+
+    /// Configures an HTTP exporter builder (spans or metrics).
+    pub fn http<B: WithExportConfig + WithHttpConfig>(&self, mut builder: B) -> Result<B> {
+        if let Some(url) = self.endpoint {
+            builder = builder.with_endpoint(url);
+        }
+        if let Some(trust) = self.trust {
+            // Our own client replaces the exporter's, timeout included; the same
+            // value goes to both, as the exporter would resolve it.
+            let timeout = export_timeout(self.timeout_var, env_nonempty);
+            let client = trust.http_client(timeout).context("setting up TLS")?;
+            builder = builder.with_timeout(timeout).with_http_client(client);
+        }
+        Ok(builder)
     }
 }
 
@@ -84,7 +143,7 @@ fn is_https(url: &str) -> bool {
     Url::parse(url.trim()).is_ok_and(|url| url.scheme() == "https")
 }
 
-pub fn env_nonempty(name: &str) -> Option<String> {
+fn env_nonempty(name: &str) -> Option<String> {
     env::var(name).ok().filter(|v| !v.trim().is_empty())
 }
 
@@ -419,7 +478,7 @@ impl<E: SpanExporter> SpanExporter for Counting<E> {
 /// The export timeout as opentelemetry-otlp resolves it: the signal's variable
 /// (e.g. `OTEL_EXPORTER_OTLP_TRACES_TIMEOUT`), the general one, its default
 /// (milliseconds; an unparsable value counts as unset).
-pub fn export_timeout(signal_var: &str, env: impl Fn(&str) -> Option<String>) -> Duration {
+fn export_timeout(signal_var: &str, env: impl Fn(&str) -> Option<String>) -> Duration {
     [signal_var, opentelemetry_otlp::OTEL_EXPORTER_OTLP_TIMEOUT]
         .into_iter()
         .find_map(|name| env(name)?.parse().ok())
@@ -454,47 +513,15 @@ impl Exporter {
         resource: &Resource,
         service_per_process: bool,
     ) -> Result<Self> {
-        // Without a flag the exporter reads OTEL_EXPORTER_OTLP_[TRACES_]ENDPOINT itself.
-        fn endpoint<B: WithExportConfig>(builder: B, settings: &Settings) -> B {
-            match &settings.flag_endpoint {
-                Some(endpoint) => builder.with_endpoint(endpoint),
-                None => builder,
-            }
-        }
-        let tls_context = || format!("setting up TLS for OTLP export to {}", settings.endpoint);
         let builder = opentelemetry_otlp::SpanExporter::builder();
+        let transport = settings.traces_transport();
         let exporter = match settings.protocol {
-            Protocol::Grpc => {
-                let mut builder = endpoint(
-                    builder.with_tonic().with_protocol(OtlpProtocol::Grpc),
-                    settings,
-                );
-                // Always for https://: left to itself, opentelemetry-otlp gives tonic
-                // no roots at all (its issue #2008), so nothing would verify.
-                if settings.is_https() {
-                    let trust = settings.trust.clone().unwrap_or_default();
-                    builder =
-                        builder.with_tls_config(trust.tonic_config().with_context(tls_context)?);
-                }
-                builder.build()
-            }
-            Protocol::HttpProtobuf => {
-                let mut builder = endpoint(
-                    builder.with_http().with_protocol(OtlpProtocol::HttpBinary),
-                    settings,
-                );
-                if let Some(trust) = &settings.trust {
-                    // Our own client replaces the exporter's, timeout included; the
-                    // same value goes to both, as the exporter would resolve it.
-                    let timeout = export_timeout(
-                        opentelemetry_otlp::OTEL_EXPORTER_OTLP_TRACES_TIMEOUT,
-                        env_nonempty,
-                    );
-                    let client = trust.http_client(timeout).with_context(tls_context)?;
-                    builder = builder.with_timeout(timeout).with_http_client(client);
-                }
-                builder.build()
-            }
+            Protocol::Grpc => transport
+                .grpc(builder.with_tonic().with_protocol(OtlpProtocol::Grpc))
+                .and_then(|builder| Ok(builder.build()?)),
+            Protocol::HttpProtobuf => transport
+                .http(builder.with_http().with_protocol(OtlpProtocol::HttpBinary))
+                .and_then(|builder| Ok(builder.build()?)),
         }
         .with_context(|| {
             format!(

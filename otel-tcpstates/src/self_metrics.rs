@@ -12,16 +12,14 @@ use std::{
 
 use anyhow::{Context as _, Result};
 use opentelemetry::metrics::MeterProvider as _;
-use opentelemetry_otlp::{
-    Protocol as OtlpProtocol, WithExportConfig, WithHttpConfig, WithTonicConfig,
-};
+use opentelemetry_otlp::{Protocol as OtlpProtocol, WithExportConfig as _};
 use opentelemetry_sdk::{
     Resource,
     metrics::{PeriodicReader, SdkMeterProvider},
 };
 
 use crate::{
-    export::{self, Protocol, Settings},
+    export::{Protocol, Settings},
     stats::Stats,
 };
 
@@ -68,42 +66,14 @@ impl SelfMetrics {
     /// the span exporter.
     pub fn start(settings: &Settings, resource: &Resource) -> Result<Self> {
         let builder = opentelemetry_otlp::MetricExporter::builder();
-        let endpoint = settings.metrics_endpoint.as_deref();
-        let tls_context = || {
-            format!(
-                "setting up TLS for OTLP metrics next to {}",
-                settings.endpoint
-            )
-        };
+        let transport = settings.metrics_transport();
         let exporter = match settings.protocol {
-            Protocol::Grpc => {
-                let mut builder = builder.with_tonic().with_protocol(OtlpProtocol::Grpc);
-                if let Some(url) = endpoint {
-                    builder = builder.with_endpoint(url);
-                }
-                // As for the spans: tonic gets no roots unless given some.
-                if settings.metrics_https {
-                    let trust = settings.metrics_trust.clone().unwrap_or_default();
-                    builder =
-                        builder.with_tls_config(trust.tonic_config().with_context(tls_context)?);
-                }
-                builder.build()
-            }
-            Protocol::HttpProtobuf => {
-                let mut builder = builder.with_http().with_protocol(OtlpProtocol::HttpBinary);
-                if let Some(url) = endpoint {
-                    builder = builder.with_endpoint(url);
-                }
-                if let Some(trust) = &settings.metrics_trust {
-                    let timeout = export::export_timeout(
-                        opentelemetry_otlp::OTEL_EXPORTER_OTLP_METRICS_TIMEOUT,
-                        export::env_nonempty,
-                    );
-                    let client = trust.http_client(timeout).with_context(tls_context)?;
-                    builder = builder.with_timeout(timeout).with_http_client(client);
-                }
-                builder.build()
-            }
+            Protocol::Grpc => transport
+                .grpc(builder.with_tonic().with_protocol(OtlpProtocol::Grpc))
+                .and_then(|builder| Ok(builder.build()?)),
+            Protocol::HttpProtobuf => transport
+                .http(builder.with_http().with_protocol(OtlpProtocol::HttpBinary))
+                .and_then(|builder| Ok(builder.build()?)),
         }
         .with_context(|| {
             format!(
