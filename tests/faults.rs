@@ -92,11 +92,7 @@ fn export_resumes_when_the_collector_comes_back() {
     assert!(said.contains("works again"), "{said}");
     let summary = load::Summary::parse(&done.stderr);
     assert!(summary.failed > 0, "failures must be counted: {summary:?}");
-    assert_eq!(
-        summary.exported + summary.failed + summary.not_sent,
-        summary.spans,
-        "{summary:?}"
-    );
+    summary.assert_every_span_accounted();
 }
 
 /// An auth token in the OTLP headers never shows in what the daemon says, even
@@ -460,11 +456,7 @@ fn hanging_collector_under_load_keeps_the_daemon_responsive() {
     assert_eq!(summary.spans, connections * CLIENT_SPANS, "{summary:?}");
     assert_eq!(summary.exported, 0, "{summary:?}");
     assert!(summary.failed > 0 && summary.not_sent > 0, "{summary:?}");
-    assert_eq!(
-        summary.exported + summary.failed + summary.not_sent,
-        summary.spans,
-        "{summary:?}"
-    );
+    summary.assert_every_span_accounted();
     assert!(
         peak < RSS_BOUND_MIB * KIB_PER_MIB,
         "peak RSS {peak} KiB, bound {RSS_BOUND_MIB} MiB"
@@ -663,11 +655,7 @@ fn sigterm_under_load_flushes_every_in_flight_session() {
         summary.open_at_exit >= 2 * HELD as u64,
         "{HELD} connections held, both ends: {summary:?}"
     );
-    assert_eq!(
-        summary.exported + summary.failed + summary.not_sent,
-        summary.spans,
-        "{summary:?}"
-    );
+    summary.assert_every_span_accounted();
     assert!(
         missing_clients.is_empty() && missing_servers.is_empty(),
         "held connections without exactly one shutdown root: {} clients {:?}, {} servers {:?}; {summary:?}; {:?}",

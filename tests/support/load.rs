@@ -406,6 +406,16 @@ pub struct Summary {
 }
 
 impl Summary {
+    /// Every span handed to the exporter is exported, failed, or counted as not
+    /// sent: nothing is lost silently.
+    pub fn assert_every_span_accounted(&self) {
+        assert_eq!(
+            self.exported + self.failed + self.not_sent,
+            self.spans,
+            "{self:?}"
+        );
+    }
+
     pub fn parse(stderr: &[String]) -> Summary {
         let line = stderr
             .iter()
