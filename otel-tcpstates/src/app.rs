@@ -297,18 +297,16 @@ pub async fn run(cli: Cli) -> Result<()> {
     if reader.malformed > 0 {
         tracing::warn!("{} malformed event records skipped", reader.malformed);
     }
-    if let Some(mut traces) = sinks.traces.take()
-        && let Some(table) = &mut sinks.table
-    {
+    // One deadline for ending the in-flight sessions and the final flushes.
+    let deadline = Instant::now() + Duration::from_secs(cli.shutdown_timeout);
+    let left = || deadline.saturating_duration_since(Instant::now());
+    if let (Some(traces), Some(table)) = (&mut sinks.traces, &mut sinks.table) {
         let in_flight = table.len();
-        // One deadline for ending the in-flight sessions and the final flushes.
-        let deadline = Instant::now() + Duration::from_secs(cli.shutdown_timeout);
         table.end_all(
             clock::monotonic_now_ns(),
             EndReason::Shutdown,
             &mut |update| traces.send_flushing(&update, deadline),
         );
-        let left = || deadline.saturating_duration_since(Instant::now());
         let flushed = traces.shutdown(left().max(MIN_FINAL_FLUSH));
         // Nothing is queued any more: whatever was not exported or failed was dropped.
         let spans = traces.stats();
@@ -325,17 +323,12 @@ pub async fn run(cli: Cli) -> Result<()> {
         if let Err(err) = flushed {
             tracing::warn!("{err:#}");
         }
-        if let Some(metrics) = self_metrics.take() {
-            let mut last = stats(&sinks, lost);
-            last.spans = Some(spans);
-            // The sessions ended by shutdown are no longer in flight.
-            if let Some(s) = &mut last.sessions {
-                s.in_flight = 0;
-            }
-            metrics.publish(&last);
-            if let Err(err) = metrics.shutdown(left().max(MIN_FINAL_FLUSH)) {
-                tracing::warn!("{err:#}");
-            }
+    }
+    // The final values: every session ended, the span counts exact.
+    if let Some(metrics) = self_metrics {
+        metrics.publish(&stats(&sinks, lost));
+        if let Err(err) = metrics.shutdown(left().max(MIN_FINAL_FLUSH)) {
+            tracing::warn!("{err:#}");
         }
     }
     last.or_else(quiet_on_broken_pipe)
