@@ -7,7 +7,6 @@ use std::{
 
 use anyhow::{Context as _, Result};
 use otel_tcpstates_common::TcpOffsets;
-use tokio::signal::unix::{SignalKind, signal};
 
 use crate::{
     cli::Cli,
@@ -25,6 +24,7 @@ use crate::{
     reader::EventReader,
     self_metrics::SelfMetrics,
     sessions::{EndReason, SessionTable},
+    shutdown::{self, Stop},
     spans::MapperOptions,
     stats::{SessionStats, Stats},
     traces::Traces,
@@ -131,9 +131,8 @@ pub async fn run(cli: Cli) -> Result<()> {
     };
     // Signal handlers first: a SIGTERM during loading must not kill us with the
     // program half attached.
-    let mut sigint = signal(SignalKind::interrupt()).context("installing SIGINT handler")?;
-    let mut sigterm = signal(SignalKind::terminate()).context("installing SIGTERM handler")?;
-    exit_watchdog(Duration::from_secs(cli.shutdown_timeout) + SHUTDOWN_GRACE)?;
+    let shutdown_timeout = Duration::from_secs(cli.shutdown_timeout);
+    let mut stop = Stop::install(shutdown_timeout)?;
 
     let clock = WallClock::measure();
     // Only sessions (traces, --life) report the facts read at CLOSE: plain tcpstates
@@ -159,7 +158,7 @@ pub async fn run(cli: Cli) -> Result<()> {
         }
         None => None,
     };
-    let (probe, ring) = Probe::load(
+    let (mut probe, ring) = Probe::load(
         &filters,
         &offsets,
         cli.ring_buffer_mib << 20,
@@ -217,8 +216,7 @@ pub async fn run(cli: Cli) -> Result<()> {
     let mut broken_pipe = false;
     loop {
         tokio::select! {
-            _ = sigint.recv() => break,
-            _ = sigterm.recv() => break,
+            _ = stop.requested() => break,
             ready = reader.ready() => ready.context("waiting for events")?,
             _ = lost_timer.tick() => {
                 let lost = probe.lost_events()?;
@@ -254,9 +252,10 @@ pub async fn run(cli: Cli) -> Result<()> {
                 }
             }
         }
-        // Flush once per drained batch: prompt for pipes, no write(2) per line.
+        // Flush once per drained batch: prompt for pipes, no write(2) per line. A
+        // signal cuts the batch short: the shutdown deadline runs from its arrival.
         if let Err(err) = reader
-            .drain(|event| sinks.event(event))
+            .drain(|| stop.requested_at().is_some(), |event| sinks.event(event))
             .and_then(|_| sinks.flush())
         {
             broken_pipe = err.kind() == io::ErrorKind::BrokenPipe;
@@ -267,26 +266,27 @@ pub async fn run(cli: Cli) -> Result<()> {
         }
     }
 
-    // What was queued before the signal is still reported, in as many drains as
-    // it takes; under overload the kernel never stops adding, hence the bound.
+    // From the signal on, one deadline for everything that follows.
+    let deadline = stop.deadline(
+        shutdown_timeout,
+        sinks.traces.is_some(),
+        self_metrics.is_some(),
+    );
+    // Nothing new is queued from here, so what is queued is all there is to read,
+    // and the kernel's lost count is final.
+    probe.detach();
     let last = if broken_pipe {
         Ok(())
     } else {
-        let until = Instant::now() + FINAL_DRAIN;
-        loop {
-            let drained = reader
-                .drain(|event| sinks.event(event))
-                .and_then(|_| sinks.flush());
-            if drained.is_err() || !reader.more() || Instant::now() >= until {
-                break drained;
-            }
-        }
+        reader
+            .drain_until(deadline.for_events(), |event| sinks.event(event))
+            .and_then(|_| sinks.flush())
     };
-    let lost = probe.lost_events()?;
+    // What the deadline (or a reader that went away) left in the ring is lost too.
+    let cut_off = reader.discard();
+    let lost = probe.lost_events()? + cut_off;
     drop(probe);
-    if lost > 0 {
-        tracing::warn!("{lost} events lost in total (ring buffer full); {LOST_ADVICE}");
-    }
+    report_lost_in_total(lost, cut_off);
     if let Some(unsent) = sinks
         .journal
         .as_ref()
@@ -297,17 +297,17 @@ pub async fn run(cli: Cli) -> Result<()> {
     if reader.malformed > 0 {
         tracing::warn!("{} malformed event records skipped", reader.malformed);
     }
-    // One deadline for ending the in-flight sessions and the final flushes.
-    let deadline = Instant::now() + Duration::from_secs(cli.shutdown_timeout);
-    let left = || deadline.saturating_duration_since(Instant::now());
     if let (Some(traces), Some(table)) = (&mut sinks.traces, &mut sinks.table) {
         let in_flight = table.len();
-        table.end_all(
+        let until = deadline.for_spans();
+        let unended = table.end_all(
             clock::monotonic_now_ns(),
             EndReason::Shutdown,
-            &mut |update| traces.send_flushing(&update, deadline),
+            || Instant::now() < until,
+            &mut |update| traces.send_flushing(&update, until),
         );
-        let flushed = traces.shutdown(left().max(MIN_FINAL_FLUSH));
+        traces.not_sent(unended);
+        let flushed = traces.shutdown(shutdown::left(until));
         // Nothing is queued any more: whatever was not exported or failed was dropped.
         let spans = traces.stats();
         let sessions = table.stats();
@@ -327,7 +327,7 @@ pub async fn run(cli: Cli) -> Result<()> {
     // The final values: every session ended, the span counts exact.
     if let Some(metrics) = self_metrics {
         metrics.publish(&stats(&sinks, lost));
-        if let Err(err) = metrics.shutdown(left().max(MIN_FINAL_FLUSH)) {
+        if let Err(err) = metrics.shutdown(shutdown::left(deadline.end())) {
             tracing::warn!("{err:#}");
         }
     }
@@ -355,37 +355,23 @@ fn stats(sinks: &Sinks, lost: u64) -> Stats {
     }
 }
 
-/// At most this long for the events queued when the signal came.
-const FINAL_DRAIN: Duration = Duration::from_secs(2);
-
-/// The final flush gets at least this, even when ending the sessions used up the
-/// shutdown deadline: the last batch may still go through.
-const MIN_FINAL_FLUSH: Duration = Duration::from_millis(500);
-
-/// Beyond the shutdown timeout, what an orderly exit may take: draining, and one
-/// flush started just before the deadline (the SDK lets it wait 5 s).
-const SHUTDOWN_GRACE: Duration = Duration::from_secs(7);
-
-/// Makes sure a signal ends the process even if the main loop cannot: it may be stuck
-/// writing to a pipe nobody reads. A second signal, or the first one's deadline,
-/// exits at once.
-fn exit_watchdog(deadline: Duration) -> Result<()> {
-    let mut sigint = signal(SignalKind::interrupt()).context("installing SIGINT handler")?;
-    let mut sigterm = signal(SignalKind::terminate()).context("installing SIGTERM handler")?;
-    tokio::spawn(async move {
-        tokio::select! {
-            _ = sigint.recv() => {}
-            _ = sigterm.recv() => {}
-        }
-        let forced = tokio::select! {
-            _ = sigint.recv() => "a second signal",
-            _ = sigterm.recv() => "a second signal",
-            _ = tokio::time::sleep(deadline) => "the shutdown deadline",
-        };
-        eprintln!("otel-tcpstates: exiting now on {forced}, without a complete shutdown");
-        std::process::exit(1);
-    });
-    Ok(())
+/// The exit's account of lost events: those the full ring buffer turned away and
+/// those the shutdown deadline left unread, each with what to change.
+fn report_lost_in_total(lost: u64, cut_off: u64) {
+    if lost == 0 {
+        return;
+    }
+    let full = lost - cut_off;
+    match (full, cut_off) {
+        (_, 0) => tracing::warn!("{lost} events lost in total (ring buffer full); {LOST_ADVICE}"),
+        (0, _) => tracing::warn!(
+            "{lost} events lost in total (still queued at the shutdown deadline; raise --shutdown-timeout)"
+        ),
+        _ => tracing::warn!(
+            "{lost} events lost in total ({full} ring buffer full: {LOST_ADVICE}; \
+             {cut_off} still queued at the shutdown deadline: raise --shutdown-timeout)"
+        ),
+    }
 }
 
 /// A reader that went away (`| head`) ends the trace quietly, as for other filters.

@@ -97,7 +97,9 @@ pub struct Cli {
     #[arg(long = "max-sockets", value_name = "N", default_value = "65536")]
     pub max_sockets: NonZeroUsize,
 
-    /// On exit, wait at most this many seconds for the collector to take the last spans
+    /// On SIGTERM/SIGINT, exit within this many seconds: printing what is still
+    /// queued, ending the sessions and sending the last spans share it; what does
+    /// not fit is counted as lost events or spans not sent
     #[arg(long = "shutdown-timeout", value_name = "SECS", default_value_t = 5,
           value_parser = clap::value_parser!(u64).range(0..=600))]
     pub shutdown_timeout: u64,

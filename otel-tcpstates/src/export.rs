@@ -488,6 +488,9 @@ fn export_timeout(signal_var: &str, env: impl Fn(&str) -> Option<String>) -> Dur
         )
 }
 
+/// How often a shutdown waiting for room in the queue looks again.
+const QUEUE_POLL: Duration = Duration::from_millis(1);
+
 pub struct Exporter {
     processor: BatchSpanProcessor,
     counters: Arc<Counters>,
@@ -495,9 +498,6 @@ pub struct Exporter {
     queue: u64,
     /// What the batch processor can hold: its queue plus the batch being exported.
     capacity: u64,
-    /// Set when a flush at shutdown failed: the collector does not answer, so
-    /// waiting for it again would only spend the shutdown deadline.
-    flush_failed: bool,
     /// Once shut down nothing is queued any more.
     shut_down: bool,
     /// The highest drop count reported so far: the estimate falls when the
@@ -568,7 +568,6 @@ impl Exporter {
             counters,
             queue: queue as u64,
             capacity,
-            flush_failed: false,
             shut_down: false,
             dropped_reported: AtomicU64::new(0),
         })
@@ -579,19 +578,24 @@ impl Exporter {
         self.processor.on_end(span);
     }
 
-    /// Like [`Exporter::send`], but while the collector answers and `deadline` has
-    /// not passed, flushes instead of letting a full queue drop the span. For
-    /// shutdown, when every in-flight session is ended at once and nothing else
-    /// competes for the time; while running, the event loop must never wait.
+    /// Like [`Exporter::send`], but until `deadline` waits for room in the queue
+    /// instead of letting a full queue drop the span. For shutdown, when every
+    /// in-flight session is ended at once and nothing else competes for the time;
+    /// while running, the event loop must never wait. The batch processor exports
+    /// as soon as a batch is full, so room comes as fast as the collector takes it.
     pub fn send_flushing(&mut self, span: SpanData, deadline: Instant) {
         // Fewer than `queue` spans unsettled means fewer than `queue` in the
         // queue: the span fits.
-        while !self.flush_failed && self.unsettled() >= self.queue && Instant::now() < deadline {
-            if self.processor.force_flush().is_err() {
-                self.flush_failed = true;
-            }
+        while self.unsettled() >= self.queue && Instant::now() < deadline {
+            std::thread::sleep(QUEUE_POLL.min(deadline.saturating_duration_since(Instant::now())));
         }
         self.send(span);
+    }
+
+    /// Spans that will never be handed over: produced, never queued, so counted
+    /// as dropped once shut down.
+    pub fn not_sent(&self, spans: u64) {
+        self.counters.produced.fetch_add(spans, Ordering::Relaxed);
     }
 
     /// Handed over and neither exported nor failed yet.
@@ -621,7 +625,13 @@ impl Exporter {
         self.shut_down = true;
         self.processor
             .shutdown_with_timeout(timeout)
-            .map_err(|err| anyhow::anyhow!("flushing spans on exit: {err}"))
+            .map_err(|err| match err {
+                opentelemetry_sdk::error::OTelSdkError::Timeout(_) => anyhow::anyhow!(
+                    "the last spans were not all sent by the shutdown deadline; \
+                     the rest are counted as not sent (raise --shutdown-timeout)"
+                ),
+                err => anyhow::anyhow!("flushing the last spans: {err}"),
+            })
     }
 }
 

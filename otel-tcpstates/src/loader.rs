@@ -34,10 +34,11 @@ pub struct Filters {
     pub remote_ports: Option<PortSet>,
 }
 
-/// The attached program. Dropping it detaches from the tracepoint.
+/// The attached program. Dropping it, or [`Probe::detach`], detaches from the
+/// tracepoint.
 pub struct Probe {
-    // Owns the program and its link: keep it alive as long as events are wanted.
-    _ebpf: Ebpf,
+    // Owns the program and its link: kept as long as events are wanted.
+    ebpf: Option<Ebpf>,
     lost: PerCpuArray<MapData, u64>,
 }
 
@@ -153,7 +154,19 @@ impl Probe {
                 .ok_or_else(|| anyhow!("eBPF object has no map {}", names::LOST))?,
         )
         .context("opening the lost-event counter")?;
-        Ok((Self { _ebpf: ebpf, lost }, events))
+        Ok((
+            Self {
+                ebpf: Some(ebpf),
+                lost,
+            },
+            events,
+        ))
+    }
+
+    /// Stops new events: what is queued stays in the ring buffer, and the lost
+    /// count stays readable and final.
+    pub fn detach(&mut self) {
+        self.ebpf = None;
     }
 
     /// Events the kernel could not queue because the ring buffer was full, so far.

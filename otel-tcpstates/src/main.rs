@@ -12,6 +12,7 @@ mod preflight;
 mod reader;
 mod self_metrics;
 mod sessions;
+mod shutdown;
 mod spans;
 mod stats;
 mod tls;
@@ -43,7 +44,11 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(app::run(cli)) {
+    let result = runtime.block_on(app::run(cli));
+    // run() has kept the shutdown deadline: an export it cut off is abandoned here,
+    // not waited for.
+    runtime.shutdown_background();
+    match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => match err.downcast_ref::<cli::UsageError>() {
             Some(usage) => {

@@ -1,6 +1,9 @@
 //! Draining the kernel's ring buffer: waits for a wakeup or the poll timer, then
 //! hands every queued record, decoded, to the caller.
-use std::{io, time::Duration};
+use std::{
+    io,
+    time::{Duration, Instant},
+};
 
 use aya::maps::{MapData, RingBuf};
 use tokio::{
@@ -10,15 +13,21 @@ use tokio::{
 
 use crate::event::{self, TcpEvent};
 
-/// Records handed on per drain at most (tens of ms of work): under sustained
-/// overload the buffer never empties, and the caller's timers and signals must
-/// still get their turn.
-const DRAIN_BUDGET: usize = 16 * 1024;
+/// How long one drain may run at most: under sustained overload the buffer
+/// never empties, and the caller's timers and signals must still get their turn.
+/// Wall time, not a record count: a daemon held to a small CPU quota takes many
+/// times longer for the same records.
+const DRAIN_SLICE: Duration = Duration::from_millis(20);
+
+/// How many records a drain takes between two looks at the clock or at a pending
+/// signal (well under a millisecond of work).
+const CHECK_EVERY: usize = 256;
 
 pub struct EventReader {
     ring: AsyncFd<RingBuf<MapData>>,
     poll: Interval,
-    /// The last drain stopped at its budget with records left.
+    /// The last drain stopped short (its slice, a signal, a deadline), records
+    /// perhaps left.
     more: bool,
     /// Records that did not decode (never expected; counted, not fatal).
     pub malformed: u64,
@@ -58,15 +67,56 @@ impl EventReader {
         Ok(())
     }
 
-    /// Whether the last drain stopped at its budget, records left.
-    pub fn more(&self) -> bool {
-        self.more
-    }
-
-    /// Decodes and passes on the queued records, up to a budget; stops at the first
-    /// error `sink` returns.
+    /// Decodes and passes on the queued records, for at most [`DRAIN_SLICE`] or
+    /// until `interrupted` (asked every few hundred records) says to stop; stops
+    /// at the first error `sink` returns.
     pub fn drain<E>(
         &mut self,
+        interrupted: impl Fn() -> bool,
+        sink: impl FnMut(&TcpEvent) -> Result<(), E>,
+    ) -> Result<usize, E> {
+        let until = Instant::now() + DRAIN_SLICE;
+        self.take(
+            |taken| taken.is_multiple_of(CHECK_EVERY) && (interrupted() || Instant::now() >= until),
+            sink,
+        )
+    }
+
+    /// Like [`EventReader::drain`], without the slice: until the buffer is empty or
+    /// `until` has passed. For shutdown, once the program is detached and nothing
+    /// else competes for the time.
+    pub fn drain_until<E>(
+        &mut self,
+        until: Instant,
+        sink: impl FnMut(&TcpEvent) -> Result<(), E>,
+    ) -> Result<usize, E> {
+        if Instant::now() >= until {
+            self.more = true;
+            return Ok(0);
+        }
+        self.take(
+            |taken| taken.is_multiple_of(CHECK_EVERY) && Instant::now() >= until,
+            sink,
+        )
+    }
+
+    /// Takes what is still queued without decoding it, and says how many records
+    /// that was: what the shutdown deadline left no time for, counted as lost.
+    pub fn discard(&mut self) -> u64 {
+        let ring = self.ring.get_mut();
+        let mut discarded = 0;
+        while ring.next().is_some() {
+            discarded += 1;
+        }
+        self.more = false;
+        discarded
+    }
+
+    /// Passes on decoded records until the buffer is empty or `stop`, asked after
+    /// each record with the number taken, says so.
+    fn take<E>(
+        &mut self,
+        mut stop: impl FnMut(usize) -> bool,
         mut sink: impl FnMut(&TcpEvent) -> Result<(), E>,
     ) -> Result<usize, E> {
         let ring = self.ring.get_mut();
@@ -87,7 +137,7 @@ impl EventReader {
                     self.malformed += 1;
                 }
             }
-            if taken == DRAIN_BUDGET {
+            if stop(taken) {
                 self.more = true;
                 break;
             }

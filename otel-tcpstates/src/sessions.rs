@@ -324,11 +324,31 @@ impl SessionTable {
         }
     }
 
-    /// Ends every session in flight (at kernel time `now_ns`), oldest activity first.
-    pub fn end_all(&mut self, now_ns: u64, reason: EndReason, out: &mut impl FnMut(Update<'_>)) {
-        while let Some((_, session)) = self.sessions.pop_lru() {
+    /// Ends every session in flight (at kernel time `now_ns`), oldest activity
+    /// first, while `in_time` (asked every few dozen sessions) allows. Returns how
+    /// many spans the sessions it had no time for would have made: they stay in
+    /// the table, and the caller counts their spans as not sent.
+    pub fn end_all(
+        &mut self,
+        now_ns: u64,
+        reason: EndReason,
+        mut in_time: impl FnMut() -> bool,
+        out: &mut impl FnMut(Update<'_>),
+    ) -> u64 {
+        const ASK_EVERY: usize = 64;
+        let mut ended = 0usize;
+        while !ended.is_multiple_of(ASK_EVERY) || in_time() {
+            let Some((_, session)) = self.sessions.pop_lru() else {
+                return 0;
+            };
             finish(session, now_ns, reason, out);
+            ended += 1;
         }
+        // A root each, and the state each was in.
+        self.sessions
+            .iter()
+            .map(|(_, s)| 1 + u64::from(s.state_since_ns.is_some()))
+            .sum()
     }
 }
 
@@ -466,6 +486,33 @@ pub(crate) mod tests {
 
     fn table(capacity: usize) -> SessionTable {
         SessionTable::new(NonZeroUsize::new(capacity).unwrap())
+    }
+
+    #[test]
+    fn ending_all_stops_when_time_is_up_and_counts_the_spans_left() {
+        let mut t = table(256);
+        let opened: Vec<TcpEvent> = (0..101)
+            .map(|i| ev(SK + i, 100 + i, 0, CLOSE, SYN_SENT, 0))
+            .collect();
+        run(&mut t, &opened);
+        // Time for one batch of sessions only.
+        let mut asked = 0;
+        let mut roots = 0;
+        let unended = t.end_all(
+            10_000,
+            EndReason::Shutdown,
+            || {
+                asked += 1;
+                asked == 1
+            },
+            &mut |u| roots += u64::from(matches!(u, Update::SessionEnded(..))),
+        );
+        assert_eq!((roots, t.len()), (64, 37));
+        // Each left in SYN_SENT: its root and that state's span.
+        assert_eq!(unended, 37 * 2);
+        // With time enough, the rest.
+        let unended = t.end_all(10_000, EndReason::Shutdown, || true, &mut |_| {});
+        assert_eq!((unended, t.len()), (0, 0));
     }
 
     #[test]
@@ -657,11 +704,12 @@ pub(crate) mod tests {
             [Got::State("FIN_WAIT1", 0, 1000, 1010, Some("FIN_WAIT2"))]
         );
         let mut sessions = Vec::new();
-        t.end_all(2000, EndReason::Shutdown, &mut |u| {
+        let unended = t.end_all(2000, EndReason::Shutdown, || true, &mut |u| {
             if let Update::SessionEnded(s, end, reason) = u {
                 sessions.push((s.clone(), end, reason));
             }
         });
+        assert_eq!(unended, 0);
         let (s, end, reason) = &sessions[0];
         assert_eq!(
             (s.begin_seen, s.role, s.birth_ns),
