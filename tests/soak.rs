@@ -71,7 +71,7 @@ fn soak_with_a_flapping_collector() {
     let server = Server::start();
     let port = server.port().to_string();
     let endpoint = format!("http://127.0.0.1:{grpc_port}");
-    let tracer = Tracer::start_with_env(
+    let tracer = Tracer::start_release(
         &[
             "--otlp-endpoint",
             &endpoint,

@@ -519,3 +519,71 @@ pub fn hanging_collector() -> SocketAddr {
     });
     addr
 }
+
+/// A CPU quota on a process, as a container limit would set it: a cgroup of its
+/// own with `percent` of one core (cgroup v2 `cpu.max` where the v2 hierarchy has
+/// the cpu controller, else the v1 cpu controller's CFS quota). Overload made this
+/// way does not depend on the machine's speed: the daemon and the load it traces
+/// both slow down with a slower machine, its share of the CPU stays the same.
+/// Dropping it moves the process back and removes the cgroup.
+pub struct CpuLimit {
+    dir: std::path::PathBuf,
+    parent_procs: std::path::PathBuf,
+    pid: u32,
+}
+
+impl CpuLimit {
+    pub fn apply(pid: u32, percent: u64) -> CpuLimit {
+        // A short period: throttled, the process waits at most this long to run.
+        const PERIOD_US: u64 = 20_000;
+        // The kernel's smallest quota is 1 ms.
+        let quota = (PERIOD_US * percent / 100).max(1_000);
+        let name = format!("otel-tcpstates-test-{pid}");
+        let v2 = std::path::Path::new("/sys/fs/cgroup/unified");
+        let v2 = if v2.join("cgroup.controllers").exists() {
+            v2
+        } else {
+            std::path::Path::new("/sys/fs/cgroup")
+        };
+        let v2_cpu = std::fs::read_to_string(v2.join("cgroup.controllers"))
+            .is_ok_and(|c| c.split_whitespace().any(|c| c == "cpu"));
+        let (root, settings): (&std::path::Path, Vec<(&str, String)>) = if v2_cpu {
+            let _ = std::fs::write(v2.join("cgroup.subtree_control"), "+cpu");
+            (v2, vec![("cpu.max", format!("{quota} {PERIOD_US}"))])
+        } else {
+            (
+                std::path::Path::new("/sys/fs/cgroup/cpu"),
+                vec![
+                    ("cpu.cfs_period_us", PERIOD_US.to_string()),
+                    ("cpu.cfs_quota_us", quota.to_string()),
+                ],
+            )
+        };
+        let dir = root.join(name);
+        std::fs::create_dir(&dir).unwrap_or_else(|e| {
+            panic!(
+                "creating {}: {e} (needs a cgroup cpu controller)",
+                dir.display()
+            )
+        });
+        for (file, value) in settings {
+            std::fs::write(dir.join(file), value)
+                .unwrap_or_else(|e| panic!("writing {}/{file}: {e}", dir.display()));
+        }
+        std::fs::write(dir.join("cgroup.procs"), pid.to_string())
+            .unwrap_or_else(|e| panic!("moving {pid} into {}: {e}", dir.display()));
+        CpuLimit {
+            dir,
+            parent_procs: root.join("cgroup.procs"),
+            pid,
+        }
+    }
+}
+
+impl Drop for CpuLimit {
+    fn drop(&mut self) {
+        // The process may be gone already; an empty cgroup is what rmdir needs.
+        let _ = std::fs::write(&self.parent_procs, self.pid.to_string());
+        let _ = std::fs::remove_dir(&self.dir);
+    }
+}

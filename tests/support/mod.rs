@@ -11,8 +11,9 @@ pub mod tls;
 use std::{
     io::{BufRead as _, BufReader},
     net::{SocketAddr, TcpListener, TcpStream},
+    path::{Path, PathBuf},
     process::{Child, Command, ExitStatus, Stdio},
-    sync::{Arc, Mutex},
+    sync::{Arc, Mutex, OnceLock},
     thread,
     time::{Duration, Instant},
 };
@@ -23,6 +24,65 @@ use nix::{
 };
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_otel-tcpstates");
+
+/// The daemon in the release build, the one users run: the debug build behind
+/// [`BIN`] is several times slower on the hot path, so a test of load, overload or
+/// shutdown timing would measure the wrong thing with it. Built (or found up to
+/// date) once per test binary by the same cargo that runs the tests;
+/// `scripts/test.sh` builds it beforehand, so that is a no-op there.
+pub fn release_bin() -> &'static Path {
+    static BUILT: OnceLock<PathBuf> = OnceLock::new();
+    BUILT.get_or_init(|| {
+        let workspace = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+        let mut cargo = Command::new(env!("CARGO"));
+        // What cargo set for running this test (its package's name, OUT_DIR, ...):
+        // build scripts watch some of these, and a difference from the outer
+        // build's environment would rebuild the release binary every time.
+        for (key, _) in std::env::vars_os() {
+            let key = key.to_string_lossy();
+            if key == "OUT_DIR"
+                || key == "CARGO_PRIMARY_PACKAGE"
+                || key == "CARGO_TARGET_TMPDIR"
+                || [
+                    "CARGO_PKG_",
+                    "CARGO_MANIFEST_",
+                    "CARGO_BIN_EXE_",
+                    "CARGO_CRATE_",
+                ]
+                .iter()
+                .any(|prefix| key.starts_with(prefix))
+            {
+                cargo.env_remove(&*key);
+            }
+        }
+        let out = cargo
+            .current_dir(&workspace)
+            .args([
+                "build",
+                "--release",
+                "--locked",
+                "-p",
+                "otel-tcpstates",
+                "--bin",
+                "otel-tcpstates",
+                "--message-format=json",
+            ])
+            .stderr(Stdio::piped())
+            .output()
+            .expect("running cargo to build the release daemon");
+        assert!(
+            out.status.success(),
+            "cargo build --release failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok())
+            .filter(|msg| msg["target"]["name"] == "otel-tcpstates")
+            .find_map(|msg| msg["executable"].as_str().map(PathBuf::from))
+            .expect("cargo build --release named no otel-tcpstates executable")
+    })
+}
 
 /// Whether a test that loads eBPF can run. Outside CI a non-root run skips with a
 /// note; in CI (which runs as root) not being root is a failure, never a skip.
@@ -81,7 +141,17 @@ impl Tracer {
 
     /// [`Tracer::start`] with extra environment variables.
     pub fn start_with_env(args: &[&str], env: &[(&str, &str)]) -> Tracer {
-        let mut child = Command::new(BIN)
+        Self::spawn(Path::new(BIN), args, env)
+    }
+
+    /// [`Tracer::start_with_env`] with the daemon built as users run it, for the
+    /// tests whose outcome depends on its speed: see [`release_bin`].
+    pub fn start_release(args: &[&str], env: &[(&str, &str)]) -> Tracer {
+        Self::spawn(release_bin(), args, env)
+    }
+
+    fn spawn(bin: &Path, args: &[&str], env: &[(&str, &str)]) -> Tracer {
+        let mut child = Command::new(bin)
             .args(args)
             .args(["--poll-ms", "10"])
             .envs(env.iter().copied())
