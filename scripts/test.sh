@@ -6,4 +6,7 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 scripts/setup.sh --test
 cargo fmt --all --check
 cargo clippy --all-targets --locked -- -D warnings
+# The load, overload and shutdown tests run the daemon as users build it, release
+# (tests/support's release_bin finds it up to date).
+cargo build --release --locked -p otel-tcpstates --bin otel-tcpstates
 cargo test --locked

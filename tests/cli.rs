@@ -118,11 +118,12 @@ fn sigterm_and_sigint_exit_zero_promptly() {
     if !root_or_skip("sigterm_and_sigint_exit_zero_promptly") {
         return;
     }
+    const SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(1);
     for signal in [Signal::SIGTERM, Signal::SIGINT] {
-        let done = Tracer::start(&[]).stop_with(signal);
+        let done = Tracer::start(&["--shutdown-timeout", "1"]).stop_with(signal);
         assert!(done.status.success(), "{signal}: {:?}", done.stderr);
         assert!(
-            done.took < Duration::from_secs(2),
+            done.took < SHUTDOWN_TIMEOUT + EXIT_GRACE,
             "{signal} took {:?}",
             done.took
         );

@@ -6,7 +6,7 @@ use std::{
     io::{Read as _, Write as _},
     net::{SocketAddr, TcpListener, TcpStream},
     thread,
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use support::{
@@ -112,7 +112,10 @@ fn bytes_and_owners_are_exact() {
     );
     // Created after the tracer started, so accepted sockets inherit its owner.
     let (listener, _) = listen("127.0.0.1");
+    let started = Instant::now();
     let (client, server) = exchange(&listener);
+    // Both sockets lived within this.
+    let wall_ms = started.elapsed().as_secs_f64() * 1e3;
     let (cp, sp) = (client.port(), server.port());
     let closed = |lines: &[String]| {
         let rows = life_rows(lines);
@@ -163,7 +166,10 @@ fn bytes_and_owners_are_exact() {
             (r.ip, r.laddr.as_str(), r.raddr.as_str()),
             (4, "127.0.0.1", "127.0.0.1")
         );
-        assert!(r.ms >= 30.0 && r.ms < 5_000.0, "{r:?}");
+        assert!(
+            r.ms >= 30.0 && r.ms <= wall_ms,
+            "{r:?}, {wall_ms} ms of wall time"
+        );
     }
 
     let (c, s) = (root(&spans, cp).unwrap(), root(&spans, sp).unwrap());
@@ -215,7 +221,10 @@ fn life_formats_line_by_line() {
         .iter()
         .map(|m| Tracer::start(&[m, &["-D", &port][..]].concat()))
         .collect();
+    let started = Instant::now();
     let (client, _) = exchange(&listener);
+    // The connection lived within this, and at least the 30 ms it was held.
+    let wall_ms = started.elapsed().as_secs_f64() * 1e3;
     let outputs: Vec<Vec<String>> = tracers
         .into_iter()
         .map(|t| {
@@ -252,8 +261,13 @@ fn life_formats_line_by_line() {
         let ms: f64 = ms.parse().unwrap();
         assert_eq!(lines[1].rsplit('.').next().map(str::len), Some(2));
         // Each tracer reads the clock itself, after the others on the same
-        // tracepoint, and rounds to 10 µs: tens of µs apart on a loaded machine.
-        assert!((ms - r.ms).abs() <= 0.05, "{ms} vs {}", r.ms);
+        // tracepoint (tens of µs apart, more on a loaded machine): each is held
+        // to the connection's life as this test timed it, not to the others.
+        assert!(
+            (30.0..=wall_ms).contains(&ms) && (30.0..=wall_ms).contains(&r.ms),
+            "{ms} and {} ms, {wall_ms} ms of wall time",
+            r.ms
+        );
     }
 }
 

@@ -283,6 +283,7 @@ fn a_full_session_table_evicts_and_shutdown_flushes() {
         return;
     }
     let rx = Receiver::start();
+    const SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(1);
     let endpoint = rx.grpc_endpoint();
     // The listener exists before the tracer, so only the 50 accepted sockets count.
     let (listener, server) = listen("127.0.0.1");
@@ -297,6 +298,8 @@ fn a_full_session_table_evicts_and_shutdown_flushes() {
             "8",
             "-L",
             &port,
+            "--shutdown-timeout",
+            &SHUTDOWN_TIMEOUT.as_secs().to_string(),
             "--print",
             "-s",
         ],
@@ -324,7 +327,7 @@ fn a_full_session_table_evicts_and_shutdown_flushes() {
     let done = tracer.stop_with(Signal::SIGTERM);
     assert!(done.status.success(), "{:?}", done.stderr);
     assert!(
-        done.took < Duration::from_secs(3),
+        done.took < SHUTDOWN_TIMEOUT + EXIT_GRACE,
         "shutdown took {:?}",
         done.took
     );
@@ -377,6 +380,7 @@ fn exit_is_bounded_when_the_collector_is_unreachable_or_hangs() {
     if !root_or_skip("exit_is_bounded_when_the_collector_is_unreachable_or_hangs") {
         return;
     }
+    const SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(2);
     // Accepts connections and never answers.
     let hanging = TcpListener::bind("127.0.0.1:0").unwrap();
     let hanging_addr = hanging.local_addr().unwrap();
@@ -399,7 +403,7 @@ fn exit_is_bounded_when_the_collector_is_unreachable_or_hangs() {
                     "--otlp-protocol",
                     protocol,
                     "--shutdown-timeout",
-                    "2",
+                    &SHUTDOWN_TIMEOUT.as_secs().to_string(),
                 ],
                 &[
                     ("OTEL_BSP_SCHEDULE_DELAY", "50"),
@@ -416,8 +420,8 @@ fn exit_is_bounded_when_the_collector_is_unreachable_or_hangs() {
                 done.stderr
             );
             assert!(
-                done.took < Duration::from_secs(4),
-                "{what} {protocol}: exit took {:?}",
+                done.took < SHUTDOWN_TIMEOUT + EXIT_GRACE,
+                "{what} {protocol}: exit took {:?} with --shutdown-timeout {SHUTDOWN_TIMEOUT:?}",
                 done.took
             );
         }

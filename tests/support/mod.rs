@@ -84,6 +84,12 @@ pub fn release_bin() -> &'static Path {
     })
 }
 
+/// How long past its `--shutdown-timeout` the daemon may take to be gone after
+/// SIGTERM or SIGINT: its exit watchdog ends it 0.4 s past the deadline whatever
+/// it is doing; the rest is the exit itself and [`Tracer::stop_with`]'s 10 ms
+/// polling. A bound on an exit is the daemon's own deadline plus this.
+pub const EXIT_GRACE: Duration = Duration::from_millis(500);
+
 /// Whether a test that loads eBPF can run. Outside CI a non-root run skips with a
 /// note; in CI (which runs as root) not being root is a failure, never a skip.
 pub fn root_or_skip(test: &str) -> bool {
