@@ -566,9 +566,12 @@ fn sigterm_under_load_flushes_every_in_flight_session() {
     let _serial = load::serial();
     const HELD: usize = 200;
     const SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(5);
-    // 24,000 spans/s, near what the unoptimized daemon exports (~30,000/s): load,
-    // not overload, which would test the ring buffer instead (see the overload test).
-    const CHURN_PER_SECOND: f64 = 4000.0;
+    // 6,000 spans/s (6 per connection, both ends): load, well within what the
+    // export path takes on a slow machine with another process busy on one core,
+    // so the backlog at the signal is small and the shutdown's flush is what is
+    // tested. Overload, which tests the ring buffer and the cut-offs instead, has
+    // its own tests.
+    const CHURN_PER_SECOND: f64 = 1000.0;
     let rx = Receiver::start();
     let endpoint = rx.grpc_endpoint();
     // -p: only this process's sockets, not whatever else the host runs meanwhile.
@@ -744,11 +747,11 @@ fn overload_does_not_starve_signals_and_reports() {
     }
     let _serial = load::serial();
     const SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(1);
-    // The daemon takes about a tenth of the CPU per event that making it costs
-    // the churn (BENCHMARKS.md: ~1-2.5 µs against ~12 µs, two cores for ~28k
-    // connections/s of ~6 events each): a twentieth of one core falls well behind
-    // two clients, with or without another process busy on one core.
-    const CPU_PERCENT: u64 = 5;
+    // The daemon takes ~1 µs of CPU per event when its export queue is full; the
+    // churn ~16 µs of kernel and client time to make one (measured here with a
+    // core busy: 5% of a core just kept up with one core of churn). 2% of a core
+    // is then 3x behind even one core of churn, on any machine.
+    const CPU_PERCENT: u64 = 2;
     let rx = Receiver::start_counting();
     let endpoint = rx.grpc_endpoint();
     let server = Server::start();
