@@ -2,7 +2,7 @@
 //! `sock:inet_sock_set_state`.
 use std::num::NonZeroUsize;
 
-use anyhow::{Context as _, Result, anyhow};
+use anyhow::{Context as _, Result, anyhow, bail};
 use aya::{
     Ebpf, EbpfLoader,
     maps::{MapData, PerCpuArray, RingBuf},
@@ -121,6 +121,11 @@ impl Probe {
         let remote = bitmap(filters.remote_ports.as_ref());
         let wakeup_bytes = u64::from(ring_buffer_bytes / 4);
 
+        if PROGRAM.is_empty() {
+            bail!(
+                "this binary was built without its eBPF program (AYA_BUILD_SKIP, for lint checks); build it again without AYA_BUILD_SKIP"
+            );
+        }
         let mut ebpf = EbpfLoader::new()
             .override_global(names::CONFIG, &config, true)
             .override_global(names::LOCAL_PORTS, &local, true)
