@@ -121,6 +121,7 @@ fn sigterm_and_sigint_exit_zero_promptly() {
     const SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(1);
     for signal in [Signal::SIGTERM, Signal::SIGINT] {
         let done = Tracer::start(&["--shutdown-timeout", "1"]).stop_with(signal);
+        eprintln!("{signal}: exit after {:.2?}", done.took);
         assert!(done.status.success(), "{signal}: {:?}", done.stderr);
         assert!(
             done.took < SHUTDOWN_TIMEOUT + EXIT_GRACE,

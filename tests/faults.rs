@@ -879,6 +879,56 @@ fn sigterm_counts_what_the_deadline_left_unread() {
     summary.assert_every_span_accounted();
 }
 
+/// A second signal ends the shutdown at once: here the collector hangs and the
+/// deadline is long, so the first signal alone would have the daemon wait for it.
+#[test]
+fn a_second_signal_exits_at_once() {
+    if !root_or_skip("a_second_signal_exits_at_once") {
+        return;
+    }
+    let _serial = load::serial();
+    let collector = load::hanging_collector();
+    let endpoint = format!("http://{collector}");
+    let server = Server::start();
+    let port = server.port().to_string();
+    let mut tracer = Tracer::start_with_env(
+        &[
+            "--otlp-endpoint",
+            &endpoint,
+            "--otlp-protocol",
+            "grpc",
+            "-D",
+            &port,
+            "--shutdown-timeout",
+            "60",
+        ],
+        &[("OTEL_EXPORTER_OTLP_TIMEOUT", "60000"), FAST[0]],
+    );
+    // Spans the first signal's flush would wait for: more than the queue holds.
+    Churn::run(server.addr(), 2, 4000);
+    let pid = Pid::from_raw(tracer.pid() as i32);
+    kill(pid, Signal::SIGTERM).unwrap();
+    thread::sleep(Duration::from_millis(500));
+    assert!(
+        !tracer.exited(),
+        "exited on the first signal: nothing made it wait, so nothing was tested"
+    );
+    let done = tracer.stop_with(Signal::SIGINT);
+    eprintln!(
+        "exit after {:.2?} from the second signal; {:?}",
+        done.took, done.stderr
+    );
+    assert_eq!(done.status.code(), Some(1), "{:?}", done.stderr);
+    assert!(done.took < EXIT_GRACE, "exit took {:?}", done.took);
+    assert!(
+        done.stderr
+            .iter()
+            .any(|l| l.contains("exiting now on a second signal")),
+        "{:?}",
+        done.stderr
+    );
+}
+
 /// SIGTERM with far more events queued in the ring buffer than one drain takes:
 /// everything still queued is printed before the exit, and nothing is lost.
 #[test]

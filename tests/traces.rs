@@ -325,6 +325,7 @@ fn a_full_session_table_evicts_and_shutdown_flushes() {
     };
     rx.wait_for(WAIT, |s| evicted(s) == 42);
     let done = tracer.stop_with(Signal::SIGTERM);
+    eprintln!("exit after {:.2?}", done.took);
     assert!(done.status.success(), "{:?}", done.stderr);
     assert!(
         done.took < SHUTDOWN_TIMEOUT + EXIT_GRACE,
@@ -414,6 +415,7 @@ fn exit_is_bounded_when_the_collector_is_unreachable_or_hangs() {
             connect_hold_close(&listener, Duration::ZERO);
             thread::sleep(Duration::from_millis(300));
             let done = tracer.stop_with(Signal::SIGTERM);
+            eprintln!("{what} {protocol}: exit after {:.2?}", done.took);
             assert!(
                 done.status.success(),
                 "{what} {protocol}: {:?}",

@@ -282,8 +282,9 @@ pub async fn run(cli: Cli) -> Result<()> {
             .drain_until(deadline.for_events(), |event| sinks.event(event))
             .and_then(|_| sinks.flush())
     };
-    // What the deadline (or a reader that went away) left in the ring is lost too.
-    let cut_off = reader.discard();
+    // What the deadline left in the ring is lost too; what a reader that went
+    // away (`| head`) did not want is not.
+    let cut_off = if broken_pipe { 0 } else { reader.discard() };
     let lost = probe.lost_events()? + cut_off;
     drop(probe);
     report_lost_in_total(lost, cut_off);

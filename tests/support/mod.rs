@@ -196,6 +196,11 @@ impl Tracer {
         self.child.id()
     }
 
+    /// Whether the daemon has exited (it is not waited for).
+    pub fn exited(&mut self) -> bool {
+        self.child.try_wait().unwrap().is_some()
+    }
+
     pub fn lines(&self) -> Vec<String> {
         self.lines.lock().unwrap().clone()
     }
