@@ -513,12 +513,7 @@ fn overload_losses_are_counted_and_memory_stays_bounded() {
     assert!(done.status.success(), "{:?}", done.stderr);
 
     let printed = rows(&done.lines, false);
-    let total_line = done
-        .stderr
-        .iter()
-        .find(|l| l.contains("events lost in total"))
-        .unwrap_or_else(|| panic!("no lost-event report at exit in {:?}", done.stderr));
-    let lost = load::number_before(total_line, " events lost in total");
+    let (total_line, lost) = load::lost_in_total(&done.stderr);
     let peak = rss.peak_kib();
     eprintln!(
         "printed {}, lost {lost} of {expected} transitions; RSS after the flood {} KiB, peak {} KiB",
@@ -854,12 +849,7 @@ fn sigterm_counts_what_the_deadline_left_unread() {
     kill(pid, Signal::SIGTERM).unwrap();
     let done = tracer.stop_with(Signal::SIGCONT);
     let printed = rows(&done.lines, false).len() as u64;
-    let total_line = done
-        .stderr
-        .iter()
-        .find(|l| l.contains("events lost in total"))
-        .unwrap_or_else(|| panic!("no lost-event report at exit in {:?}", done.stderr));
-    let lost = load::number_before(total_line, " events lost in total");
+    let (total_line, lost) = load::lost_in_total(&done.stderr);
     let summary = Summary::parse(&done.stderr);
     eprintln!(
         "{expected} transitions queued; {printed} printed, {lost} lost; exit after {:.2?}; {summary:?}; {:?}",

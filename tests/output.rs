@@ -6,7 +6,7 @@ use std::time::Duration;
 use chrono::{Local, Timelike as _};
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
-use support::*;
+use support::{load, *};
 
 /// bcc tcpstates' row, rendered from a CSV row (our own rendering of its printf formats).
 fn plain(r: &Row) -> String {
@@ -181,15 +181,8 @@ fn lost_events_are_counted_exactly_and_reported() {
     assert!(done.status.success(), "{:?}", done.stderr);
 
     let printed = rows(&done.lines, false).len();
-    let lost_line = done
-        .stderr
-        .iter()
-        .find(|l| l.contains("events lost in total"))
-        .unwrap_or_else(|| panic!("no lost-event report in {:?}", done.stderr));
-    let lost: usize = lost_line
-        .split_whitespace()
-        .find_map(|w| w.parse().ok())
-        .unwrap();
+    let (lost_line, lost) = load::lost_in_total(&done.stderr);
+    let lost = lost as usize;
     assert!(lost > 0 && printed > 0, "printed {printed}, lost {lost}");
     assert_eq!(
         printed + lost,

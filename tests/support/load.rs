@@ -506,6 +506,16 @@ pub fn lost_reported(stderr: &[String]) -> u64 {
         .sum()
 }
 
+/// The exit's lost-event line ("N events lost in total (...)") and its N; fails
+/// the test if there is none.
+pub fn lost_in_total(stderr: &[String]) -> (&str, u64) {
+    let line = stderr
+        .iter()
+        .find(|l| l.contains("events lost in total"))
+        .unwrap_or_else(|| panic!("no lost-event report at exit in {stderr:?}"));
+    (line, number_before(line, " events lost in total"))
+}
+
 /// A collector that accepts connections and never answers: exports to it time out.
 /// Its connections are held until the test process exits.
 pub fn hanging_collector() -> SocketAddr {
