@@ -45,6 +45,8 @@ fn export_resumes_when_the_collector_comes_back() {
             "grpc",
             "--print",
             "-s",
+            "--stats-interval",
+            "1",
         ],
         &[
             ("OTEL_BSP_SCHEDULE_DELAY", "50"),
@@ -59,8 +61,18 @@ fn export_resumes_when_the_collector_comes_back() {
             .iter()
             .any(|r| r.lport == before.port() && r.new == "CLOSE")
     });
+    // The failure is said at once; the request is retried for its timeout (2 s)
+    // and then counted failed.
     let deadline = std::time::Instant::now() + Duration::from_secs(20);
-    while !tracer.stderr().iter().any(|l| l.contains("failed")) {
+    while !tracer.stderr().iter().any(|l| l.contains("failed (")) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{:?}",
+            tracer.stderr()
+        );
+        thread::sleep(Duration::from_millis(50));
+    }
+    while !Stats::last(&tracer.stderr()).is_some_and(|s| s.failed > 0) {
         assert!(
             std::time::Instant::now() < deadline,
             "{:?}",
@@ -240,6 +252,8 @@ fn export_survives_the_collector_dying_mid_run() {
                 protocol,
                 "--print",
                 "-s",
+                "--stats-interval",
+                "1",
             ],
             &[
                 ("OTEL_BSP_SCHEDULE_DELAY", "50"),
@@ -266,7 +280,8 @@ fn export_survives_the_collector_dying_mid_run() {
         assert!(spans.iter().all(|s| s.transport == transport), "{protocol}");
 
         // Down (listeners and open connections closed): still traced and printed,
-        // and the failure is said.
+        // the failure is said, and once a request's timeout (2 s) of retries has
+        // passed, its spans are counted failed.
         drop(rx);
         let deadline = Instant::now() + Duration::from_secs(20);
         let mut outage = 0;
@@ -274,7 +289,11 @@ fn export_survives_the_collector_dying_mid_run() {
             let (client, _) = connect_hold_close(&listener, Duration::ZERO);
             printed_close(client.port());
             outage += 1;
-            if outage >= 3 && tracer.stderr().iter().any(|l| l.contains("failed")) {
+            let stderr = tracer.stderr();
+            if outage >= 3
+                && stderr.iter().any(|l| l.contains("failed ("))
+                && Stats::last(&stderr).is_some_and(|s| s.failed > 0)
+            {
                 break;
             }
             assert!(

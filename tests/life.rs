@@ -201,7 +201,7 @@ fn bytes_and_owners_are_exact() {
         let srtt = int_attr(root, "tcpstates.srtt_us");
         assert!((1..10_000).contains(&srtt), "loopback srtt {srtt} µs");
         assert_eq!(
-            root.str_attr("container.id"),
+            root.resource.get("container.id"),
             None,
             "the test runs in no container"
         );

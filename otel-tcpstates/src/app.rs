@@ -98,6 +98,9 @@ impl Sinks {
     }
 
     fn flush(&mut self) -> io::Result<()> {
+        if let Some(traces) = &mut self.traces {
+            traces.flush();
+        }
         if let Some(text) = &mut self.text {
             text.flush()?;
         }

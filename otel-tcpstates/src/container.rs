@@ -19,16 +19,50 @@ const RESCAN_EVERY: Duration = Duration::from_secs(1);
 const SCAN_MAX_DIRS: usize = 200_000;
 const SCAN_MAX_DEPTH: usize = 16;
 
+/// A container's 64-hex-digit id, held as its 32 bytes: fixed size, so a span
+/// record can carry it by value.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct ContainerId([u8; 32]);
+
+impl ContainerId {
+    /// From 64 hex digits (either case).
+    pub fn parse(hex: &str) -> Option<Self> {
+        let hex = hex.as_bytes();
+        if hex.len() != 64 {
+            return None;
+        }
+        let digit = |b: u8| char::from(b).to_digit(16).map(|d| d as u8);
+        let mut id = [0; 32];
+        for (byte, pair) in id.iter_mut().zip(hex.as_chunks::<2>().0) {
+            *byte = digit(pair[0])? << 4 | digit(pair[1])?;
+        }
+        Some(Self(id))
+    }
+}
+
+impl std::fmt::Display for ContainerId {
+    /// Lowercase, as the runtimes print it.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.0.iter().try_for_each(|b| write!(f, "{b:02x}"))
+    }
+}
+
 /// Remembers answers per (pid, cgroup id): reading /proc once per process, not per
 /// socket, and still right when a pid is reused in another cgroup.
 pub struct ContainerResolver {
-    cache: LruCache<(u32, u64), Option<String>>,
+    cache: LruCache<(u32, u64), Option<ContainerId>>,
     proc_root: String,
     /// Where cgroup v2 is mounted, if it is.
     cgroup2: Option<PathBuf>,
     /// cgroup id (the directory's inode) → container id, from the last scan.
     by_cgroup: HashMap<u64, Option<String>>,
     last_scan: Option<Instant>,
+}
+
+impl Default for ContainerResolver {
+    fn default() -> Self {
+        Self::new()
+    }
 }
 
 impl ContainerResolver {
@@ -66,25 +100,29 @@ impl ContainerResolver {
 
     /// The container id of `pid` (in cgroup `cgroup_id`), if it runs in one. Call it
     /// while the process lives; later calls are answered from the cache.
-    pub fn resolve(&mut self, pid: u32, cgroup_id: u64) -> Option<String> {
+    pub fn resolve(&mut self, pid: u32, cgroup_id: u64) -> Option<ContainerId> {
         if pid == 0 {
             return None;
         }
         if let Some(known) = self.cache.get(&(pid, cgroup_id)) {
-            return known.clone();
+            return *known;
         }
-        let id = self.by_cgroup_id(cgroup_id).or_else(|| {
-            fs::read_to_string(format!("{}/{pid}/cgroup", self.proc_root))
-                .ok()
-                .and_then(|text| container_id(&text))
-        });
-        self.cache.put((pid, cgroup_id), id.clone());
+        let id = self
+            .by_cgroup_id(cgroup_id)
+            .or_else(|| {
+                fs::read_to_string(format!("{}/{pid}/cgroup", self.proc_root))
+                    .ok()
+                    .and_then(|text| container_id(&text))
+            })
+            .as_deref()
+            .and_then(ContainerId::parse);
+        self.cache.put((pid, cgroup_id), id);
         id
     }
 
     /// The cached answer, without reading /proc.
-    pub fn cached(&self, pid: u32, cgroup_id: u64) -> Option<String> {
-        self.cache.peek(&(pid, cgroup_id)).cloned().flatten()
+    pub fn cached(&self, pid: u32, cgroup_id: u64) -> Option<ContainerId> {
+        self.cache.peek(&(pid, cgroup_id)).copied().flatten()
     }
 }
 
@@ -240,11 +278,16 @@ mod tests {
         )
         .unwrap();
         let mut resolver = ContainerResolver::with_proc_root(dir.to_str().unwrap());
-        assert_eq!(resolver.resolve(42, 7).as_deref(), Some(ID));
+        let id = ContainerId::parse(ID);
+        assert!(id.is_some());
+        assert_eq!(resolver.resolve(42, 7), id);
         fs::remove_dir_all(&dir).unwrap();
         // The process is gone: the answer comes from the cache.
-        assert_eq!(resolver.resolve(42, 7).as_deref(), Some(ID));
-        assert_eq!(resolver.cached(42, 7).as_deref(), Some(ID));
+        assert_eq!(resolver.resolve(42, 7), id);
+        assert_eq!(
+            resolver.cached(42, 7).map(|id| id.to_string()).as_deref(),
+            Some(ID)
+        );
         assert_eq!(
             resolver.resolve(42, 8),
             None,

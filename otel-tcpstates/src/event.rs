@@ -33,6 +33,12 @@ impl Comm {
     }
 }
 
+impl From<[u8; TASK_COMM_LEN]> for Comm {
+    fn from(raw: [u8; TASK_COMM_LEN]) -> Self {
+        Self(raw)
+    }
+}
+
 impl fmt::Display for Comm {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.pad(&String::from_utf8_lossy(self.as_bytes()))

@@ -1,29 +1,20 @@
-//! OTLP export: where to send (flags and the standard `OTEL_*` variables), the
-//! resource, and a batch processor with a bounded queue that counts what it sends.
-use std::{
-    collections::{BTreeMap, HashMap},
-    env,
-    sync::{
-        Arc,
-        atomic::{AtomicBool, AtomicU64, Ordering},
-    },
-    time::{Duration, Instant},
-};
+//! OTLP export settings: where to send and how (flags and the standard `OTEL_*`
+//! variables), checked once at start-up; and the resource.
+use std::{env, fmt, time::Duration};
 
 use anyhow::{Context as _, Result};
+use http::{HeaderName, HeaderValue};
 use opentelemetry::KeyValue;
-use opentelemetry_otlp::{
-    Protocol as OtlpProtocol, WithExportConfig, WithHttpConfig, WithTonicConfig,
-};
+use opentelemetry_otlp::{WithExportConfig, WithHttpConfig, WithTonicConfig};
 use opentelemetry_sdk::{
     Resource,
-    error::OTelSdkResult,
     resource::{EnvResourceDetector, ResourceDetector, TelemetryResourceDetector},
-    trace::{BatchConfigBuilder, BatchSpanProcessor, SpanData, SpanExporter, SpanProcessor as _},
 };
 use url::Url;
 
-use crate::{cli::UsageError, spans::attr::SERVICE_ROUTE, tls::Trust};
+use crate::{
+    cli::UsageError, delivery::Batching, encode::BaseResource, tls::Trust, transport::Target,
+};
 
 const DEFAULT_SERVICE_NAME: &str = "otel-tcpstates";
 
@@ -58,7 +49,14 @@ pub struct Settings {
     pub flag_endpoint: Option<String>,
     /// For messages: the endpoint in effect, whichever source it came from.
     pub endpoint: String,
+    /// Where the spans are sent: for HTTP the full URL (`/v1/traces` added to a
+    /// base endpoint), for gRPC the collector's address.
+    pub traces_url: String,
     pub protocol: Protocol,
+    /// `OTEL_EXPORTER_OTLP_[TRACES_]HEADERS`.
+    pub headers: Headers,
+    /// `OTEL_EXPORTER_OTLP_[TRACES_]COMPRESSION=gzip`.
+    pub gzip: bool,
     /// Whether the tracer's own counters are exported as metrics too (unless
     /// `OTEL_METRICS_EXPORTER=none`).
     pub metrics: bool,
@@ -74,22 +72,23 @@ pub struct Settings {
     pub metrics_https: bool,
 }
 
-impl Settings {
-    /// How the span exporter connects. Without a flag it reads
-    /// OTEL_EXPORTER_OTLP_[TRACES_]ENDPOINT itself.
-    pub fn traces_transport(&self) -> Transport<'_> {
-        Transport {
-            endpoint: self.flag_endpoint.as_deref(),
-            https: is_https(&self.endpoint),
-            trust: self.trust.as_ref(),
-            timeout_var: opentelemetry_otlp::OTEL_EXPORTER_OTLP_TRACES_TIMEOUT,
-        }
-    }
+/// Request headers; their values may be secrets, so they never print.
+#[derive(Clone, Default, PartialEq, Eq)]
+pub struct Headers(pub Vec<(HeaderName, HeaderValue)>);
 
+impl fmt::Debug for Headers {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_list()
+            .entries(self.0.iter().map(|(name, _)| name))
+            .finish()
+    }
+}
+
+impl Settings {
     /// How the self-metrics exporter connects: next to the traces unless its own
     /// variables say otherwise.
-    pub fn metrics_transport(&self) -> Transport<'_> {
-        Transport {
+    pub fn metrics_transport(&self) -> MetricsTransport<'_> {
+        MetricsTransport {
             endpoint: self.metrics_endpoint.as_deref(),
             https: self.metrics_https,
             trust: self.metrics_trust.as_ref(),
@@ -100,7 +99,7 @@ impl Settings {
 
 /// One signal's connection: the endpoint to set (`None`: the exporter reads its
 /// variables), and the TLS trust to give it.
-pub struct Transport<'a> {
+pub struct MetricsTransport<'a> {
     endpoint: Option<&'a str>,
     https: bool,
     trust: Option<&'a Trust>,
@@ -108,8 +107,8 @@ pub struct Transport<'a> {
     timeout_var: &'static str,
 }
 
-impl Transport<'_> {
-    /// Configures a gRPC exporter builder (spans or metrics).
+impl MetricsTransport<'_> {
+    /// Configures the metrics exporter's gRPC builder.
     pub fn grpc<B: WithExportConfig + WithTonicConfig>(&self, mut builder: B) -> Result<B> {
         if let Some(url) = self.endpoint {
             builder = builder.with_endpoint(url);
@@ -123,7 +122,7 @@ impl Transport<'_> {
         Ok(builder)
     }
 
-    /// Configures an HTTP exporter builder (spans or metrics).
+    /// Configures the metrics exporter's HTTP builder.
     pub fn http<B: WithExportConfig + WithHttpConfig>(&self, mut builder: B) -> Result<B> {
         if let Some(url) = self.endpoint {
             builder = builder.with_endpoint(url);
@@ -244,6 +243,8 @@ pub fn settings_from(
                 check_pairs(name, &value, false)?;
             }
         }
+        settings.headers = headers(&env)?;
+        settings.gzip = gzip(&env)?;
     }
     Ok(settings)
 }
@@ -282,7 +283,10 @@ fn resolve(
         return Ok(Some(Settings {
             flag_endpoint: Some(url.to_string()),
             endpoint: url.to_string(),
+            traces_url: url.to_string(),
             protocol,
+            headers: Headers::default(),
+            gzip: false,
             metrics: true,
             metrics_endpoint: env("OTEL_EXPORTER_OTLP_METRICS_ENDPOINT")
                 .is_none()
@@ -304,10 +308,21 @@ fn resolve(
                 && env("OTEL_EXPORTER_OTLP_METRICS_ENDPOINT").is_none()
                 && env("OTEL_EXPORTER_OTLP_ENDPOINT").is_none())
             .then(|| metrics_next_to(&value, protocol));
+            // As opentelemetry-otlp does: the general variable is a base URL, to
+            // which HTTP adds the signal's path; the traces variable is used as is.
+            let traces_url =
+                if name == "OTEL_EXPORTER_OTLP_ENDPOINT" && protocol == Protocol::HttpProtobuf {
+                    format!("{}/v1/traces", value.trim().trim_end_matches('/'))
+                } else {
+                    value.trim().to_owned()
+                };
             return Ok(Some(Settings {
                 flag_endpoint: None,
                 endpoint: value,
+                traces_url,
                 protocol,
+                headers: Headers::default(),
+                gzip: false,
                 metrics: true,
                 metrics_endpoint,
                 trust: None,
@@ -317,6 +332,58 @@ fn resolve(
         }
     }
     Ok(None)
+}
+
+/// The spans' request headers: `OTEL_EXPORTER_OTLP_HEADERS`, then those of
+/// `OTEL_EXPORTER_OTLP_TRACES_HEADERS`, which win. Values are percent-decoded (the
+/// spec's W3C Baggage format) and never echoed.
+fn headers(env: &impl Fn(&str) -> Option<String>) -> Result<Headers, UsageError> {
+    let mut out: Vec<(HeaderName, HeaderValue)> = Vec::new();
+    for name in [
+        "OTEL_EXPORTER_OTLP_HEADERS",
+        "OTEL_EXPORTER_OTLP_TRACES_HEADERS",
+    ] {
+        let Some(list) = env(name) else { continue };
+        for (at, item) in list.split(',').enumerate() {
+            let Some((key, value)) = item.split_once('=') else {
+                continue;
+            };
+            let bad = |what: &str| {
+                UsageError(format!(
+                    "{name}: item {} has {what}; expected key=value with a header name and a percent-encoded value",
+                    at + 1
+                ))
+            };
+            let key = HeaderName::from_bytes(key.trim().to_ascii_lowercase().as_bytes())
+                .map_err(|_| bad("a name that is not a valid HTTP header name"))?;
+            let decoded = percent_encoding::percent_decode_str(value.trim()).decode_utf8_lossy();
+            let mut value = HeaderValue::from_str(&decoded)
+                .map_err(|_| bad("a value that is not a valid HTTP header value"))?;
+            value.set_sensitive(true);
+            out.retain(|(k, _)| *k != key);
+            out.push((key, value));
+        }
+    }
+    Ok(Headers(out))
+}
+
+/// `OTEL_EXPORTER_OTLP_[TRACES_]COMPRESSION`: `gzip` or `none`.
+fn gzip(env: &impl Fn(&str) -> Option<String>) -> Result<bool, UsageError> {
+    for name in [
+        "OTEL_EXPORTER_OTLP_TRACES_COMPRESSION",
+        "OTEL_EXPORTER_OTLP_COMPRESSION",
+    ] {
+        if let Some(value) = env(name) {
+            return match value.trim() {
+                "gzip" => Ok(true),
+                "none" => Ok(false),
+                other => Err(UsageError(format!(
+                    "{name}='{other}' is not supported; use gzip or none"
+                ))),
+            };
+        }
+    }
+    Ok(false)
 }
 
 /// The metrics endpoint on the collector that takes the traces at `traces`.
@@ -351,128 +418,57 @@ pub fn resource() -> Resource {
     builder.build()
 }
 
+/// The resource's attributes as OTLP key-values, for the span encoder.
+pub fn base_resource(resource: &Resource) -> BaseResource {
+    use opentelemetry::{Array, Value};
+    use opentelemetry_proto::tonic::common::v1::{AnyValue, ArrayValue, KeyValue, any_value};
+    fn any(value: &Value) -> any_value::Value {
+        let array = |values: Vec<any_value::Value>| {
+            any_value::Value::ArrayValue(ArrayValue {
+                values: values
+                    .into_iter()
+                    .map(|v| AnyValue { value: Some(v) })
+                    .collect(),
+            })
+        };
+        match value {
+            Value::Bool(v) => any_value::Value::BoolValue(*v),
+            Value::I64(v) => any_value::Value::IntValue(*v),
+            Value::F64(v) => any_value::Value::DoubleValue(*v),
+            Value::String(v) => any_value::Value::StringValue(v.to_string()),
+            Value::Array(Array::Bool(v)) => {
+                array(v.iter().map(|&b| any_value::Value::BoolValue(b)).collect())
+            }
+            Value::Array(Array::I64(v)) => {
+                array(v.iter().map(|&i| any_value::Value::IntValue(i)).collect())
+            }
+            Value::Array(Array::F64(v)) => array(
+                v.iter()
+                    .map(|&f| any_value::Value::DoubleValue(f))
+                    .collect(),
+            ),
+            Value::Array(Array::String(v)) => array(
+                v.iter()
+                    .map(|s| any_value::Value::StringValue(s.to_string()))
+                    .collect(),
+            ),
+            other => any_value::Value::StringValue(other.to_string()),
+        }
+    }
+    resource
+        .iter()
+        .map(|(key, value)| KeyValue {
+            key: key.to_string(),
+            value: Some(AnyValue {
+                value: Some(any(value)),
+            }),
+            ..Default::default()
+        })
+        .collect()
+}
+
 fn kv((key, value): (&opentelemetry::Key, &opentelemetry::Value)) -> KeyValue {
     KeyValue::new(key.clone(), value.clone())
-}
-
-/// What the exporter has done so far.
-#[derive(Debug, Default)]
-pub struct Counters {
-    /// Spans handed to the batch processor.
-    pub produced: AtomicU64,
-    /// Spans the collector accepted.
-    pub exported: AtomicU64,
-    /// Spans in batches the collector did not accept (unreachable, timeout, error).
-    pub failed: AtomicU64,
-    /// Export requests that failed.
-    pub errors: AtomicU64,
-}
-
-/// Wraps the OTLP exporter to count outcomes, to say once when export starts failing
-/// and when it recovers, and, with `--service-per-process`, to send each process's
-/// spans under its own `service.name`.
-#[derive(Debug)]
-struct Counting<E> {
-    // A lock, because switching the resource takes `&mut`; the batch processor
-    // exports one batch at a time, so it is never contended.
-    inner: tokio::sync::Mutex<E>,
-    counters: Arc<Counters>,
-    failing: AtomicBool,
-    endpoint: String,
-    /// Set with `--service-per-process`: the base resource to derive from.
-    per_process: Option<Resource>,
-    /// Resources per service name, built once each.
-    resources: std::sync::Mutex<HashMap<Option<String>, Resource>>,
-}
-
-/// Takes the service route attribute out of each span and groups spans by it.
-fn by_service(batch: Vec<SpanData>) -> BTreeMap<Option<String>, Vec<SpanData>> {
-    let mut groups: BTreeMap<Option<String>, Vec<SpanData>> = BTreeMap::new();
-    for mut span in batch {
-        let service = span
-            .attributes
-            .iter()
-            .position(|kv| kv.key.as_str() == SERVICE_ROUTE)
-            .map(|at| span.attributes.swap_remove(at).value.to_string());
-        groups.entry(service).or_default().push(span);
-    }
-    groups
-}
-
-impl<E: SpanExporter> Counting<E> {
-    fn resource_for(&self, base: &Resource, service: &Option<String>) -> Resource {
-        let mut resources = self.resources.lock().unwrap_or_else(|e| e.into_inner());
-        resources
-            .entry(service.clone())
-            .or_insert_with(|| match service {
-                Some(name) => Resource::builder_empty()
-                    .with_attributes(base.iter().map(kv))
-                    .with_service_name(name.clone())
-                    .build(),
-                None => base.clone(),
-            })
-            .clone()
-    }
-
-    async fn export_all(&self, batch: Vec<SpanData>) -> OTelSdkResult {
-        let mut inner = self.inner.lock().await;
-        let Some(base) = &self.per_process else {
-            return inner.export(batch).await;
-        };
-        let mut result = Ok(());
-        for (service, spans) in by_service(batch) {
-            inner.set_resource(&self.resource_for(base, &service));
-            if let Err(err) = inner.export(spans).await {
-                result = Err(err);
-            }
-        }
-        result
-    }
-}
-
-impl<E: SpanExporter> SpanExporter for Counting<E> {
-    async fn export(&self, batch: Vec<SpanData>) -> OTelSdkResult {
-        let spans = batch.len() as u64;
-        let result = self.export_all(batch).await;
-        match &result {
-            Ok(()) => {
-                self.counters.exported.fetch_add(spans, Ordering::Relaxed);
-                if self.failing.swap(false, Ordering::Relaxed) {
-                    tracing::info!("export to {} works again", self.endpoint);
-                }
-            }
-            Err(err) => {
-                self.counters.failed.fetch_add(spans, Ordering::Relaxed);
-                self.counters.errors.fetch_add(1, Ordering::Relaxed);
-                if !self.failing.swap(true, Ordering::Relaxed) {
-                    tracing::warn!(
-                        "export to {} failed ({err}); tracing goes on, spans that cannot be sent are counted as failed",
-                        self.endpoint
-                    );
-                }
-            }
-        }
-        result
-    }
-
-    fn shutdown_with_timeout(&self, timeout: Duration) -> OTelSdkResult {
-        match self.inner.try_lock() {
-            Ok(inner) => inner.shutdown_with_timeout(timeout),
-            // An export is still running (the collector hangs): nothing to wait for.
-            Err(_) => Ok(()),
-        }
-    }
-
-    fn force_flush(&self) -> OTelSdkResult {
-        match self.inner.try_lock() {
-            Ok(inner) => inner.force_flush(),
-            Err(_) => Ok(()),
-        }
-    }
-
-    fn set_resource(&mut self, resource: &Resource) {
-        self.inner.get_mut().set_resource(resource);
-    }
 }
 
 /// The export timeout as opentelemetry-otlp resolves it: the signal's variable
@@ -488,191 +484,39 @@ fn export_timeout(signal_var: &str, env: impl Fn(&str) -> Option<String>) -> Dur
         )
 }
 
-/// How often a shutdown waiting for room in the queue looks again.
-const QUEUE_POLL: Duration = Duration::from_millis(1);
-
-pub struct Exporter {
-    processor: BatchSpanProcessor,
-    counters: Arc<Counters>,
-    /// The batch processor's queue length.
-    queue: u64,
-    /// What the batch processor can hold: its queue plus the batch being exported.
-    capacity: u64,
-    /// Once shut down nothing is queued any more.
-    shut_down: bool,
-    /// The highest drop count reported so far: the estimate falls when the
-    /// queue drains, a count must not.
-    dropped_reported: AtomicU64,
+/// Where and how the spans go, from the settings and `OTEL_EXPORTER_OTLP_*`.
+pub fn target(settings: &Settings) -> Target {
+    Target {
+        url: settings.traces_url.clone(),
+        protocol: settings.protocol,
+        headers: settings.headers.0.clone(),
+        gzip: settings.gzip,
+        trust: settings.trust.clone(),
+    }
 }
 
-impl Exporter {
-    /// Builds the OTLP exporter and its batch processor. Must run inside the tokio
-    /// runtime: the gRPC channel's worker is spawned on it.
-    pub fn start(
-        settings: &Settings,
-        resource: &Resource,
-        service_per_process: bool,
-    ) -> Result<Self> {
-        let builder = opentelemetry_otlp::SpanExporter::builder();
-        let transport = settings.traces_transport();
-        let exporter = match settings.protocol {
-            Protocol::Grpc => transport
-                .grpc(builder.with_tonic().with_protocol(OtlpProtocol::Grpc))
-                .and_then(|builder| Ok(builder.build()?)),
-            Protocol::HttpProtobuf => transport
-                .http(builder.with_http().with_protocol(OtlpProtocol::HttpBinary))
-                .and_then(|builder| Ok(builder.build()?)),
-        }
-        .with_context(|| {
-            format!(
-                "setting up OTLP/{} export to {}",
-                settings.protocol.as_str(),
-                settings.endpoint
-            )
-        })?;
-        let counters = Arc::new(Counters::default());
-        let exporter = Counting {
-            inner: tokio::sync::Mutex::new(exporter),
-            counters: Arc::clone(&counters),
-            failing: AtomicBool::new(false),
-            endpoint: settings.endpoint.clone(),
-            per_process: service_per_process.then(|| resource.clone()),
-            resources: std::sync::Mutex::new(HashMap::new()),
-        };
-        // The SDK reads OTEL_BSP_*; where unset, favour a deeper queue (bursts of
-        // connection churn) and a shorter delay than the SDK's defaults. The queue
-        // is allocated up front and a queued span holds about 1 KiB, so it is also
-        // what bounds the exporter's memory: 8192 spans, about 10 MiB.
-        let size = |name: &str, default: usize| {
-            env::var(name)
-                .ok()
-                .and_then(|v| v.trim().parse::<usize>().ok())
-                .filter(|&n| n > 0)
-                .unwrap_or(default)
-        };
-        let queue = size("OTEL_BSP_MAX_QUEUE_SIZE", 8192);
-        let batch = size("OTEL_BSP_MAX_EXPORT_BATCH_SIZE", 2048).min(queue);
-        let mut config = BatchConfigBuilder::default()
-            .with_max_queue_size(queue)
-            .with_max_export_batch_size(batch);
-        if env::var_os("OTEL_BSP_SCHEDULE_DELAY").is_none() {
-            config = config.with_scheduled_delay(Duration::from_millis(1000));
-        }
-        let capacity = (queue + batch) as u64;
-        let mut processor = BatchSpanProcessor::builder(exporter)
-            .with_batch_config(config.build())
-            .build();
-        processor.set_resource(resource);
-        Ok(Self {
-            processor,
-            counters,
-            queue: queue as u64,
-            capacity,
-            shut_down: false,
-            dropped_reported: AtomicU64::new(0),
-        })
-    }
-
-    pub fn send(&self, span: SpanData) {
-        self.counters.produced.fetch_add(1, Ordering::Relaxed);
-        self.processor.on_end(span);
-    }
-
-    /// Like [`Exporter::send`], but until `deadline` waits for room in the queue
-    /// instead of letting a full queue drop the span. For shutdown, when every
-    /// in-flight session is ended at once and nothing else competes for the time;
-    /// while running, the event loop must never wait. The batch processor exports
-    /// as soon as a batch is full, so room comes as fast as the collector takes it.
-    pub fn send_flushing(&mut self, span: SpanData, deadline: Instant) {
-        // Fewer than `queue` spans unsettled means fewer than `queue` in the
-        // queue: the span fits.
-        while self.unsettled() >= self.queue && Instant::now() < deadline {
-            std::thread::sleep(QUEUE_POLL.min(deadline.saturating_duration_since(Instant::now())));
-        }
-        self.send(span);
-    }
-
-    /// Spans that will never be handed over: produced, never queued, so counted
-    /// as dropped once shut down.
-    pub fn not_sent(&self, spans: u64) {
-        self.counters.produced.fetch_add(spans, Ordering::Relaxed);
-    }
-
-    /// Handed over and neither exported nor failed yet.
-    fn unsettled(&self) -> u64 {
-        let c = &self.counters;
-        let settled = c.exported.load(Ordering::Relaxed) + c.failed.load(Ordering::Relaxed);
-        c.produced.load(Ordering::Relaxed).saturating_sub(settled)
-    }
-
-    pub fn counters(&self) -> &Counters {
-        &self.counters
-    }
-
-    /// Spans certainly dropped so far because the queue was full: whatever was
-    /// handed over and is neither exported, failed, nor able to fit in the queue.
-    /// Exact once shut down, when nothing is left queued; never decreases.
-    pub fn dropped_at_least(&self) -> u64 {
-        let queued_at_most = if self.shut_down { 0 } else { self.capacity };
-        let now = self.unsettled().saturating_sub(queued_at_most);
-        self.dropped_reported
-            .fetch_max(now, Ordering::Relaxed)
-            .max(now)
-    }
-
-    /// Exports what is queued, waiting at most `timeout` (the collector may be gone).
-    pub fn shutdown(&mut self, timeout: Duration) -> Result<()> {
-        self.shut_down = true;
-        self.processor
-            .shutdown_with_timeout(timeout)
-            .map_err(|err| match err {
-                opentelemetry_sdk::error::OTelSdkError::Timeout(_) => anyhow::anyhow!(
-                    "the last spans were not all sent by the shutdown deadline; \
-                     the rest are counted as not sent (raise --shutdown-timeout)"
-                ),
-                err => anyhow::anyhow!("flushing the last spans: {err}"),
-            })
+/// Batching from `OTEL_BSP_*` where set. Where unset: a deeper queue than the
+/// SDK's (bursts of connection churn; a queued record is a few hundred bytes, so
+/// 65,536 of them are about 20 MiB at most) and a shorter delay.
+pub fn batching(env: impl Fn(&str) -> Option<String>) -> Batching {
+    let size = |name: &str, default: usize| {
+        env(name)
+            .and_then(|v| v.trim().parse::<usize>().ok())
+            .filter(|&n| n > 0)
+            .unwrap_or(default)
+    };
+    let max_queue = size("OTEL_BSP_MAX_QUEUE_SIZE", 65_536);
+    Batching {
+        max_queue,
+        max_batch: size("OTEL_BSP_MAX_EXPORT_BATCH_SIZE", 2048).min(max_queue),
+        delay: Duration::from_millis(size("OTEL_BSP_SCHEDULE_DELAY", 1000) as u64),
+        timeout: export_timeout(opentelemetry_otlp::OTEL_EXPORTER_OTLP_TRACES_TIMEOUT, env),
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn spans_are_grouped_by_service_and_the_route_is_removed() {
-        use opentelemetry::trace::{SpanContext, SpanId, SpanKind, Status};
-        let span = |service: Option<&str>| SpanData {
-            span_context: SpanContext::empty_context(),
-            parent_span_id: SpanId::INVALID,
-            parent_span_is_remote: false,
-            span_kind: SpanKind::Internal,
-            name: "ESTABLISHED".into(),
-            start_time: std::time::SystemTime::UNIX_EPOCH,
-            end_time: std::time::SystemTime::UNIX_EPOCH,
-            attributes: [KeyValue::new("network.transport", "tcp")]
-                .into_iter()
-                .chain(service.map(|s| KeyValue::new(SERVICE_ROUTE, s.to_owned())))
-                .collect(),
-            dropped_attributes_count: 0,
-            events: Default::default(),
-            links: Default::default(),
-            status: Status::Unset,
-            instrumentation_scope: Default::default(),
-        };
-        let groups = by_service(vec![
-            span(Some("curl")),
-            span(None),
-            span(Some("curl")),
-            span(Some("nginx")),
-        ]);
-        let sizes: Vec<(Option<&str>, usize)> = groups
-            .iter()
-            .map(|(k, v)| (k.as_deref(), v.len()))
-            .collect();
-        assert_eq!(sizes, [(None, 1), (Some("curl"), 2), (Some("nginx"), 1)]);
-        assert!(groups.values().flatten().all(|s| s.attributes.len() == 1));
-    }
 
     fn resolve(
         endpoint: Option<&str>,

@@ -1,22 +1,5 @@
 //! otel-tcpstates: every TCP socket's state changes, from the kernel.
-mod app;
-mod btf;
-mod cli;
-mod clock;
-mod container;
-mod event;
-mod export;
-mod loader;
-mod output;
-mod preflight;
-mod reader;
-mod self_metrics;
-mod sessions;
-mod shutdown;
-mod spans;
-mod stats;
-mod tls;
-mod traces;
+use otel_tcpstates::{app, cli};
 
 use std::process::ExitCode;
 

@@ -187,6 +187,10 @@ impl SessionTable {
         self.sessions.len()
     }
 
+    pub fn is_empty(&self) -> bool {
+        self.sessions.is_empty()
+    }
+
     pub fn stats(&self) -> TableStats {
         self.stats
     }

@@ -224,6 +224,31 @@ impl Trust {
         })
     }
 
+    /// For the span exporter's own client, over either transport: the system's
+    /// roots and ours, and the client certificate if there is one.
+    pub fn rustls_config(&self) -> Result<rustls::ClientConfig> {
+        let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+        let builder = rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .context("choosing TLS versions")?
+            .with_root_certificates(self.root_store()?);
+        let config = match &self.client {
+            Some(client) => {
+                let (kind, der) = &client.key;
+                let key = match kind {
+                    KeyKind::Pkcs8 => PrivateKeyDer::Pkcs8(der.clone().into()),
+                    KeyKind::Pkcs1 => PrivateKeyDer::Pkcs1(der.clone().into()),
+                    KeyKind::Sec1 => PrivateKeyDer::Sec1(der.clone().into()),
+                };
+                builder
+                    .with_client_auth_cert(client.chain.clone(), key)
+                    .context("loading the client certificate")?
+            }
+            None => builder.with_no_client_auth(),
+        };
+        Ok(config)
+    }
+
     /// The system's roots and ours. Loaded here rather than by tonic
     /// (`with_native_roots`), which fails when the system has none, even though
     /// ours would do.

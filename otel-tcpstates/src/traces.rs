@@ -1,19 +1,17 @@
-//! The trace pipeline's far end: session table updates mapped to spans, handed to
-//! the exporter.
-use std::{
-    sync::atomic::Ordering,
-    time::{Duration, Instant},
-};
+//! The trace pipeline's far end: session table updates mapped to span records,
+//! handed to the delivery queue.
+use std::time::{Duration, Instant};
 
 use anyhow::Result;
 use opentelemetry_sdk::Resource;
 
 use crate::{
     clock::WallClock,
+    delivery::Exporter,
     event::TcpEvent,
-    export::{Exporter, Settings},
+    export::{self, Settings},
     sessions::Update,
-    spans::{MapperOptions, SpanMapper},
+    spans::{MapperOptions, SpanMapper, SpanRecord},
     stats::SpanStats,
 };
 
@@ -23,13 +21,18 @@ pub struct Traces {
 }
 
 impl Traces {
+    /// Must run inside the tokio runtime: the export worker is spawned on it.
     pub fn start(
         settings: &Settings,
         resource: &Resource,
         clock: WallClock,
         options: MapperOptions,
     ) -> Result<Self> {
-        let exporter = Exporter::start(settings, resource, options.service_per_process)?;
+        let exporter = Exporter::start(
+            &export::target(settings),
+            export::base_resource(resource),
+            export::batching(|name| std::env::var(name).ok().filter(|v| !v.trim().is_empty())),
+        )?;
         Ok(Self {
             mapper: SpanMapper::new(clock, options),
             exporter,
@@ -42,17 +45,23 @@ impl Traces {
     }
 
     pub fn send(&mut self, update: &Update<'_>) {
-        let span = self.span(update);
-        self.exporter.send(span);
+        let record = self.record(update);
+        self.exporter.send(record);
     }
 
     /// For shutdown: see [`Exporter::send_flushing`].
     pub fn send_flushing(&mut self, update: &Update<'_>, deadline: Instant) {
-        let span = self.span(update);
-        self.exporter.send_flushing(span, deadline);
+        let record = self.record(update);
+        self.exporter.send_flushing(record, deadline);
     }
 
-    fn span(&mut self, update: &Update<'_>) -> opentelemetry_sdk::trace::SpanData {
+    /// Hands what was made since the last call to the export worker: once per
+    /// drained batch of events.
+    pub fn flush(&mut self) {
+        self.exporter.flush();
+    }
+
+    fn record(&self, update: &Update<'_>) -> SpanRecord {
         match *update {
             Update::StateEnded(session, ref ended) => self.mapper.state_span(session, ended),
             Update::SessionEnded(session, end_ns, reason) => {
@@ -79,13 +88,6 @@ impl Traces {
 
     /// The exporter's counters; `dropped` is exact once shut down.
     pub fn stats(&self) -> SpanStats {
-        let c = self.exporter.counters();
-        SpanStats {
-            produced: c.produced.load(Ordering::Relaxed),
-            exported: c.exported.load(Ordering::Relaxed),
-            failed: c.failed.load(Ordering::Relaxed),
-            dropped: self.exporter.dropped_at_least(),
-            export_errors: c.errors.load(Ordering::Relaxed),
-        }
+        self.exporter.stats()
     }
 }

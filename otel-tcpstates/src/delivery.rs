@@ -1,0 +1,405 @@
+//! Span records from the event loop to the collector: a bounded queue the loop
+//! never waits on (what does not fit is counted dropped), a worker that batches and
+//! encodes them, several requests in flight, and OTLP's retries within each
+//! request's timeout. Counts every span: produced = exported + failed + not sent.
+use std::{
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicBool, AtomicU64, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use anyhow::Result;
+use tokio::sync::{Semaphore, mpsc};
+
+use crate::{
+    encode::{BaseResource, Encoder},
+    spans::SpanRecord,
+    stats::SpanStats,
+    transport::{Answer, Target, Transport},
+};
+
+/// Requests sent at once: one slow round trip does not stall the stream.
+pub const MAX_IN_FLIGHT: usize = 4;
+/// Records handed to the worker at a time (the event loop's cost per span is a push).
+const CHUNK: usize = 256;
+/// Retries: the first wait, its growth limit; each wait is jittered ±50%.
+const BACKOFF_FIRST: Duration = Duration::from_millis(100);
+const BACKOFF_MAX: Duration = Duration::from_secs(5);
+/// At most one line per this long for the collector's partial-success messages.
+const MESSAGE_EVERY: Duration = Duration::from_secs(10);
+/// How often a shutdown waiting for room in the queue looks again.
+const QUEUE_POLL: Duration = Duration::from_millis(1);
+
+/// Batching, from `OTEL_BSP_*` where set.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Batching {
+    pub max_queue: usize,
+    pub max_batch: usize,
+    pub delay: Duration,
+    /// A request's whole budget, retries included (`OTEL_EXPORTER_OTLP_[TRACES_]TIMEOUT`).
+    pub timeout: Duration,
+}
+
+enum Msg {
+    Spans(Vec<SpanRecord>),
+    /// Send what is batched now and wait for every request until the deadline.
+    Shutdown(Instant, std::sync::mpsc::Sender<()>),
+}
+
+/// What the collector has settled, under one lock so the final figures are read
+/// at one moment and nothing settles after that.
+#[derive(Debug, Default)]
+struct Settled {
+    exported: u64,
+    failed: u64,
+    errors: u64,
+    closed: bool,
+}
+
+struct Shared {
+    /// Records sent to the worker and not yet taken into a request.
+    queued: AtomicU64,
+    settled: Mutex<Settled>,
+    /// Between a failure said and the next success.
+    failing: AtomicBool,
+    endpoint: String,
+    timeout: Duration,
+    last_message: Mutex<Option<Instant>>,
+}
+
+impl Shared {
+    fn settle(&self, exported: u64, failed: u64) {
+        let mut settled = self.settled.lock().unwrap_or_else(|e| e.into_inner());
+        if settled.closed {
+            return;
+        }
+        settled.exported += exported;
+        settled.failed += failed;
+        if failed > 0 && exported == 0 {
+            settled.errors += 1;
+        }
+    }
+
+    fn worked(&self) {
+        if self.failing.swap(false, Ordering::Relaxed) {
+            tracing::info!("export to {} works again", self.endpoint);
+        }
+    }
+
+    fn failed(&self, reason: &str) {
+        if !self.failing.swap(true, Ordering::Relaxed) {
+            tracing::warn!(
+                "export to {} failed ({reason}); tracing goes on, a request is retried for up to {:?} and spans that cannot be sent are counted as failed",
+                self.endpoint,
+                self.timeout
+            );
+        }
+    }
+
+    /// The collector's own words on a partial success, at most once per
+    /// [`MESSAGE_EVERY`].
+    fn said(&self, rejected: u64, spans: u64, message: &str) {
+        let mut last = self.last_message.lock().unwrap_or_else(|e| e.into_inner());
+        if last.is_some_and(|at| at.elapsed() < MESSAGE_EVERY) {
+            return;
+        }
+        *last = Some(Instant::now());
+        let message = crate::transport::printable(message);
+        if rejected > 0 {
+            tracing::warn!(
+                "the collector at {} rejected {rejected} of {spans} spans ({message}); counted as failed",
+                self.endpoint
+            );
+        } else {
+            tracing::warn!("the collector at {} says: {message}", self.endpoint);
+        }
+    }
+}
+
+pub struct Exporter {
+    tx: mpsc::UnboundedSender<Msg>,
+    pending: Vec<SpanRecord>,
+    shared: Arc<Shared>,
+    max_queue: u64,
+    produced: u64,
+    dropped: u64,
+    shut_down: bool,
+}
+
+impl Exporter {
+    /// Starts the worker. Must run inside the tokio runtime.
+    pub fn start(target: &Target, base: BaseResource, batching: Batching) -> Result<Self> {
+        let transport = Arc::new(Transport::new(target)?);
+        let shared = Arc::new(Shared {
+            queued: AtomicU64::new(0),
+            settled: Mutex::new(Settled::default()),
+            failing: AtomicBool::new(false),
+            endpoint: target.url.clone(),
+            timeout: batching.timeout,
+            last_message: Mutex::new(None),
+        });
+        let (tx, rx) = mpsc::unbounded_channel();
+        let worker = Worker {
+            rx,
+            encoder: Encoder::new(base),
+            transport,
+            shared: Arc::clone(&shared),
+            slots: Arc::new(Semaphore::new(MAX_IN_FLIGHT)),
+            batching,
+        };
+        tokio::spawn(worker.run());
+        Ok(Self {
+            tx,
+            pending: Vec::with_capacity(CHUNK),
+            shared,
+            max_queue: batching.max_queue as u64,
+            produced: 0,
+            dropped: 0,
+            shut_down: false,
+        })
+    }
+
+    pub fn send(&mut self, record: SpanRecord) {
+        self.produced += 1;
+        self.pending.push(record);
+        if self.pending.len() >= CHUNK {
+            self.flush();
+        }
+    }
+
+    /// Hands what is pending to the worker; what the queue has no room for is dropped.
+    pub fn flush(&mut self) {
+        if self.pending.is_empty() {
+            return;
+        }
+        let queued = self.shared.queued.load(Ordering::Relaxed);
+        let room = self.max_queue.saturating_sub(queued) as usize;
+        if room < self.pending.len() {
+            self.dropped += (self.pending.len() - room) as u64;
+            self.pending.truncate(room);
+        }
+        if self.pending.is_empty() {
+            return;
+        }
+        let chunk = std::mem::replace(&mut self.pending, Vec::with_capacity(CHUNK));
+        self.shared
+            .queued
+            .fetch_add(chunk.len() as u64, Ordering::Relaxed);
+        if self.tx.send(Msg::Spans(chunk)).is_err() {
+            // The worker is gone (only after shutdown): nothing will send them.
+            self.shared.queued.store(0, Ordering::Relaxed);
+        }
+    }
+
+    /// Like [`Exporter::send`], but until `deadline` waits for room in the queue
+    /// instead of dropping. For shutdown, when every in-flight session is ended at
+    /// once and nothing else competes for the time; while running, the event loop
+    /// must never wait.
+    pub fn send_flushing(&mut self, record: SpanRecord, deadline: Instant) {
+        self.produced += 1;
+        self.pending.push(record);
+        if self.pending.len() < CHUNK {
+            return;
+        }
+        while self.shared.queued.load(Ordering::Relaxed) + CHUNK as u64 > self.max_queue
+            && Instant::now() < deadline
+        {
+            std::thread::sleep(QUEUE_POLL.min(deadline.saturating_duration_since(Instant::now())));
+        }
+        self.flush();
+    }
+
+    /// Spans that will never be handed over: produced, never queued, so counted
+    /// as not sent.
+    pub fn not_sent(&mut self, spans: u64) {
+        self.produced += spans;
+        self.dropped += spans;
+    }
+
+    /// Sends what is left and waits for it, at most `timeout`; whatever is not
+    /// settled by then counts as not sent.
+    pub fn shutdown(&mut self, timeout: Duration) -> Result<()> {
+        self.flush();
+        let deadline = Instant::now() + timeout;
+        let (done_tx, done_rx) = std::sync::mpsc::channel();
+        let finished = self.tx.send(Msg::Shutdown(deadline, done_tx)).is_ok()
+            && done_rx.recv_timeout(timeout).is_ok();
+        let mut settled = self
+            .shared
+            .settled
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        settled.closed = true;
+        self.shut_down = true;
+        let unsettled = self.produced - self.dropped - settled.exported - settled.failed;
+        if !finished && unsettled > 0 {
+            anyhow::bail!(
+                "the last spans were not all sent by the shutdown deadline; \
+                 the rest are counted as not sent (raise --shutdown-timeout)"
+            );
+        }
+        Ok(())
+    }
+
+    /// The counters now; `dropped` is exact once shut down (everything unsettled
+    /// then was not sent), a count of what the queue turned away before.
+    pub fn stats(&self) -> SpanStats {
+        let settled = self
+            .shared
+            .settled
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        let dropped = if self.shut_down {
+            self.produced - settled.exported - settled.failed
+        } else {
+            self.dropped
+        };
+        SpanStats {
+            produced: self.produced,
+            exported: settled.exported,
+            failed: settled.failed,
+            dropped,
+            export_errors: settled.errors,
+        }
+    }
+}
+
+struct Worker {
+    rx: mpsc::UnboundedReceiver<Msg>,
+    encoder: Encoder,
+    transport: Arc<Transport>,
+    shared: Arc<Shared>,
+    slots: Arc<Semaphore>,
+    batching: Batching,
+}
+
+impl Worker {
+    async fn run(mut self) {
+        let mut batch_started: Option<tokio::time::Instant> = None;
+        loop {
+            let msg = match batch_started {
+                None => self.rx.recv().await,
+                Some(at) => tokio::select! {
+                    msg = self.rx.recv() => msg,
+                    () = tokio::time::sleep_until(at + self.batching.delay) => {
+                        self.dispatch(None).await;
+                        batch_started = None;
+                        continue;
+                    }
+                },
+            };
+            match msg {
+                None => return,
+                Some(Msg::Spans(chunk)) => {
+                    self.shared
+                        .queued
+                        .fetch_sub(chunk.len() as u64, Ordering::Relaxed);
+                    for record in &chunk {
+                        self.encoder.add(record);
+                        if self.encoder.len() >= self.batching.max_batch {
+                            self.dispatch(None).await;
+                            batch_started = None;
+                        }
+                    }
+                    if !self.encoder.is_empty() && batch_started.is_none() {
+                        batch_started = Some(tokio::time::Instant::now());
+                    }
+                }
+                Some(Msg::Shutdown(deadline, done)) => {
+                    let deadline = tokio::time::Instant::from_std(deadline);
+                    if !self.encoder.is_empty() {
+                        self.dispatch(Some(deadline)).await;
+                    }
+                    let all = MAX_IN_FLIGHT as u32;
+                    let _ = tokio::time::timeout_at(deadline, self.slots.acquire_many(all)).await;
+                    let _ = done.send(());
+                    return;
+                }
+            }
+        }
+    }
+
+    /// Encodes the batch and sends it once a slot is free (by `deadline`, if given).
+    async fn dispatch(&mut self, deadline: Option<tokio::time::Instant>) {
+        let slot = Arc::clone(&self.slots).acquire_owned();
+        let slot = match deadline {
+            None => slot.await.ok(),
+            Some(at) => tokio::time::timeout_at(at, slot)
+                .await
+                .ok()
+                .and_then(Result::ok),
+        };
+        let spans = self.encoder.len() as u64;
+        let mut buf = self.transport.buffer();
+        self.encoder.finish(&mut buf);
+        let Some(slot) = slot else {
+            // Shutting down, and no slot came free in time: not sent.
+            return;
+        };
+        let body = self.transport.body(buf);
+        let transport = Arc::clone(&self.transport);
+        let shared = Arc::clone(&self.shared);
+        let budget = self.batching.timeout;
+        tokio::spawn(async move {
+            deliver(&transport, &shared, body, spans, budget).await;
+            drop(slot);
+        });
+    }
+}
+
+/// Sends one request until it is settled or its budget is spent, resending the
+/// same bytes after a jittered, growing wait (or the collector's own).
+async fn deliver(
+    transport: &Transport,
+    shared: &Shared,
+    body: bytes::Bytes,
+    spans: u64,
+    budget: Duration,
+) {
+    let start = Instant::now();
+    let mut backoff = BACKOFF_FIRST;
+    loop {
+        let left = budget.saturating_sub(start.elapsed());
+        let reason = match transport.send(body.clone(), left).await {
+            Answer::Accepted { rejected, message } => {
+                let rejected = rejected.min(spans);
+                shared.settle(spans - rejected, rejected);
+                shared.worked();
+                if rejected > 0 || !message.is_empty() {
+                    shared.said(rejected, spans, &message);
+                }
+                return;
+            }
+            Answer::Refused(reason) => {
+                shared.failed(&reason);
+                shared.settle(0, spans);
+                return;
+            }
+            Answer::Retry { reason, after } => {
+                shared.failed(&reason);
+                let wait = after.unwrap_or_else(|| jitter(backoff));
+                backoff = (backoff * 2).min(BACKOFF_MAX);
+                if start.elapsed() + wait >= budget {
+                    reason
+                } else {
+                    tokio::time::sleep(wait).await;
+                    continue;
+                }
+            }
+        };
+        tracing::debug!("giving up on a request of {spans} spans: {reason}");
+        shared.settle(0, spans);
+        return;
+    }
+}
+
+/// `wait` scaled by a factor in [0.5, 1.5), so exporters that failed together do
+/// not retry together.
+fn jitter(wait: Duration) -> Duration {
+    use std::hash::BuildHasher as _;
+    let random = foldhash::fast::RandomState::default().hash_one(Instant::now());
+    let factor = 0.5 + (random % 1000) as f64 / 1000.0;
+    wait.mul_f64(factor)
+}

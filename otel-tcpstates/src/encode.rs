@@ -1,0 +1,907 @@
+//! Span records to OTLP bytes: an `ExportTraceServiceRequest` written straight
+//! into a reused buffer with prost's wire primitives. The resource and scope are
+//! encoded once each (with opentelemetry-proto's types: they are small and rare);
+//! a span's attributes are written from the record, their keys constant.
+use std::{collections::HashMap, hash::Hash, net::IpAddr};
+
+use foldhash::fast::RandomState;
+use opentelemetry_proto::tonic::{
+    common::v1::{AnyValue, InstrumentationScope, KeyValue, any_value},
+    resource::v1::Resource,
+};
+use prost::{
+    Message as _,
+    encoding::{WireType, encode_key, encode_varint, encoded_len_varint},
+};
+
+use crate::{
+    event::Comm,
+    spans::{self, Body, ResourceKey, SpanRecord, attr},
+};
+
+/// OTLP's span flags: the W3C trace flags (sampled) and "the parent's remoteness is
+/// known" (it is never remote).
+const SPAN_FLAGS: u32 = 0x01 | 0x100;
+const STATUS_ERROR: u64 = 2;
+
+/// Field numbers, from opentelemetry/proto/trace/v1/trace.proto and common.proto.
+mod field {
+    pub const RESOURCE_SPANS: u32 = 1;
+    pub const RS_RESOURCE: u32 = 1;
+    pub const RS_SCOPE_SPANS: u32 = 2;
+    pub const SS_SCOPE: u32 = 1;
+    pub const SS_SPANS: u32 = 2;
+    pub const TRACE_ID: u32 = 1;
+    pub const SPAN_ID: u32 = 2;
+    pub const PARENT_SPAN_ID: u32 = 4;
+    pub const NAME: u32 = 5;
+    pub const KIND: u32 = 6;
+    pub const START: u32 = 7;
+    pub const END: u32 = 8;
+    pub const ATTRIBUTES: u32 = 9;
+    pub const STATUS: u32 = 15;
+    pub const FLAGS: u32 = 16;
+    pub const STATUS_MESSAGE: u32 = 2;
+    pub const STATUS_CODE: u32 = 3;
+    pub const KV_KEY: u32 = 1;
+    pub const KV_VALUE: u32 = 2;
+    pub const ANY_STRING: u32 = 1;
+    pub const ANY_BOOL: u32 = 2;
+    pub const ANY_INT: u32 = 3;
+}
+
+/// The resource attributes every span carries (service, host, SDK, those of
+/// `OTEL_RESOURCE_ATTRIBUTES`), as OTLP key-values.
+pub type BaseResource = Vec<KeyValue>;
+
+/// Formatted text of recurring values (addresses, command names), bounded.
+struct Texts<K>(HashMap<K, Box<str>, RandomState>);
+
+impl<K: Eq + Hash + Copy> Texts<K> {
+    /// Past this many distinct values the cache starts over.
+    const MAX: usize = 4096;
+
+    fn new() -> Self {
+        Self(HashMap::default())
+    }
+
+    fn get(&mut self, key: K, format: impl FnOnce(K) -> String) -> &str {
+        if self.0.len() >= Self::MAX && !self.0.contains_key(&key) {
+            self.0.clear();
+        }
+        self.0.entry(key).or_insert_with(|| format(key).into())
+    }
+}
+
+/// The spans of one resource in the request being built.
+struct Group {
+    key: ResourceKey,
+    /// Encoded `Span` messages, each with its field key and length.
+    spans: Vec<u8>,
+}
+
+/// Builds export requests from span records.
+pub struct Encoder {
+    base: BaseResource,
+    scope: Vec<u8>,
+    /// Encoded `Resource` messages by key, built once each (bounded).
+    resources: HashMap<ResourceKey, Vec<u8>, RandomState>,
+    ips: Texts<IpAddr>,
+    comms: Texts<Comm>,
+    groups: Vec<Group>,
+    spans: usize,
+    /// One span's bytes, to learn its length before writing it into its group.
+    scratch: Vec<u8>,
+}
+
+impl Encoder {
+    pub fn new(base: BaseResource) -> Self {
+        let scope = InstrumentationScope {
+            name: env!("CARGO_PKG_NAME").into(),
+            version: env!("CARGO_PKG_VERSION").into(),
+            ..Default::default()
+        };
+        Self {
+            base,
+            scope: scope.encode_to_vec(),
+            resources: HashMap::default(),
+            ips: Texts::new(),
+            comms: Texts::new(),
+            groups: Vec::new(),
+            spans: 0,
+            scratch: Vec::with_capacity(1024),
+        }
+    }
+
+    /// Spans in the request being built.
+    pub fn len(&self) -> usize {
+        self.spans
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.spans == 0
+    }
+
+    /// Adds one span to the request being built.
+    pub fn add(&mut self, record: &SpanRecord) {
+        let mut span = std::mem::take(&mut self.scratch);
+        span.clear();
+        self.span(record, &mut span);
+        let at = match self.groups.iter().position(|g| g.key == record.resource) {
+            Some(at) => at,
+            None => {
+                self.groups.push(Group {
+                    key: record.resource,
+                    spans: Vec::with_capacity(64 * 1024),
+                });
+                self.groups.len() - 1
+            }
+        };
+        let out = &mut self.groups[at].spans;
+        encode_key(field::SS_SPANS, WireType::LengthDelimited, out);
+        encode_varint(span.len() as u64, out);
+        out.extend_from_slice(&span);
+        self.scratch = span;
+        self.spans += 1;
+    }
+
+    /// Appends the request built so far to `out` (after the transport's framing)
+    /// and starts a new one.
+    pub fn finish(&mut self, out: &mut Vec<u8>) {
+        for group in self.groups.drain(..) {
+            if self.resources.len() >= 1024 && !self.resources.contains_key(&group.key) {
+                self.resources.clear();
+            }
+            let resource = self
+                .resources
+                .entry(group.key)
+                .or_insert_with(|| resource(&self.base, group.key).encode_to_vec());
+            let scope_spans = len_field(self.scope.len()) + group.spans.len();
+            let resource_spans = len_field(resource.len()) + len_field(scope_spans);
+            encode_key(field::RESOURCE_SPANS, WireType::LengthDelimited, out);
+            encode_varint(resource_spans as u64, out);
+            encode_key(field::RS_RESOURCE, WireType::LengthDelimited, out);
+            encode_varint(resource.len() as u64, out);
+            out.extend_from_slice(resource);
+            encode_key(field::RS_SCOPE_SPANS, WireType::LengthDelimited, out);
+            encode_varint(scope_spans as u64, out);
+            encode_key(field::SS_SCOPE, WireType::LengthDelimited, out);
+            encode_varint(self.scope.len() as u64, out);
+            out.extend_from_slice(&self.scope);
+            out.extend_from_slice(&group.spans);
+        }
+        self.spans = 0;
+    }
+
+    fn span(&mut self, r: &SpanRecord, out: &mut Vec<u8>) {
+        bytes(out, field::TRACE_ID, &r.trace_id);
+        bytes(out, field::SPAN_ID, &r.span_id);
+        if let Some(parent) = &r.parent_span_id {
+            bytes(out, field::PARENT_SPAN_ID, parent);
+        }
+        bytes(out, field::NAME, r.name().as_bytes());
+        varint(out, field::KIND, r.kind() as u64);
+        fixed64(out, field::START, r.start_unix_ns);
+        fixed64(out, field::END, r.end_unix_ns);
+
+        str_attr(out, attr::NETWORK_TRANSPORT, b"tcp");
+        let network_type: &[u8] = if r.local.0.is_ipv4() {
+            b"ipv4"
+        } else {
+            b"ipv6"
+        };
+        str_attr(out, attr::NETWORK_TYPE, network_type);
+        self.ip_attr(out, attr::LOCAL_ADDRESS, r.local.0);
+        int_attr(out, attr::LOCAL_PORT, r.local.1.into());
+        self.ip_attr(out, attr::PEER_ADDRESS, r.peer.0);
+        int_attr(out, attr::PEER_PORT, r.peer.1.into());
+        match r.body {
+            Body::State {
+                state,
+                next,
+                cut_short,
+            } => {
+                str_attr(out, attr::STATE, spans::state_name(state).as_bytes());
+                if let Some((next, pid, comm)) = next {
+                    str_attr(out, attr::NEXT_STATE, spans::state_name(next).as_bytes());
+                    int_attr(out, attr::TRANSITION_PID, pid.into());
+                    self.comm_attr(out, attr::TRANSITION_COMM, comm);
+                }
+                if let Some(reason) = cut_short {
+                    str_attr(out, attr::END_REASON, reason.as_str().as_bytes());
+                }
+            }
+            Body::Root {
+                role,
+                owner,
+                facts,
+                skaddr,
+                begin_seen,
+                end_reason,
+            } => {
+                let (client, server) = r.client_server();
+                if let Some((addr, port)) = client {
+                    self.ip_attr(out, attr::CLIENT_ADDRESS, addr);
+                    int_attr(out, attr::CLIENT_PORT, port.into());
+                }
+                if let Some((addr, port)) = server {
+                    self.ip_attr(out, attr::SERVER_ADDRESS, addr);
+                    int_attr(out, attr::SERVER_PORT, port.into());
+                }
+                if let Some((pid, comm)) = owner {
+                    int_attr(out, attr::PROCESS_PID, pid.into());
+                    self.comm_attr(out, attr::PROCESS_EXECUTABLE_NAME, comm);
+                }
+                if let Some(facts) = facts {
+                    let int = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
+                    int_attr(out, attr::BYTES_ACKED, int(facts.bytes_acked));
+                    int_attr(out, attr::BYTES_RECEIVED, int(facts.bytes_received));
+                    int_attr(out, attr::SRTT_US, (facts.srtt_us_x8 >> 3).into());
+                    int_attr(out, attr::TOTAL_RETRANS, facts.total_retrans.into());
+                    int_attr(out, attr::SEGS_IN, facts.segs_in.into());
+                    int_attr(out, attr::SEGS_OUT, facts.segs_out.into());
+                }
+                let mut hex = [0u8; 16];
+                str_attr(out, attr::SKADDR, hex_u64(skaddr, &mut hex));
+                str_attr(out, attr::ROLE, spans::role_name(role).as_bytes());
+                bool_attr(out, attr::BEGIN_SEEN, begin_seen);
+                str_attr(out, attr::END_REASON, end_reason.as_str().as_bytes());
+            }
+        }
+        if let Some(failure) = r.failure {
+            let message = spans::failure_message(failure);
+            let len = len_field(message.len()) + 1 + encoded_len_varint(STATUS_ERROR);
+            encode_key(field::STATUS, WireType::LengthDelimited, out);
+            encode_varint(len as u64, out);
+            bytes(out, field::STATUS_MESSAGE, message.as_bytes());
+            varint(out, field::STATUS_CODE, STATUS_ERROR);
+        }
+        encode_key(field::FLAGS, WireType::ThirtyTwoBit, out);
+        out.extend_from_slice(&SPAN_FLAGS.to_le_bytes());
+    }
+
+    fn ip_attr(&mut self, out: &mut Vec<u8>, key: &str, ip: IpAddr) {
+        let text = self.ips.get(ip, |ip| ip.to_string());
+        str_attr(out, key, text.as_bytes());
+    }
+
+    fn comm_attr(&mut self, out: &mut Vec<u8>, key: &str, comm: Comm) {
+        // Protobuf strings are UTF-8; a comm need not be.
+        let text = self.comms.get(comm, |comm| comm.to_string());
+        str_attr(out, key, text.as_bytes());
+    }
+}
+
+/// The resource of the spans under `key`: the base with `service.name` replaced
+/// and `container.id` added, as the key says.
+pub fn resource(base: &BaseResource, key: ResourceKey) -> Resource {
+    let string = |text: String| {
+        Some(AnyValue {
+            value: Some(any_value::Value::StringValue(text)),
+        })
+    };
+    let mut attributes = base.clone();
+    if let Some(service) = key.service {
+        match attributes.iter_mut().find(|kv| kv.key == "service.name") {
+            Some(kv) => kv.value = string(service.to_string()),
+            None => attributes.push(KeyValue {
+                key: "service.name".into(),
+                value: string(service.to_string()),
+                ..Default::default()
+            }),
+        }
+    }
+    if let Some(container) = key.container {
+        attributes.push(KeyValue {
+            key: attr::CONTAINER_ID.into(),
+            value: string(container.to_string()),
+            ..Default::default()
+        });
+    }
+    Resource {
+        attributes,
+        ..Default::default()
+    }
+}
+
+/// Bytes a length-delimited field with a one-byte key and `len` bytes of content takes.
+fn len_field(len: usize) -> usize {
+    1 + encoded_len_varint(len as u64) + len
+}
+
+fn bytes(out: &mut Vec<u8>, tag: u32, value: &[u8]) {
+    encode_key(tag, WireType::LengthDelimited, out);
+    encode_varint(value.len() as u64, out);
+    out.extend_from_slice(value);
+}
+
+fn varint(out: &mut Vec<u8>, tag: u32, value: u64) {
+    encode_key(tag, WireType::Varint, out);
+    encode_varint(value, out);
+}
+
+/// Zero is proto3's default, left out as prost leaves it out.
+fn fixed64(out: &mut Vec<u8>, tag: u32, value: u64) {
+    if value == 0 {
+        return;
+    }
+    encode_key(tag, WireType::SixtyFourBit, out);
+    out.extend_from_slice(&value.to_le_bytes());
+}
+
+/// A `KeyValue` in the span's attributes; `value` is the `AnyValue`'s one field,
+/// `value_len` its encoded length.
+fn attr_header(out: &mut Vec<u8>, key: &str, value_len: usize) {
+    let len = len_field(key.len()) + len_field(value_len);
+    encode_key(field::ATTRIBUTES, WireType::LengthDelimited, out);
+    encode_varint(len as u64, out);
+    bytes(out, field::KV_KEY, key.as_bytes());
+    encode_key(field::KV_VALUE, WireType::LengthDelimited, out);
+    encode_varint(value_len as u64, out);
+}
+
+fn str_attr(out: &mut Vec<u8>, key: &str, value: &[u8]) {
+    attr_header(out, key, len_field(value.len()));
+    bytes(out, field::ANY_STRING, value);
+}
+
+fn int_attr(out: &mut Vec<u8>, key: &str, value: i64) {
+    // int64 is a varint of the two's complement.
+    let value = value as u64;
+    attr_header(out, key, 1 + encoded_len_varint(value));
+    varint(out, field::ANY_INT, value);
+}
+
+fn bool_attr(out: &mut Vec<u8>, key: &str, value: bool) {
+    attr_header(out, key, 2);
+    varint(out, field::ANY_BOOL, u64::from(value));
+}
+
+/// `value` in lowercase hex without leading zeros, as `{:x}` prints it.
+fn hex_u64(value: u64, buf: &mut [u8; 16]) -> &[u8] {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    let mut at = buf.len();
+    let mut rest = value;
+    loop {
+        at -= 1;
+        buf[at] = DIGITS[(rest & 0xf) as usize];
+        rest >>= 4;
+        if rest == 0 {
+            break;
+        }
+    }
+    &buf[at..]
+}
+
+#[cfg(test)]
+mod tests {
+    use std::{
+        net::{Ipv4Addr, Ipv6Addr},
+        num::NonZeroUsize,
+    };
+
+    use opentelemetry_proto::tonic::{
+        collector::trace::v1::ExportTraceServiceRequest,
+        trace::v1::{ResourceSpans, ScopeSpans, Span, Status},
+    };
+    use proptest::prelude::*;
+
+    use super::*;
+    use crate::{
+        clock::WallClock,
+        container::ContainerId,
+        event::{TcpFacts, TcpState},
+        sessions::{
+            EndReason, Failure, Role, SessionTable, Update,
+            tests::{SK, client_events, ev},
+        },
+        spans::{Kind, MapperOptions, SpanMapper},
+    };
+
+    fn base() -> BaseResource {
+        vec![KeyValue {
+            key: "service.name".into(),
+            value: Some(AnyValue {
+                value: Some(any_value::Value::StringValue("otel-tcpstates".into())),
+            }),
+            ..Default::default()
+        }]
+    }
+
+    fn encode(records: &[SpanRecord]) -> Vec<u8> {
+        let mut encoder = Encoder::new(base());
+        for record in records {
+            encoder.add(record);
+        }
+        assert_eq!(encoder.len(), records.len());
+        let mut out = Vec::new();
+        encoder.finish(&mut out);
+        assert!(encoder.is_empty());
+        out
+    }
+
+    fn decode(bytes: &[u8]) -> ExportTraceServiceRequest {
+        ExportTraceServiceRequest::decode(bytes).expect("our bytes decode as OTLP")
+    }
+
+    /// The spans of a request with their resources' `service.name` / `container.id`.
+    fn spans(request: &ExportTraceServiceRequest) -> Vec<(&Resource, &Span)> {
+        request
+            .resource_spans
+            .iter()
+            .flat_map(|rs| {
+                let resource = rs.resource.as_ref().unwrap();
+                rs.scope_spans
+                    .iter()
+                    .flat_map(move |ss| ss.spans.iter().map(move |s| (resource, s)))
+            })
+            .collect()
+    }
+
+    fn get<'a>(attributes: &'a [KeyValue], key: &str) -> Option<&'a any_value::Value> {
+        attributes
+            .iter()
+            .find(|kv| kv.key == key)
+            .and_then(|kv| kv.value.as_ref()?.value.as_ref())
+    }
+
+    fn text(value: &str) -> Option<any_value::Value> {
+        Some(any_value::Value::StringValue(value.into()))
+    }
+
+    fn records(events: &[crate::event::TcpEvent], options: MapperOptions) -> Vec<SpanRecord> {
+        let mapper = SpanMapper::new(WallClock::measure(), options);
+        let mut table = SessionTable::new(NonZeroUsize::new(16).unwrap());
+        let mut out = Vec::new();
+        for event in events {
+            table.apply(event, &mut |update| {
+                out.push(match update {
+                    Update::StateEnded(s, e) => mapper.state_span(s, &e),
+                    Update::SessionEnded(s, end, r) => mapper.root_span(s, end, r),
+                })
+            });
+        }
+        out
+    }
+
+    #[test]
+    fn one_trace_per_socket_with_a_child_per_state() {
+        let bytes = encode(&records(
+            &client_events(SK, 1_000_000),
+            MapperOptions::default(),
+        ));
+        let request = decode(&bytes);
+        let spans = spans(&request);
+        let (&(resource, root), children) = spans.split_last().unwrap();
+        assert_eq!(
+            get(&resource.attributes, "service.name"),
+            text("otel-tcpstates").as_ref()
+        );
+        assert_eq!(
+            request.resource_spans[0].scope_spans[0]
+                .scope
+                .as_ref()
+                .unwrap()
+                .name,
+            "otel-tcpstates"
+        );
+        assert_eq!(root.name, spans::ROOT_NAME);
+        assert_eq!(root.kind, Kind::Client as i32);
+        assert!(root.parent_span_id.is_empty());
+        assert_eq!(root.trace_id.len(), 16);
+        assert_eq!(root.span_id.len(), 8);
+        assert_eq!(root.flags, SPAN_FLAGS);
+        assert_eq!(
+            children
+                .iter()
+                .map(|(_, c)| c.name.as_str())
+                .collect::<Vec<_>>(),
+            ["SYN_SENT", "ESTABLISHED", "FIN_WAIT1", "FIN_WAIT2"]
+        );
+        for (_, child) in children {
+            assert_eq!(child.trace_id, root.trace_id);
+            assert_eq!(child.parent_span_id, root.span_id);
+            assert_eq!(child.kind, Kind::Internal as i32);
+            assert_ne!(child.span_id, root.span_id);
+        }
+        // Durations are the kernel's, to the nanosecond; the root covers them all.
+        let durations: Vec<u64> = children
+            .iter()
+            .map(|(_, c)| c.end_time_unix_nano - c.start_time_unix_nano)
+            .collect();
+        assert_eq!(durations, [50, 1000, 10, 5]);
+        assert_eq!(
+            root.start_time_unix_nano,
+            children[0].1.start_time_unix_nano
+        );
+        assert_eq!(root.end_time_unix_nano, children[3].1.end_time_unix_nano);
+
+        let int = |v: i64| Some(any_value::Value::IntValue(v));
+        let attrs = &root.attributes;
+        assert_eq!(get(attrs, attr::CLIENT_PORT), int(40000).as_ref());
+        assert_eq!(get(attrs, attr::SERVER_PORT), int(8080).as_ref());
+        assert_eq!(get(attrs, attr::PEER_ADDRESS), text("127.0.0.2").as_ref());
+        assert_eq!(get(attrs, attr::NETWORK_TYPE), text("ipv4").as_ref());
+        assert_eq!(get(attrs, attr::PROCESS_PID), int(4242).as_ref());
+        assert_eq!(
+            get(attrs, attr::PROCESS_EXECUTABLE_NAME),
+            text("test").as_ref()
+        );
+        assert_eq!(get(attrs, attr::END_REASON), text("closed").as_ref());
+        assert_eq!(get(attrs, attr::SKADDR), text(&format!("{SK:x}")).as_ref());
+        assert_eq!(
+            get(attrs, attr::BEGIN_SEEN),
+            Some(&any_value::Value::BoolValue(true))
+        );
+        assert_eq!(root.status, None);
+        let established = &children[1].1.attributes;
+        assert_eq!(get(established, attr::STATE), text("ESTABLISHED").as_ref());
+        assert_eq!(
+            get(established, attr::NEXT_STATE),
+            text("FIN_WAIT1").as_ref()
+        );
+    }
+
+    #[test]
+    fn failures_are_errors_and_reuse_is_a_new_trace() {
+        use otel_tcpstates_common::tcp_state::*;
+        let bytes = encode(&records(
+            &[
+                ev(SK, 10, 0, CLOSE, SYN_SENT, 0),
+                ev(SK, 11, 1, SYN_SENT, CLOSE, 1),
+                ev(SK, 20, 0, CLOSE, SYN_SENT, 0),
+                ev(SK, 21, 1, SYN_SENT, CLOSE, 1),
+            ],
+            MapperOptions::default(),
+        ));
+        let request = decode(&bytes);
+        let spans = spans(&request);
+        assert_eq!(spans.len(), 4);
+        for (_, span) in &spans {
+            let status = span.status.as_ref().unwrap();
+            assert_eq!(status.code, 2);
+            assert!(status.message.contains("refused"), "{status:?}");
+        }
+        assert_ne!(spans[1].1.trace_id, spans[3].1.trace_id);
+    }
+
+    #[test]
+    fn the_owners_process_and_container_make_the_resource() {
+        let records = records(
+            &client_events(SK, 1_000_000),
+            MapperOptions {
+                service_per_process: true,
+                facts: false,
+            },
+        );
+        let container = ContainerId::parse(&"ab".repeat(32)).unwrap();
+        let mut with_container = records.clone();
+        for record in &mut with_container {
+            record.resource.container = Some(container);
+        }
+        let request = decode(&encode(&[records, with_container].concat()));
+        assert_eq!(
+            request.resource_spans.len(),
+            2,
+            "one per (service, container)"
+        );
+        let first = request.resource_spans[0].resource.as_ref().unwrap();
+        let second = request.resource_spans[1].resource.as_ref().unwrap();
+        assert_eq!(
+            get(&first.attributes, "service.name"),
+            text("test").as_ref()
+        );
+        assert_eq!(get(&first.attributes, attr::CONTAINER_ID), None);
+        assert_eq!(
+            get(&second.attributes, attr::CONTAINER_ID),
+            text(&"ab".repeat(32)).as_ref()
+        );
+        assert!(
+            request
+                .resource_spans
+                .iter()
+                .all(|rs| rs.scope_spans[0].spans.len() == 5)
+        );
+    }
+
+    fn comm() -> impl Strategy<Value = Comm> {
+        proptest::collection::vec(any::<u8>(), 0..16).prop_map(|bytes| {
+            let mut raw = [0u8; 16];
+            raw[..bytes.len()].copy_from_slice(&bytes);
+            Comm::from(raw)
+        })
+    }
+
+    fn ip() -> impl Strategy<Value = IpAddr> {
+        prop_oneof![
+            any::<u32>().prop_map(|a| IpAddr::V4(Ipv4Addr::from(a))),
+            any::<u128>().prop_map(|a| IpAddr::V6(Ipv6Addr::from(a))),
+        ]
+    }
+
+    fn reason() -> impl Strategy<Value = EndReason> {
+        prop_oneof![
+            Just(EndReason::Closed),
+            Just(EndReason::Evicted),
+            Just(EndReason::Shutdown),
+            Just(EndReason::Replaced),
+        ]
+    }
+
+    fn state() -> impl Strategy<Value = TcpState> {
+        (1u8..=14).prop_map(TcpState)
+    }
+
+    fn failure() -> impl Strategy<Value = Option<Failure>> {
+        prop_oneof![
+            Just(None),
+            Just(Some(Failure::ConnectFailed)),
+            Just(Some(Failure::HandshakeFailed)),
+            state().prop_map(|from| Some(Failure::Reset { from })),
+        ]
+    }
+
+    fn role() -> impl Strategy<Value = Role> {
+        prop_oneof![
+            Just(Role::Client),
+            Just(Role::Server),
+            Just(Role::Listener),
+            Just(Role::Unknown),
+        ]
+    }
+
+    fn facts() -> impl Strategy<Value = Option<TcpFacts>> {
+        proptest::option::of(
+            (
+                any::<u64>(),
+                any::<u64>(),
+                any::<u32>(),
+                any::<u32>(),
+                any::<u32>(),
+                any::<u32>(),
+            )
+                .prop_map(|(a, r, srtt, retrans, i, o)| TcpFacts {
+                    bytes_acked: a,
+                    bytes_received: r,
+                    srtt_us_x8: srtt,
+                    total_retrans: retrans,
+                    segs_in: i,
+                    segs_out: o,
+                }),
+        )
+    }
+
+    fn body() -> impl Strategy<Value = Body> {
+        prop_oneof![
+            (
+                state(),
+                proptest::option::of((state(), any::<u32>(), comm())),
+                proptest::option::of(reason())
+            )
+                .prop_map(|(state, next, cut_short)| Body::State {
+                    state,
+                    next,
+                    cut_short
+                }),
+            (
+                role(),
+                proptest::option::of((any::<u32>(), comm())),
+                facts(),
+                any::<u64>(),
+                any::<bool>(),
+                reason()
+            )
+                .prop_map(|(role, owner, facts, skaddr, begin_seen, end_reason)| {
+                    Body::Root {
+                        role,
+                        owner,
+                        facts,
+                        skaddr,
+                        begin_seen,
+                        end_reason,
+                    }
+                }),
+        ]
+    }
+
+    fn record() -> impl Strategy<Value = SpanRecord> {
+        (
+            (
+                any::<[u8; 16]>(),
+                any::<[u8; 8]>(),
+                proptest::option::of(any::<[u8; 8]>()),
+            ),
+            (any::<u64>(), any::<u64>()),
+            (
+                proptest::option::of(comm()),
+                proptest::option::of(any::<[u8; 2]>()),
+            ),
+            ((ip(), any::<u16>()), (ip(), any::<u16>())),
+            failure(),
+            body(),
+        )
+            .prop_map(
+                |(
+                    (trace_id, span_id, parent),
+                    (start, end),
+                    (service, container),
+                    (local, peer),
+                    failure,
+                    body,
+                )| {
+                    SpanRecord {
+                        trace_id,
+                        span_id,
+                        parent_span_id: parent,
+                        start_unix_ns: start,
+                        end_unix_ns: end,
+                        // A few distinct containers, so groups recur.
+                        resource: ResourceKey {
+                            service,
+                            container: container.map(|c| {
+                                ContainerId::parse(&format!("{:02x}", c[0] % 3).repeat(32)).unwrap()
+                            }),
+                        },
+                        local,
+                        peer: if local.0.is_ipv4() == peer.0.is_ipv4() {
+                            peer
+                        } else {
+                            local
+                        },
+                        failure,
+                        body,
+                    }
+                },
+            )
+    }
+
+    /// The mapping, written independently with opentelemetry-proto's types.
+    fn expected(r: &SpanRecord) -> Span {
+        let kv = |key: &str, value: any_value::Value| KeyValue {
+            key: key.into(),
+            value: Some(AnyValue { value: Some(value) }),
+            ..Default::default()
+        };
+        let s = |key: &str, value: String| kv(key, any_value::Value::StringValue(value));
+        let i = |key: &str, value: i64| kv(key, any_value::Value::IntValue(value));
+        let mut attributes = vec![
+            s(attr::NETWORK_TRANSPORT, "tcp".into()),
+            s(
+                attr::NETWORK_TYPE,
+                if r.local.0.is_ipv4() { "ipv4" } else { "ipv6" }.into(),
+            ),
+            s(attr::LOCAL_ADDRESS, r.local.0.to_string()),
+            i(attr::LOCAL_PORT, r.local.1.into()),
+            s(attr::PEER_ADDRESS, r.peer.0.to_string()),
+            i(attr::PEER_PORT, r.peer.1.into()),
+        ];
+        let (name, kind) = match r.body {
+            Body::State {
+                state,
+                next,
+                cut_short,
+            } => {
+                attributes.push(s(attr::STATE, state.to_string()));
+                if let Some((next, pid, comm)) = next {
+                    attributes.push(s(attr::NEXT_STATE, next.to_string()));
+                    attributes.push(i(attr::TRANSITION_PID, pid.into()));
+                    attributes.push(s(attr::TRANSITION_COMM, comm.to_string()));
+                }
+                if let Some(reason) = cut_short {
+                    attributes.push(s(attr::END_REASON, reason.as_str().into()));
+                }
+                (state.to_string(), 1)
+            }
+            Body::Root {
+                role,
+                owner,
+                facts,
+                skaddr,
+                begin_seen,
+                end_reason,
+            } => {
+                let (local, peer) = (r.local, r.peer);
+                let (client, server) = match role {
+                    Role::Client => (Some(local), Some(peer)),
+                    Role::Server => (Some(peer), Some(local)),
+                    Role::Listener => (None, Some(local)),
+                    Role::Unknown => (None, None),
+                };
+                if let Some((a, p)) = client {
+                    attributes.push(s(attr::CLIENT_ADDRESS, a.to_string()));
+                    attributes.push(i(attr::CLIENT_PORT, p.into()));
+                }
+                if let Some((a, p)) = server {
+                    attributes.push(s(attr::SERVER_ADDRESS, a.to_string()));
+                    attributes.push(i(attr::SERVER_PORT, p.into()));
+                }
+                if let Some((pid, comm)) = owner {
+                    attributes.push(i(attr::PROCESS_PID, pid.into()));
+                    attributes.push(s(attr::PROCESS_EXECUTABLE_NAME, comm.to_string()));
+                }
+                if let Some(f) = facts {
+                    let sat = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
+                    attributes.extend([
+                        i(attr::BYTES_ACKED, sat(f.bytes_acked)),
+                        i(attr::BYTES_RECEIVED, sat(f.bytes_received)),
+                        i(attr::SRTT_US, (f.srtt_us_x8 >> 3).into()),
+                        i(attr::TOTAL_RETRANS, f.total_retrans.into()),
+                        i(attr::SEGS_IN, f.segs_in.into()),
+                        i(attr::SEGS_OUT, f.segs_out.into()),
+                    ]);
+                }
+                attributes.push(s(attr::SKADDR, format!("{skaddr:x}")));
+                attributes.push(s(attr::ROLE, spans::role_name(role).into()));
+                attributes.push(kv(
+                    attr::BEGIN_SEEN,
+                    any_value::Value::BoolValue(begin_seen),
+                ));
+                attributes.push(s(attr::END_REASON, end_reason.as_str().into()));
+                let kind = match role {
+                    Role::Client => 3,
+                    Role::Server => 2,
+                    _ => 1,
+                };
+                (spans::ROOT_NAME.into(), kind)
+            }
+        };
+        Span {
+            trace_id: r.trace_id.to_vec(),
+            span_id: r.span_id.to_vec(),
+            parent_span_id: r.parent_span_id.map(|p| p.to_vec()).unwrap_or_default(),
+            flags: SPAN_FLAGS,
+            name,
+            kind,
+            start_time_unix_nano: r.start_unix_ns,
+            end_time_unix_nano: r.end_unix_ns,
+            attributes,
+            status: r.failure.map(|f| Status {
+                message: spans::failure_message(f).into_owned(),
+                code: 2,
+            }),
+            ..Default::default()
+        }
+    }
+
+    proptest! {
+        /// Any records, encoded and decoded with opentelemetry-proto's types, are
+        /// exactly the spans the mapping defines, each under its own resource; and
+        /// the bytes are the ones prost itself writes for that request.
+        #[test]
+        fn encoded_requests_decode_to_the_mapped_spans(
+            records in proptest::collection::vec(record(), 0..40),
+        ) {
+            let bytes = encode(&records);
+            let request = decode(&bytes);
+            // One group per resource key, in order of first appearance.
+            let mut keys: Vec<ResourceKey> = Vec::new();
+            let mut want: Vec<ResourceSpans> = Vec::new();
+            for r in &records {
+                let at = match keys.iter().position(|k| *k == r.resource) {
+                    Some(at) => at,
+                    None => {
+                        keys.push(r.resource);
+                        let resource = resource(&base(), r.resource);
+                        want.push(ResourceSpans {
+                            resource: Some(resource),
+                            scope_spans: vec![ScopeSpans {
+                                scope: Some(InstrumentationScope {
+                                    name: env!("CARGO_PKG_NAME").into(),
+                                    version: env!("CARGO_PKG_VERSION").into(),
+                                    ..Default::default()
+                                }),
+                                ..Default::default()
+                            }],
+                            ..Default::default()
+                        });
+                        want.len() - 1
+                    }
+                };
+                want[at].scope_spans[0].spans.push(expected(r));
+            }
+            let want = ExportTraceServiceRequest { resource_spans: want };
+            prop_assert_eq!(&request, &want);
+            prop_assert_eq!(bytes, want.encode_to_vec());
+        }
+    }
+}
