@@ -31,8 +31,10 @@ fn main() -> anyhow::Result<()> {
         std::env::var("AYA_BUILD_SKIP").is_ok_and(|v| v == "1" || v.eq_ignore_ascii_case("true"));
     if skip {
         let out_dir = std::env::var_os("OUT_DIR").ok_or_else(|| anyhow!("OUT_DIR not set"))?;
-        fs::write(Path::new(&out_dir).join("otel-tcpstates"), b"")
-            .context("writing the empty stand-in for the eBPF object")?;
+        for object in ["otel-tcpstates", "tcpstates-floor"] {
+            fs::write(Path::new(&out_dir).join(object), b"")
+                .context("writing the empty stand-ins for the eBPF objects")?;
+        }
     }
     aya_build::build_ebpf(
         [aya_build::Package {

@@ -1,4 +1,5 @@
-//! Loopback connection churn, untraced and under each tracer, plus a memory run of
+//! Loopback connection churn, untraced and under each tracer (and under a program
+//! that only counts: the floor of any tracer's kernel cost), plus a memory run of
 //! the daemon over a million sockets. See BENCHMARKS.md; `scripts/bench.sh` runs it.
 //!
 //! Needs root: it loads eBPF (through the tracers), reads `bpftool` statistics and
@@ -47,9 +48,13 @@ const LIBBPF_TCPSTATES: &str = "/usr/sbin/tcpstates";
 /// bpftool's names for the tracers' programs (both are tracepoint programs).
 const DAEMON_PROG: &str = "inet_sock_set_state";
 const LIBBPF_PROG: &str = "handle_set_state";
+const FLOOR_PROG: &str = "count_set_state";
+/// The floor program (otel-tcpstates-ebpf/src/floor.rs), built with the daemon's.
+static FLOOR_OBJECT: &[u8] =
+    aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/tcpstates-floor"));
 
 const USAGE: &str = "usage: cargo bench --bench churn -- [--seconds N] [--warmup N]
-    [--runs baseline,text,otlp,libbpf,baseline,memory] [--memory-sockets N]
+    [--runs baseline,floor,text,otlp,otlp-http,libbpf,baseline,memory] [--memory-sockets N]
     [--hold-connections N] [--no-pin]";
 
 // ---------------------------------------------------------------------------------
@@ -58,25 +63,31 @@ const USAGE: &str = "usage: cargo bench --bench churn -- [--seconds N] [--warmup
 #[derive(Clone, Copy, Debug, PartialEq)]
 enum Mode {
     Baseline,
+    Floor,
     Text,
     Otlp,
+    OtlpHttp,
     Libbpf,
     Memory,
 }
 
 impl Mode {
-    const ALL: [Mode; 5] = [
+    const ALL: [Mode; 7] = [
         Mode::Baseline,
+        Mode::Floor,
         Mode::Text,
         Mode::Otlp,
+        Mode::OtlpHttp,
         Mode::Libbpf,
         Mode::Memory,
     ];
     /// The untraced run comes again after the traced ones, to show drift.
-    const DEFAULT: [Mode; 6] = [
+    const DEFAULT: [Mode; 8] = [
         Mode::Baseline,
+        Mode::Floor,
         Mode::Text,
         Mode::Otlp,
+        Mode::OtlpHttp,
         Mode::Libbpf,
         Mode::Baseline,
         Mode::Memory,
@@ -92,8 +103,10 @@ impl Mode {
     fn name(self) -> &'static str {
         match self {
             Mode::Baseline => "baseline",
+            Mode::Floor => "floor",
             Mode::Text => "text",
             Mode::Otlp => "otlp",
+            Mode::OtlpHttp => "otlp-http",
             Mode::Libbpf => "libbpf",
             Mode::Memory => "memory",
         }
@@ -102,8 +115,10 @@ impl Mode {
     fn label(self) -> &'static str {
         match self {
             Mode::Baseline => "untraced",
+            Mode::Floor => "floor (a program that only counts)",
             Mode::Text => "otel-tcpstates text",
             Mode::Otlp => "otel-tcpstates OTLP/gRPC",
+            Mode::OtlpHttp => "otel-tcpstates OTLP/HTTP",
             Mode::Libbpf => "libbpf-tools tcpstates",
             Mode::Memory => "memory",
         }
@@ -410,6 +425,48 @@ fn probe_connection() -> io::Result<()> {
 // 65536 sockets need (and not raisable without CAP_SYS_RESOURCE), so child
 // processes (this binary again, with `--hold-child N`) each hold a share.
 
+const FLOOR_CHILD_ARG: &str = "--floor-child";
+
+/// Child side of [`Tracer::floor`]: loads and attaches the floor program, then holds
+/// it until SIGINT or SIGTERM.
+fn floor_child() -> Result<()> {
+    use nix::sys::signal::{SigSet, SigmaskHow, sigprocmask};
+    let mut signals = SigSet::empty();
+    signals.add(Signal::SIGINT);
+    signals.add(Signal::SIGTERM);
+    sigprocmask(SigmaskHow::SIG_BLOCK, Some(&signals), None)?;
+    ensure!(
+        !FLOOR_OBJECT.is_empty(),
+        "built with AYA_BUILD_SKIP: no floor program"
+    );
+    let mut ebpf = aya::Ebpf::load(FLOOR_OBJECT).context("loading the floor program")?;
+    let program: &mut aya::programs::TracePoint = ebpf
+        .program_mut(FLOOR_PROG)
+        .context("no floor program in the object")?
+        .try_into()?;
+    program.load()?;
+    program.attach("sock", "inet_sock_set_state")?;
+    signals.wait()?;
+    Ok(())
+}
+
+/// User + system CPU seconds of this process's threads named `name`.
+fn thread_cpu_seconds(name: &str) -> Result<f64> {
+    let mut total = 0.0;
+    for task in fs::read_dir("/proc/self/task")? {
+        let task = task?.path();
+        if fs::read_to_string(task.join("comm")).is_ok_and(|comm| comm.trim() == name) {
+            let tid = task
+                .file_name()
+                .and_then(|n| n.to_str())
+                .unwrap_or_default();
+            let (user, system) = cpu_seconds(&format!("self/task/{tid}"))?;
+            total += user + system;
+        }
+    }
+    Ok(total)
+}
+
 const HOLD_CHILD_ARG: &str = "--hold-child";
 /// A holder that is never released exits by itself after this.
 const HOLD_CHILD_LIFETIME: Duration = Duration::from_secs(300);
@@ -685,12 +742,20 @@ struct Exited {
 }
 
 impl Tracer {
-    fn daemon(args: &[&str]) -> Result<Tracer> {
-        Tracer::start(DAEMON, args, DAEMON_PROG)
+    fn daemon(args: &[String]) -> Result<Tracer> {
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        Tracer::start(DAEMON, &args, DAEMON_PROG)
     }
 
     fn libbpf() -> Result<Tracer> {
         Tracer::start(LIBBPF_TCPSTATES, &[], LIBBPF_PROG)
+    }
+
+    /// This benchmark itself, loading the floor program (see [`floor_child`]).
+    fn floor() -> Result<Tracer> {
+        let me = std::env::current_exe().context("finding the benchmark's own binary")?;
+        let me = me.to_str().context("non-UTF-8 benchmark path")?;
+        Tracer::start(me, &[FLOOR_CHILD_ARG], FLOOR_PROG)
     }
 
     /// Starts `program` with stdout to /dev/null; returns once its BPF program runs.
@@ -889,6 +954,8 @@ struct Row {
     conns_per_s: f64,
     ratio: Option<f64>,
     ns_per_event: Option<f64>,
+    /// ns/event over the floor program's, measured in the same bench.
+    floor_ratio: Option<f64>,
     events_per_s: Option<f64>,
     cpu_s_per_m_events: Option<f64>,
     lost: Option<u64>,
@@ -910,22 +977,38 @@ struct Spans {
     per_s: f64,
     sockets: u64,
     evicted: u64,
+    /// The daemon's CPU (all threads) in the window per span received in it.
+    cpu_us_per_span: Option<f64>,
+    /// The receiver's own CPU in the window, % of one CPU.
+    receiver_cpu_pct: f64,
 }
 
 impl Spans {
     /// The daemon's account (its exit summary) next to the receiver's.
-    fn count(exited: &Exited, receiver: &otlp::Receiver, per_s: f64) -> Option<Spans> {
+    fn count(exited: &Exited, receiver: &otlp::Receiver, window: Window) -> Option<Spans> {
         let sum = summary(&exited.stderr)?;
         Some(Spans {
             produced: sum.produced,
             exported: sum.exported,
             received: settled_count(receiver, sum.exported),
             dropped: sum.failed + sum.not_sent,
-            per_s,
+            per_s: window.spans as f64 / window.secs,
             sockets: sum.sockets,
             evicted: sum.evicted,
+            cpu_us_per_span: (window.spans > 0)
+                .then(|| window.tracer_cpu_s / window.spans as f64 * 1e6),
+            receiver_cpu_pct: 100.0 * window.receiver_cpu_s / window.secs,
         })
     }
+}
+
+/// The measured window, as far as spans go.
+#[derive(Clone, Copy)]
+struct Window {
+    secs: f64,
+    spans: u64,
+    tracer_cpu_s: f64,
+    receiver_cpu_s: f64,
 }
 
 /// What is read at both ends of the measured window.
@@ -936,6 +1019,8 @@ struct Mark {
     /// The tracer's user + system CPU.
     cpu_s: f64,
     received: u64,
+    /// The in-process receiver's thread: user + system CPU.
+    receiver_cpu_s: f64,
     /// User CPU of everything but us and the tracer: other work on the machine
     /// (a build, say) that would skew the run.
     other_user_s: f64,
@@ -956,22 +1041,28 @@ fn mark(churn: &Churn, tracer: Option<&Tracer>, receiver: Option<&otlp::Receiver
             .unwrap_or_default(),
         cpu_s: tracer_user + tracer_system,
         received: receiver.map_or(0, otlp::Receiver::span_count),
+        receiver_cpu_s: match receiver {
+            Some(_) => thread_cpu_seconds(otlp::RECEIVER_THREAD)?,
+            None => 0.0,
+        },
         other_user_s: machine_user_seconds()? - own_user - tracer_user,
     })
 }
 
 fn throughput_run(mode: Mode, opts: &Options) -> Result<Row> {
-    let receiver = (mode == Mode::Otlp).then(otlp::Receiver::start_counting);
-    let mut tracer = match mode {
-        Mode::Baseline => None,
-        Mode::Text => Some(Tracer::daemon(&[])?),
-        Mode::Otlp => {
-            let endpoint = receiver.as_ref().map(otlp::Receiver::grpc_endpoint);
-            let endpoint = endpoint.as_deref().unwrap_or_default();
-            Some(Tracer::daemon(&otlp_args(endpoint))?)
-        }
-        Mode::Libbpf => Some(Tracer::libbpf()?),
-        Mode::Memory => bail!("not a throughput run"),
+    let receiver = matches!(mode, Mode::Otlp | Mode::OtlpHttp).then(otlp::Receiver::start_counting);
+    let mut tracer = match (mode, &receiver) {
+        (Mode::Baseline, _) => None,
+        (Mode::Floor, _) => Some(Tracer::floor()?),
+        (Mode::Text, _) => Some(Tracer::daemon(&[])?),
+        (Mode::Otlp, Some(rx)) => Some(Tracer::daemon(&otlp_args("grpc", &rx.grpc_endpoint()))?),
+        (Mode::OtlpHttp, Some(rx)) => Some(Tracer::daemon(&otlp_args(
+            "http/protobuf",
+            &rx.http_endpoint(),
+        ))?),
+        (Mode::Otlp | Mode::OtlpHttp, None) => unreachable!("a receiver is started for OTLP"),
+        (Mode::Libbpf, _) => Some(Tracer::libbpf()?),
+        (Mode::Memory, _) => bail!("not a throughput run"),
     };
 
     let churn = Churn::start(u64::MAX, opts.pin)?;
@@ -1019,15 +1110,28 @@ fn throughput_run(mode: Mode, opts: &Options) -> Result<Row> {
         row.spans = Spans::count(
             &exited,
             receiver,
-            (end.received - start.received) as f64 / secs,
+            Window {
+                secs,
+                spans: end.received - start.received,
+                tracer_cpu_s: end.cpu_s - start.cpu_s,
+                receiver_cpu_s: end.receiver_cpu_s - start.receiver_cpu_s,
+            },
         );
     }
     Ok(row)
 }
 
-fn otlp_args(endpoint: &str) -> Vec<&str> {
-    let args = ["--otlp-protocol", "grpc", "--shutdown-timeout", "30"];
-    [&["--otlp-endpoint", endpoint][..], &args].concat()
+fn otlp_args(protocol: &str, endpoint: &str) -> Vec<String> {
+    [
+        "--otlp-protocol",
+        protocol,
+        "--otlp-endpoint",
+        endpoint,
+        "--shutdown-timeout",
+        "30",
+    ]
+    .map(String::from)
+    .to_vec()
 }
 
 /// The receiver's count once it reaches `expected` or stops moving (the daemon
@@ -1070,7 +1174,11 @@ struct Sample {
 fn memory_run(opts: &Options) -> Result<()> {
     let receiver = otlp::Receiver::start_counting();
     let endpoint = receiver.grpc_endpoint();
-    let args = [&["--max-sockets", "65536"][..], &otlp_args(&endpoint)].concat();
+    let args = [
+        &["--max-sockets".to_owned(), "65536".to_owned()][..],
+        &otlp_args("grpc", &endpoint),
+    ]
+    .concat();
     let tracer = Tracer::daemon(&args)?;
     let mut samples = Samples::new(&tracer);
     samples.take("started", 0)?;
@@ -1119,7 +1227,13 @@ fn memory_run(opts: &Options) -> Result<()> {
         lost_events(&exited.stderr),
         exited.took.as_secs_f64()
     );
-    if let Some(s) = Spans::count(&exited, &receiver, 0.0) {
+    let whole_run = Window {
+        secs: churn_secs,
+        spans: 0,
+        tracer_cpu_s: 0.0,
+        receiver_cpu_s: 0.0,
+    };
+    if let Some(s) = Spans::count(&exited, &receiver, whole_run) {
         println!(
             "{} sockets traced, {} evicted; spans: {} produced, {} exported, {} received, \
              {} dropped",
@@ -1190,8 +1304,15 @@ fn set_ratios(rows: &mut [Row]) {
         return;
     }
     let mean = untraced.iter().sum::<f64>() / untraced.len() as f64;
+    let floor = rows
+        .iter()
+        .find(|r| r.mode == Mode::Floor.label())
+        .and_then(|r| r.ns_per_event);
     for row in rows {
         row.ratio = Some(row.conns_per_s / mean);
+        row.floor_ratio = floor
+            .zip(row.ns_per_event)
+            .map(|(floor, ours)| ours / floor);
     }
 }
 
@@ -1199,18 +1320,21 @@ fn print_table(rows: &[Row]) {
     let opt = |v: Option<f64>, digits: usize| v.map_or("-".into(), |v| format!("{v:.digits$}"));
     let num = |v: Option<u64>| v.map_or("-".into(), |v| v.to_string());
     println!(
-        "\n| mode | conns/s | ratio | events/s | ns/event (kernel) | CPU s/M events | lost | spans produced | exported | received | dropped | spans/s | peak RSS MiB | exit s | other CPU % |"
+        "\n| mode | conns/s | ratio | events/s | ns/event (kernel) | × floor | CPU s/M events | lost | spans produced | exported | received | dropped | spans/s | daemon µs/span | receiver CPU % | peak RSS MiB | exit s | other CPU % |"
     );
-    println!("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+    println!(
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+    );
     for r in rows {
         let s = r.spans.as_ref();
         println!(
-            "| {} | {:.0} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {:.0} |",
+            "| {} | {:.0} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {:.0} |",
             r.mode,
             r.conns_per_s,
             opt(r.ratio, 2),
             opt(r.events_per_s, 0),
             opt(r.ns_per_event, 0),
+            opt(r.floor_ratio, 2),
             opt(r.cpu_s_per_m_events, 2),
             num(r.lost),
             num(s.map(|s| s.produced)),
@@ -1218,6 +1342,8 @@ fn print_table(rows: &[Row]) {
             num(s.map(|s| s.received)),
             num(s.map(|s| s.dropped)),
             opt(s.map(|s| s.per_s), 0),
+            opt(s.and_then(|s| s.cpu_us_per_span), 2),
+            opt(s.map(|s| s.receiver_cpu_pct), 0),
             opt(r.peak_rss_mib, 1),
             opt(r.exit_s, 1),
             r.other_cpu_pct,
@@ -1310,6 +1436,7 @@ fn run() -> Result<()> {
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().collect();
     let result = match args.get(1).map(String::as_str) {
+        Some(FLOOR_CHILD_ARG) => floor_child(),
         Some(HOLD_CHILD_ARG) => args
             .get(2)
             .context("--hold-child needs a count")

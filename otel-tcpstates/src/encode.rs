@@ -90,9 +90,12 @@ pub struct Encoder {
     comms: Texts<Comm>,
     groups: Vec<Group>,
     spans: usize,
-    /// One span's bytes, to learn its length before writing it into its group.
-    scratch: Vec<u8>,
 }
+
+/// Distinct resources kept between requests (with their buffers).
+const MAX_GROUPS: usize = 64;
+/// Room made before each span: more than the largest one takes.
+const SPAN_RESERVE: usize = 2048;
 
 impl Encoder {
     pub fn new(base: BaseResource) -> Self {
@@ -109,7 +112,6 @@ impl Encoder {
             comms: Texts::new(),
             groups: Vec::new(),
             spans: 0,
-            scratch: Vec::with_capacity(1024),
         }
     }
 
@@ -124,12 +126,13 @@ impl Encoder {
 
     /// Adds one span to the request being built.
     pub fn add(&mut self, record: &SpanRecord) {
-        let mut span = std::mem::take(&mut self.scratch);
-        span.clear();
-        self.span(record, &mut span);
         let at = match self.groups.iter().position(|g| g.key == record.resource) {
             Some(at) => at,
             None => {
+                // Groups are kept, buffers and all, for the next requests: bounded.
+                if self.groups.len() >= MAX_GROUPS {
+                    self.groups.retain(|g| !g.spans.is_empty());
+                }
                 self.groups.push(Group {
                     key: record.resource,
                     spans: Vec::with_capacity(64 * 1024),
@@ -137,18 +140,33 @@ impl Encoder {
                 self.groups.len() - 1
             }
         };
-        let out = &mut self.groups[at].spans;
-        encode_key(field::SS_SPANS, WireType::LengthDelimited, out);
-        encode_varint(span.len() as u64, out);
-        out.extend_from_slice(&span);
-        self.scratch = span;
+        let mut out = std::mem::take(&mut self.groups[at].spans);
+        out.reserve(SPAN_RESERVE);
+        encode_key(field::SS_SPANS, WireType::LengthDelimited, &mut out);
+        // The span's length goes before it: two bytes are kept for it, a span's
+        // length always being one that takes two bytes as a varint (its fixed
+        // fields alone are over 127 bytes); otherwise it is moved.
+        let at_len = out.len();
+        out.extend_from_slice(&[0, 0]);
+        self.span(record, &mut out);
+        let len = out.len() - at_len - 2;
+        if (128..16384).contains(&len) {
+            out[at_len] = (len & 0x7f) as u8 | 0x80;
+            out[at_len + 1] = (len >> 7) as u8;
+        } else {
+            let span = out.split_off(at_len + 2);
+            out.truncate(at_len);
+            encode_varint(len as u64, &mut out);
+            out.extend_from_slice(&span);
+        }
+        self.groups[at].spans = out;
         self.spans += 1;
     }
 
     /// Appends the request built so far to `out` (after the transport's framing)
     /// and starts a new one.
     pub fn finish(&mut self, out: &mut Vec<u8>) {
-        for group in self.groups.drain(..) {
+        for group in self.groups.iter_mut().filter(|g| !g.spans.is_empty()) {
             if self.resources.len() >= 1024 && !self.resources.contains_key(&group.key) {
                 self.resources.clear();
             }
@@ -158,6 +176,7 @@ impl Encoder {
                 .or_insert_with(|| resource(&self.base, group.key).encode_to_vec());
             let scope_spans = len_field(self.scope.len()) + group.spans.len();
             let resource_spans = len_field(resource.len()) + len_field(scope_spans);
+            out.reserve(resource_spans + 8);
             encode_key(field::RESOURCE_SPANS, WireType::LengthDelimited, out);
             encode_varint(resource_spans as u64, out);
             encode_key(field::RS_RESOURCE, WireType::LengthDelimited, out);
@@ -169,6 +188,7 @@ impl Encoder {
             encode_varint(self.scope.len() as u64, out);
             out.extend_from_slice(&self.scope);
             out.extend_from_slice(&group.spans);
+            group.spans.clear();
         }
         self.spans = 0;
     }
@@ -261,15 +281,66 @@ impl Encoder {
     }
 
     fn ip_attr(&mut self, out: &mut Vec<u8>, key: &str, ip: IpAddr) {
-        let text = self.ips.get(ip, |ip| ip.to_string());
-        str_attr(out, key, text.as_bytes());
+        match ip {
+            // Most addresses: written straight from a table, no lookup.
+            IpAddr::V4(v4) => {
+                let mut text = [0u8; 15];
+                let mut len = 0;
+                for (i, octet) in v4.octets().into_iter().enumerate() {
+                    if i > 0 {
+                        text[len] = b'.';
+                        len += 1;
+                    }
+                    let digits = decimal(octet);
+                    text[len..len + digits.len()].copy_from_slice(digits);
+                    len += digits.len();
+                }
+                str_attr(out, key, &text[..len]);
+            }
+            IpAddr::V6(_) => {
+                let text = self.ips.get(ip, |ip| ip.to_string());
+                str_attr(out, key, text.as_bytes());
+            }
+        }
     }
 
     fn comm_attr(&mut self, out: &mut Vec<u8>, key: &str, comm: Comm) {
-        // Protobuf strings are UTF-8; a comm need not be.
-        let text = self.comms.get(comm, |comm| comm.to_string());
-        str_attr(out, key, text.as_bytes());
+        // Protobuf strings are UTF-8; a comm need not be, and then it is written
+        // as its lossy text, kept.
+        match std::str::from_utf8(comm.as_bytes()) {
+            Ok(text) => str_attr(out, key, text.as_bytes()),
+            Err(_) => {
+                let text = self.comms.get(comm, |comm| comm.to_string());
+                str_attr(out, key, text.as_bytes());
+            }
+        }
     }
+}
+
+/// `n` in decimal.
+fn decimal(n: u8) -> &'static [u8] {
+    static DIGITS: [[u8; 3]; 256] = {
+        let mut table = [[0u8; 3]; 256];
+        let mut n = 0;
+        while n < 256 {
+            table[n] = [
+                b'0' + (n / 100) as u8,
+                b'0' + (n / 10 % 10) as u8,
+                b'0' + (n % 10) as u8,
+            ];
+            n += 1;
+        }
+        table
+    };
+    let digits = &DIGITS[n as usize];
+    let skip = if n >= 100 {
+        0
+    } else if n >= 10 {
+        1
+    } else {
+        2
+    };
+    &digits[skip..]
 }
 
 /// The resource of the spans under `key`: the base with `service.name` replaced
@@ -309,42 +380,65 @@ fn len_field(len: usize) -> usize {
     1 + encoded_len_varint(len as u64) + len
 }
 
+/// The key of a field numbered below 16: one byte.
+#[inline(always)]
+fn key(out: &mut Vec<u8>, tag: u32, wire_type: WireType) {
+    debug_assert!(tag < 16);
+    out.push((tag << 3) as u8 | wire_type as u8);
+}
+
+/// prost's varint, with the one-byte case (most lengths here) inline.
+#[inline(always)]
+fn len_varint(out: &mut Vec<u8>, value: u64) {
+    if value < 0x80 {
+        out.push(value as u8);
+    } else {
+        encode_varint(value, out);
+    }
+}
+
+#[inline(always)]
 fn bytes(out: &mut Vec<u8>, tag: u32, value: &[u8]) {
-    encode_key(tag, WireType::LengthDelimited, out);
-    encode_varint(value.len() as u64, out);
+    key(out, tag, WireType::LengthDelimited);
+    len_varint(out, value.len() as u64);
     out.extend_from_slice(value);
 }
 
+#[inline(always)]
 fn varint(out: &mut Vec<u8>, tag: u32, value: u64) {
-    encode_key(tag, WireType::Varint, out);
-    encode_varint(value, out);
+    key(out, tag, WireType::Varint);
+    len_varint(out, value);
 }
 
 /// Zero is proto3's default, left out as prost leaves it out.
+#[inline(always)]
 fn fixed64(out: &mut Vec<u8>, tag: u32, value: u64) {
     if value == 0 {
         return;
     }
-    encode_key(tag, WireType::SixtyFourBit, out);
+    key(out, tag, WireType::SixtyFourBit);
     out.extend_from_slice(&value.to_le_bytes());
 }
 
 /// A `KeyValue` in the span's attributes; `value` is the `AnyValue`'s one field,
 /// `value_len` its encoded length.
-fn attr_header(out: &mut Vec<u8>, key: &str, value_len: usize) {
-    let len = len_field(key.len()) + len_field(value_len);
-    encode_key(field::ATTRIBUTES, WireType::LengthDelimited, out);
-    encode_varint(len as u64, out);
-    bytes(out, field::KV_KEY, key.as_bytes());
-    encode_key(field::KV_VALUE, WireType::LengthDelimited, out);
-    encode_varint(value_len as u64, out);
+#[inline(always)]
+fn attr_header(out: &mut Vec<u8>, name: &str, value_len: usize) {
+    let len = len_field(name.len()) + len_field(value_len);
+    key(out, field::ATTRIBUTES, WireType::LengthDelimited);
+    len_varint(out, len as u64);
+    bytes(out, field::KV_KEY, name.as_bytes());
+    key(out, field::KV_VALUE, WireType::LengthDelimited);
+    len_varint(out, value_len as u64);
 }
 
+#[inline(always)]
 fn str_attr(out: &mut Vec<u8>, key: &str, value: &[u8]) {
     attr_header(out, key, len_field(value.len()));
     bytes(out, field::ANY_STRING, value);
 }
 
+#[inline(always)]
 fn int_attr(out: &mut Vec<u8>, key: &str, value: i64) {
     // int64 is a varint of the two's complement.
     let value = value as u64;
@@ -352,6 +446,7 @@ fn int_attr(out: &mut Vec<u8>, key: &str, value: i64) {
     varint(out, field::ANY_INT, value);
 }
 
+#[inline(always)]
 fn bool_attr(out: &mut Vec<u8>, key: &str, value: bool) {
     attr_header(out, key, 2);
     varint(out, field::ANY_BOOL, u64::from(value));

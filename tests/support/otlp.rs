@@ -142,6 +142,10 @@ fn lock(store: &Shared) -> MutexGuard<'_, Store> {
     store.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
+/// The receiver's one thread: everything it does runs there (its CPU is the bench's
+/// receiver cost).
+pub const RECEIVER_THREAD: &str = "otlp-receiver";
+
 /// A running receiver; dropping it shuts both servers down.
 pub struct Receiver {
     store: Shared,
@@ -204,7 +208,7 @@ impl Receiver {
         let served = Arc::clone(&store);
         let https = tls.is_some();
         let thread = thread::Builder::new()
-            .name("otlp-receiver".into())
+            .name(RECEIVER_THREAD.into())
             .spawn(move || {
                 let runtime = tokio::runtime::Builder::new_current_thread()
                     .enable_all()
