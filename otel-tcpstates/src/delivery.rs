@@ -23,7 +23,7 @@ use crate::{
 /// Requests sent at once: one slow round trip does not stall the stream.
 pub const MAX_IN_FLIGHT: usize = 4;
 /// Records handed to the worker at a time (the event loop's cost per span is a push).
-const CHUNK: usize = 256;
+const CHUNK: usize = 1024;
 /// Retries: the first wait, its growth limit; each wait is jittered ±50%.
 const BACKOFF_FIRST: Duration = Duration::from_millis(100);
 const BACKOFF_MAX: Duration = Duration::from_secs(5);

@@ -15,7 +15,8 @@ use prost::{
 };
 
 use crate::{
-    event::Comm,
+    event::{Comm, TcpState},
+    sessions::{EndReason, Role},
     spans::{self, Body, ResourceKey, SpanRecord, attr},
 };
 
@@ -90,6 +91,63 @@ pub struct Encoder {
     comms: Texts<Comm>,
     groups: Vec<Group>,
     spans: usize,
+    fixed: Fixed,
+}
+
+/// The encoded bytes of fields whose values come from a small set: each written
+/// once, here, and copied into every span.
+struct Fixed {
+    /// `network.transport` and `network.type`, by IPv4 (0) or IPv6 (1).
+    network: [Vec<u8>; 2],
+    /// By state number: the span's name field, `tcpstates.state`, `tcpstates.next_state`.
+    name: Vec<Vec<u8>>,
+    state: Vec<Vec<u8>>,
+    next_state: Vec<Vec<u8>>,
+    role: Vec<Vec<u8>>,
+    end_reason: Vec<Vec<u8>>,
+    begin_seen: [Vec<u8>; 2],
+}
+
+impl Fixed {
+    fn new() -> Self {
+        fn written(write: impl FnOnce(&mut Vec<u8>)) -> Vec<u8> {
+            let mut out = Vec::new();
+            write(&mut out);
+            out
+        }
+        let network = |version: &[u8]| {
+            written(|out| {
+                str_attr(out, attr::NETWORK_TRANSPORT, b"tcp");
+                str_attr(out, attr::NETWORK_TYPE, version);
+            })
+        };
+        let states = |write: fn(&mut Vec<u8>, &[u8])| {
+            (0..=u8::MAX)
+                .map(|n| written(|out| write(out, spans::state_name(TcpState(n)).as_bytes())))
+                .collect()
+        };
+        let reasons = [
+            EndReason::Closed,
+            EndReason::Evicted,
+            EndReason::Shutdown,
+            EndReason::Replaced,
+        ];
+        let roles = [Role::Client, Role::Server, Role::Listener, Role::Unknown];
+        Self {
+            network: [network(b"ipv4"), network(b"ipv6")],
+            name: states(|out, name| bytes(out, field::NAME, name)),
+            state: states(|out, name| str_attr(out, attr::STATE, name)),
+            next_state: states(|out, name| str_attr(out, attr::NEXT_STATE, name)),
+            // Indexed by discriminant: the arrays above are in declaration order.
+            role: roles
+                .map(|r| written(|out| str_attr(out, attr::ROLE, spans::role_name(r).as_bytes())))
+                .to_vec(),
+            end_reason: reasons
+                .map(|r| written(|out| str_attr(out, attr::END_REASON, r.as_str().as_bytes())))
+                .to_vec(),
+            begin_seen: [false, true].map(|b| written(|out| bool_attr(out, attr::BEGIN_SEEN, b))),
+        }
+    }
 }
 
 /// Distinct resources kept between requests (with their buffers).
@@ -112,6 +170,7 @@ impl Encoder {
             comms: Texts::new(),
             groups: Vec::new(),
             spans: 0,
+            fixed: Fixed::new(),
         }
     }
 
@@ -199,18 +258,15 @@ impl Encoder {
         if let Some(parent) = &r.parent_span_id {
             bytes(out, field::PARENT_SPAN_ID, parent);
         }
-        bytes(out, field::NAME, r.name().as_bytes());
+        match r.body {
+            Body::State { state, .. } => out.extend_from_slice(&self.fixed.name[state.0 as usize]),
+            Body::Root { .. } => bytes(out, field::NAME, spans::ROOT_NAME.as_bytes()),
+        }
         varint(out, field::KIND, r.kind() as u64);
         fixed64(out, field::START, r.start_unix_ns);
         fixed64(out, field::END, r.end_unix_ns);
 
-        str_attr(out, attr::NETWORK_TRANSPORT, b"tcp");
-        let network_type: &[u8] = if r.local.0.is_ipv4() {
-            b"ipv4"
-        } else {
-            b"ipv6"
-        };
-        str_attr(out, attr::NETWORK_TYPE, network_type);
+        out.extend_from_slice(&self.fixed.network[usize::from(r.local.0.is_ipv6())]);
         self.ip_attr(out, attr::LOCAL_ADDRESS, r.local.0);
         int_attr(out, attr::LOCAL_PORT, r.local.1.into());
         self.ip_attr(out, attr::PEER_ADDRESS, r.peer.0);
@@ -221,14 +277,14 @@ impl Encoder {
                 next,
                 cut_short,
             } => {
-                str_attr(out, attr::STATE, spans::state_name(state).as_bytes());
+                out.extend_from_slice(&self.fixed.state[state.0 as usize]);
                 if let Some((next, pid, comm)) = next {
-                    str_attr(out, attr::NEXT_STATE, spans::state_name(next).as_bytes());
+                    out.extend_from_slice(&self.fixed.next_state[next.0 as usize]);
                     int_attr(out, attr::TRANSITION_PID, pid.into());
                     self.comm_attr(out, attr::TRANSITION_COMM, comm);
                 }
                 if let Some(reason) = cut_short {
-                    str_attr(out, attr::END_REASON, reason.as_str().as_bytes());
+                    out.extend_from_slice(&self.fixed.end_reason[reason as usize]);
                 }
             }
             Body::Root {
@@ -263,9 +319,9 @@ impl Encoder {
                 }
                 let mut hex = [0u8; 16];
                 str_attr(out, attr::SKADDR, hex_u64(skaddr, &mut hex));
-                str_attr(out, attr::ROLE, spans::role_name(role).as_bytes());
-                bool_attr(out, attr::BEGIN_SEEN, begin_seen);
-                str_attr(out, attr::END_REASON, end_reason.as_str().as_bytes());
+                out.extend_from_slice(&self.fixed.role[role as usize]);
+                out.extend_from_slice(&self.fixed.begin_seen[usize::from(begin_seen)]);
+                out.extend_from_slice(&self.fixed.end_reason[end_reason as usize]);
             }
         }
         if let Some(failure) = r.failure {
