@@ -1034,7 +1034,13 @@ fn daemonset_runs_the_daemon_on_every_node_with_least_privilege() {
         object(&docs, "Namespace")["metadata"]["labels"]["pod-security.kubernetes.io/enforce"],
         "privileged"
     );
-    for doc in docs.iter().filter(|d| d["kind"] != "Namespace") {
+    // Everything namespaced is in ours (cluster-scoped: the namespace and the
+    // collector's read-only role and its binding).
+    let cluster_scoped = ["Namespace", "ClusterRole", "ClusterRoleBinding"];
+    for doc in docs
+        .iter()
+        .filter(|d| !cluster_scoped.iter().any(|k| d["kind"] == *k))
+    {
         assert_eq!(doc["metadata"]["namespace"], namespace, "{}", doc["kind"]);
     }
     let ds = object(&docs, "DaemonSet");
@@ -1148,17 +1154,98 @@ fn resource_attributes_come_from_the_downward_api() {
             "{var} is not from the downward API"
         );
     }
-    for key in [
-        "k8s.node.name",
-        "k8s.pod.name",
-        "k8s.namespace.name",
-        "k8s.pod.uid",
-    ] {
+    for key in ["k8s.node.name", "host.ip"] {
         assert!(keys.contains(key), "{key} missing from {raw}");
+    }
+    // The pod and namespace of a span's resource are the traced container's, added
+    // by the collector's k8sattributes, which keeps values already set: the
+    // tracer's own would hide them.
+    for key in ["k8s.pod.name", "k8s.namespace.name", "k8s.pod.uid"] {
+        assert!(!keys.contains(key), "{key} in {raw}");
     }
     let namespace = str_of(&object(&docs, "Namespace")["metadata"]["name"], "ns");
     let env = container_env(daemon, namespace);
     assert!(!env.iter().any(|(_, v)| v.contains("$(")), "{env:?}");
+}
+
+/// The agent collector names the workload behind each span from its resource's
+/// container.id (k8sattributes, watching only its node's pods), with the read-only
+/// API access that takes, bound to the pod's service account, whose token is mounted.
+#[test]
+fn the_agent_names_each_spans_workload_from_its_container() {
+    let docs = manifest();
+    let config = collector_config(&docs);
+    let k8s = &config["processors"]["k8sattributes"];
+    assert_eq!(k8s["filter"]["node_from_env_var"], "K8S_NODE_NAME");
+    let sources = list(&list(&k8s["pod_association"])[0]["sources"]);
+    assert_eq!(sources[0]["from"], "resource_attribute");
+    assert_eq!(sources[0]["name"], "container.id");
+    let traces: Vec<&str> = list(&config["service"]["pipelines"]["traces"]["processors"])
+        .iter()
+        .map(|p| str_of(p, "processor"))
+        .collect();
+    assert!(traces.contains(&"k8sattributes"), "{traces:?}");
+    let spec = pod_spec(&docs);
+    let collector = collector_container(spec);
+    let node = list(&collector["env"])
+        .iter()
+        .find(|v| v["name"] == "K8S_NODE_NAME")
+        .expect("the collector knows its node");
+    assert_eq!(node["valueFrom"]["fieldRef"]["fieldPath"], "spec.nodeName");
+    // The API token in the collector alone.
+    assert_eq!(spec["automountServiceAccountToken"], false);
+    let token_volume = list(&spec["volumes"])
+        .iter()
+        .find(|v| {
+            list(&v["projected"]["sources"])
+                .iter()
+                .any(|s| s["serviceAccountToken"]["path"] == "token")
+        })
+        .expect("a projected service account token");
+    let mounts = |container: &Value| {
+        list(&container["volumeMounts"])
+            .iter()
+            .filter(|m| m["name"] == token_volume["name"])
+            .map(|m| str_of(&m["mountPath"], "mountPath").to_owned())
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(
+        mounts(collector),
+        ["/var/run/secrets/kubernetes.io/serviceaccount"]
+    );
+    assert!(mounts(daemon_container(spec)).is_empty());
+
+    let role = object(&docs, "ClusterRole");
+    let rules = list(&role["rules"]);
+    let allows = |group: &str, resource: &str| {
+        rules.iter().any(|r| {
+            list(&r["apiGroups"]).iter().any(|g| g == group)
+                && list(&r["resources"]).iter().any(|x| x == resource)
+                && ["get", "watch", "list"]
+                    .iter()
+                    .all(|v| list(&r["verbs"]).iter().any(|x| x == v))
+        })
+    };
+    for (group, resource) in [("", "pods"), ("", "namespaces"), ("apps", "replicasets")] {
+        assert!(allows(group, resource), "{group}/{resource} not readable");
+    }
+    // Read-only.
+    for rule in rules {
+        for verb in list(&rule["verbs"]) {
+            assert!(
+                ["get", "watch", "list"].contains(&str_of(verb, "verb")),
+                "{rule:?}"
+            );
+        }
+    }
+    let binding = object(&docs, "ClusterRoleBinding");
+    assert_eq!(binding["roleRef"]["name"], role["metadata"]["name"]);
+    let subject = &list(&binding["subjects"])[0];
+    assert_eq!(subject["name"], spec["serviceAccountName"]);
+    assert_eq!(
+        subject["namespace"],
+        object(&docs, "Namespace")["metadata"]["name"]
+    );
 }
 
 /// The collector configuration the sidecar reads: the ConfigMap key mounted where
@@ -1479,9 +1566,7 @@ fn daemonset_container_traces_a_connection() {
     assert!(status.success(), "{status}: {stderr:?}");
     for (key, field) in [
         ("k8s.node.name", "spec.nodeName"),
-        ("k8s.pod.name", "metadata.name"),
-        ("k8s.namespace.name", "metadata.namespace"),
-        ("k8s.pod.uid", "metadata.uid"),
+        ("host.ip", "status.hostIP"),
     ] {
         assert_eq!(
             root.resource.get(key),
