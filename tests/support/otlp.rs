@@ -356,10 +356,12 @@ async fn serve(
     // Collectors (rotel included) gzip by default, so accept it like a real one.
     let trace_service = TraceServiceServer::new(Grpc(Arc::clone(&store)))
         .accept_compressed(CompressionEncoding::Gzip);
-    // Flow-control windows sized from the measured bandwidth-delay product, as
-    // grpc-go (the Collector's gRPC) sizes them: not h2's fixed 64 KiB, which
-    // makes a sender of large requests wait for a window update every 64 KiB.
-    let mut builder = Server::builder().http2_adaptive_window(Some(true));
+    // Flow-control windows as large as grpc-go (the Collector's gRPC) grows them
+    // from the bandwidth-delay product: not h2's fixed 64 KiB, which makes a
+    // sender of large requests wait for a window update every 64 KiB.
+    let mut builder = Server::builder()
+        .initial_stream_window_size(Some(8 << 20))
+        .initial_connection_window_size(Some(16 << 20));
     if let Some(tls) = &tls {
         builder = builder
             .tls_config(tls.grpc())
