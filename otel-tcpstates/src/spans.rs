@@ -141,13 +141,6 @@ impl SpanRecord {
         }
     }
 
-    pub fn name(&self) -> Cow<'static, str> {
-        match self.body {
-            Body::State { state, .. } => state_name(state),
-            Body::Root { .. } => Cow::Borrowed(ROOT_NAME),
-        }
-    }
-
     /// Client and server ends, as far as the role tells.
     pub fn client_server(&self) -> (Option<Endpoint>, Option<Endpoint>) {
         let Body::Root { role, .. } = self.body else {
