@@ -225,8 +225,9 @@ fn serve(stream: TcpStream, log: &Log, script: &dyn Fn(usize) -> Reply) {
     }
 }
 
-/// The daemon exporting to `endpoint`, with stats every second.
-fn tracer(protocol: &str, endpoint: &str) -> Tracer {
+/// The daemon exporting to `endpoint`, each request given `timeout_ms` in all,
+/// with stats every second.
+fn tracer(protocol: &str, endpoint: &str, timeout_ms: &str) -> Tracer {
     Tracer::start_with_env(
         &[
             "--otlp-endpoint",
@@ -242,7 +243,7 @@ fn tracer(protocol: &str, endpoint: &str) -> Tracer {
         ],
         &[
             ("OTEL_BSP_SCHEDULE_DELAY", "50"),
-            ("OTEL_EXPORTER_OTLP_TIMEOUT", TIMEOUT_MS),
+            ("OTEL_EXPORTER_OTLP_TIMEOUT", timeout_ms),
             ("OTEL_METRICS_EXPORTER", "none"),
         ],
     )
@@ -312,21 +313,7 @@ fn http_retries_honour_retry_after_and_spans_arrive_once() {
         _ => accepted(),
     });
     // The whole budget must cover the collector's wait.
-    let tracer = Tracer::start_with_env(
-        &[
-            "--otlp-endpoint",
-            &collector.endpoint(),
-            "--print",
-            "-s",
-            "--shutdown-timeout",
-            "5",
-        ],
-        &[
-            ("OTEL_BSP_SCHEDULE_DELAY", "50"),
-            ("OTEL_EXPORTER_OTLP_TIMEOUT", "5000"),
-            ("OTEL_METRICS_EXPORTER", "none"),
-        ],
-    );
+    let tracer = tracer("http/protobuf", &collector.endpoint(), "5000");
     let (listener, _) = listen("127.0.0.1");
     connect_hold_close(&listener, Duration::ZERO);
     wait_until("an accepted request", Duration::from_secs(15), || {
@@ -419,23 +406,7 @@ fn grpc_retries_and_partial_success_add_up() {
                 .unwrap();
         });
     });
-    let tracer = Tracer::start_with_env(
-        &[
-            "--otlp-endpoint",
-            &format!("http://{addr}"),
-            "--otlp-protocol",
-            "grpc",
-            "--print",
-            "-s",
-            "--shutdown-timeout",
-            "5",
-        ],
-        &[
-            ("OTEL_BSP_SCHEDULE_DELAY", "50"),
-            ("OTEL_EXPORTER_OTLP_TIMEOUT", "5000"),
-            ("OTEL_METRICS_EXPORTER", "none"),
-        ],
-    );
+    let tracer = tracer("grpc", &format!("http://{addr}"), "5000");
     let (listener, _) = listen("127.0.0.1");
     connect_hold_close(&listener, Duration::ZERO);
     wait_until("a request taken", Duration::from_secs(15), || {
@@ -498,7 +469,7 @@ fn a_broken_collector_costs_a_counted_failure_and_one_line() {
     ];
     for (case, protocol, script) in cases {
         let collector = Scripted::start(script);
-        let mut tracer = tracer(protocol, &collector.endpoint());
+        let mut tracer = tracer(protocol, &collector.endpoint(), TIMEOUT_MS);
         let (listener, server) = listen("127.0.0.1");
         connect_hold_close(&listener, Duration::ZERO);
         wait_until(
