@@ -545,8 +545,8 @@ pub struct CpuLimit {
 impl CpuLimit {
     pub fn apply(pid: u32, percent: u64) -> CpuLimit {
         // A short period: throttled, the process waits at most this long to run.
-        const PERIOD_US: u64 = 50_000;
-        // The kernel's smallest quota is 1 ms: 2% of this period.
+        const PERIOD_US: u64 = 100_000;
+        // The kernel's smallest quota is 1 ms: 1% of this period.
         let quota = (PERIOD_US * percent / 100).max(1_000);
         let name = format!("otel-tcpstates-test-{pid}");
         let v2 = std::path::Path::new("/sys/fs/cgroup/unified");
