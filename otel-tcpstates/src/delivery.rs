@@ -27,6 +27,9 @@ const CHUNK: usize = 1024;
 /// Retries: the first wait, its growth limit; each wait is jittered ±50%.
 const BACKOFF_FIRST: Duration = Duration::from_millis(100);
 const BACKOFF_MAX: Duration = Duration::from_secs(5);
+/// A retry is made only with at least this much of the request's budget left: a
+/// last attempt with a few milliseconds would time out whatever the collector does.
+const MIN_ATTEMPT: Duration = Duration::from_millis(100);
 /// At most one line per this long for the collector's partial-success messages.
 const MESSAGE_EVERY: Duration = Duration::from_secs(10);
 /// How often a shutdown waiting for room in the queue looks again.
@@ -67,6 +70,9 @@ struct Shared {
     endpoint: String,
     timeout: Duration,
     last_message: Mutex<Option<Instant>>,
+    /// When the last accepted attempt began: an attempt that began before it and
+    /// failed says nothing new about the collector.
+    last_success: Mutex<Option<Instant>>,
 }
 
 impl Shared {
@@ -82,14 +88,25 @@ impl Shared {
         }
     }
 
-    fn worked(&self) {
+    fn worked(&self, attempt: Instant) {
+        {
+            let mut last = self.last_success.lock().unwrap_or_else(|e| e.into_inner());
+            *last = Some(last.map_or(attempt, |at| at.max(attempt)));
+        }
         if self.failing.swap(false, Ordering::Relaxed) {
             tracing::info!("export to {} works again", self.endpoint);
         }
     }
 
-    fn failed(&self, reason: &str) {
-        if !self.failing.swap(true, Ordering::Relaxed) {
+    /// Says the first failure of an outage, once; `attempt` is when the failed
+    /// attempt began.
+    fn failed(&self, reason: &str, attempt: Instant) {
+        let stale = self
+            .last_success
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .is_some_and(|success| attempt < success);
+        if !stale && !self.failing.swap(true, Ordering::Relaxed) {
             tracing::warn!(
                 "export to {} failed ({reason}); tracing goes on, a request is retried for up to {:?} and spans that cannot be sent are counted as failed",
                 self.endpoint,
@@ -139,6 +156,7 @@ impl Exporter {
             endpoint: target.url.clone(),
             timeout: batching.timeout,
             last_message: Mutex::new(None),
+            last_success: Mutex::new(None),
         });
         let (tx, rx) = mpsc::unbounded_channel();
         let worker = Worker {
@@ -362,26 +380,27 @@ async fn deliver(
     let mut backoff = BACKOFF_FIRST;
     loop {
         let left = budget.saturating_sub(start.elapsed());
+        let attempt = Instant::now();
         let reason = match transport.send(body.clone(), left).await {
             Answer::Accepted { rejected, message } => {
                 let rejected = rejected.min(spans);
                 shared.settle(spans - rejected, rejected);
-                shared.worked();
+                shared.worked(attempt);
                 if rejected > 0 || !message.is_empty() {
                     shared.said(rejected, spans, &message);
                 }
                 return;
             }
             Answer::Refused(reason) => {
-                shared.failed(&reason);
+                shared.failed(&reason, attempt);
                 shared.settle(0, spans);
                 return;
             }
             Answer::Retry { reason, after } => {
-                shared.failed(&reason);
+                shared.failed(&reason, attempt);
                 let wait = after.unwrap_or_else(|| jitter(backoff));
                 backoff = (backoff * 2).min(BACKOFF_MAX);
-                if start.elapsed() + wait >= budget {
+                if start.elapsed() + wait + MIN_ATTEMPT >= budget {
                     reason
                 } else {
                     tokio::time::sleep(wait).await;
