@@ -14,8 +14,9 @@ fn main() -> ExitCode {
         eprintln!("otel-tcpstates: internal error: {info}; please report this");
     }));
 
-    // One worker besides the main thread: the gRPC exporter's channel task runs there,
-    // so it makes progress even while the main loop drains events or shuts down.
+    // One worker besides the main thread: the span export worker (encoding, the
+    // requests in flight) and the metrics exporter run there, so they make progress
+    // even while the main loop drains events or shuts down.
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
         .enable_all()
