@@ -251,7 +251,9 @@ impl Exporter {
             .unwrap_or_else(|e| e.into_inner());
         settled.closed = true;
         self.shut_down = true;
-        let unsettled = self.produced - self.dropped - settled.exported - settled.failed;
+        let unsettled = self
+            .produced
+            .saturating_sub(self.dropped + settled.exported + settled.failed);
         if !finished && unsettled > 0 {
             anyhow::bail!(
                 "the last spans were not all sent by the shutdown deadline; \
@@ -270,7 +272,8 @@ impl Exporter {
             .lock()
             .unwrap_or_else(|e| e.into_inner());
         let dropped = if self.shut_down {
-            self.produced - settled.exported - settled.failed
+            self.produced
+                .saturating_sub(settled.exported + settled.failed)
         } else {
             self.dropped
         };
