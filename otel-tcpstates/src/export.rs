@@ -418,53 +418,12 @@ pub fn resource() -> Resource {
     builder.build()
 }
 
-/// The resource's attributes as OTLP key-values, for the span encoder.
+/// The resource's attributes as OTLP key-values, for the span encoder (converted
+/// as opentelemetry-proto converts them for the SDK's exporters).
 pub fn base_resource(resource: &Resource) -> BaseResource {
-    use opentelemetry::{Array, Value};
-    use opentelemetry_proto::tonic::common::v1::{AnyValue, ArrayValue, KeyValue, any_value};
-    fn any(value: &Value) -> any_value::Value {
-        let array = |values: Vec<any_value::Value>| {
-            any_value::Value::ArrayValue(ArrayValue {
-                values: values
-                    .into_iter()
-                    .map(|v| AnyValue { value: Some(v) })
-                    .collect(),
-            })
-        };
-        match value {
-            Value::Bool(v) => any_value::Value::BoolValue(*v),
-            Value::I64(v) => any_value::Value::IntValue(*v),
-            Value::F64(v) => any_value::Value::DoubleValue(*v),
-            Value::String(v) => any_value::Value::StringValue(v.to_string()),
-            Value::Array(Array::Bool(v)) => {
-                array(v.iter().map(|&b| any_value::Value::BoolValue(b)).collect())
-            }
-            Value::Array(Array::I64(v)) => {
-                array(v.iter().map(|&i| any_value::Value::IntValue(i)).collect())
-            }
-            Value::Array(Array::F64(v)) => array(
-                v.iter()
-                    .map(|&f| any_value::Value::DoubleValue(f))
-                    .collect(),
-            ),
-            Value::Array(Array::String(v)) => array(
-                v.iter()
-                    .map(|s| any_value::Value::StringValue(s.to_string()))
-                    .collect(),
-            ),
-            other => any_value::Value::StringValue(other.to_string()),
-        }
-    }
-    resource
-        .iter()
-        .map(|(key, value)| KeyValue {
-            key: key.to_string(),
-            value: Some(AnyValue {
-                value: Some(any(value)),
-            }),
-            ..Default::default()
-        })
-        .collect()
+    opentelemetry_proto::transform::common::tonic::ResourceAttributesWithSchema::from(resource)
+        .attributes
+        .0
 }
 
 fn kv((key, value): (&opentelemetry::Key, &opentelemetry::Value)) -> KeyValue {
