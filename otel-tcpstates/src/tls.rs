@@ -227,11 +227,7 @@ impl Trust {
     /// For the span exporter's own client, over either transport: the system's
     /// roots and ours, and the client certificate if there is one.
     pub fn rustls_config(&self) -> Result<rustls::ClientConfig> {
-        let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
-        let builder = rustls::ClientConfig::builder_with_provider(provider)
-            .with_safe_default_protocol_versions()
-            .context("choosing TLS versions")?
-            .with_root_certificates(self.root_store()?);
+        let builder = client_builder(self.root_store()?)?;
         let config = match &self.client {
             Some(client) => {
                 let (kind, der) = &client.key;
@@ -270,6 +266,24 @@ impl Trust {
         }
         Ok(store)
     }
+}
+
+/// A rustls client configuration for a connector that never makes a TLS
+/// connection (an http:// endpoint): no roots to load, so a system without CA
+/// certificates is no obstacle.
+pub fn unused_config() -> Result<rustls::ClientConfig> {
+    Ok(client_builder(RootCertStore::empty())?.with_no_client_auth())
+}
+
+/// rustls with ring and its safe protocol versions, trusting `roots`.
+fn client_builder(
+    roots: RootCertStore,
+) -> Result<rustls::ConfigBuilder<rustls::ClientConfig, rustls::client::WantsClientCert>> {
+    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+    Ok(rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .context("choosing TLS versions")?
+        .with_root_certificates(roots))
 }
 
 fn client_cert(

@@ -2,7 +2,11 @@
 //! message framing written here) or OTLP/HTTP (protobuf), and what the collector's
 //! answer means under OTLP's rules: accepted (perhaps partly), worth retrying, or
 //! refused. A reply is read up to [`MAX_REPLY`] bytes and never trusted further.
-use std::{error::Error as StdError, io::Write as _, time::Duration};
+use std::{
+    error::Error as StdError,
+    io::{Read as _, Write as _},
+    time::Duration,
+};
 
 use anyhow::{Context as _, Result};
 use base64::Engine as _;
@@ -17,7 +21,10 @@ use hyper_util::{
 use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceResponse;
 use prost::Message as _;
 
-use crate::{export::Protocol, tls::Trust};
+use crate::{
+    export::Protocol,
+    tls::{self, Trust},
+};
 
 /// The largest reply read; a bigger one is refused (an OTLP response is a few bytes).
 pub const MAX_REPLY: usize = 1 << 20;
@@ -72,17 +79,10 @@ impl Transport {
             .parse()
             .with_context(|| format!("'{url}' is not a usable URL"))?;
         let https = uri.scheme_str() == Some("https");
-        // Without https:// no certificate is ever looked at: an empty store will do,
-        // and a system without CA certificates is no obstacle.
         let tls = if https {
             target.trust.clone().unwrap_or_default().rustls_config()?
         } else {
-            rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
-                rustls::crypto::ring::default_provider(),
-            ))
-            .with_safe_default_protocol_versions()?
-            .with_root_certificates(rustls::RootCertStore::empty())
-            .with_no_client_auth()
+            tls::unused_config()?
         };
         let mut tcp = HttpConnector::new();
         tcp.enforce_http(false);
@@ -258,34 +258,20 @@ fn accepted(body: &[u8]) -> Answer {
     }
 }
 
+/// Inflates a reply, refusing one that grows past [`MAX_REPLY`]: a small compressed
+/// reply may expand to a huge one.
 fn gunzip(data: &[u8]) -> std::result::Result<Vec<u8>, Answer> {
     let mut out = Vec::new();
-    let mut decoder = flate2::write::GzDecoder::new(LimitedWriter(&mut out));
-    decoder
-        .write_all(data)
-        .and_then(|()| decoder.finish().map(|_| ()))
+    flate2::read::GzDecoder::new(data)
+        .take(MAX_REPLY as u64 + 1)
+        .read_to_end(&mut out)
         .map_err(|err| Answer::Refused(format!("the reply does not decompress ({err})")))?;
+    if out.len() > MAX_REPLY {
+        return Err(Answer::Refused(format!(
+            "the reply inflates to more than {MAX_REPLY} bytes"
+        )));
+    }
     Ok(out)
-}
-
-/// A Vec that refuses to grow past [`MAX_REPLY`]: a small compressed reply may
-/// expand to a huge one.
-struct LimitedWriter<'a>(&'a mut Vec<u8>);
-
-impl std::io::Write for LimitedWriter<'_> {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        if self.0.len() + buf.len() > MAX_REPLY {
-            return Err(std::io::Error::other(format!(
-                "larger than {MAX_REPLY} bytes"
-            )));
-        }
-        self.0.extend_from_slice(buf);
-        Ok(buf.len())
-    }
-
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
 }
 
 /// OTLP/HTTP: 2xx carries the response; 429, 502, 503 and 504 are worth retrying
