@@ -70,6 +70,8 @@ pub struct Settings {
     pub metrics_trust: Option<Trust>,
     /// Whether the metrics endpoint in effect is https://.
     pub metrics_https: bool,
+    /// `OTEL_BSP_*` and the traces' timeout.
+    pub batching: Batching,
 }
 
 /// Request headers; their values may be secrets, so they never print.
@@ -294,6 +296,7 @@ fn resolve(
             trust: None,
             metrics_trust: None,
             metrics_https: false,
+            batching: batching(env),
         }));
     }
     for name in [
@@ -328,6 +331,7 @@ fn resolve(
                 trust: None,
                 metrics_trust: None,
                 metrics_https: false,
+                batching: batching(env),
             }));
         }
     }
@@ -457,7 +461,7 @@ pub fn target(settings: &Settings) -> Target {
 /// Batching from `OTEL_BSP_*` where set. Where unset: a deeper queue than the
 /// SDK's (bursts of connection churn; a queued record is a few hundred bytes, so
 /// 65,536 of them are about 20 MiB at most) and a shorter delay.
-pub fn batching(env: impl Fn(&str) -> Option<String>) -> Batching {
+fn batching(env: &impl Fn(&str) -> Option<String>) -> Batching {
     let size = |name: &str, default: usize| {
         env(name)
             .and_then(|v| v.trim().parse::<usize>().ok())

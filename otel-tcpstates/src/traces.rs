@@ -31,7 +31,7 @@ impl Traces {
         let exporter = Exporter::start(
             &export::target(settings),
             export::base_resource(resource),
-            export::batching(|name| std::env::var(name).ok().filter(|v| !v.trim().is_empty())),
+            settings.batching,
         )?;
         Ok(Self {
             mapper: SpanMapper::new(clock, options),
