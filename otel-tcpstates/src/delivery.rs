@@ -216,17 +216,17 @@ impl Exporter {
     /// once and nothing else competes for the time; while running, the event loop
     /// must never wait.
     pub fn send_flushing(&mut self, record: SpanRecord, deadline: Instant) {
-        self.produced += 1;
-        self.pending.push(record);
-        if self.pending.len() < CHUNK {
-            return;
+        // This record completes a chunk, which `send` then hands over: first room for it.
+        if self.pending.len() + 1 >= CHUNK {
+            while self.shared.queued.load(Ordering::Relaxed) + CHUNK as u64 > self.max_queue
+                && Instant::now() < deadline
+            {
+                std::thread::sleep(
+                    QUEUE_POLL.min(deadline.saturating_duration_since(Instant::now())),
+                );
+            }
         }
-        while self.shared.queued.load(Ordering::Relaxed) + CHUNK as u64 > self.max_queue
-            && Instant::now() < deadline
-        {
-            std::thread::sleep(QUEUE_POLL.min(deadline.saturating_duration_since(Instant::now())));
-        }
-        self.flush();
+        self.send(record);
     }
 
     /// Spans that will never be handed over: produced, never queued, so counted
