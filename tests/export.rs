@@ -27,7 +27,10 @@ use opentelemetry_proto::tonic::collector::trace::v1::{
     trace_service_server::{TraceService, TraceServiceServer},
 };
 use prost::Message as _;
-use support::{load::Stats, *};
+use support::{
+    load::{Stats, wait_until},
+    *,
+};
 
 /// Each request's whole budget, retries included: short, so failures come soon.
 const TIMEOUT_MS: &str = "1000";
@@ -247,14 +250,6 @@ fn tracer(protocol: &str, endpoint: &str, timeout_ms: &str) -> Tracer {
             ("OTEL_METRICS_EXPORTER", "none"),
         ],
     )
-}
-
-fn wait_until(what: &str, timeout: Duration, done: impl Fn() -> bool) {
-    let deadline = Instant::now() + timeout;
-    while !done() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        thread::sleep(Duration::from_millis(20));
-    }
 }
 
 /// Stops the daemon and checks what every test here wants: a clean exit within
@@ -485,7 +480,7 @@ fn a_broken_collector_costs_a_counted_failure_and_one_line() {
                 .any(|r| r.lport == after.port() && r.rport == server.port() && r.new == "CLOSE")
         });
         assert!(!tracer.exited(), "{case}: the daemon exited");
-        let peak_kib = peak_rss_kib(tracer.pid());
+        let peak_kib = load::status_kib(tracer.pid(), "VmHWM:").unwrap();
         let (done, summary) = stop(tracer);
         eprintln!("{case}: peak RSS {peak_kib} KiB; {summary:?}");
         assert_eq!(summary.exported, 0, "{case}: {summary:?}");
@@ -513,15 +508,6 @@ fn a_broken_collector_costs_a_counted_failure_and_one_line() {
             );
         }
     }
-}
-
-fn peak_rss_kib(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmHWM:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .unwrap()
 }
 
 /// `OTEL_EXPORTER_OTLP_COMPRESSION=gzip`: requests go compressed (the body is gzip
