@@ -103,7 +103,55 @@ pub struct SocketState {
     pub since_ns: u64,
     /// See [`Event::owner_pid`].
     pub owner_pid: u32,
-    pub _pad: u32,
+    /// What the packet programs learned of the socket's payload: [`inspect`] bits.
+    pub inspect: u32,
+}
+
+/// Bits of [`SocketState::inspect`], per direction (shifted by
+/// [`inspect::shift`]): whether the direction's first payload was seen, and
+/// whether it was an HTTP/1.x request.
+pub mod inspect {
+    pub const DECIDED: u32 = 1;
+    pub const HTTP: u32 = 2;
+
+    /// Bit offset of a direction's flags.
+    pub const fn shift(direction: u8) -> u32 {
+        direction as u32 * 2
+    }
+}
+
+/// Which way a request went through the socket.
+pub mod direction {
+    /// The socket sent it (egress): the client end.
+    pub const SENT: u8 = 0;
+    /// The socket received it (ingress): the server end.
+    pub const RECEIVED: u8 = 1;
+}
+
+/// Bytes of a `traceparent` value the kernel copies: the 55 of version `00`, and
+/// the one after, which must end the value (or be `-` in a later version).
+pub const TRACEPARENT_COPY: usize = 56;
+
+/// HTTP/1.x request methods the packet programs recognise at the start of a
+/// segment, numbered from 1 in [`LinkEvent::method`] by their place here.
+pub const HTTP_METHODS: [&[u8]; 9] = [
+    b"GET", b"HEAD", b"POST", b"PUT", b"DELETE", b"CONNECT", b"OPTIONS", b"TRACE", b"PATCH",
+];
+
+/// A `traceparent` header seen at the start of an HTTP/1.x request on a socket,
+/// as the packet programs queue it (unchecked: userspace validates the value).
+/// Told from an [`Event`] on the shared ring buffer by its size.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LinkEvent {
+    /// The socket, as [`Event::skaddr`] names it.
+    pub skaddr: u64,
+    pub value: [u8; TRACEPARENT_COPY],
+    /// 1-based index into [`HTTP_METHODS`].
+    pub method: u8,
+    /// [`direction::SENT`] or [`direction::RECEIVED`].
+    pub direction: u8,
+    pub _pad: [u8; 6],
 }
 
 /// Names of the global variables and maps in the eBPF object, used by both sides.
@@ -118,6 +166,10 @@ pub mod names {
     pub const LOST: &str = "LOST";
     pub const LISTENERS: &str = "LISTENERS";
     pub const WAKEUP_BYTES: &str = "WAKEUP_BYTES";
+    /// The packet programs (`cgroup_skb`) that find `traceparent` headers.
+    pub const HTTP_EGRESS: &str = "http_egress";
+    pub const HTTP_INGRESS: &str = "http_ingress";
+    pub const SCAN: &str = "SCAN";
 }
 
 /// TCP states as numbered in include/net/tcp_states.h.
@@ -170,6 +222,7 @@ mod pod {
     unsafe impl aya::Pod for super::Config {}
     unsafe impl aya::Pod for super::SocketState {}
     unsafe impl aya::Pod for super::TcpOffsets {}
+    unsafe impl aya::Pod for super::LinkEvent {}
 }
 
 #[cfg(test)]
@@ -189,6 +242,9 @@ mod tests {
         assert_eq!(size_of::<TcpOffsets>(), 32);
         assert_eq!(size_of::<Config>(), 12);
         assert_eq!(size_of::<SocketState>(), 16);
+        // Records on the shared ring are told apart by their size.
+        assert_eq!(size_of::<LinkEvent>(), 72);
+        assert_ne!(size_of::<LinkEvent>(), size_of::<Event>());
     }
 
     #[test]

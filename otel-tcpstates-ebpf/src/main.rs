@@ -3,6 +3,8 @@
 #![no_std]
 #![no_main]
 
+mod http;
+
 use aya_ebpf::{
     EbpfContext as _, Global,
     bindings::{BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP},
@@ -192,7 +194,7 @@ fn handle(args: &Args) {
         let state = SocketState {
             since_ns: now,
             owner_pid,
-            _pad: 0,
+            inspect: 0,
         };
         let _ = SOCKETS.insert(&skaddr, &state, 0);
     }

@@ -11,7 +11,7 @@ use otel_tcpstates_common::TcpOffsets;
 use crate::{
     cli::Cli,
     clock::{self, WallClock},
-    event::TcpEvent,
+    event::{Record, TcpEvent},
     export::{self, Protocol},
     loader::{self, Filters, Probe},
     output::{
@@ -51,6 +51,19 @@ struct Sinks {
 }
 
 impl Sinks {
+    fn record(&mut self, record: &Record) -> io::Result<()> {
+        match record {
+            Record::Transition(event) => self.event(event),
+            Record::Link { skaddr, link } => {
+                if let Some(table) = &mut self.table {
+                    table.link(*skaddr, *link);
+                }
+                Ok(())
+            }
+            Record::InvalidTraceparent => Ok(()),
+        }
+    }
+
     fn event(&mut self, event: &TcpEvent) -> io::Result<()> {
         let Self {
             seen,
@@ -166,6 +179,8 @@ pub async fn run(cli: Cli) -> Result<()> {
         &offsets,
         cli.ring_buffer_mib << 20,
         cli.max_sockets,
+        // Links go on the spans of sockets: only traces have a use for them.
+        export.is_some() && !cli.no_links,
     )?;
     let mut reader = EventReader::new(ring, Duration::from_millis(cli.poll_ms))
         .context("watching the ring buffer")?;
@@ -258,7 +273,10 @@ pub async fn run(cli: Cli) -> Result<()> {
         // Flush once per drained batch: prompt for pipes, no write(2) per line. A
         // signal cuts the batch short: the shutdown deadline runs from its arrival.
         if let Err(err) = reader
-            .drain(|| stop.requested_at().is_some(), |event| sinks.event(event))
+            .drain(
+                || stop.requested_at().is_some(),
+                |record| sinks.record(record),
+            )
             .and_then(|_| sinks.flush())
         {
             broken_pipe = err.kind() == io::ErrorKind::BrokenPipe;
@@ -282,7 +300,7 @@ pub async fn run(cli: Cli) -> Result<()> {
         Ok(())
     } else {
         reader
-            .drain_until(deadline.for_events(), |event| sinks.event(event))
+            .drain_until(deadline.for_events(), |record| sinks.record(record))
             .and_then(|_| sinks.flush())
     };
     // What the deadline left in the ring is lost too; what a reader that went

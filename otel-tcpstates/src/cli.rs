@@ -79,6 +79,17 @@ pub struct Cli {
     #[arg(long = "trace-self")]
     pub trace_self: bool,
 
+    /// Don't look for W3C traceparent headers in plaintext HTTP/1.x requests (the
+    /// packet programs stay unloaded): no span links from a socket's root to the
+    /// requests that used it
+    #[arg(long = "no-links", overrides_with = "links")]
+    pub no_links: bool,
+
+    /// Link each socket's root span to the requests that used it, from their W3C
+    /// traceparent headers (the default when exporting)
+    #[arg(long = "links", overrides_with = "no_links")]
+    pub links: bool,
+
     /// tcplife mode: one line per closed connection (owner, bytes each way, lifespan)
     #[arg(long = "life")]
     pub life: bool,

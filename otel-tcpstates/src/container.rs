@@ -13,6 +13,8 @@ use std::{
 
 use lru::LruCache;
 
+use crate::cgroup;
+
 /// Unknown cgroup ids trigger a new scan of the cgroup tree at most this often.
 const RESCAN_EVERY: Duration = Duration::from_secs(1);
 /// Bounds on a scan, for hosts with very large cgroup trees.
@@ -73,7 +75,7 @@ impl ContainerResolver {
     fn with_proc_root(proc_root: &str) -> Self {
         let cgroup2 = fs::read_to_string(format!("{proc_root}/self/mountinfo"))
             .ok()
-            .and_then(|text| cgroup2_mount(&text));
+            .and_then(|text| cgroup::cgroup2_mount(&text));
         Self {
             cache: LruCache::new(NonZeroUsize::new(4096).expect("non-zero")),
             proc_root: proc_root.to_owned(),
@@ -124,17 +126,6 @@ impl ContainerResolver {
     pub fn cached(&self, pid: u32, cgroup_id: u64) -> Option<ContainerId> {
         self.cache.peek(&(pid, cgroup_id)).copied().flatten()
     }
-}
-
-/// The mount point of cgroup v2 from a mountinfo file (field 5 is the mount point;
-/// the filesystem type follows the ` - ` separator).
-fn cgroup2_mount(mountinfo: &str) -> Option<PathBuf> {
-    mountinfo.lines().find_map(|line| {
-        let (mount, fs) = line.split_once(" - ")?;
-        (fs.split_whitespace().next()? == "cgroup2")
-            .then(|| mount.split_whitespace().nth(4).map(PathBuf::from))
-            .flatten()
-    })
 }
 
 /// Maps every cgroup directory's id (its inode) to the container its path names.
@@ -231,20 +222,6 @@ mod tests {
         ] {
             assert_eq!(container_id(file), None, "{file}");
         }
-    }
-
-    #[test]
-    fn finds_the_cgroup2_mount() {
-        let mountinfo = "24 31 0:22 / /sys rw,nosuid shared:7 - sysfs sysfs rw\n\
-            35 24 0:30 / /sys/fs/cgroup/unified rw,nosuid shared:10 - cgroup2 cgroup2 rw\n";
-        assert_eq!(
-            cgroup2_mount(mountinfo),
-            Some(PathBuf::from("/sys/fs/cgroup/unified"))
-        );
-        assert_eq!(
-            cgroup2_mount("24 31 0:22 / /sys rw - sysfs sysfs rw\n"),
-            None
-        );
     }
 
     #[test]

@@ -16,6 +16,7 @@ use prost::{
 
 use crate::{
     event::{Comm, TcpState},
+    links::Links,
     sessions::{EndReason, Role},
     spans::{self, Body, ResourceKey, SpanRecord, attr},
 };
@@ -40,6 +41,8 @@ mod field {
     pub const START: u32 = 7;
     pub const END: u32 = 8;
     pub const ATTRIBUTES: u32 = 9;
+    pub const LINKS: u32 = 13;
+    pub const DROPPED_LINKS_COUNT: u32 = 14;
     pub const STATUS: u32 = 15;
     pub const FLAGS: u32 = 16;
     pub const STATUS_MESSAGE: u32 = 2;
@@ -49,7 +52,15 @@ mod field {
     pub const ANY_STRING: u32 = 1;
     pub const ANY_BOOL: u32 = 2;
     pub const ANY_INT: u32 = 3;
+    pub const LINK_TRACE_ID: u32 = 1;
+    pub const LINK_SPAN_ID: u32 = 2;
+    pub const LINK_ATTRIBUTES: u32 = 4;
+    pub const LINK_FLAGS: u32 = 6;
 }
+
+/// A link's flags: the W3C trace flags, and "the context is remote" (it came in a
+/// request's header), known.
+const LINK_REMOTE_FLAGS: u32 = 0x100 | 0x200;
 
 /// The resource attributes every span carries (service, host, SDK, those of
 /// `OTEL_RESOURCE_ATTRIBUTES`), as OTLP key-values.
@@ -294,6 +305,7 @@ impl Encoder {
                 skaddr,
                 begin_seen,
                 end_reason,
+                ref links,
             } => {
                 let (client, server) = r.client_server();
                 if let Some((addr, port)) = client {
@@ -322,6 +334,9 @@ impl Encoder {
                 out.extend_from_slice(&self.fixed.role[role as usize]);
                 out.extend_from_slice(&self.fixed.begin_seen[usize::from(begin_seen)]);
                 out.extend_from_slice(&self.fixed.end_reason[end_reason as usize]);
+                if let Some(links) = links {
+                    write_links(out, links);
+                }
             }
         }
         if let Some(failure) = r.failure {
@@ -370,6 +385,36 @@ impl Encoder {
                 str_attr(out, key, text.as_bytes());
             }
         }
+    }
+}
+
+/// A root's `links` and `dropped_links_count`.
+fn write_links(out: &mut Vec<u8>, links: &Links) {
+    for link in &links.kept {
+        let direction = link.direction.as_str().as_bytes();
+        let method = link.method().as_bytes();
+        let len = len_field(16)
+            + len_field(8)
+            + kv_len(attr::LINK_DIRECTION, direction)
+            + kv_len(attr::HTTP_REQUEST_METHOD, method)
+            + 5;
+        key(out, field::LINKS, WireType::LengthDelimited);
+        len_varint(out, len as u64);
+        bytes(out, field::LINK_TRACE_ID, &link.trace_id);
+        bytes(out, field::LINK_SPAN_ID, &link.span_id);
+        str_kv(out, field::LINK_ATTRIBUTES, attr::LINK_DIRECTION, direction);
+        str_kv(
+            out,
+            field::LINK_ATTRIBUTES,
+            attr::HTTP_REQUEST_METHOD,
+            method,
+        );
+        key(out, field::LINK_FLAGS, WireType::ThirtyTwoBit);
+        let flags = u32::from(link.trace_flags) | LINK_REMOTE_FLAGS;
+        out.extend_from_slice(&flags.to_le_bytes());
+    }
+    if links.dropped > 0 {
+        varint(out, field::DROPPED_LINKS_COUNT, links.dropped.into());
     }
 }
 
@@ -480,8 +525,14 @@ fn fixed64(out: &mut Vec<u8>, tag: u32, value: u64) {
 /// `value_len` its encoded length.
 #[inline(always)]
 fn attr_header(out: &mut Vec<u8>, name: &str, value_len: usize) {
+    kv_header(out, field::ATTRIBUTES, name, value_len);
+}
+
+/// A `KeyValue` as field `tag` of the message being written.
+#[inline(always)]
+fn kv_header(out: &mut Vec<u8>, tag: u32, name: &str, value_len: usize) {
     let len = len_field(name.len()) + len_field(value_len);
-    key(out, field::ATTRIBUTES, WireType::LengthDelimited);
+    key(out, tag, WireType::LengthDelimited);
     len_varint(out, len as u64);
     bytes(out, field::KV_KEY, name.as_bytes());
     key(out, field::KV_VALUE, WireType::LengthDelimited);
@@ -490,8 +541,18 @@ fn attr_header(out: &mut Vec<u8>, name: &str, value_len: usize) {
 
 #[inline(always)]
 fn str_attr(out: &mut Vec<u8>, key: &str, value: &[u8]) {
-    attr_header(out, key, len_field(value.len()));
+    str_kv(out, field::ATTRIBUTES, key, value);
+}
+
+#[inline(always)]
+fn str_kv(out: &mut Vec<u8>, tag: u32, key: &str, value: &[u8]) {
+    kv_header(out, tag, key, len_field(value.len()));
     bytes(out, field::ANY_STRING, value);
+}
+
+/// Bytes [`str_kv`] writes.
+fn kv_len(key: &str, value: &[u8]) -> usize {
+    len_field(len_field(key.len()) + len_field(len_field(value.len())))
 }
 
 #[inline(always)]
@@ -533,7 +594,7 @@ mod tests {
 
     use opentelemetry_proto::tonic::{
         collector::trace::v1::ExportTraceServiceRequest,
-        trace::v1::{ResourceSpans, ScopeSpans, Span, Status},
+        trace::v1::{ResourceSpans, ScopeSpans, Span, Status, span},
     };
     use proptest::prelude::*;
 
@@ -542,6 +603,7 @@ mod tests {
         clock::WallClock,
         container::ContainerId,
         event::{TcpFacts, TcpState},
+        links::{Direction, Link, MAX_LINKS},
         sessions::{
             EndReason, Failure, Role, SessionTable, Update,
             tests::{SK, client_events, ev},
@@ -822,6 +884,31 @@ mod tests {
         )
     }
 
+    fn links() -> impl Strategy<Value = Option<Box<Links>>> {
+        let link = (
+            any::<[u8; 16]>(),
+            any::<[u8; 8]>(),
+            any::<u8>(),
+            any::<bool>(),
+            0u8..=10,
+        )
+            .prop_map(|(trace_id, span_id, trace_flags, sent, method)| Link {
+                trace_id,
+                span_id,
+                trace_flags,
+                direction: if sent {
+                    Direction::Sent
+                } else {
+                    Direction::Received
+                },
+                method,
+            });
+        proptest::option::of(
+            (proptest::collection::vec(link, 0..=MAX_LINKS), 0u32..3)
+                .prop_map(|(kept, dropped)| Box::new(Links { kept, dropped })),
+        )
+    }
+
     fn body() -> impl Strategy<Value = Body> {
         prop_oneof![
             (
@@ -840,18 +927,20 @@ mod tests {
                 facts(),
                 any::<u64>(),
                 any::<bool>(),
-                reason()
+                reason(),
+                links(),
             )
-                .prop_map(|(role, owner, facts, skaddr, begin_seen, end_reason)| {
-                    Body::Root {
+                .prop_map(
+                    |(role, owner, facts, skaddr, begin_seen, end_reason, links)| Body::Root {
                         role,
                         owner,
                         facts,
                         skaddr,
                         begin_seen,
                         end_reason,
+                        links,
                     }
-                }),
+                ),
         ]
     }
 
@@ -926,6 +1015,8 @@ mod tests {
             s(attr::PEER_ADDRESS, r.peer.0.to_string()),
             i(attr::PEER_PORT, r.peer.1.into()),
         ];
+        let mut span_links = Vec::new();
+        let mut dropped_links_count = 0;
         let (name, kind) = match r.body {
             Body::State {
                 state,
@@ -950,6 +1041,7 @@ mod tests {
                 skaddr,
                 begin_seen,
                 end_reason,
+                ref links,
             } => {
                 let (local, peer) = (r.local, r.peer);
                 let (client, server) = match role {
@@ -988,6 +1080,23 @@ mod tests {
                     any_value::Value::BoolValue(begin_seen),
                 ));
                 attributes.push(s(attr::END_REASON, end_reason.as_str().into()));
+                if let Some(l) = links {
+                    span_links = l
+                        .kept
+                        .iter()
+                        .map(|link| span::Link {
+                            trace_id: link.trace_id.to_vec(),
+                            span_id: link.span_id.to_vec(),
+                            attributes: vec![
+                                s(attr::LINK_DIRECTION, link.direction.as_str().into()),
+                                s(attr::HTTP_REQUEST_METHOD, link.method().into()),
+                            ],
+                            flags: u32::from(link.trace_flags) | 0x300,
+                            ..Default::default()
+                        })
+                        .collect();
+                    dropped_links_count = l.dropped;
+                }
                 let kind = match role {
                     Role::Client => 3,
                     Role::Server => 2,
@@ -1006,6 +1115,8 @@ mod tests {
             start_time_unix_nano: r.start_unix_ns,
             end_time_unix_nano: r.end_unix_ns,
             attributes,
+            links: span_links,
+            dropped_links_count,
             status: r.failure.map(|f| Status {
                 message: spans::failure_message(f).into_owned(),
                 code: 2,

@@ -6,7 +6,9 @@ use std::{
 };
 
 pub use otel_tcpstates_common::TcpFacts;
-use otel_tcpstates_common::{AF_INET, AF_INET6, Event, TASK_COMM_LEN, tcp_state};
+use otel_tcpstates_common::{AF_INET, AF_INET6, Event, LinkEvent, TASK_COMM_LEN, tcp_state};
+
+use crate::links::{self, Link};
 
 /// A TCP state number from include/net/tcp_states.h.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -94,6 +96,39 @@ pub enum DecodeError {
 
 /// Size of the record the kernel program writes.
 pub const RECORD_SIZE: usize = size_of::<Event>();
+/// Size of the record the packet programs write.
+pub const LINK_RECORD_SIZE: usize = size_of::<LinkEvent>();
+
+/// What one ring-buffer record says.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Record {
+    Transition(TcpEvent),
+    /// A request on the socket carried this trace context.
+    Link {
+        skaddr: u64,
+        link: Link,
+    },
+    /// A request's `traceparent` value was not valid: no link.
+    InvalidTraceparent,
+}
+
+/// Decodes one ring-buffer record of either program, told apart by size. Never
+/// panics, whatever the bytes.
+pub fn decode_record(record: &[u8]) -> Result<Record, DecodeError> {
+    if record.len() != LINK_RECORD_SIZE {
+        return decode(record).map(Record::Transition);
+    }
+    // SAFETY: exactly size_of::<LinkEvent>() bytes of plain data, valid for any
+    // bit pattern; read_unaligned has no alignment needs.
+    let raw: LinkEvent = unsafe { record.as_ptr().cast::<LinkEvent>().read_unaligned() };
+    Ok(match links::parse(&raw.value, raw.method, raw.direction) {
+        Some(link) => Record::Link {
+            skaddr: raw.skaddr,
+            link,
+        },
+        None => Record::InvalidTraceparent,
+    })
+}
 
 /// Decodes one ring-buffer record. Never panics, whatever the bytes.
 pub fn decode(record: &[u8]) -> Result<TcpEvent, DecodeError> {
@@ -212,6 +247,41 @@ pub(crate) mod tests {
     }
 
     #[test]
+    fn link_records_are_told_from_transitions_by_size() {
+        let mut value = [b'\r'; otel_tcpstates_common::TRACEPARENT_COPY];
+        value[..55].copy_from_slice(b"00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01");
+        let mut raw = LinkEvent {
+            skaddr: 0xffff_8881_0000_0040,
+            value,
+            method: 3,
+            direction: otel_tcpstates_common::direction::RECEIVED,
+            _pad: [0; 6],
+        };
+        // SAFETY: LinkEvent is #[repr(C)] plain data without padding.
+        let bytes = |raw: &LinkEvent| {
+            unsafe {
+                std::slice::from_raw_parts((raw as *const LinkEvent).cast::<u8>(), LINK_RECORD_SIZE)
+            }
+            .to_vec()
+        };
+        let Ok(Record::Link { skaddr, link }) = decode_record(&bytes(&raw)) else {
+            panic!("not a link");
+        };
+        assert_eq!(skaddr, raw.skaddr);
+        assert_eq!(link.span_id, 0xb7ad_6b71_6920_3331u64.to_be_bytes());
+        assert_eq!(
+            (link.direction, link.method()),
+            (links::Direction::Received, "POST")
+        );
+        raw.value[0] = b'x';
+        assert_eq!(decode_record(&bytes(&raw)), Ok(Record::InvalidTraceparent));
+        assert_eq!(
+            decode_record(&record(&raw_v4())),
+            Ok(Record::Transition(decode(&record(&raw_v4())).unwrap()))
+        );
+    }
+
+    #[test]
     fn unknown_states_and_odd_comms_still_print() {
         let mut raw = raw_v4();
         raw.oldstate = 99;
@@ -227,6 +297,7 @@ pub(crate) mod tests {
         #[test]
         fn decoding_never_panics(bytes in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..400)) {
             let _ = decode(&bytes);
+            let _ = decode_record(&bytes);
         }
 
         /// Any well-formed record decodes to the fields it holds, extra bytes ignored.

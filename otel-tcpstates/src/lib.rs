@@ -3,6 +3,7 @@
 //! exists so the benchmarks can reach the encoder.
 pub mod app;
 pub mod btf;
+pub mod cgroup;
 pub mod cli;
 pub mod clock;
 pub mod container;
@@ -10,6 +11,7 @@ pub mod delivery;
 pub mod encode;
 pub mod event;
 pub mod export;
+pub mod links;
 pub mod loader;
 pub mod output;
 pub mod preflight;

@@ -6,7 +6,7 @@ use anyhow::{Context as _, Result, anyhow, bail};
 use aya::{
     Ebpf, EbpfLoader,
     maps::{MapData, PerCpuArray, RingBuf},
-    programs::TracePoint,
+    programs::{CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, TracePoint},
 };
 use otel_tcpstates_common::{
     AF_INET, AF_INET6, Config, DEFAULT_SOCKET_MAP_ENTRIES, PORT_BITMAP_WORDS, TcpOffsets, names,
@@ -14,6 +14,7 @@ use otel_tcpstates_common::{
 
 use crate::{
     btf::{self, Btf},
+    cgroup,
     cli::PortSet,
 };
 
@@ -91,6 +92,33 @@ fn tcp_offsets_from(path: &std::path::Path) -> Result<TcpOffsets, btf::BtfError>
     })
 }
 
+/// Loads the packet programs and attaches them to the root of cgroup v2, where
+/// they see every socket's packets both ways.
+fn attach_packet_programs(ebpf: &mut Ebpf) -> Result<()> {
+    let root = cgroup::cgroup2_root().ok_or_else(|| anyhow!("no cgroup v2 is mounted"))?;
+    let cgroup = std::fs::File::open(&root)
+        .with_context(|| format!("opening the cgroup v2 root {}", root.display()))?;
+    for (name, direction) in [
+        (names::HTTP_EGRESS, CgroupSkbAttachType::Egress),
+        (names::HTTP_INGRESS, CgroupSkbAttachType::Ingress),
+    ] {
+        let program: &mut CgroupSkb = ebpf
+            .program_mut(name)
+            .ok_or_else(|| anyhow!("eBPF object has no program {name}"))?
+            .try_into()
+            .with_context(|| format!("eBPF program {name} is not a cgroup_skb program"))?;
+        program
+            .load()
+            .with_context(|| format!("the kernel refused to load {name}"))?;
+        // Attached through a BPF link, which runs beside any other program on the
+        // cgroup (the mode only matters to the legacy attach, before Linux 5.7).
+        program
+            .attach(&cgroup, direction, CgroupAttachMode::default())
+            .with_context(|| format!("attaching {name} to {}", root.display()))?;
+    }
+    Ok(())
+}
+
 fn socket_map_entries(max_sockets: NonZeroUsize) -> u32 {
     u32::try_from(max_sockets.get())
         .unwrap_or(u32::MAX)
@@ -99,12 +127,15 @@ fn socket_map_entries(max_sockets: NonZeroUsize) -> u32 {
 
 impl Probe {
     /// Returns the attached probe and the ring buffer its events arrive on.
-    /// The kernel remembers at least `max_sockets` sockets' current state.
+    /// The kernel remembers at least `max_sockets` sockets' current state. With
+    /// `links`, the packet programs that find `traceparent` headers are attached
+    /// too, or a warning says why they could not be.
     pub fn load(
         filters: &Filters,
         offsets: &TcpOffsets,
         ring_buffer_bytes: u32,
         max_sockets: NonZeroUsize,
+        links: bool,
     ) -> Result<(Self, RingBuf<MapData>)> {
         let config = Config {
             pid: filters.owner_pid.unwrap_or(0),
@@ -148,6 +179,16 @@ impl Probe {
         program
             .attach("sock", "inet_sock_set_state")
             .context("attaching to tracepoint sock:inet_sock_set_state failed")?;
+
+        if links && let Err(err) = attach_packet_programs(&mut ebpf) {
+            // One line: the cause's first (a verifier log follows it).
+            let cause = err.root_cause().to_string();
+            let cause = cause.lines().next().unwrap_or_default();
+            tracing::warn!(
+                "span links from traceparent headers are off: {err}: {cause} (needs cgroup v2 and CAP_BPF, CAP_PERFMON and CAP_NET_ADMIN; --no-links silences this)"
+            );
+            tracing::debug!("{err:#}");
+        }
 
         let events = RingBuf::try_from(
             ebpf.take_map(names::EVENTS)

@@ -11,7 +11,7 @@ use tokio::{
     time::{Interval, MissedTickBehavior, interval},
 };
 
-use crate::event::{self, TcpEvent};
+use crate::event::{self, Record};
 
 /// How long one drain may run at most: under sustained overload the buffer
 /// never empties, and the caller's timers and signals must still get their turn.
@@ -73,7 +73,7 @@ impl EventReader {
     pub fn drain<E>(
         &mut self,
         interrupted: impl Fn() -> bool,
-        sink: impl FnMut(&TcpEvent) -> Result<(), E>,
+        sink: impl FnMut(&Record) -> Result<(), E>,
     ) -> Result<usize, E> {
         let until = Instant::now() + DRAIN_SLICE;
         self.take(
@@ -88,7 +88,7 @@ impl EventReader {
     pub fn drain_until<E>(
         &mut self,
         until: Instant,
-        sink: impl FnMut(&TcpEvent) -> Result<(), E>,
+        sink: impl FnMut(&Record) -> Result<(), E>,
     ) -> Result<usize, E> {
         if Instant::now() >= until {
             self.more = true;
@@ -117,7 +117,7 @@ impl EventReader {
     fn take<E>(
         &mut self,
         mut stop: impl FnMut(usize) -> bool,
-        mut sink: impl FnMut(&TcpEvent) -> Result<(), E>,
+        mut sink: impl FnMut(&Record) -> Result<(), E>,
     ) -> Result<usize, E> {
         let ring = self.ring.get_mut();
         let mut count = 0;
@@ -125,7 +125,7 @@ impl EventReader {
         self.more = false;
         while let Some(record) = ring.next() {
             taken += 1;
-            match event::decode(&record) {
+            match event::decode_record(&record) {
                 Ok(event) => {
                     count += 1;
                     sink(&event)?;

@@ -7,7 +7,10 @@ use std::{collections::HashMap, net::IpAddr, num::NonZeroUsize};
 use lru::LruCache;
 use otel_tcpstates_common::tcp_state;
 
-use crate::event::{Comm, TcpEvent, TcpFacts, TcpState};
+use crate::{
+    event::{Comm, TcpEvent, TcpFacts, TcpState},
+    links::{Link, Links},
+};
 
 /// How the socket came to be, as far as its first seen transition tells.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -109,6 +112,8 @@ pub struct Session {
     /// system call on the socket was seen).
     pub last_pid: u32,
     pub last_comm: Comm,
+    /// Trace contexts of the HTTP requests seen on the socket.
+    pub links: Links,
 }
 
 impl Session {
@@ -320,11 +325,20 @@ impl SessionTable {
             state: event.oldstate,
             state_since_ns: known.then_some(event.ts_ns.saturating_sub(event.delta_ns)),
             states_ended: 0,
+            links: Links::default(),
         };
         self.stats.started += 1;
         if let Some((_, evicted)) = self.sessions.push(event.skaddr, session) {
             self.stats.evicted += 1;
             finish(evicted, event.ts_ns, EndReason::Evicted, out);
+        }
+    }
+
+    /// A request on socket `skaddr` carried `link`'s trace context. A socket not in
+    /// the table (never seen, or already ended) keeps nothing.
+    pub fn link(&mut self, skaddr: u64, link: Link) {
+        if let Some(session) = self.sessions.get_mut(&skaddr) {
+            session.links.add(link);
         }
     }
 

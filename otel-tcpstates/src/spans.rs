@@ -10,6 +10,7 @@ use crate::{
     clock::WallClock,
     container::{ContainerId, ContainerResolver},
     event::{Comm, TcpEvent, TcpFacts, TcpState},
+    links::Links,
     sessions::{EndReason, Failure, Role, Session, StateEnded},
 };
 
@@ -60,6 +61,11 @@ pub mod attr {
     /// C-COMM); in softirq context, whichever task was interrupted.
     pub const TRANSITION_PID: &str = "tcpstates.transition.pid";
     pub const TRANSITION_COMM: &str = "tcpstates.transition.comm";
+
+    /// On a root's link: `sent` (the socket sent the request) or `received`.
+    pub const LINK_DIRECTION: &str = "tcpstates.link.direction";
+    /// On a root's link: the request's method.
+    pub const HTTP_REQUEST_METHOD: &str = "http.request.method";
 }
 
 /// How spans are built.
@@ -91,7 +97,7 @@ pub struct ResourceKey {
 pub type Endpoint = (IpAddr, u16);
 
 /// One span, ready to encode.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct SpanRecord {
     pub trace_id: [u8; 16],
     pub span_id: [u8; 8],
@@ -108,7 +114,7 @@ pub struct SpanRecord {
 }
 
 /// What only one kind of span carries.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Body {
     /// A state the socket left.
     State {
@@ -125,6 +131,9 @@ pub enum Body {
         skaddr: u64,
         begin_seen: bool,
         end_reason: EndReason,
+        /// Requests' trace contexts seen on the socket: on the heap, and only
+        /// for sockets that had any.
+        links: Option<Box<Links>>,
     },
 }
 
@@ -294,6 +303,8 @@ impl SpanMapper {
             skaddr: session.skaddr,
             begin_seen: session.begin_seen,
             end_reason: reason,
+            links: (!session.links.kept.is_empty() || session.links.dropped > 0)
+                .then(|| Box::new(session.links.clone())),
         };
         SpanRecord {
             failure: session.failure,

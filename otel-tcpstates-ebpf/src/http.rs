@@ -1,0 +1,315 @@
+//! The packet programs: `cgroup_skb` egress and ingress, attached to the cgroup v2
+//! root, find the W3C `traceparent` header of plaintext HTTP/1.x requests and queue
+//! it as a [`LinkEvent`] for the socket. They never drop or change a packet.
+//!
+//! Cheap on the packets that matter least: one lookup of the socket's state in
+//! `SOCKETS` (a socket the tracepoint program does not follow is never looked at);
+//! a direction whose first payload was not an HTTP request is never looked at again;
+//! on an HTTP socket only a segment that starts a request is scanned, and only its
+//! first [`SCAN_BYTES`] of headers.
+use core::ffi::c_void;
+
+use aya_ebpf::{
+    EbpfContext as _,
+    bindings::{__sk_buff, BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP},
+    helpers::generated::{bpf_loop, bpf_skb_load_bytes},
+    macros::{cgroup_skb, map},
+    maps::PerCpuArray,
+    programs::SkBuffContext,
+};
+use otel_tcpstates_common::{HTTP_METHODS, LinkEvent, TRACEPARENT_COPY, direction, inspect};
+
+use crate::{CONFIG, EVENTS, LOST, SOCKETS, WAKEUP_BYTES};
+
+/// How much of a request's headers is scanned for `traceparent:`.
+const SCAN_BYTES: usize = 1024;
+/// `\n` and `traceparent:`.
+const NEEDLE: usize = 13;
+/// Optional white space allowed between the colon and the value.
+const MAX_OWS: usize = 4;
+/// Room after the scanned bytes so the reads past a match stay inside the buffer
+/// whatever the offset (the verifier checks the largest one).
+const SLACK: usize = NEEDLE + MAX_OWS + TRACEPARENT_COPY;
+
+#[repr(C)]
+pub struct Scan {
+    bytes: [u8; SCAN_BYTES + SLACK],
+}
+
+/// Scratch for the bytes scanned: one per CPU, too large for the stack.
+#[map]
+static SCAN: PerCpuArray<Scan> = PerCpuArray::with_max_entries(1, 0);
+
+#[cgroup_skb(egress)]
+pub fn http_egress(ctx: SkBuffContext) -> i32 {
+    inspect(&ctx, direction::SENT);
+    1
+}
+
+#[cgroup_skb(ingress)]
+pub fn http_ingress(ctx: SkBuffContext) -> i32 {
+    inspect(&ctx, direction::RECEIVED);
+    1
+}
+
+/// The request method a payload starts with (its 1-based place in
+/// [`HTTP_METHODS`]), followed by a space; 0 for none.
+#[inline(always)]
+fn method(start: &[u8; 8]) -> u8 {
+    let mut i = 0;
+    while i < HTTP_METHODS.len() {
+        let name = HTTP_METHODS[i];
+        let mut j = 0;
+        let mut same = true;
+        while j < name.len() {
+            if start[j] != name[j] {
+                same = false;
+                break;
+            }
+            j += 1;
+        }
+        if same && start[name.len()] == b' ' {
+            return i as u8 + 1;
+        }
+        i += 1;
+    }
+    0
+}
+
+/// `N` bytes at `offset` from the IP header, or `None` past the packet's end.
+#[inline(always)]
+fn load<const N: usize>(ctx: &SkBuffContext, offset: usize) -> Option<[u8; N]> {
+    let mut out = [0u8; N];
+    // SAFETY: `out` has room for N bytes; the helper checks the packet's bounds.
+    let ret = unsafe {
+        bpf_skb_load_bytes(
+            ctx.as_ptr(),
+            offset as u32,
+            out.as_mut_ptr().cast(),
+            N as u32,
+        )
+    };
+    (ret == 0).then_some(out)
+}
+
+#[inline(always)]
+fn inspect(ctx: &SkBuffContext, dir: u8) -> Option<()> {
+    let skb = ctx.as_ptr().cast::<__sk_buff>();
+    // SAFETY: the context is the kernel's __sk_buff; `sk` is the local socket
+    // (NULL for packets without one). Its address is the key the tracepoint
+    // program uses: the verifier lets it become a number with CAP_PERFMON.
+    let sk = unsafe { (*skb).__bindgen_anon_2.sk } as u64;
+    if sk == 0 {
+        return None;
+    }
+    let state = SOCKETS.get_ptr_mut(&sk)?;
+    let shift = inspect::shift(dir);
+    // SAFETY: a value of the map, from a successful lookup.
+    let (flags, owner) = unsafe { ((*state).inspect >> shift, (*state).owner_pid) };
+    if flags & inspect::DECIDED != 0 && flags & inspect::HTTP == 0 {
+        return None;
+    }
+    let config = CONFIG.load();
+    if (config.pid != 0 && owner != config.pid)
+        || (config.exclude_pid != 0 && owner == config.exclude_pid)
+    {
+        return None;
+    }
+
+    // Headers: skb data starts at the IP header in both directions.
+    let ip = load::<10>(ctx, 0)?;
+    let l4 = match ip[0] >> 4 {
+        4 if ip[9] == 6 => usize::from(ip[0] & 0x0f) * 4,
+        // IPv6 without extension headers only.
+        6 if ip[6] == 6 => 40,
+        _ => return None,
+    };
+    let tcp = load::<1>(ctx, l4 + 12)?;
+    let payload = l4 + usize::from(tcp[0] >> 4) * 4;
+    let len = ctx.len() as usize;
+    if payload >= len {
+        // No payload (an ACK): nothing is decided yet.
+        return None;
+    }
+    let start = load::<8>(ctx, payload)?;
+    let method = method(&start);
+    if flags & inspect::DECIDED == 0 {
+        let decided = inspect::DECIDED | if method != 0 { inspect::HTTP } else { 0 };
+        // SAFETY: as above; the other direction's bits are kept. A race with the
+        // other direction's program could lose a bit: it is then decided again.
+        unsafe { (*state).inspect |= decided << shift };
+    }
+    if method == 0 {
+        return None;
+    }
+    find_traceparent(ctx, payload, sk, method, dir)
+}
+
+#[inline(always)]
+fn find_traceparent(
+    ctx: &SkBuffContext,
+    payload: usize,
+    sk: u64,
+    method: u8,
+    dir: u8,
+) -> Option<()> {
+    let scan = SCAN.get_ptr_mut(0)?;
+    // SAFETY: the per-CPU slot is ours while this program runs on this CPU.
+    let scan = unsafe { &mut *scan };
+    let len = ctx.len() as usize;
+    let n = if len - payload > SCAN_BYTES {
+        SCAN_BYTES
+    } else {
+        len - payload
+    };
+    // Checked here, on the register passed, so the verifier sees a size of 1 to
+    // SCAN_BYTES.
+    if n == 0 || n > SCAN_BYTES {
+        return None;
+    }
+    // SAFETY: `n` bytes fit in `bytes`; the helper checks the packet's bounds.
+    let loaded = unsafe {
+        bpf_skb_load_bytes(
+            ctx.as_ptr(),
+            payload as u32,
+            scan.bytes.as_mut_ptr().cast(),
+            n as u32,
+        )
+    };
+    if loaded != 0 {
+        return None;
+    }
+    let mut search = Search {
+        scan,
+        n: n as u32,
+        found: 0,
+    };
+    // A callback per word of the headers: the verifier checks it once, where an
+    // inline loop of a thousand bytes is too long a path for it.
+    // SAFETY: the callback and its context are what bpf_loop expects; `search`
+    // outlives the call.
+    unsafe {
+        bpf_loop(
+            (SCAN_BYTES / 8) as u32,
+            search_word as *mut c_void,
+            (&raw mut search).cast(),
+            0,
+        )
+    };
+    let mut at = search.found as usize;
+    if at == 0 || at > SCAN_BYTES {
+        return None;
+    }
+    let mut ows = 0;
+    while ows < MAX_OWS {
+        // SAFETY: at <= SCAN_BYTES + MAX_OWS, inside `bytes`.
+        let byte = unsafe { *scan.bytes.get_unchecked(at) };
+        if byte != b' ' && byte != b'\t' {
+            break;
+        }
+        at += 1;
+        ows += 1;
+    }
+    // The value must lie within what was loaded (the scanned part of this segment).
+    if at + TRACEPARENT_COPY > n {
+        return None;
+    }
+
+    let Some(mut entry) = EVENTS.reserve::<LinkEvent>(0) else {
+        if let Some(lost) = LOST.get_ptr_mut(0) {
+            // SAFETY: per-CPU slot; programs do not nest on one CPU.
+            unsafe { *lost += 1 };
+        }
+        return None;
+    };
+    let event = entry.as_mut_ptr();
+    // SAFETY: a reserved, exclusively owned LinkEvent-sized slot, every field
+    // written before submit; `at + TRACEPARENT_COPY` is within `bytes`.
+    unsafe {
+        (*event).skaddr = sk;
+        core::ptr::copy_nonoverlapping(
+            scan.bytes.as_ptr().add(at),
+            (*event).value.as_mut_ptr(),
+            TRACEPARENT_COPY,
+        );
+        (*event).method = method;
+        (*event).direction = dir;
+        (*event)._pad = [0; 6];
+    }
+    let flags = if EVENTS.query(BPF_RB_AVAIL_DATA as u64) >= WAKEUP_BYTES.load() {
+        BPF_RB_FORCE_WAKEUP
+    } else {
+        BPF_RB_NO_WAKEUP
+    };
+    entry.submit(flags as u64);
+    Some(())
+}
+
+/// The search's state, shared with each call of [`search_word`].
+#[repr(C)]
+struct Search {
+    scan: *mut Scan,
+    /// Bytes loaded into `scan`.
+    n: u32,
+    /// Where the value starts, once the header is found (0 before).
+    found: u32,
+}
+
+/// Looks at the headers' `index`th word for a line that starts with
+/// `traceparent:`; 1 stops the search (found, past the headers or the bytes
+/// loaded), 0 goes on.
+#[inline(never)]
+extern "C" fn search_word(index: u64, ctx: *mut c_void) -> i64 {
+    // SAFETY: bpf_loop passes back the `Search` on the caller's stack.
+    let search = unsafe { &mut *ctx.cast::<Search>() };
+    let base = index as usize * 8;
+    if base >= SCAN_BYTES {
+        return 1;
+    }
+    // SAFETY: the caller's per-CPU slot, valid for the whole loop.
+    let bytes = unsafe { &(*search.scan).bytes };
+    let n = search.n as usize;
+    // SAFETY: base + 8 <= SCAN_BYTES, inside `bytes`.
+    let word = unsafe { bytes.as_ptr().add(base).cast::<u64>().read_unaligned() };
+    // Any '\n' in the word? (Zero bytes of word ^ "\n\n…"; a false hit is
+    // checked byte by byte below.)
+    let x = word ^ 0x0a0a_0a0a_0a0a_0a0a;
+    if x.wrapping_sub(0x0101_0101_0101_0101) & !x & 0x8080_8080_8080_8080 == 0 {
+        return 0;
+    }
+    let mut k = 0;
+    while k < 8 {
+        let at = base + k;
+        if bytes[at] == b'\n' {
+            if at + NEEDLE > n {
+                return 1;
+            }
+            let next = bytes[at + 1];
+            if next == b'\r' || next == b'\n' {
+                // The blank line: the headers end here.
+                return 1;
+            }
+            if next | 0x20 == b't' && is_traceparent(bytes, at + 1) {
+                search.found = (at + NEEDLE) as u32;
+                return 1;
+            }
+        }
+        k += 1;
+    }
+    0
+}
+
+/// Whether `traceparent:` (any case) starts at `at`.
+#[inline(always)]
+fn is_traceparent(bytes: &[u8; SCAN_BYTES + SLACK], at: usize) -> bool {
+    const NAME: &[u8; 12] = b"traceparent:";
+    let mut j = 0;
+    while j < NAME.len() {
+        // Letters compare without case; `:` has the 0x20 bit set already.
+        if bytes[at + j] | 0x20 != NAME[j] {
+            return false;
+        }
+        j += 1;
+    }
+    true
+}
