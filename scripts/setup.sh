@@ -108,6 +108,26 @@ if [[ $want_test -eq 1 ]]; then
     PIP_ROOT_USER_ACTION=ignore python3 -m pip install --quiet --disable-pip-version-check \
       --target "$kv_dir" "kubernetes-validate==$KUBERNETES_VALIDATE_VERSION"
   fi
+
+  # The OpenTelemetry Python SDK and its OTLP/HTTP exporter, for the instrumented
+  # application in tests/apps/ whose W3C traceparent headers tests/links.rs
+  # follows into span links; the test runs it with PYTHONPATH=$otel_py_dir.
+  OTEL_PYTHON_VERSION=1.45.2
+  otel_py_dir="${CARGO_HOME:-$HOME/.cargo}/otel-tcpstates-python"
+  if [[ ! -d "$otel_py_dir/opentelemetry_sdk-$OTEL_PYTHON_VERSION.dist-info" ||
+        ! -d "$otel_py_dir/opentelemetry_exporter_otlp_proto_http-$OTEL_PYTHON_VERSION.dist-info" ]]; then
+    if ! python3 -m pip --version >/dev/null 2>&1; then
+      log "installing python3-pip"
+      apt-get update -qq
+      DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3-pip
+    fi
+    log "installing opentelemetry-sdk $OTEL_PYTHON_VERSION into $otel_py_dir"
+    rm -rf "$otel_py_dir"
+    PIP_ROOT_USER_ACTION=ignore python3 -m pip install --quiet --disable-pip-version-check \
+      --target "$otel_py_dir" \
+      "opentelemetry-sdk==$OTEL_PYTHON_VERSION" \
+      "opentelemetry-exporter-otlp-proto-http==$OTEL_PYTHON_VERSION"
+  fi
 fi
 
 # The tracer mounts tracefs itself; doing it here too keeps bpftool and friends usable.

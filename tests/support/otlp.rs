@@ -76,6 +76,32 @@ pub struct ReceivedSpan {
     /// 0 unset, 1 ok, 2 error.
     pub status_code: i32,
     pub status_message: String,
+    /// The span's links, in the order sent.
+    pub links: Vec<ReceivedLink>,
+    /// Links the sender left out of `links` (OTLP `dropped_links_count`).
+    pub dropped_links_count: u32,
+}
+
+/// One OTLP span link, as received.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ReceivedLink {
+    /// Lowercase hex, 32 characters.
+    pub trace_id: String,
+    /// Lowercase hex, 16 characters.
+    pub span_id: String,
+    /// OTLP `Link.flags`: the W3C trace flags in bits 0-7; bit 8 says whether
+    /// the linked context is known to be remote, bit 9 that it is.
+    pub flags: u32,
+    pub attributes: BTreeMap<String, Value>,
+}
+
+impl ReceivedLink {
+    pub fn str_attr(&self, key: &str) -> Option<&str> {
+        match self.attributes.get(key)? {
+            Value::Str(s) => Some(s),
+            _ => None,
+        }
+    }
 }
 
 impl ReceivedSpan {
@@ -624,6 +650,17 @@ fn flatten(transport: &'static str, request: ExportTraceServiceRequest) -> Vec<R
                     attributes: attributes(span.attributes),
                     status_code: status.code,
                     status_message: status.message,
+                    links: span
+                        .links
+                        .into_iter()
+                        .map(|link| ReceivedLink {
+                            trace_id: hex(&link.trace_id),
+                            span_id: hex(&link.span_id),
+                            flags: link.flags,
+                            attributes: attributes(link.attributes),
+                        })
+                        .collect(),
+                    dropped_links_count: span.dropped_links_count,
                 });
             }
         }
