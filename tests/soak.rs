@@ -137,6 +137,13 @@ fn soak_with_a_flapping_collector() {
         .iter()
         .filter(|l| l.contains("works again"))
         .count();
+    // Outages the daemon said began: those the test made, and on a loaded machine
+    // also a collector too slow to answer within an attempt's time.
+    let failures_said = done
+        .stderr
+        .iter()
+        .filter(|l| l.contains("WARN export to") && l.contains(" failed ("))
+        .count();
     let summary = Summary::parse(&done.stderr);
     let samples = rss.samples();
 
@@ -152,7 +159,7 @@ fn soak_with_a_flapping_collector() {
     let (first_half, second_half) = (peak(WARM_UP, middle), peak(middle, churned));
     let n = made.connections;
     eprintln!(
-        "soak {churned:.1?}: {n} connections ({} failed, {:.0}/s), {outages} outages, {recovered} recoveries said; \
+        "soak {churned:.1?}: {n} connections ({} failed, {:.0}/s), {outages} outages, {failures_said} said, {recovered} recoveries said; \
          {received} spans received {received_by_phase:?}; RSS peak {first_half} KiB ({WARM_UP:?}..{middle:.0?}), \
          {second_half} KiB (..{churned:.0?}), overall {} KiB; exit after {:.2?}\n  {stats:?}\n  {summary:?}",
         made.failed,
@@ -178,7 +185,9 @@ fn soak_with_a_flapping_collector() {
         received_by_phase.iter().all(|&n| n > 0),
         "a collector instance got nothing: {received_by_phase:?}"
     );
-    assert_eq!(recovered, outages, "{:?}", done.stderr);
+    // Every outage the test made was seen, and every outage said was said to end.
+    assert!(recovered >= outages, "{outages} outages: {:?}", done.stderr);
+    assert_eq!(recovered, failures_said, "{:?}", done.stderr);
     assert!(
         summary.exported <= received && received <= summary.exported + summary.failed,
         "{received} spans received vs {summary:?}"

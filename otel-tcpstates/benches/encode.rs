@@ -82,6 +82,7 @@ fn connection(n: u64) -> [SpanRecord; 5] {
                 skaddr: 0xffff_8881_0000_0000 + n * 0x800,
                 begin_seen: true,
                 end_reason: EndReason::Closed,
+                links: None,
             },
         },
     ]
