@@ -16,9 +16,9 @@ use nix::sys::signal::Signal;
 use serde_json::Value;
 use support::{
     deploy::{
-        COLLECTOR, Collector, Compose, Dockerfile, Endpoint, Listener, Protocol, Serves, TRACER,
-        copy_from, exec_form, listeners, reaches, read_yaml, read_yaml_documents, root, strings,
-        tracer_target, yaml_files,
+        COLLECTOR, Collector, Compose, Dockerfile, Endpoint, LINKS_CAP, Listener, Protocol, Run,
+        Serves, TRACER, copy_from, exec_form, in_container, listeners, reaches, read_yaml,
+        read_yaml_documents, root, strings, tracer_target, yaml_files,
     },
     otlp::{KIND_CLIENT, KIND_SERVER, ROOT, ReceivedSpan, Receiver, Value as Attr, WAIT, trace_of},
     rotel::{Export, Rotel, Signal as RotelSignal},
@@ -26,6 +26,13 @@ use support::{
 };
 
 type Listeners = BTreeMap<String, Vec<Listener>>;
+
+/// What the tracer's container needs as root (README, "What it needs"):
+/// CAP_BPF and CAP_PERFMON load the programs, CAP_NET_ADMIN attaches the packet
+/// programs behind span links to the cgroup v2 root.
+const CAPS: [&str; 3] = ["BPF", "PERFMON", "NET_ADMIN"];
+/// With `--no-links`.
+const NO_LINKS_CAPS: [&str; 2] = ["BPF", "PERFMON"];
 
 /// The collector configurations besides the agent (which compose names).
 const GATEWAY: &str = "collector-config/gateway.yaml";
@@ -108,10 +115,17 @@ fn tracer_problems(compose: &Compose, agent: &Collector) -> Vec<String> {
             set("cap_drop")
         ));
     }
-    if set("cap_add") != want(&["BPF", "PERFMON"]) {
+    // Span links (on unless --no-links) take NET_ADMIN; without them it is spared.
+    let caps: &[&str] = if compose.command(TRACER).iter().any(|a| a == "--no-links") {
+        &NO_LINKS_CAPS
+    } else {
+        &CAPS
+    };
+    if set("cap_add") != want(caps) {
         problems.push(format!(
-            "{TRACER}: cap_add {:?}, want exactly [BPF, PERFMON]",
-            set("cap_add")
+            "{TRACER}: cap_add {:?}, want exactly [{}]",
+            set("cap_add"),
+            caps.join(", ")
         ));
     }
     for key in [
@@ -563,10 +577,23 @@ fn the_agent_sends_each_signal_where_a_service_takes_it() {
 fn the_tracer_runs_with_only_what_the_readme_says_it_needs() {
     let compose = Compose::load();
     let readme = std::fs::read_to_string(root().join("README.md")).unwrap();
-    assert!(
-        readme.contains("Root, or just `CAP_BPF` + `CAP_PERFMON`"),
-        "README's \"What it needs\" no longer names the two capabilities compose grants"
-    );
+    let needs = readme
+        .split("\n## What it needs\n")
+        .nth(1)
+        .and_then(|rest| rest.split("\n## ").next())
+        .expect("README has a \"What it needs\" section");
+    for (caps, when) in [(&CAPS[..], "span links on"), (&NO_LINKS_CAPS, "--no-links")] {
+        let listed = caps
+            .iter()
+            .map(|c| format!("`CAP_{c}`"))
+            .collect::<Vec<_>>()
+            .join(" + ");
+        assert!(
+            needs.contains(&format!("| {listed} |")),
+            "README's \"What it needs\" does not give {listed} ({when})"
+        );
+    }
+    assert!(needs.contains("`--no-links`"));
     fail_on(tracer_problems(&compose, &compose.collector()));
     assert_eq!(
         tracer_target(&compose, &compose.collector()),
@@ -760,10 +787,31 @@ fn each_check_catches_a_broken_reference() {
         tracer_problems(
             &compose_with(
                 "/services/otel-tcpstates/cap_add",
-                serde_json::json!(["BPF", "PERFMON", "SYS_ADMIN"]),
+                serde_json::json!(["BPF", "PERFMON", "NET_ADMIN", "SYS_ADMIN"]),
             ),
             &agent,
         ),
+        "want exactly [BPF, PERFMON, NET_ADMIN]",
+    );
+    expect(
+        "span links' capability missing",
+        tracer_problems(
+            &compose_with(
+                "/services/otel-tcpstates/cap_add",
+                serde_json::json!(["BPF", "PERFMON"]),
+            ),
+            &agent,
+        ),
+        "want exactly [BPF, PERFMON, NET_ADMIN]",
+    );
+    let mut no_links = compose.clone();
+    no_links.config["services"][TRACER]["command"]
+        .as_array_mut()
+        .unwrap()
+        .push("--no-links".into());
+    expect(
+        "NET_ADMIN kept with --no-links",
+        tracer_problems(&no_links, &agent),
         "want exactly [BPF, PERFMON]",
     );
     expect(
@@ -1253,4 +1301,101 @@ fn the_compose_topology_delivers_each_connection_to_every_backend() {
         "{metrics_id}: metrics at the path the agent configures"
     );
     eprintln!("compose topology run in {:?}", started.elapsed());
+}
+
+/// The PATH the image's entrypoint does not need, but the wrappers here do.
+const PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+
+/// The tracer's compose service, run here as Docker would run it, less the
+/// capabilities in `without` (compose's spelling) and with `extra` arguments: as
+/// the image's user (root: its runtime stage sets no other), every capability
+/// dropped but those cap_add adds, a mount and cgroup namespace of its own with
+/// its volumes bound where compose binds them, its command (its endpoint a test
+/// receiver, same protocol) and environment, tracing the test's port only.
+fn run_compose_tracer(tag: &str, without: &[&str], extra: &[&str]) -> Run {
+    let compose = Compose::load();
+    let runtime = Dockerfile::load().stages().pop().expect("a runtime stage");
+    assert!(
+        runtime
+            .instructions
+            .iter()
+            .all(|(k, a)| k != "USER" || ["root", "0", "0:0"].contains(&a.as_str())),
+        "this run is for an image that runs as root"
+    );
+    let service = compose.service(TRACER);
+    assert_eq!(strings(&service["cap_drop"]), ["ALL"]);
+    let added: Vec<String> = strings(&service["cap_add"])
+        .into_iter()
+        .filter(|c| !without.contains(&c.as_str()))
+        .map(|c| format!("+{}", c.to_lowercase()))
+        .collect();
+    let (_, protocol) =
+        tracer_target(&compose, &compose.collector()).unwrap_or_else(|e| panic!("{e}"));
+    let receiver = Receiver::start();
+    let endpoint = match protocol {
+        Protocol::Grpc => receiver.grpc_endpoint(),
+        Protocol::Http => receiver.http_endpoint(),
+    };
+    let (listener, server) = listen("127.0.0.1");
+    let mut args = with_flag(&compose.command(TRACER), "--otlp-endpoint", &endpoint);
+    args.extend(extra.iter().map(|a| (*a).to_owned()));
+    args.extend(["-D".into(), server.port().to_string()]);
+
+    let (mut command, _stage) = in_container(&compose.binds(TRACER), tag);
+    command
+        .arg("setpriv")
+        .arg(format!("--bounding-set=-all,{}", added.join(",")))
+        .arg("--inh-caps=-all")
+        .arg(BIN)
+        .args(&args)
+        .env_clear()
+        .env("PATH", PATH)
+        .envs(compose.environment(TRACER));
+    Run::go(command, false, &receiver, &listener)
+}
+
+/// The tracer as compose runs it traces a connection, and the packet programs
+/// behind span links are attached to the host's cgroup v2 root (the one the
+/// daemon finds in the container's /proc/self/mountinfo: the /sys/fs/cgroup
+/// volume), with no warning.
+#[test]
+fn the_compose_tracer_attaches_span_links() {
+    if !root_or_skip("the_compose_tracer_attaches_span_links") {
+        return;
+    }
+    let run = run_compose_tracer("compose", &[], &[]);
+    let (root, _) = run.traced();
+    assert_eq!(root.kind, KIND_CLIENT);
+    run.assert_links_attached();
+    assert!(run.complaints().is_empty(), "{:?}", run.stderr);
+}
+
+/// Without NET_ADMIN it runs and exports as before, and says once that span
+/// links are off, and why.
+#[test]
+fn the_compose_tracer_without_net_admin_exports_without_span_links() {
+    if !root_or_skip("the_compose_tracer_without_net_admin_exports_without_span_links") {
+        return;
+    }
+    let net_admin = LINKS_CAP.trim_start_matches("CAP_");
+    let run = run_compose_tracer("compose-no-net-admin", &[net_admin], &[]);
+    run.traced();
+    run.assert_links_off_for_want_of_net_admin();
+    assert!(run.complaints().is_empty(), "{:?}", run.stderr);
+}
+
+/// With `--no-links`, BPF and PERFMON alone: nothing said of span links, nothing
+/// of them loaded.
+#[test]
+fn the_compose_tracer_with_no_links_needs_only_bpf_and_perfmon() {
+    if !root_or_skip("the_compose_tracer_with_no_links_needs_only_bpf_and_perfmon") {
+        return;
+    }
+    let net_admin = LINKS_CAP.trim_start_matches("CAP_");
+    let left: BTreeSet<&str> = CAPS.into_iter().filter(|c| *c != net_admin).collect();
+    assert_eq!(left, BTreeSet::from(NO_LINKS_CAPS));
+    let run = run_compose_tracer("compose-no-links", &[net_admin], &["--no-links"]);
+    run.traced();
+    run.assert_no_links_loaded();
+    assert!(run.complaints().is_empty(), "{:?}", run.stderr);
 }
