@@ -8,11 +8,13 @@ use std::{
 };
 
 use otel_tcpstates::{
-    encode::{BaseResource, Encoder},
-    event::{Comm, TcpFacts, TcpState},
-    export,
-    sessions::{EndReason, Role},
-    spans::{Body, ResourceKey, SpanRecord},
+    kernel::event::{Comm, TcpFacts, TcpState},
+    otlp::{
+        encode::{BaseResource, Encoder},
+        resource,
+        spans::{Body, ResourceKey, SpanRecord},
+    },
+    sessions::table::{EndReason, Role},
 };
 use otel_tcpstates_common::tcp_state::*;
 
@@ -95,7 +97,7 @@ fn main() {
         return;
     }
     let records: Vec<SpanRecord> = (0..20_000).flat_map(connection).collect();
-    let base: BaseResource = export::base_resource(&export::resource());
+    let base: BaseResource = resource::base_resource(&resource::resource());
     let mut encoder = Encoder::new(base);
     let mut out = Vec::with_capacity(1 << 20);
     let (mut spans, mut bytes, mut requests) = (0u64, 0u64, 0u64);

@@ -10,24 +10,27 @@ use otel_tcpstates_common::TcpOffsets;
 
 use crate::{
     cli::Cli,
-    clock::{self, WallClock},
-    event::{Record, TcpEvent},
-    export::{self, Protocol},
-    loader::{self, Filters, Probe},
+    kernel::clock::{self, WallClock},
+    kernel::event::{Record, TcpEvent},
+    kernel::loader::{self, Filters, Probe},
+    kernel::preflight,
+    kernel::reader::EventReader,
+    otlp::spans::MapperOptions,
+    otlp::traces::Traces,
+    otlp::{
+        resource,
+        settings::{self, Protocol},
+    },
     output::{
         Layout,
         journal::{self, JournalWriter},
         life::LifeWriter,
         text::TextWriter,
     },
-    preflight,
-    reader::EventReader,
-    self_metrics::SelfMetrics,
-    sessions::{EndReason, SessionTable},
+    sessions::table::{EndReason, SessionTable},
     shutdown::{self, Stop},
-    spans::MapperOptions,
-    stats::{SessionStats, Stats},
-    traces::Traces,
+    telemetry::self_metrics::SelfMetrics,
+    telemetry::stats::{SessionStats, Stats},
 };
 
 /// How often a growing lost-event count is reported while running.
@@ -125,7 +128,7 @@ impl Sinks {
 }
 
 pub async fn run(cli: Cli) -> Result<()> {
-    let export = export::settings(
+    let export = settings::settings(
         cli.otlp_endpoint.as_deref(),
         cli.otlp_protocol.as_deref().and_then(Protocol::parse),
     )?;
@@ -142,8 +145,8 @@ pub async fn run(cli: Cli) -> Result<()> {
         exclude_owner_pid: (!cli.trace_self).then(std::process::id),
         ipv4_only: cli.ipv4,
         ipv6_only: cli.ipv6,
-        local_ports: cli.localport.clone(),
-        remote_ports: cli.remoteport.clone(),
+        local_ports: cli.localport.as_ref().map(|set| set.ports().to_vec()),
+        remote_ports: cli.remoteport.as_ref().map(|set| set.ports().to_vec()),
     };
     // Signal handlers first: a SIGTERM during loading must not kill us with the
     // program half attached.
@@ -166,7 +169,7 @@ pub async fn run(cli: Cli) -> Result<()> {
                 service_per_process: cli.service_per_process,
                 facts: offsets.enabled != 0,
             };
-            let resource = export::resource();
+            let resource = resource::resource();
             if settings.metrics {
                 self_metrics = Some(SelfMetrics::start(settings, &resource)?);
             }

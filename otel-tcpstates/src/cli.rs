@@ -135,19 +135,6 @@ pub struct Cli {
     pub verbose: u8,
 }
 
-/// A bad setting found after flag parsing (e.g. in an environment variable): reported
-/// like a bad flag, with exit status 2.
-#[derive(Debug, PartialEq, Eq)]
-pub struct UsageError(pub String);
-
-impl fmt::Display for UsageError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.0)
-    }
-}
-
-impl std::error::Error for UsageError {}
-
 /// A set of TCP ports given as `80,443,8000-8080`.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct PortSet(Vec<u16>);

@@ -1,5 +1,5 @@
 //! otel-tcpstates: every TCP socket's state changes, from the kernel.
-use otel_tcpstates::{app, cli};
+use otel_tcpstates::{app, cli, otlp::settings::UsageError};
 
 use std::process::ExitCode;
 
@@ -34,7 +34,7 @@ fn main() -> ExitCode {
     runtime.shutdown_background();
     match result {
         Ok(()) => ExitCode::SUCCESS,
-        Err(err) => match err.downcast_ref::<cli::UsageError>() {
+        Err(err) => match err.downcast_ref::<UsageError>() {
             Some(usage) => {
                 eprintln!("error: {usage}\n\nFor more information, try '--help'.");
                 ExitCode::from(2)

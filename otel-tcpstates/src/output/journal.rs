@@ -10,7 +10,7 @@ use std::{
 
 use anyhow::{Context as _, Result, anyhow};
 
-use crate::event::TcpEvent;
+use crate::kernel::event::TcpEvent;
 
 /// Where journald takes native-protocol datagrams.
 pub const SOCKET: &str = "/run/systemd/journal/socket";
@@ -207,7 +207,7 @@ mod tests {
     use otel_tcpstates_common::{AF_INET6, TASK_COMM_LEN};
 
     use super::*;
-    use crate::event::{
+    use crate::kernel::event::{
         decode,
         tests::{raw_v4, record},
     };

@@ -4,8 +4,8 @@ use std::io::{self, Write};
 
 use super::{Layout, TimeColumns, write_csv_field};
 use crate::{
-    clock::WallClock,
-    sessions::{EndReason, Role, Session, Update},
+    kernel::clock::WallClock,
+    sessions::table::{EndReason, Role, Session, Update},
 };
 
 pub struct LifeWriter<W: Write> {
@@ -104,8 +104,8 @@ mod tests {
 
     use super::*;
     use crate::{
-        event::{TcpEvent, TcpFacts},
-        sessions::{
+        kernel::event::{TcpEvent, TcpFacts},
+        sessions::table::{
             SessionTable,
             tests::{SK, client_events, ev},
         },

@@ -3,7 +3,7 @@ use std::io::{self, Write};
 
 use chrono::{DateTime, Local};
 
-use crate::clock::WallClock;
+use crate::kernel::clock::WallClock;
 
 pub mod journal;
 pub mod life;

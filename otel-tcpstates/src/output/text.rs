@@ -2,7 +2,7 @@
 use std::io::{self, Write};
 
 use super::{Layout, TimeColumns, write_csv_field};
-use crate::{clock::WallClock, event::TcpEvent};
+use crate::{kernel::clock::WallClock, kernel::event::TcpEvent};
 
 pub struct TextWriter<W: Write> {
     layout: Layout,
@@ -119,7 +119,7 @@ mod tests {
     use otel_tcpstates_common::{AF_INET6, tcp_state};
 
     use super::*;
-    use crate::event::{
+    use crate::kernel::event::{
         decode,
         tests::{raw_v4, record},
     };

@@ -14,11 +14,26 @@ use anyhow::Result;
 use tokio::sync::{Semaphore, mpsc};
 
 use crate::{
-    encode::{BaseResource, Encoder},
-    spans::SpanRecord,
-    stats::SpanStats,
-    transport::{Answer, Target, Transport},
+    otlp::encode::{BaseResource, Encoder},
+    otlp::spans::SpanRecord,
+    otlp::transport::{Answer, Target, Transport},
 };
+
+/// The exporter's counters.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SpanStats {
+    /// Handed to the exporter.
+    pub produced: u64,
+    /// Accepted by the collector.
+    pub exported: u64,
+    /// In batches the collector did not accept.
+    pub failed: u64,
+    /// Dropped because the export queue was full: a lower bound while running,
+    /// exact once the exporter is shut down.
+    pub dropped: u64,
+    /// Export requests that failed.
+    pub export_errors: u64,
+}
 
 /// Requests sent at once: one slow round trip does not stall the stream.
 pub const MAX_IN_FLIGHT: usize = 4;
@@ -123,7 +138,7 @@ impl Shared {
             return;
         }
         *last = Some(Instant::now());
-        let message = crate::transport::printable(message);
+        let message = crate::otlp::transport::printable(message);
         if rejected > 0 {
             tracing::warn!(
                 "the collector at {} rejected {rejected} of {spans} spans ({message}); counted as failed",

@@ -8,8 +8,9 @@ use lru::LruCache;
 use otel_tcpstates_common::tcp_state;
 
 use crate::{
-    event::{Comm, TcpEvent, TcpFacts, TcpState},
-    links::{Link, Links},
+    kernel::event::{Comm, TcpEvent, TcpFacts, TcpState},
+    kernel::traceparent::Link,
+    sessions::links::Links,
 };
 
 /// How the socket came to be, as far as its first seen transition tells.
@@ -457,7 +458,7 @@ pub(crate) mod tests {
             oldstate: old,
             newstate: new,
         };
-        crate::event::decode(&crate::event::tests::record(&raw)).unwrap()
+        crate::kernel::event::decode(&crate::kernel::event::tests::record(&raw)).unwrap()
     }
 
     /// What the table reported, flattened for comparison.

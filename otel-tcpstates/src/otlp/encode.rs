@@ -15,10 +15,10 @@ use prost::{
 };
 
 use crate::{
-    event::{Comm, TcpState},
-    links::Links,
-    sessions::{EndReason, Role},
-    spans::{self, Body, ResourceKey, SpanRecord, attr},
+    kernel::event::{Comm, TcpState},
+    otlp::spans::{self, Body, ResourceKey, SpanRecord, attr},
+    sessions::links::Links,
+    sessions::table::{EndReason, Role},
 };
 
 /// OTLP's span flags: the W3C trace flags (sampled) and "the parent's remoteness is
@@ -600,15 +600,16 @@ mod tests {
 
     use super::*;
     use crate::{
-        clock::WallClock,
-        container::ContainerId,
-        event::{TcpFacts, TcpState},
-        links::{Direction, Link, MAX_LINKS},
-        sessions::{
+        kernel::clock::WallClock,
+        kernel::event::{TcpFacts, TcpState},
+        kernel::traceparent::{Direction, Link},
+        otlp::spans::{Kind, MapperOptions, SpanMapper},
+        sessions::container::ContainerId,
+        sessions::links::MAX_LINKS,
+        sessions::table::{
             EndReason, Failure, Role, SessionTable, Update,
             tests::{SK, client_events, ev},
         },
-        spans::{Kind, MapperOptions, SpanMapper},
     };
 
     fn base() -> BaseResource {
@@ -662,7 +663,10 @@ mod tests {
         Some(any_value::Value::StringValue(value.into()))
     }
 
-    fn records(events: &[crate::event::TcpEvent], options: MapperOptions) -> Vec<SpanRecord> {
+    fn records(
+        events: &[crate::kernel::event::TcpEvent],
+        options: MapperOptions,
+    ) -> Vec<SpanRecord> {
         let mapper = SpanMapper::new(WallClock::measure(), options);
         let mut table = SessionTable::new(NonZeroUsize::new(16).unwrap());
         let mut out = Vec::new();

@@ -13,7 +13,7 @@ use rustls::{
     pki_types::{CertificateDer, PrivateKeyDer, pem::PemObject},
 };
 
-use crate::cli::UsageError;
+use crate::otlp::settings::UsageError;
 
 /// What to trust, and what to present, beyond the system's roots.
 #[derive(Clone, Default, PartialEq, Eq)]

@@ -1,22 +1,26 @@
 //! OTLP export settings: where to send and how (flags and the standard `OTEL_*`
-//! variables), checked once at start-up; and the resource.
+//! variables), checked once at start-up.
 use std::{env, fmt, time::Duration};
 
 use anyhow::{Context as _, Result};
 use http::{HeaderName, HeaderValue};
-use opentelemetry::KeyValue;
 use opentelemetry_otlp::{WithExportConfig, WithHttpConfig, WithTonicConfig};
-use opentelemetry_sdk::{
-    Resource,
-    resource::{EnvResourceDetector, ResourceDetector, TelemetryResourceDetector},
-};
 use url::Url;
 
-use crate::{
-    cli::UsageError, delivery::Batching, encode::BaseResource, tls::Trust, transport::Target,
-};
+use crate::otlp::{delivery::Batching, tls::Trust, transport::Target};
 
-const DEFAULT_SERVICE_NAME: &str = "otel-tcpstates";
+/// A bad setting found after flag parsing (e.g. in an environment variable): reported
+/// like a bad flag, with exit status 2.
+#[derive(Debug, PartialEq, Eq)]
+pub struct UsageError(pub String);
+
+impl fmt::Display for UsageError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for UsageError {}
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Protocol {
@@ -144,7 +148,7 @@ fn is_https(url: &str) -> bool {
     Url::parse(url.trim()).is_ok_and(|url| url.scheme() == "https")
 }
 
-fn env_nonempty(name: &str) -> Option<String> {
+pub(crate) fn env_nonempty(name: &str) -> Option<String> {
     env::var(name).ok().filter(|v| !v.trim().is_empty())
 }
 
@@ -399,39 +403,6 @@ fn metrics_next_to(traces: &str, protocol: Protocol) -> String {
             None => traces.to_owned(),
         },
     }
-}
-
-/// The resource every span carries: `service.name` (default `otel-tcpstates`,
-/// overridden by `OTEL_SERVICE_NAME` or `OTEL_RESOURCE_ATTRIBUTES`), `host.name`, and
-/// the SDK's own attributes.
-pub fn resource() -> Resource {
-    let host = nix::unistd::gethostname()
-        .ok()
-        .and_then(|name| name.into_string().ok())
-        .unwrap_or_default();
-    let mut builder = Resource::builder_empty()
-        .with_attributes([
-            KeyValue::new("service.name", DEFAULT_SERVICE_NAME),
-            KeyValue::new("host.name", host),
-        ])
-        .with_attributes(TelemetryResourceDetector.detect().iter().map(kv))
-        .with_attributes(EnvResourceDetector::new().detect().iter().map(kv));
-    if let Some(name) = env_nonempty("OTEL_SERVICE_NAME") {
-        builder = builder.with_service_name(name);
-    }
-    builder.build()
-}
-
-/// The resource's attributes as OTLP key-values, for the span encoder (converted
-/// as opentelemetry-proto converts them for the SDK's exporters).
-pub fn base_resource(resource: &Resource) -> BaseResource {
-    opentelemetry_proto::transform::common::tonic::ResourceAttributesWithSchema::from(resource)
-        .attributes
-        .0
-}
-
-fn kv((key, value): (&opentelemetry::Key, &opentelemetry::Value)) -> KeyValue {
-    KeyValue::new(key.clone(), value.clone())
 }
 
 /// The export timeout as opentelemetry-otlp resolves it: the signal's variable

@@ -11,7 +11,7 @@ use tokio::{
     time::{Interval, MissedTickBehavior, interval},
 };
 
-use crate::event::{self, Record};
+use crate::kernel::event::{self, Record};
 
 /// How long one drain may run at most: under sustained overload the buffer
 /// never empties, and the caller's timers and signals must still get their turn.

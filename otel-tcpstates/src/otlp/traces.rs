@@ -6,13 +6,12 @@ use anyhow::Result;
 use opentelemetry_sdk::Resource;
 
 use crate::{
-    clock::WallClock,
-    delivery::Exporter,
-    event::TcpEvent,
-    export::{self, Settings},
-    sessions::Update,
-    spans::{MapperOptions, SpanMapper, SpanRecord},
-    stats::SpanStats,
+    kernel::clock::WallClock,
+    kernel::event::TcpEvent,
+    otlp::delivery::{Exporter, SpanStats},
+    otlp::spans::{MapperOptions, SpanMapper, SpanRecord},
+    otlp::{resource::base_resource, settings::Settings},
+    sessions::table::Update,
 };
 
 pub struct Traces {
@@ -29,8 +28,8 @@ impl Traces {
         options: MapperOptions,
     ) -> Result<Self> {
         let exporter = Exporter::start(
-            &export::target(settings),
-            export::base_resource(resource),
+            &crate::otlp::settings::target(settings),
+            base_resource(resource),
             settings.batching,
         )?;
         Ok(Self {

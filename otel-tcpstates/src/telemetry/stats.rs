@@ -2,6 +2,8 @@
 //! summary and the self-telemetry metrics all report.
 use std::fmt;
 
+use crate::otlp::delivery::SpanStats;
+
 /// The counters of one moment. Sessions and spans exist only when sessions are kept
 /// (traces, `--life`) and when exporting, respectively.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -21,21 +23,6 @@ pub struct SessionStats {
     pub in_flight: u64,
     pub started: u64,
     pub evicted: u64,
-}
-
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct SpanStats {
-    /// Handed to the exporter.
-    pub produced: u64,
-    /// Accepted by the collector.
-    pub exported: u64,
-    /// In batches the collector did not accept.
-    pub failed: u64,
-    /// Dropped because the export queue was full: a lower bound while running,
-    /// exact once the exporter is shut down.
-    pub dropped: u64,
-    /// Export requests that failed.
-    pub export_errors: u64,
 }
 
 impl fmt::Display for Stats {

@@ -19,8 +19,8 @@ use opentelemetry_sdk::{
 };
 
 use crate::{
-    export::{Protocol, Settings},
-    stats::Stats,
+    otlp::settings::{Protocol, Settings},
+    telemetry::stats::Stats,
 };
 
 /// Metric names; `otel_tcpstates.` keeps them apart from the SDK's own.

@@ -22,8 +22,8 @@ use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceResponse
 use prost::Message as _;
 
 use crate::{
-    export::Protocol,
-    tls::{self, Trust},
+    otlp::settings::Protocol,
+    otlp::tls::{self, Trust},
 };
 
 /// The largest reply read; a bigger one is refused (an OTLP response is a few bytes).

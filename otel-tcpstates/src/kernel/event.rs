@@ -8,7 +8,7 @@ use std::{
 pub use otel_tcpstates_common::TcpFacts;
 use otel_tcpstates_common::{AF_INET, AF_INET6, Event, LinkEvent, TASK_COMM_LEN, tcp_state};
 
-use crate::links::{self, Link};
+use crate::kernel::traceparent::{self, Link};
 
 /// A TCP state number from include/net/tcp_states.h.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -121,13 +121,15 @@ pub fn decode_record(record: &[u8]) -> Result<Record, DecodeError> {
     // SAFETY: exactly size_of::<LinkEvent>() bytes of plain data, valid for any
     // bit pattern; read_unaligned has no alignment needs.
     let raw: LinkEvent = unsafe { record.as_ptr().cast::<LinkEvent>().read_unaligned() };
-    Ok(match links::parse(&raw.value, raw.method, raw.direction) {
-        Some(link) => Record::Link {
-            skaddr: raw.skaddr,
-            link,
+    Ok(
+        match traceparent::parse(&raw.value, raw.method, raw.direction) {
+            Some(link) => Record::Link {
+                skaddr: raw.skaddr,
+                link,
+            },
+            None => Record::InvalidTraceparent,
         },
-        None => Record::InvalidTraceparent,
-    })
+    )
 }
 
 /// Decodes one ring-buffer record. Never panics, whatever the bytes.
@@ -271,7 +273,7 @@ pub(crate) mod tests {
         assert_eq!(link.span_id, 0xb7ad_6b71_6920_3331u64.to_be_bytes());
         assert_eq!(
             (link.direction, link.method()),
-            (links::Direction::Received, "POST")
+            (traceparent::Direction::Received, "POST")
         );
         raw.value[0] = b'x';
         assert_eq!(decode_record(&bytes(&raw)), Ok(Record::InvalidTraceparent));

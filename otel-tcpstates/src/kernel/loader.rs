@@ -12,10 +12,9 @@ use otel_tcpstates_common::{
     AF_INET, AF_INET6, Config, DEFAULT_SOCKET_MAP_ENTRIES, PORT_BITMAP_WORDS, TcpOffsets, names,
 };
 
-use crate::{
+use crate::kernel::{
     btf::{self, Btf},
     cgroup,
-    cli::PortSet,
 };
 
 const KERNEL_BTF: &str = "/sys/kernel/btf/vmlinux";
@@ -31,8 +30,9 @@ pub struct Filters {
     pub exclude_owner_pid: Option<u32>,
     pub ipv4_only: bool,
     pub ipv6_only: bool,
-    pub local_ports: Option<PortSet>,
-    pub remote_ports: Option<PortSet>,
+    /// Only sockets whose local port is one of these.
+    pub local_ports: Option<Vec<u16>>,
+    pub remote_ports: Option<Vec<u16>>,
 }
 
 /// The attached program. Dropping it, or [`Probe::detach`], detaches from the
@@ -43,9 +43,9 @@ pub struct Probe {
     lost: PerCpuArray<MapData, u64>,
 }
 
-fn bitmap(ports: Option<&PortSet>) -> [u64; PORT_BITMAP_WORDS] {
+fn bitmap(ports: Option<&[u16]>) -> [u64; PORT_BITMAP_WORDS] {
     let mut words = [0u64; PORT_BITMAP_WORDS];
-    for &port in ports.map(PortSet::ports).unwrap_or_default() {
+    for &port in ports.unwrap_or_default() {
         words[usize::from(port >> 6)] |= 1 << (port & 63);
     }
     words
@@ -148,8 +148,8 @@ impl Probe {
             filter_local_ports: u8::from(filters.local_ports.is_some()),
             filter_remote_ports: u8::from(filters.remote_ports.is_some()),
         };
-        let local = bitmap(filters.local_ports.as_ref());
-        let remote = bitmap(filters.remote_ports.as_ref());
+        let local = bitmap(filters.local_ports.as_deref());
+        let remote = bitmap(filters.remote_ports.as_deref());
         let wakeup_bytes = u64::from(ring_buffer_bytes / 4);
 
         if PROGRAM.is_empty() {
@@ -249,8 +249,7 @@ mod tests {
 
     #[test]
     fn port_bitmap_sets_exactly_the_given_ports() {
-        let ports: PortSet = "1,63,64,65535".parse().unwrap();
-        let words = bitmap(Some(&ports));
+        let words = bitmap(Some(&[1, 63, 64, 65535]));
         let set: Vec<u32> = (0..=65535u32)
             .filter(|&p| words[(p >> 6) as usize] & (1 << (p & 63)) != 0)
             .collect();

@@ -13,7 +13,7 @@ use std::{
 
 use lru::LruCache;
 
-use crate::cgroup;
+use crate::kernel::cgroup;
 
 /// Unknown cgroup ids trigger a new scan of the cgroup tree at most this often.
 const RESCAN_EVERY: Duration = Duration::from_secs(1);

@@ -7,11 +7,11 @@ use foldhash::fast::RandomState;
 use otel_tcpstates_common::tcp_state;
 
 use crate::{
-    clock::WallClock,
-    container::{ContainerId, ContainerResolver},
-    event::{Comm, TcpEvent, TcpFacts, TcpState},
-    links::Links,
-    sessions::{EndReason, Failure, Role, Session, StateEnded},
+    kernel::clock::WallClock,
+    kernel::event::{Comm, TcpEvent, TcpFacts, TcpState},
+    sessions::container::{ContainerId, ContainerResolver},
+    sessions::links::Links,
+    sessions::table::{EndReason, Failure, Role, Session, StateEnded},
 };
 
 pub const ROOT_NAME: &str = "tcp.session";
