@@ -1,4 +1,6 @@
-//! Output formats. Each takes what the pipeline produces and writes it somewhere.
+//! In: decoded records (tcpstates lines, journal records) and session updates
+//! (tcplife lines). Out: text on stdout, datagrams to journald. It never touches
+//! OTLP, and never changes what it is handed.
 use std::io::{self, Write};
 
 use chrono::{DateTime, Local};
