@@ -136,7 +136,8 @@ fn inspect(ctx: &SkBuffContext, dir: u8) -> Option<()> {
     if flags & inspect::DECIDED == 0 {
         let decided = inspect::DECIDED | if method != 0 { inspect::HTTP } else { 0 };
         // SAFETY: as above; the other direction's bits are kept. A race with the
-        // other direction's program could lose a bit: it is then decided again.
+        // other direction's program could lose a bit: it is then decided again,
+        // on that direction's next payload. (No 32-bit atomics on this target.)
         unsafe { (*state).inspect |= decided << shift };
     }
     if method == 0 {
