@@ -182,12 +182,11 @@ impl Probe {
 
         if links && let Err(err) = attach_packet_programs(&mut ebpf) {
             // One line: the cause's first (a verifier log follows it).
-            let why = match err.chain().nth(1) {
-                Some(cause) => {
-                    let cause = cause.to_string();
-                    format!("{err}: {}", cause.lines().next().unwrap_or_default())
-                }
-                None => err.to_string(),
+            let why = if err.chain().nth(1).is_some() {
+                let cause = err.root_cause().to_string();
+                format!("{err}: {}", cause.lines().next().unwrap_or_default())
+            } else {
+                err.to_string()
             };
             tracing::warn!(
                 "span links from traceparent headers are off: {why} (needs cgroup v2 and CAP_BPF, CAP_PERFMON and CAP_NET_ADMIN; --no-links silences this)"
