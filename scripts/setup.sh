@@ -61,7 +61,7 @@ fi
 
 if [[ $want_test -eq 1 ]]; then
   # setpriv and unshare (util-linux) let the tests drop privileges and unmount
-  # tracefs in a private namespace; tests/units.rs checks the systemd unit with
+  # tracefs in a private namespace; tests/systemd.rs checks the systemd unit with
   # systemd-analyze and the system calls the daemon makes with strace.
   missing=()
   command -v setpriv >/dev/null && command -v unshare >/dev/null || missing+=(util-linux)
@@ -94,7 +94,7 @@ if [[ $want_test -eq 1 ]]; then
 
   # kubernetes-validate checks deploy/kubernetes against the Kubernetes API schemas,
   # which its wheel carries (no cluster, no download at test time);
-  # tests/units.rs runs it with PYTHONPATH=$kv_dir.
+  # tests/kubernetes.rs runs it with PYTHONPATH=$kv_dir.
   KUBERNETES_VALIDATE_VERSION=1.37.0
   kv_dir="${CARGO_HOME:-$HOME/.cargo}/otel-tcpstates-kubernetes-validate"
   if [[ ! -d "$kv_dir/kubernetes_validate-$KUBERNETES_VALIDATE_VERSION.dist-info" ]]; then
