@@ -74,22 +74,30 @@ if [[ $want_test -eq 1 ]]; then
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}"
   fi
 
-  # rotel, a third-party OTLP collector, for the interoperability tests. The PyPI
-  # wheel only carries its binary, so `pip --target` into a fixed directory is
-  # enough; tests/support/rotel.rs runs $rotel_dir/rotel/rotel-agent.
-  ROTEL_VERSION=0.0.1a15
-  rotel_dir="${CARGO_HOME:-$HOME/.cargo}/otel-tcpstates-rotel"
-  if [[ ! -x "$rotel_dir/rotel/rotel-agent" || ! -d "$rotel_dir/rotel-$ROTEL_VERSION.dist-info" ]]; then
+  # Python packages go into fixed directories of their own with `pip --target`
+  # (which also sidesteps PEP 668, an externally managed system Python); the tests
+  # find them there. pip_into DIR WHAT [pip arguments...] installs into a fresh DIR.
+  pip_into() {
+    local dir=$1 what=$2
+    shift 2
     if ! python3 -m pip --version >/dev/null 2>&1; then
       log "installing python3-pip"
       apt-get update -qq
       DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3-pip
     fi
-    log "installing rotel $ROTEL_VERSION into $rotel_dir"
-    rm -rf "$rotel_dir"
-    # --target also sidesteps PEP 668 (externally managed system Python).
-    PIP_ROOT_USER_ACTION=ignore python3 -m pip install --quiet --disable-pip-version-check --no-deps \
-      --target "$rotel_dir" "rotel==$ROTEL_VERSION"
+    log "installing $what into $dir"
+    rm -rf "$dir"
+    PIP_ROOT_USER_ACTION=ignore python3 -m pip install --quiet --disable-pip-version-check \
+      --target "$dir" "$@"
+  }
+
+  # rotel, a third-party OTLP collector, for the interoperability tests. The PyPI
+  # wheel only carries its binary; tests/support/rotel.rs runs
+  # $rotel_dir/rotel/rotel-agent.
+  ROTEL_VERSION=0.0.1a15
+  rotel_dir="${CARGO_HOME:-$HOME/.cargo}/otel-tcpstates-rotel"
+  if [[ ! -x "$rotel_dir/rotel/rotel-agent" || ! -d "$rotel_dir/rotel-$ROTEL_VERSION.dist-info" ]]; then
+    pip_into "$rotel_dir" "rotel $ROTEL_VERSION" --no-deps "rotel==$ROTEL_VERSION"
   fi
 
   # kubernetes-validate checks deploy/kubernetes against the Kubernetes API schemas,
@@ -98,15 +106,8 @@ if [[ $want_test -eq 1 ]]; then
   KUBERNETES_VALIDATE_VERSION=1.37.0
   kv_dir="${CARGO_HOME:-$HOME/.cargo}/otel-tcpstates-kubernetes-validate"
   if [[ ! -d "$kv_dir/kubernetes_validate-$KUBERNETES_VALIDATE_VERSION.dist-info" ]]; then
-    if ! python3 -m pip --version >/dev/null 2>&1; then
-      log "installing python3-pip"
-      apt-get update -qq
-      DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3-pip
-    fi
-    log "installing kubernetes-validate $KUBERNETES_VALIDATE_VERSION into $kv_dir"
-    rm -rf "$kv_dir"
-    PIP_ROOT_USER_ACTION=ignore python3 -m pip install --quiet --disable-pip-version-check \
-      --target "$kv_dir" "kubernetes-validate==$KUBERNETES_VALIDATE_VERSION"
+    pip_into "$kv_dir" "kubernetes-validate $KUBERNETES_VALIDATE_VERSION" \
+      "kubernetes-validate==$KUBERNETES_VALIDATE_VERSION"
   fi
 
   # The OpenTelemetry Python SDK and its OTLP/HTTP exporter, for the instrumented
@@ -116,15 +117,7 @@ if [[ $want_test -eq 1 ]]; then
   otel_py_dir="${CARGO_HOME:-$HOME/.cargo}/otel-tcpstates-python"
   if [[ ! -d "$otel_py_dir/opentelemetry_sdk-$OTEL_PYTHON_VERSION.dist-info" ||
         ! -d "$otel_py_dir/opentelemetry_exporter_otlp_proto_http-$OTEL_PYTHON_VERSION.dist-info" ]]; then
-    if ! python3 -m pip --version >/dev/null 2>&1; then
-      log "installing python3-pip"
-      apt-get update -qq
-      DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3-pip
-    fi
-    log "installing opentelemetry-sdk $OTEL_PYTHON_VERSION into $otel_py_dir"
-    rm -rf "$otel_py_dir"
-    PIP_ROOT_USER_ACTION=ignore python3 -m pip install --quiet --disable-pip-version-check \
-      --target "$otel_py_dir" \
+    pip_into "$otel_py_dir" "opentelemetry-sdk $OTEL_PYTHON_VERSION" \
       "opentelemetry-sdk==$OTEL_PYTHON_VERSION" \
       "opentelemetry-exporter-otlp-proto-http==$OTEL_PYTHON_VERSION"
   fi
