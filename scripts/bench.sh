@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # Loopback connection-churn benchmark (see BENCHMARKS.md): untraced, otel-tcpstates
-# printing text and exporting OTLP/gRPC, libbpf-tools tcpstates, then a memory run.
+# printing text and exporting OTLP/gRPC, libbpf-tools tcpstates, then a memory run;
+# and span links off vs on (churn, bulk transfer, wrk against nginx).
 # Needs root. Arguments go to the benchmark, e.g.
 #   scripts/bench.sh --seconds 20 --runs baseline,otlp,baseline
+#   scripts/bench.sh --runs links
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
@@ -13,14 +15,26 @@ fi
 
 scripts/setup.sh --test
 
-# The peer tracer and the statistics reader.
+# The peer tracer, the statistics reader, and the links runs' HTTP server and load
+# generator (the bench starts nginx itself, from its own configuration).
 missing=()
 [[ -x /usr/sbin/tcpstates ]] || missing+=(libbpf-tools)
 command -v bpftool >/dev/null || missing+=(bpftool)
+[[ -x /usr/sbin/nginx ]] || missing+=(nginx)
+command -v wrk >/dev/null || missing+=(wrk)
 if ((${#missing[@]})); then
   echo "[bench] installing ${missing[*]}" >&2
-  apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}"
+  # No service may start from the install (nginx's would take port 80 and stay):
+  # the standard policy-rc.d hook, only for the install's duration.
+  policy=/usr/sbin/policy-rc.d
+  own_policy=0
+  if [[ ! -e $policy ]]; then
+    printf '#!/bin/sh\nexit 101\n' >"$policy" && chmod 755 "$policy" && own_policy=1
+  fi
+  status=0
+  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}"; } || status=$?
+  if ((own_policy)); then rm -f "$policy"; fi
+  ((status == 0)) || exit "$status"
 fi
 
 # The benchmark sets these for its runs and restores them itself; this covers it

@@ -1,6 +1,8 @@
 //! Loopback connection churn, untraced and under each tracer (and under a program
 //! that only counts: the floor of any tracer's kernel cost), plus a memory run of
-//! the daemon over a million sockets. See BENCHMARKS.md; `scripts/bench.sh` runs it.
+//! the daemon over a million sockets; and the cost of span links (the daemon's packet
+//! programs), links off vs on under the churn, a bulk transfer and wrk against nginx
+//! (`links.rs`). See BENCHMARKS.md; `scripts/bench.sh` runs it.
 //!
 //! Needs root: it loads eBPF (through the tracers), reads `bpftool` statistics and
 //! turns `kernel.bpf_stats_enabled` on for the duration (restoring it after).
@@ -12,6 +14,14 @@ mod otlp;
 #[path = "../../tests/support/tls.rs"]
 #[allow(dead_code)]
 mod tls;
+
+// The links runs (links.rs) and their workloads.
+#[path = "churn/bulk.rs"]
+mod bulk;
+#[path = "churn/links.rs"]
+mod links;
+#[path = "churn/nginx.rs"]
+mod nginx;
 
 use std::{
     collections::HashSet,
@@ -54,8 +64,11 @@ static FLOOR_OBJECT: &[u8] =
     aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/tcpstates-floor"));
 
 const USAGE: &str = "usage: cargo bench --bench churn -- [--seconds N] [--warmup N]
-    [--runs baseline,floor,text,otlp,otlp-http,libbpf,baseline,memory] [--memory-sockets N]
-    [--hold-connections N] [--no-pin]";
+    [--runs baseline,floor,text,otlp,otlp-http,libbpf,baseline,links-churn,links-bulk,links-wrk,memory]
+    [--link-rounds N] [--link-seconds N] [--memory-sockets N] [--hold-connections N] [--no-pin]
+  --runs links = links-churn,links-bulk,links-wrk: each the daemon exporting OTLP/gRPC with
+  --no-links and with links, --link-rounds pairs (default 3, the order alternating) of
+  --link-seconds measured (default 4) after --warmup";
 
 // ---------------------------------------------------------------------------------
 // Options
@@ -69,10 +82,16 @@ enum Mode {
     OtlpHttp,
     Libbpf,
     Memory,
+    /// The churn, links off vs on.
+    LinksChurn,
+    /// One bulk connection, links off vs on.
+    LinksBulk,
+    /// wrk against nginx, with and without a traceparent header, links off vs on.
+    LinksWrk,
 }
 
 impl Mode {
-    const ALL: [Mode; 7] = [
+    const ALL: [Mode; 10] = [
         Mode::Baseline,
         Mode::Floor,
         Mode::Text,
@@ -80,9 +99,15 @@ impl Mode {
         Mode::OtlpHttp,
         Mode::Libbpf,
         Mode::Memory,
+        Mode::LinksChurn,
+        Mode::LinksBulk,
+        Mode::LinksWrk,
     ];
-    /// The untraced run comes again after the traced ones, to show drift.
-    const DEFAULT: [Mode; 8] = [
+    /// `--runs links`.
+    const LINKS: [Mode; 3] = [Mode::LinksChurn, Mode::LinksBulk, Mode::LinksWrk];
+    /// The untraced run comes again after the traced ones, to show drift. The
+    /// links runs come after the throughput table, the memory run last.
+    const DEFAULT: [Mode; 11] = [
         Mode::Baseline,
         Mode::Floor,
         Mode::Text,
@@ -90,14 +115,31 @@ impl Mode {
         Mode::OtlpHttp,
         Mode::Libbpf,
         Mode::Baseline,
+        Mode::LinksChurn,
+        Mode::LinksBulk,
+        Mode::LinksWrk,
         Mode::Memory,
     ];
 
-    fn parse(s: &str) -> Result<Mode> {
+    /// One run's name, or `links` for all three links runs.
+    fn parse(s: &str) -> Result<Vec<Mode>> {
+        if s == "links" {
+            return Ok(Mode::LINKS.to_vec());
+        }
         Mode::ALL
             .into_iter()
             .find(|m| m.name() == s)
+            .map(|m| vec![m])
             .with_context(|| format!("unknown run {s:?}\n{USAGE}"))
+    }
+
+    /// A churn run of one tracer (or none), a row of the throughput table.
+    fn is_throughput(self) -> bool {
+        !matches!(self, Mode::Memory) && !self.is_links()
+    }
+
+    fn is_links(self) -> bool {
+        Mode::LINKS.contains(&self)
     }
 
     fn name(self) -> &'static str {
@@ -109,6 +151,9 @@ impl Mode {
             Mode::OtlpHttp => "otlp-http",
             Mode::Libbpf => "libbpf",
             Mode::Memory => "memory",
+            Mode::LinksChurn => "links-churn",
+            Mode::LinksBulk => "links-bulk",
+            Mode::LinksWrk => "links-wrk",
         }
     }
 
@@ -121,6 +166,9 @@ impl Mode {
             Mode::OtlpHttp => "otel-tcpstates OTLP/HTTP",
             Mode::Libbpf => "libbpf-tools tcpstates",
             Mode::Memory => "memory",
+            Mode::LinksChurn => "links: churn",
+            Mode::LinksBulk => "links: bulk",
+            Mode::LinksWrk => "links: wrk against nginx",
         }
     }
 }
@@ -135,8 +183,14 @@ struct Options {
     memory_sockets: u64,
     /// Connections the memory run holds open at once (two sockets each).
     hold_connections: u64,
-    /// Pin the churn's client and server threads to CPU 0 (see [`Churn::start`]).
+    /// Pin the churn's client and server threads to CPU 0 (see [`Churn::start`]);
+    /// the bulk transfer's too, and nginx and wrk to a core each (see `links.rs`).
     pin: bool,
+    /// Links off/on pairs per links run, alternating which comes first.
+    link_rounds: u64,
+    /// Measured seconds per links run: many short alternating windows average out
+    /// this machine's drift better than a few long ones.
+    link_seconds: u64,
 }
 
 fn parse_options() -> Result<Options> {
@@ -147,6 +201,8 @@ fn parse_options() -> Result<Options> {
         memory_sockets: 1_000_000,
         hold_connections: 32_768,
         pin: true,
+        link_rounds: 3,
+        link_seconds: 4,
     };
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
@@ -161,11 +217,14 @@ fn parse_options() -> Result<Options> {
             "--memory-sockets" => o.memory_sockets = value()?.parse()?,
             "--hold-connections" => o.hold_connections = value()?.parse()?,
             "--no-pin" => o.pin = false,
+            "--link-rounds" => o.link_rounds = value()?.parse()?,
+            "--link-seconds" => o.link_seconds = value()?.parse()?,
             "--runs" => {
                 o.runs = value()?
                     .split(',')
                     .map(Mode::parse)
-                    .collect::<Result<_>>()?
+                    .collect::<Result<Vec<_>>>()?
+                    .concat()
             }
             "-h" | "--help" => {
                 println!("{USAGE}");
@@ -175,6 +234,8 @@ fn parse_options() -> Result<Options> {
         }
     }
     ensure!(o.seconds > 0, "--seconds must be at least 1");
+    ensure!(o.link_rounds > 0, "--link-rounds must be at least 1");
+    ensure!(o.link_seconds > 0, "--link-seconds must be at least 1");
     Ok(o)
 }
 
@@ -622,7 +683,7 @@ fn bpftool_json(args: &[&str]) -> Result<serde_json::Value> {
     ensure!(
         out.status.success(),
         "bpftool {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
+        String::from_utf8_lossy(&out.stderr).trim()
     );
     Ok(serde_json::from_slice(&out.stdout)?)
 }
@@ -1062,7 +1123,9 @@ fn throughput_run(mode: Mode, opts: &Options) -> Result<Row> {
         ))?),
         (Mode::Otlp | Mode::OtlpHttp, None) => unreachable!("a receiver is started for OTLP"),
         (Mode::Libbpf, _) => Some(Tracer::libbpf()?),
-        (Mode::Memory, _) => bail!("not a throughput run"),
+        (Mode::Memory | Mode::LinksChurn | Mode::LinksBulk | Mode::LinksWrk, _) => {
+            bail!("not a throughput run")
+        }
     };
 
     let churn = Churn::start(u64::MAX, opts.pin)?;
@@ -1395,7 +1458,7 @@ fn run() -> Result<()> {
     let _time_wait = Sysctl::set("net.ipv4.tcp_max_tw_buckets", "0")?;
 
     let mut rows = Vec::new();
-    for &mode in opts.runs.iter().filter(|&&m| m != Mode::Memory) {
+    for &mode in opts.runs.iter().filter(|m| m.is_throughput()) {
         eprintln!("[churn] {} ...", mode.label());
         match throughput_run(mode, &opts) {
             Ok(row) => {
@@ -1424,6 +1487,13 @@ fn run() -> Result<()> {
         );
         set_ratios(&mut rows);
         print_table(&rows);
+    }
+    let links_runs: Vec<Mode> = Mode::LINKS
+        .into_iter()
+        .filter(|m| opts.runs.contains(m))
+        .collect();
+    if !links_runs.is_empty() {
+        links::run(&links_runs, &opts);
     }
     if opts.runs.contains(&Mode::Memory) {
         eprintln!("[churn] memory run ...");

@@ -1,0 +1,746 @@
+//! What span links cost (issue 13): the daemon exporting OTLP/gRPC to a receiver in
+//! this process, once with `--no-links` and once with links (its `cgroup_skb`
+//! programs `http_egress` and `http_ingress` on the cgroup v2 root), side by side
+//! under three workloads: the churn, one bulk loopback connection (at least 1 GiB
+//! measured), and wrk against nginx over keep-alive, without and with a W3C
+//! `traceparent` header on every request. Per run: the workload's rate, the packet
+//! programs' runs/s and ns per run (`bpftool`, `kernel.bpf_stats_enabled`), the
+//! daemon's CPU; then on ÷ off against the issue's goals.
+
+use std::{
+    collections::HashSet,
+    thread,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, Result, bail};
+
+use super::{
+    Churn, DAEMON_PROG, Exited, Mode, Options, ProgStats, Tracer, bpftool_json, bulk::Bulk,
+    cpu_seconds, lost_events, machine_user_seconds, nginx::Nginx, otlp, otlp_args, prog,
+    prog_stats, settled_count, summary,
+};
+
+/// bpftool's names for the daemon's packet programs, in the table's order.
+const PACKET_PROGS: [&str; 2] = ["http_egress", "http_ingress"];
+/// The header wrk sends on every request in the header case, and its trace id (the
+/// links that come back are counted by it).
+const TRACEPARENT: &str = "traceparent: 00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+const TRACE_ID: &str = "4bf92f3577b34da6a3ce929d0e0e4736";
+/// How long the packet programs may take to show up once the daemon traces.
+const PROGS_TIMEOUT: Duration = Duration::from_secs(10);
+/// The bulk window goes on until at least this much has moved...
+const BULK_MIN_BYTES: u64 = 1 << 30;
+/// ...but not longer than this.
+const BULK_LIMIT: Duration = Duration::from_secs(120);
+/// The gap under which two rates are "within noise" (see BENCHMARKS.md, Noise).
+const NOISE: f64 = 0.05;
+/// Other processes' CPU (% of one CPU) over which a run is not a fair measurement:
+/// on two cores, a build or a test elsewhere takes much of the workload's share.
+const BUSY_PCT: f64 = 10.0;
+
+/// One measured workload under one daemon.
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Case {
+    Churn,
+    Bulk,
+    Wrk,
+    WrkHeader,
+}
+
+impl Case {
+    fn of(mode: Mode) -> &'static [Case] {
+        match mode {
+            Mode::LinksChurn => &[Case::Churn],
+            Mode::LinksBulk => &[Case::Bulk],
+            Mode::LinksWrk => &[Case::Wrk, Case::WrkHeader],
+            _ => &[],
+        }
+    }
+
+    fn label(self) -> &'static str {
+        match self {
+            Case::Churn => "churn, conns/s",
+            Case::Bulk => "bulk, 1 connection, GB/s",
+            Case::Wrk => "wrk → nginx, no header, requests/s",
+            Case::WrkHeader => "wrk → nginx, traceparent on every request, requests/s",
+        }
+    }
+
+    fn digits(self) -> usize {
+        match self {
+            Case::Bulk => 2,
+            _ => 0,
+        }
+    }
+
+    /// The least on ÷ off the issue accepts, and how it says so.
+    fn goal(self) -> Option<(f64, &'static str)> {
+        match self {
+            Case::Bulk => Some((0.97, "bulk: GB/s on ÷ off ≥ 0.97")),
+            Case::Churn => Some((1.0 - NOISE, "churn: conns/s on ÷ off within noise (≥ 0.95)")),
+            Case::WrkHeader => Some((
+                0.95,
+                "wrk → nginx, traceparent on every request: requests/s on ÷ off ≥ 0.95",
+            )),
+            Case::Wrk => None,
+        }
+    }
+}
+
+/// One case under one daemon.
+struct Run {
+    case: Case,
+    round: u64,
+    links: bool,
+    /// None: it failed (see the notes).
+    rate: Option<f64>,
+    usage: Option<Usage>,
+    /// Links with our trace id that reached the receiver, and those the daemon
+    /// counted as dropped (OTLP `dropped_links_count`): wrk's header case only.
+    links_received: Option<(u64, u64)>,
+    notes: Vec<String>,
+}
+
+/// Runs each links mode `opts.link_rounds` times off and on (off first in odd
+/// rounds, on first in even ones), then prints the table and the goals.
+pub(super) fn run(modes: &[Mode], opts: &Options) {
+    let mut runs = Vec::new();
+    for &mode in modes {
+        for round in 1..=opts.link_rounds {
+            let order = match round % 2 {
+                1 => [false, true],
+                _ => [true, false],
+            };
+            for links in order {
+                let state = if links { "on" } else { "off" };
+                eprintln!("[churn] {}, links {state}, round {round} ...", mode.label());
+                let done = under_daemon(mode, links, round, opts);
+                for r in &done {
+                    let rate = r.rate.map_or("failed".into(), |v| {
+                        format!("{v:.digits$}", digits = r.case.digits())
+                    });
+                    eprintln!("[churn] {}, links {state}: {rate}", r.case.label());
+                }
+                runs.extend(done);
+            }
+        }
+    }
+    print(&runs, opts);
+}
+
+/// One daemon (links on or off) through the mode's cases.
+fn under_daemon(mode: Mode, links: bool, round: u64, opts: &Options) -> Vec<Run> {
+    let cases = Case::of(mode);
+    let failed = |err: anyhow::Error| {
+        cases
+            .iter()
+            .map(|&case| Run {
+                case,
+                round,
+                links,
+                rate: None,
+                usage: None,
+                links_received: None,
+                notes: vec![format!("failed: {err:#}")],
+            })
+            .collect()
+    };
+    // Spans are few under wrk (its connections are kept alive): store them, to
+    // count the links that arrive. The churn makes ~150k spans/s: count only.
+    let daemon = match Daemon::start(links, mode == Mode::LinksWrk) {
+        Ok(daemon) => daemon,
+        Err(err) => return failed(err),
+    };
+    let measured = match mode {
+        Mode::LinksChurn => churn(&daemon, opts).map(|m| vec![m]),
+        Mode::LinksBulk => bulk(&daemon, opts).map(|m| vec![m]),
+        Mode::LinksWrk => wrk(&daemon, opts),
+        _ => unreachable!("{} is not a links run", mode.name()),
+    };
+    let measured = match measured {
+        Ok(measured) => measured,
+        Err(err) => {
+            let _ = daemon.stop();
+            return failed(err);
+        }
+    };
+    let stopped = daemon.stop();
+    let mut runs: Vec<Run> = cases
+        .iter()
+        .zip(measured)
+        .map(|(&case, mut m)| {
+            if !m.usage.foreign.is_empty() {
+                m.notes.push(format!(
+                    "another tracer's programs were loaded during the window (ids {:?}): \
+                     they ran on these packets and events too",
+                    m.usage.foreign
+                ));
+            }
+            (case, m)
+        })
+        .map(|(case, m)| Run {
+            case,
+            round,
+            links,
+            rate: Some(m.rate),
+            usage: Some(m.usage),
+            links_received: (case == Case::WrkHeader).then_some(stopped.links).flatten(),
+            notes: m.notes,
+        })
+        .collect();
+    if let Some(last) = runs.last_mut() {
+        last.notes.extend(stopped.notes);
+    }
+    runs
+}
+
+// ---------------------------------------------------------------------------------
+// The daemon, with or without its packet programs.
+
+struct Daemon {
+    tracer: Tracer,
+    receiver: otlp::Receiver,
+    links: bool,
+    /// The maps of its tracepoint program: its packet programs share them (other
+    /// daemons' programs, from tests running alongside, say, do not).
+    maps: HashSet<u64>,
+    /// The packet programs' ids, in [`PACKET_PROGS`] order (links on).
+    packet_progs: Vec<u64>,
+}
+
+struct Stopped {
+    /// Links received with our trace id, and dropped ones, if spans were stored.
+    links: Option<(u64, u64)>,
+    notes: Vec<String>,
+}
+
+impl Daemon {
+    /// The daemon exporting OTLP/gRPC to a fresh receiver (storing spans, or only
+    /// counting them), with `--no-links` unless `links`; returns once its
+    /// tracepoint program runs and, with links, its packet programs are loaded.
+    fn start(links: bool, store_spans: bool) -> Result<Daemon> {
+        let receiver = match store_spans {
+            true => otlp::Receiver::start(),
+            false => otlp::Receiver::start_counting(),
+        };
+        let mut args = otlp_args("grpc", &receiver.grpc_endpoint());
+        if !links {
+            args.push("--no-links".to_owned());
+        }
+        let tracer = Tracer::daemon(&args)?;
+        let maps = progs()?
+            .into_iter()
+            .find(|p| p.id == tracer.prog_id)
+            .context("the daemon's tracepoint program is gone")?
+            .maps;
+        let mut daemon = Daemon {
+            tracer,
+            receiver,
+            links,
+            maps,
+            packet_progs: Vec::new(),
+        };
+        if links {
+            daemon.packet_progs = daemon.wait_for_packet_progs()?;
+        }
+        Ok(daemon)
+    }
+
+    fn wait_for_packet_progs(&mut self) -> Result<Vec<u64>> {
+        let deadline = Instant::now() + PROGS_TIMEOUT;
+        loop {
+            let found = self.own_packet_progs()?;
+            let ids: Vec<u64> = PACKET_PROGS
+                .iter()
+                .filter_map(|name| found.iter().find(|(n, _)| n == name).map(|&(_, id)| id))
+                .collect();
+            if ids.len() == PACKET_PROGS.len() {
+                return Ok(ids);
+            }
+            self.tracer.ensure_running()?;
+            if Instant::now() > deadline {
+                bail!(
+                    "links on, but the daemon's packet programs {PACKET_PROGS:?} were not \
+                     loaded within {PROGS_TIMEOUT:?} (found {found:?})"
+                );
+            }
+            thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// Its packet programs, by name: (name, id).
+    fn own_packet_progs(&self) -> Result<Vec<(String, u64)>> {
+        Ok(progs()?
+            .into_iter()
+            .filter(|p| PACKET_PROGS.contains(&p.name.as_str()) && !p.maps.is_disjoint(&self.maps))
+            .map(|p| (p.name, p.id))
+            .collect())
+    }
+
+    /// Another tracer's programs (tracepoint or packet), by id: they would run on
+    /// the workload's packets and socket events too, whatever this daemon does.
+    fn foreign_progs(&self) -> Result<Vec<u64>> {
+        Ok(progs()?
+            .into_iter()
+            .filter(|p| {
+                (p.name == DAEMON_PROG || PACKET_PROGS.contains(&p.name.as_str()))
+                    && p.maps.is_disjoint(&self.maps)
+            })
+            .map(|p| p.id)
+            .collect())
+    }
+
+    /// Counters at one end of a measured window. `workload_user_s`: user CPU of
+    /// the workload's own processes (nginx), which is not "other" work.
+    fn mark(&self, workload_user_s: f64) -> Result<Mark> {
+        let packets = self
+            .packet_progs
+            .iter()
+            .map(|&id| prog_stats(id))
+            .collect::<Result<_>>()?;
+        let foreign = self.foreign_progs()?;
+        let (daemon_user, daemon_system) = cpu_seconds(&self.tracer.pid().to_string())?;
+        let (own_user, _) = cpu_seconds("self")?;
+        // Reaped children: wrk, and bpftool (above).
+        let children_user = children_user_seconds();
+        Ok(Mark {
+            at: Instant::now(),
+            packets,
+            foreign,
+            daemon_cpu_s: daemon_user + daemon_system,
+            other_user_s: machine_user_seconds()?
+                - own_user
+                - daemon_user
+                - children_user
+                - workload_user_s,
+        })
+    }
+
+    /// Stops the daemon; notes on anything amiss: packet programs with links off
+    /// (or left behind after the exit), lost events, spans not delivered, links
+    /// with links off or none with links on.
+    fn stop(self) -> Stopped {
+        let mut notes = Vec::new();
+        if !self.links {
+            match self.own_packet_progs() {
+                Ok(found) if !found.is_empty() => {
+                    notes.push(format!("--no-links, yet packet programs loaded: {found:?}"))
+                }
+                Ok(_) => {}
+                Err(err) => notes.push(format!("bpftool: {err:#}")),
+            }
+        }
+        let exited = match self.tracer.stop() {
+            Ok(exited) => exited,
+            Err(err) => {
+                notes.push(format!("stopping the daemon: {err:#}"));
+                return Stopped { links: None, notes };
+            }
+        };
+        notes.extend(delivery(&exited, &self.receiver));
+        if lingering(&self.packet_progs) {
+            notes.push("its packet programs still loaded 3 s after it exited".into());
+        }
+        let spans = self.receiver.spans();
+        let links = (!spans.is_empty()).then(|| {
+            let ours = spans
+                .iter()
+                .flat_map(|s| &s.links)
+                .filter(|l| l.trace_id == TRACE_ID)
+                .count() as u64;
+            let dropped = spans.iter().map(|s| u64::from(s.dropped_links_count)).sum();
+            (ours, dropped)
+        });
+        match links {
+            Some((n, d)) if !self.links && n + d > 0 => {
+                notes.push(format!("--no-links, yet {n} links received ({d} dropped)"))
+            }
+            Some((0, 0)) if self.links => notes.push("links on, but no link received".into()),
+            _ => {}
+        }
+        Stopped { links, notes }
+    }
+}
+
+/// A loaded BPF program: id, name and the maps it uses.
+struct LoadedProg {
+    id: u64,
+    name: String,
+    maps: HashSet<u64>,
+}
+
+fn progs() -> Result<Vec<LoadedProg>> {
+    let all = bpftool_json(&["prog", "show"])?;
+    Ok(all
+        .as_array()
+        .map(|progs| {
+            progs
+                .iter()
+                .map(|p| LoadedProg {
+                    id: prog(p).id,
+                    name: prog(p).name,
+                    maps: p["map_ids"]
+                        .as_array()
+                        .map(|ids| ids.iter().filter_map(|id| id.as_u64()).collect())
+                        .unwrap_or_default(),
+                })
+                .collect()
+        })
+        .unwrap_or_default())
+}
+
+/// Any of `ids` still loaded 3 s after its daemon's exit.
+fn lingering(ids: &[u64]) -> bool {
+    let deadline = Instant::now() + Duration::from_secs(3);
+    loop {
+        let Ok(loaded) = progs() else {
+            return false;
+        };
+        if !loaded.iter().any(|p| ids.contains(&p.id)) {
+            return false;
+        }
+        if Instant::now() > deadline {
+            return true;
+        }
+        thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// The daemon's account of its spans against the receiver's, when they differ.
+fn delivery(exited: &Exited, receiver: &otlp::Receiver) -> Vec<String> {
+    let mut notes = exited.problems();
+    let lost = lost_events(&exited.stderr);
+    if lost > 0 {
+        notes.push(format!("{lost} events lost"));
+    }
+    if let Some(sum) = summary(&exited.stderr) {
+        let received = settled_count(receiver, sum.exported);
+        let dropped = sum.failed + sum.not_sent;
+        if dropped > 0 || received != sum.exported {
+            notes.push(format!(
+                "spans: {} produced, {} exported, {received} received, {dropped} dropped",
+                sum.produced, sum.exported
+            ));
+        }
+    }
+    notes
+}
+
+/// User CPU seconds of this process's reaped children (wrk, bpftool).
+fn children_user_seconds() -> f64 {
+    // SAFETY: getrusage writes the struct it is given, nothing else.
+    let usage = unsafe {
+        let mut usage: libc::rusage = std::mem::zeroed();
+        libc::getrusage(libc::RUSAGE_CHILDREN, &mut usage);
+        usage
+    };
+    usage.ru_utime.tv_sec as f64 + usage.ru_utime.tv_usec as f64 / 1e6
+}
+
+// ---------------------------------------------------------------------------------
+// Measured windows.
+
+struct Mark {
+    at: Instant,
+    /// Per packet program, in [`PACKET_PROGS`] order; empty with links off.
+    packets: Vec<ProgStats>,
+    /// Other tracers' programs loaded then (see [`Daemon::foreign_progs`]).
+    foreign: Vec<u64>,
+    daemon_cpu_s: f64,
+    other_user_s: f64,
+}
+
+/// What the kernel and the daemon spent over a window.
+struct Usage {
+    /// Per packet program: runs/s (packets through it), ns per run.
+    packets: Vec<(f64, Option<f64>)>,
+    /// The packet programs' run time, % of one CPU (None: none loaded).
+    packets_cpu_pct: Option<f64>,
+    /// The daemon's CPU (all threads), % of one CPU.
+    daemon_cpu_pct: f64,
+    /// User CPU of the rest of the machine, % of one CPU.
+    other_cpu_pct: f64,
+    /// Other tracers' programs loaded at either end of the window.
+    foreign: Vec<u64>,
+}
+
+impl Usage {
+    fn between(a: &Mark, b: &Mark) -> Usage {
+        let secs = b.at.duration_since(a.at).as_secs_f64();
+        let packets = a
+            .packets
+            .iter()
+            .zip(&b.packets)
+            .map(|(a, b)| {
+                let runs = b.run_cnt - a.run_cnt;
+                let ns = b.run_time_ns - a.run_time_ns;
+                (
+                    runs as f64 / secs,
+                    (runs > 0).then(|| ns as f64 / runs as f64),
+                )
+            })
+            .collect();
+        let packets_ns: u64 = a
+            .packets
+            .iter()
+            .zip(&b.packets)
+            .map(|(a, b)| b.run_time_ns - a.run_time_ns)
+            .sum();
+        Usage {
+            packets,
+            packets_cpu_pct: (!a.packets.is_empty())
+                .then(|| 100.0 * packets_ns as f64 / 1e9 / secs),
+            daemon_cpu_pct: 100.0 * (b.daemon_cpu_s - a.daemon_cpu_s) / secs,
+            // Tick-granular counters can make it slightly negative.
+            other_cpu_pct: (100.0 * (b.other_user_s - a.other_user_s) / secs).max(0.0),
+            foreign: a
+                .foreign
+                .iter()
+                .chain(&b.foreign)
+                .copied()
+                .collect::<std::collections::BTreeSet<_>>()
+                .into_iter()
+                .collect(),
+        }
+    }
+}
+
+struct Measured {
+    rate: f64,
+    usage: Usage,
+    notes: Vec<String>,
+}
+
+/// The churn (as in the throughput runs): connections per second.
+fn churn(daemon: &Daemon, opts: &Options) -> Result<Measured> {
+    let churn = Churn::start(u64::MAX, opts.pin)?;
+    thread::sleep(Duration::from_secs(opts.warmup));
+    let a = daemon.mark(0.0)?;
+    let (t0, c0) = (Instant::now(), churn.completed());
+    thread::sleep(Duration::from_secs(opts.link_seconds));
+    let (t1, c1) = (Instant::now(), churn.completed());
+    let b = daemon.mark(0.0)?;
+    let (_, errors) = churn.stop();
+    let mut notes = Vec::new();
+    if errors > 0 {
+        notes.push(format!("{errors} connections failed"));
+    }
+    Ok(Measured {
+        rate: (c1 - c0) as f64 / t1.duration_since(t0).as_secs_f64(),
+        usage: Usage::between(&a, &b),
+        notes,
+    })
+}
+
+/// One connection moving data as fast as it can: GB/s (10^9 bytes) over at least
+/// `opts.link_seconds` and at least [`BULK_MIN_BYTES`].
+fn bulk(daemon: &Daemon, opts: &Options) -> Result<Measured> {
+    let bulk = Bulk::start(opts.pin)?;
+    thread::sleep(Duration::from_secs(opts.warmup));
+    let a = daemon.mark(0.0)?;
+    let (t0, b0) = (Instant::now(), bulk.received());
+    thread::sleep(Duration::from_secs(opts.link_seconds));
+    while bulk.received() - b0 < BULK_MIN_BYTES && t0.elapsed() < BULK_LIMIT {
+        thread::sleep(Duration::from_millis(50));
+    }
+    let (t1, b1) = (Instant::now(), bulk.received());
+    let b = daemon.mark(0.0)?;
+    bulk.stop()?;
+    let bytes = b1 - b0;
+    let mut notes = Vec::new();
+    if bytes < BULK_MIN_BYTES {
+        notes.push(format!(
+            "only {:.2} GiB moved within {BULK_LIMIT:?}",
+            bytes as f64 / (1u64 << 30) as f64
+        ));
+    }
+    Ok(Measured {
+        rate: bytes as f64 / t1.duration_since(t0).as_secs_f64() / 1e9,
+        usage: Usage::between(&a, &b),
+        notes,
+    })
+}
+
+/// wrk against a fresh nginx, without then with the traceparent header: requests/s.
+/// With pinning, nginx runs on CPU 0 and wrk on CPU 1 (each one thread); the
+/// daemon and the receiver are left to the scheduler.
+fn wrk(daemon: &Daemon, opts: &Options) -> Result<Vec<Measured>> {
+    let (nginx_cpu, wrk_cpu) = match opts.pin {
+        true => (Some(0), Some(1)),
+        false => (None, None),
+    };
+    let nginx = Nginx::start(nginx_cpu)?;
+    let mut measured = Vec::new();
+    for headers in [&[][..], &[TRACEPARENT][..]] {
+        if opts.warmup > 0 {
+            nginx.wrk(opts.warmup, headers, wrk_cpu)?;
+        }
+        let a = daemon.mark(nginx.cpu_seconds().0)?;
+        let result = nginx
+            .wrk(opts.link_seconds, headers, wrk_cpu)
+            .context("wrk")?;
+        let b = daemon.mark(nginx.cpu_seconds().0)?;
+        let mut notes = result.errors;
+        if result.requests == 0 {
+            notes.push("wrk made no request".into());
+        }
+        measured.push(Measured {
+            rate: result.requests_per_s,
+            usage: Usage::between(&a, &b),
+            notes,
+        });
+    }
+    Ok(measured)
+}
+
+// ---------------------------------------------------------------------------------
+// Output.
+
+fn mean(values: impl Iterator<Item = f64>) -> Option<f64> {
+    let (sum, n) = values.fold((0.0, 0), |(s, n), v| (s + v, n + 1));
+    (n > 0).then(|| sum / n as f64)
+}
+
+/// The mean rate of a case's runs with links on or off (failed runs left out).
+fn mean_rate(runs: &[Run], case: Case, links: bool) -> Option<f64> {
+    mean(
+        runs.iter()
+            .filter(|r| r.case == case && r.links == links)
+            .filter_map(|r| r.rate),
+    )
+}
+
+/// On ÷ off within one round: the two runs next to each other in time.
+fn round_ratio(runs: &[Run], case: Case, round: u64) -> Option<f64> {
+    let rate = |links| {
+        runs.iter()
+            .find(|r| r.case == case && r.round == round && r.links == links)
+            .and_then(|r| r.rate)
+    };
+    rate(true).zip(rate(false)).map(|(on, off)| on / off)
+}
+
+fn print(runs: &[Run], opts: &Options) {
+    let placement = match opts.pin {
+        true => {
+            "churn and bulk threads on CPU 0, nginx on CPU 0, wrk on CPU 1, the daemon not pinned"
+        }
+        false => "nothing pinned",
+    };
+    println!(
+        "\nLinks off vs on: the daemon exporting OTLP/gRPC to a receiver in the bench, with \
+         --no-links and with links (packet programs {} and {} on the cgroup v2 root); {} s \
+         measured per run (bulk: and at least 1 GiB) after {} s warm-up; {} round(s), off \
+         first in odd rounds; {placement}",
+        PACKET_PROGS[0], PACKET_PROGS[1], opts.link_seconds, opts.warmup, opts.link_rounds
+    );
+    println!(
+        "\n| workload | links | round | rate | on ÷ off (round) | {e} pkts/s | {e} ns/pkt | {i} pkts/s | {i} ns/pkt | packet programs CPU % | daemon CPU % | links received (dropped) | other CPU % |",
+        e = PACKET_PROGS[0],
+        i = PACKET_PROGS[1],
+    );
+    println!("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+    let opt = |v: Option<f64>, digits: usize| v.map_or("-".into(), |v| format!("{v:.digits$}"));
+    for r in runs {
+        let digits = r.case.digits();
+        let ratio = r
+            .links
+            .then(|| round_ratio(runs, r.case, r.round))
+            .flatten();
+        let packet = |i: usize| r.usage.as_ref().and_then(|u| u.packets.get(i));
+        println!(
+            "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+            r.case.label(),
+            if r.links { "on" } else { "off" },
+            r.round,
+            opt(r.rate, digits),
+            opt(ratio, 3),
+            opt(packet(0).map(|p| p.0), 0),
+            opt(packet(0).and_then(|p| p.1), 0),
+            opt(packet(1).map(|p| p.0), 0),
+            opt(packet(1).and_then(|p| p.1), 0),
+            opt(r.usage.as_ref().and_then(|u| u.packets_cpu_pct), 1),
+            opt(r.usage.as_ref().map(|u| u.daemon_cpu_pct), 0),
+            r.links_received
+                .map_or("-".into(), |(n, d)| format!("{n} ({d})")),
+            opt(r.usage.as_ref().map(|u| u.other_cpu_pct), 0),
+        );
+    }
+    for r in runs.iter().filter(|r| !r.notes.is_empty()) {
+        let state = if r.links { "on" } else { "off" };
+        println!(
+            "note: {}, links {state}, round {}: {}",
+            r.case.label(),
+            r.round,
+            r.notes.join("; ")
+        );
+    }
+
+    let mut cases: Vec<Case> = Vec::new();
+    for r in runs {
+        if !cases.contains(&r.case) {
+            cases.push(r.case);
+        }
+    }
+    println!(
+        "\nGoals: pass or fail on the median of the rounds' on ÷ off (each round's two runs \
+         are next to each other in time; the median shrugs off one disturbed window)."
+    );
+    println!(
+        "\n| goal | links off (mean) | links on (mean) | on ÷ off (means) | rounds' on ÷ off: median (min–max) | other CPU % (most) | |"
+    );
+    println!("|---|---:|---:|---:|---:|---:|---|");
+    for case in cases {
+        let off = mean_rate(runs, case, false);
+        let on = mean_rate(runs, case, true);
+        let means = on.zip(off).map(|(on, off)| on / off);
+        let mut rounds: Vec<f64> = (1..=opts.link_rounds)
+            .filter_map(|round| round_ratio(runs, case, round))
+            .collect();
+        rounds.sort_by(f64::total_cmp);
+        let median = (!rounds.is_empty()).then(|| {
+            let mid = rounds.len() / 2;
+            match rounds.len() % 2 {
+                1 => rounds[mid],
+                _ => (rounds[mid - 1] + rounds[mid]) / 2.0,
+            }
+        });
+        let spread = match (median, rounds.first(), rounds.last()) {
+            (Some(median), Some(least), Some(most)) if rounds.len() > 1 => {
+                format!("{median:.3} ({least:.3}–{most:.3})")
+            }
+            (Some(median), _, _) => format!("{median:.3}"),
+            _ => "-".into(),
+        };
+        let busiest = runs
+            .iter()
+            .filter(|r| r.case == case)
+            .filter_map(|r| r.usage.as_ref().map(|u| u.other_cpu_pct))
+            .fold(None, |most: Option<f64>, v| {
+                Some(most.map_or(v, |m| m.max(v)))
+            });
+        let mut verdict = match (case.goal(), median) {
+            (Some((least, _)), Some(median)) if median >= least => "pass".to_owned(),
+            (Some(_), Some(_)) => "**FAIL**".to_owned(),
+            (Some(_), None) => "not measured".to_owned(),
+            (None, _) => "-".to_owned(),
+        };
+        if busiest.is_some_and(|pct| pct > BUSY_PCT) && case.goal().is_some() {
+            verdict += " (other work on the machine: not a fair measurement)";
+        }
+        let goal = case
+            .goal()
+            .map_or(format!("{} (no goal)", case.label()), |(_, text)| {
+                text.to_owned()
+            });
+        let digits = case.digits();
+        println!(
+            "| {goal} | {} | {} | {} | {spread} | {} | {verdict} |",
+            opt(off, digits),
+            opt(on, digits),
+            opt(means, 3),
+            opt(busiest, 0),
+        );
+    }
+}

@@ -1,0 +1,254 @@
+//! nginx (Debian's package) serving a two-byte response on 127.0.0.1 from a
+//! generated configuration in a temporary directory, and wrk (Debian's) against it
+//! over keep-alive connections: the workload where a per-request scan costs most.
+//! `scripts/bench.sh` installs both.
+
+use std::{
+    fs,
+    io::Read as _,
+    net::{Ipv4Addr, TcpListener, TcpStream},
+    os::unix::process::CommandExt as _,
+    path::PathBuf,
+    process::{Child, Command, Stdio},
+    thread,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, Result, bail};
+use nix::{
+    sys::signal::{Signal, kill},
+    unistd::Pid,
+};
+
+use super::{DieWithParent as _, cpu_seconds, pin_to_cpu, wait_or_kill};
+
+/// wrk's load: one thread (nginx has one worker; two cores in all) over this many
+/// keep-alive connections.
+const WRK_THREADS: u32 = 1;
+const WRK_CONNECTIONS: u32 = 32;
+const READY_TIMEOUT: Duration = Duration::from_secs(10);
+
+pub struct Nginx {
+    master: Child,
+    dir: PathBuf,
+    port: u16,
+}
+
+impl Nginx {
+    /// Starts nginx (master and one worker, both on `cpu` if given) and returns once
+    /// it accepts connections.
+    pub fn start(cpu: Option<usize>) -> Result<Nginx> {
+        let dir = std::env::temp_dir().join(format!("churn-nginx-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&dir);
+        fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+        let port = free_port()?;
+        let conf = dir.join("nginx.conf");
+        fs::write(&conf, config(&dir, port))?;
+        let master = Command::new("nginx")
+            .arg("-p")
+            .arg(&dir)
+            .arg("-c")
+            .arg(&conf)
+            .arg("-e")
+            .arg(dir.join("error.log"))
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .die_with_parent()
+            .on_cpu(cpu)
+            .spawn()
+            .context("starting nginx (scripts/bench.sh installs it)")?;
+        let mut nginx = Nginx { master, dir, port };
+        let deadline = Instant::now() + READY_TIMEOUT;
+        while TcpStream::connect((Ipv4Addr::LOCALHOST, port)).is_err() {
+            if let Some(status) = nginx.master.try_wait()? {
+                bail!("nginx exited with {status}: {}", nginx.error_log());
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "nginx not listening within {READY_TIMEOUT:?}: {}",
+                    nginx.error_log()
+                );
+            }
+            thread::sleep(Duration::from_millis(20));
+        }
+        Ok(nginx)
+    }
+
+    /// Its master and worker processes.
+    pub fn pids(&self) -> Vec<u32> {
+        let master = self.master.id();
+        let children = fs::read_to_string(format!("/proc/{master}/task/{master}/children"))
+            .unwrap_or_default();
+        std::iter::once(master)
+            .chain(children.split_whitespace().filter_map(|p| p.parse().ok()))
+            .collect()
+    }
+
+    /// User and system CPU seconds of the master and its workers (live ones).
+    pub fn cpu_seconds(&self) -> (f64, f64) {
+        self.pids()
+            .iter()
+            .filter_map(|pid| cpu_seconds(&pid.to_string()).ok())
+            .fold((0.0, 0.0), |(u, s), (user, system)| (u + user, s + system))
+    }
+
+    fn error_log(&self) -> String {
+        fs::read_to_string(self.dir.join("error.log")).unwrap_or_default()
+    }
+
+    /// One wrk run of `seconds` against this nginx, with the `-H` headers given.
+    pub fn wrk(&self, seconds: u64, headers: &[&str], cpu: Option<usize>) -> Result<Wrk> {
+        let mut command = Command::new("wrk");
+        command.args([
+            "-t",
+            &WRK_THREADS.to_string(),
+            "-c",
+            &WRK_CONNECTIONS.to_string(),
+            "-d",
+            &format!("{seconds}s"),
+            "--timeout",
+            "5s",
+        ]);
+        for header in headers {
+            command.args(["-H", header]);
+        }
+        let mut child = command
+            .arg(format!("http://127.0.0.1:{}/", self.port))
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .die_with_parent()
+            .on_cpu(cpu)
+            .spawn()
+            .context("starting wrk (scripts/bench.sh installs it)")?;
+        // Its output is a few lines: the pipes do not fill before it exits.
+        let deadline = Instant::now() + Duration::from_secs(seconds + 30);
+        let status = wait_or_kill(&mut child, deadline).context("wrk did not finish in time")?;
+        let mut out = String::new();
+        let mut err = String::new();
+        child
+            .stdout
+            .take()
+            .context("wrk stdout")?
+            .read_to_string(&mut out)?;
+        child
+            .stderr
+            .take()
+            .context("wrk stderr")?
+            .read_to_string(&mut err)?;
+        if !status.success() {
+            bail!("wrk exited with {status}: {err}{out}");
+        }
+        Wrk::parse(&out)
+    }
+}
+
+impl Drop for Nginx {
+    fn drop(&mut self) {
+        // SIGTERM: a fast shutdown (the master stops its workers).
+        let _ = kill(Pid::from_raw(self.master.id() as i32), Signal::SIGTERM);
+        wait_or_kill(&mut self.master, Instant::now() + Duration::from_secs(5));
+        let _ = fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// The whole configuration: one worker, keep-alive without a request limit, no
+/// access log, every path inside `dir`.
+fn config(dir: &std::path::Path, port: u16) -> String {
+    let dir = dir.display();
+    format!(
+        "user nobody nogroup;
+worker_processes 1;
+daemon off;
+pid {dir}/nginx.pid;
+error_log {dir}/error.log warn;
+events {{
+    worker_connections 1024;
+}}
+http {{
+    access_log off;
+    client_body_temp_path {dir}/body;
+    proxy_temp_path {dir}/proxy;
+    fastcgi_temp_path {dir}/fastcgi;
+    uwsgi_temp_path {dir}/uwsgi;
+    scgi_temp_path {dir}/scgi;
+    keepalive_timeout 60s;
+    keepalive_requests 1000000000;
+    server {{
+        listen 127.0.0.1:{port};
+        location / {{
+            default_type text/plain;
+            return 200 \"ok\";
+        }}
+    }}
+}}
+"
+    )
+}
+
+/// A port nothing listens on now (the kernel's choice, released at once).
+fn free_port() -> Result<u16> {
+    Ok(TcpListener::bind((Ipv4Addr::LOCALHOST, 0))?
+        .local_addr()?
+        .port())
+}
+
+/// What a wrk run reports.
+pub struct Wrk {
+    pub requests_per_s: f64,
+    pub requests: u64,
+    /// "Socket errors: ..." and "Non-2xx or 3xx responses: N", if any.
+    pub errors: Vec<String>,
+}
+
+impl Wrk {
+    fn parse(out: &str) -> Result<Wrk> {
+        let field = |key: &str| {
+            out.lines()
+                .find_map(|l| l.trim().strip_prefix(key))
+                .map(str::trim)
+        };
+        let requests_per_s = field("Requests/sec:")
+            .with_context(|| format!("no Requests/sec in wrk's output: {out}"))?
+            .parse()?;
+        // "  123456 requests in 10.00s, 12.34MB read"
+        let requests = out
+            .lines()
+            .find(|l| l.contains(" requests in "))
+            .and_then(|l| l.split_whitespace().next())
+            .and_then(|n| n.parse().ok())
+            .unwrap_or(0);
+        let errors = out
+            .lines()
+            .map(str::trim)
+            .filter(|l| l.starts_with("Socket errors:") || l.starts_with("Non-2xx"))
+            .map(str::to_owned)
+            .collect();
+        Ok(Wrk {
+            requests_per_s,
+            requests,
+            errors,
+        })
+    }
+}
+
+trait OnCpu {
+    fn on_cpu(&mut self, cpu: Option<usize>) -> &mut Self;
+}
+
+impl OnCpu for Command {
+    /// The child (and whatever it forks) runs on `cpu` only.
+    fn on_cpu(&mut self, cpu: Option<usize>) -> &mut Self {
+        if cpu.is_none() {
+            return self;
+        }
+        // SAFETY: sched_setaffinity is async-signal-safe and touches only the stack.
+        unsafe {
+            self.pre_exec(move || {
+                pin_to_cpu(cpu);
+                Ok(())
+            })
+        }
+    }
+}
