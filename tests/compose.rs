@@ -118,7 +118,7 @@ fn the_tracer_runs_with_only_what_the_readme_says_it_needs() {
         .nth(1)
         .and_then(|rest| rest.split("\n## ").next())
         .expect("README has a \"What it needs\" section");
-    for (caps, when) in [(&CAPS[..], "span links on"), (&NO_LINKS_CAPS, "--no-links")] {
+    for (caps, when) in [(&CAPS[..], "--links"), (&NO_LINKS_CAPS, "without --links")] {
         let listed = caps
             .iter()
             .map(|c| format!("`CAP_{c}`"))
@@ -129,7 +129,7 @@ fn the_tracer_runs_with_only_what_the_readme_says_it_needs() {
             "README's \"What it needs\" does not give {listed} ({when})"
         );
     }
-    assert!(needs.contains("`--no-links`"));
+    assert!(needs.contains("`--links`"));
     fail_on(tracer_problems(&compose, &compose.collector()));
     assert_eq!(
         tracer_target(&compose, &compose.collector()),

@@ -19,7 +19,7 @@ use support::{
     BIN,
     deploy::{
         Bind, repo_file,
-        run::{LINKS_CAP, PATH, Run, UNIT_CAPS, Var, in_container},
+        run::{LINKS_CAP, PATH, Run, UNIT_CAPS, Var, in_container, links_asked},
         text,
     },
     listen,
@@ -264,8 +264,12 @@ fn daemonset_runs_the_daemon_on_every_node_with_least_privilege() {
         .map(|c| str_of(c, "capability"))
         .collect();
     let as_root = security["runAsUser"] == 0 && security["runAsNonRoot"] != true;
-    // Span links (on unless --no-links) take NET_ADMIN; without them it is spared.
-    let no_links = list(&daemon["args"]).iter().any(|a| a == "--no-links");
+    // Span links (asked for with --links) take NET_ADMIN; without them it is spared.
+    let args: Vec<String> = list(&daemon["args"])
+        .iter()
+        .map(|a| str_of(a, "argument").to_owned())
+        .collect();
+    let no_links = !links_asked(&args);
     let net_admin = LINKS_CAP.trim_start_matches("CAP_");
     let shipped: Vec<&str> = if as_root {
         ROOT_CAPS.to_vec()
@@ -281,7 +285,7 @@ fn daemonset_runs_the_daemon_on_every_node_with_least_privilege() {
         .collect();
     assert_eq!(
         added, expected,
-        "as root: {as_root}, --no-links: {no_links}"
+        "as root: {as_root}, without --links: {no_links}"
     );
     assert_eq!(security["allowPrivilegeEscalation"], false);
     assert_eq!(security["readOnlyRootFilesystem"], true);

@@ -442,7 +442,7 @@ fn links_follow_the_apps_client_spans(test: &str, family: u8) {
         return;
     }
     let rx = Receiver::start();
-    let tracer = daemon(&rx, &[]);
+    let tracer = daemon(&rx, &["--links"]);
     let app = run_app(&rx, family, 6, true);
     let spans = collect(&rx, tracer, &app);
     check_app_spans(&spans, &app);
@@ -514,7 +514,7 @@ fn links_beyond_64_are_counted_as_dropped() {
     }
     const REQUESTS: usize = 70;
     let rx = Receiver::start();
-    let tracer = daemon(&rx, &[]);
+    let tracer = daemon(&rx, &["--links"]);
     let app = run_app(&rx, 4, REQUESTS, false);
     let spans = collect(&rx, tracer, &app);
     check_app_spans(&spans, &app);
@@ -535,25 +535,28 @@ fn links_beyond_64_are_counted_as_dropped() {
     check_nothing_else_linked(&spans, &app);
 }
 
+/// Without `--links` (the default), and with `--links` taken back by a later
 /// `--no-links`: the same traffic, and no root has a link.
 #[test]
-fn no_links_exports_roots_without_links() {
-    if !root_or_skip("no_links_exports_roots_without_links") {
+fn without_links_roots_have_no_links() {
+    if !root_or_skip("without_links_roots_have_no_links") {
         return;
     }
-    let rx = Receiver::start();
-    let tracer = daemon(&rx, &["--no-links"]);
-    let app = run_app(&rx, 4, 6, true);
-    let spans = collect(&rx, tracer, &app);
-    check_app_spans(&spans, &app);
-    for socket in sockets(&app) {
-        root_of(&spans, &app, socket);
-    }
-    for span in spans.iter().filter(|s| service(s) == Some(DAEMON_SERVICE)) {
-        assert_eq!(
-            (span.links.as_slice(), span.dropped_links_count),
-            (&[][..], 0),
-            "{span:#?}"
-        );
+    for extra in [&[][..], &["--links", "--no-links"][..]] {
+        let rx = Receiver::start();
+        let tracer = daemon(&rx, extra);
+        let app = run_app(&rx, 4, 6, true);
+        let spans = collect(&rx, tracer, &app);
+        check_app_spans(&spans, &app);
+        for socket in sockets(&app) {
+            root_of(&spans, &app, socket);
+        }
+        for span in spans.iter().filter(|s| service(s) == Some(DAEMON_SERVICE)) {
+            assert_eq!(
+                (span.links.as_slice(), span.dropped_links_count),
+                (&[][..], 0),
+                "{extra:?}: {span:#?}"
+            );
+        }
     }
 }

@@ -249,12 +249,12 @@ fn unit_grants_exactly_the_documented_capabilities() {
     let documented: BTreeSet<String> = UNIT_CAPS.iter().map(|c| c.to_string()).collect();
     assert_eq!(unit.words("CapabilityBoundingSet"), documented);
     assert_eq!(unit.words("AmbientCapabilities"), documented);
-    // The README lists them, and what --no-links spares.
+    // The README lists them, and what going without --links spares.
     let needs = readme_what_it_needs();
     for cap in UNIT_CAPS {
         assert!(needs.contains(&format!("`{cap}`")), "README omits {cap}");
     }
-    assert!(needs.contains("`--no-links`"), "{needs}");
+    assert!(needs.contains("`--links`"), "{needs}");
     // Attaching the packet programs opens the cgroup v2 root read-only, which
     // ProtectControlGroups=yes (a read-only /sys/fs/cgroup) allows. systemd 257's
     // `private` and `strict` would give the service a cgroup namespace and mount

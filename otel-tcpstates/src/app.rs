@@ -138,6 +138,9 @@ pub async fn run(cli: Cli) -> Result<()> {
         .then(|| JournalWriter::open(journal::socket_path()))
         .transpose()?;
     preflight::run()?;
+    if cli.links && export.is_none() {
+        tracing::warn!("--links does nothing without an OTLP endpoint: links go on exported spans");
+    }
     let filters = Filters {
         owner_pid: cli.pid,
         // Our own export connections would trace themselves, each export making
@@ -183,7 +186,7 @@ pub async fn run(cli: Cli) -> Result<()> {
         cli.ring_buffer_mib << 20,
         cli.max_sockets,
         // Links go on the spans of sockets: only traces have a use for them.
-        export.is_some() && !cli.no_links,
+        export.is_some() && cli.links,
     )?;
     let mut reader = EventReader::new(ring, Duration::from_millis(cli.poll_ms))
         .context("watching the ring buffer")?;

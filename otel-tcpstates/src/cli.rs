@@ -79,16 +79,15 @@ pub struct Cli {
     #[arg(long = "trace-self")]
     pub trace_self: bool,
 
-    /// Don't look for W3C traceparent headers in plaintext HTTP/1.x requests (the
-    /// packet programs stay unloaded): no span links from a socket's root to the
-    /// requests that used it
-    #[arg(long = "no-links", overrides_with = "links")]
-    pub no_links: bool,
-
-    /// Link each socket's root span to the requests that used it, from their W3C
-    /// traceparent headers (the default when exporting)
+    /// Link each socket's root span to the HTTP/1.x requests that used it, from
+    /// their W3C traceparent headers (packet programs on the cgroup v2 root; needs
+    /// CAP_NET_ADMIN; off by default for what it costs, see BENCHMARKS.md)
     #[arg(long = "links", overrides_with = "no_links")]
     pub links: bool,
+
+    /// No span links: the packet programs stay unloaded (the default)
+    #[arg(long = "no-links", overrides_with = "links")]
+    pub no_links: bool,
 
     /// tcplife mode: one line per closed connection (owner, bytes each way, lifespan)
     #[arg(long = "life")]

@@ -217,7 +217,7 @@ struct Stopped {
 
 impl Daemon {
     /// The daemon exporting OTLP/gRPC to a fresh receiver (storing spans, or only
-    /// counting them), with `--no-links` unless `links`; returns once its
+    /// counting them), with `--links` or `--no-links`; returns once its
     /// tracepoint program runs and, with links, its packet programs are loaded.
     fn start(links: bool, store_spans: bool) -> Result<Daemon> {
         let receiver = match store_spans {
@@ -225,9 +225,7 @@ impl Daemon {
             false => otlp::Receiver::start_counting(),
         };
         let mut args = otlp_args("grpc", &receiver.grpc_endpoint());
-        if !links {
-            args.push("--no-links".to_owned());
-        }
+        args.push(if links { "--links" } else { "--no-links" }.to_owned());
         let tracer = Tracer::daemon(&args)?;
         let maps = progs()?
             .into_iter()

@@ -189,7 +189,7 @@ impl Probe {
                 err.to_string()
             };
             tracing::warn!(
-                "span links from traceparent headers are off: {why} (needs cgroup v2 and CAP_BPF, CAP_PERFMON and CAP_NET_ADMIN; --no-links silences this)"
+                "span links from traceparent headers are off: {why} (--links needs cgroup v2, Linux 5.17 or later, and CAP_BPF, CAP_PERFMON and CAP_NET_ADMIN)"
             );
             tracing::debug!("{err:#}");
         }

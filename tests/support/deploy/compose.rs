@@ -11,16 +11,16 @@ use serde_json::Value;
 
 use super::{
     Bind, Endpoint, Listener, Protocol, Serves, collector::Collector, host_port, keys, read_yaml,
-    root, strings,
+    root, run::links_asked, strings,
 };
 
 pub type Listeners = BTreeMap<String, Vec<Listener>>;
 
-/// What the tracer's container needs as root (README, "What it needs"):
+/// What the tracer's container needs as root with `--links` (README, "What it needs"):
 /// CAP_BPF and CAP_PERFMON load the programs, CAP_NET_ADMIN attaches the packet
 /// programs behind span links to the cgroup v2 root.
 pub const CAPS: [&str; 3] = ["BPF", "PERFMON", "NET_ADMIN"];
-/// With `--no-links`.
+/// Without `--links`.
 pub const NO_LINKS_CAPS: [&str; 2] = ["BPF", "PERFMON"];
 
 /// docker-compose.yml.
@@ -423,11 +423,11 @@ pub fn tracer_problems(compose: &Compose, agent: &Collector) -> Vec<String> {
             set("cap_drop")
         ));
     }
-    // Span links (on unless --no-links) take NET_ADMIN; without them it is spared.
-    let caps: &[&str] = if compose.command(TRACER).iter().any(|a| a == "--no-links") {
-        &NO_LINKS_CAPS
-    } else {
+    // Span links (asked for with --links) take NET_ADMIN; without them it is spared.
+    let caps: &[&str] = if links_asked(&compose.command(TRACER)) {
         &CAPS
+    } else {
+        &NO_LINKS_CAPS
     };
     if set("cap_add") != want(caps) {
         problems.push(format!(

@@ -140,6 +140,15 @@ pub fn host_cgroup2_root() -> (PathBuf, u64) {
     (root, id)
 }
 
+/// Whether these daemon arguments ask for span links: the later of `--links` and
+/// `--no-links` wins, and neither means none.
+pub fn links_asked(args: &[String]) -> bool {
+    args.iter()
+        .rev()
+        .find(|a| *a == "--links" || *a == "--no-links")
+        .is_some_and(|a| a == "--links")
+}
+
 /// The daemon's stderr lines that say span links are off.
 pub fn links_off(stderr: &[String]) -> Vec<&String> {
     stderr.iter().filter(|l| l.contains(LINKS_OFF)).collect()
@@ -425,14 +434,15 @@ impl Run {
             off[0].contains(&format!("{LINKS_OFF}: attaching "))
                 && off[0].contains(&format!(" to {}: Operation not permitted", root.display()))
                 && off[0].contains(LINKS_CAP)
-                && off[0].contains("--no-links"),
+                && off[0].contains("--links needs"),
             "{}",
             off[0]
         );
         assert!(self.held.cgroup_links.is_empty(), "{:?}", self.held);
     }
 
-    /// `--no-links`: no packet program loaded, nothing attached, nothing said.
+    /// Without `--links` (or with a later `--no-links`): no packet program
+    /// loaded, nothing attached, nothing said.
     pub fn assert_no_links_loaded(&self) {
         assert!(links_off(&self.stderr).is_empty(), "{:?}", self.stderr);
         assert!(self.held.cgroup_links.is_empty(), "{:?}", self.held);
