@@ -1,0 +1,168 @@
+//! The bench's options: which runs, how long, and the modes each run is.
+use super::*;
+
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub(crate) enum Mode {
+    Baseline,
+    Floor,
+    Text,
+    Otlp,
+    OtlpHttp,
+    Libbpf,
+    Memory,
+    /// The churn, links off vs on.
+    LinksChurn,
+    /// One bulk connection, links off vs on.
+    LinksBulk,
+    /// wrk against nginx, with and without a traceparent header, links off vs on.
+    LinksWrk,
+}
+
+impl Mode {
+    pub(crate) const ALL: [Mode; 10] = [
+        Mode::Baseline,
+        Mode::Floor,
+        Mode::Text,
+        Mode::Otlp,
+        Mode::OtlpHttp,
+        Mode::Libbpf,
+        Mode::Memory,
+        Mode::LinksChurn,
+        Mode::LinksBulk,
+        Mode::LinksWrk,
+    ];
+    /// `--runs links`.
+    pub(crate) const LINKS: [Mode; 3] = [Mode::LinksChurn, Mode::LinksBulk, Mode::LinksWrk];
+    /// The untraced run comes again after the traced ones, to show drift. The
+    /// links runs come after the throughput table, the memory run last.
+    pub(crate) const DEFAULT: [Mode; 11] = [
+        Mode::Baseline,
+        Mode::Floor,
+        Mode::Text,
+        Mode::Otlp,
+        Mode::OtlpHttp,
+        Mode::Libbpf,
+        Mode::Baseline,
+        Mode::LinksChurn,
+        Mode::LinksBulk,
+        Mode::LinksWrk,
+        Mode::Memory,
+    ];
+
+    /// One run's name, or `links` for all three links runs.
+    pub(crate) fn parse(s: &str) -> Result<Vec<Mode>> {
+        if s == "links" {
+            return Ok(Mode::LINKS.to_vec());
+        }
+        Mode::ALL
+            .into_iter()
+            .find(|m| m.name() == s)
+            .map(|m| vec![m])
+            .with_context(|| format!("unknown run {s:?}\n{USAGE}"))
+    }
+
+    /// A churn run of one tracer (or none), a row of the throughput table.
+    pub(crate) fn is_throughput(self) -> bool {
+        !matches!(self, Mode::Memory) && !self.is_links()
+    }
+
+    pub(crate) fn is_links(self) -> bool {
+        Mode::LINKS.contains(&self)
+    }
+
+    pub(crate) fn name(self) -> &'static str {
+        match self {
+            Mode::Baseline => "baseline",
+            Mode::Floor => "floor",
+            Mode::Text => "text",
+            Mode::Otlp => "otlp",
+            Mode::OtlpHttp => "otlp-http",
+            Mode::Libbpf => "libbpf",
+            Mode::Memory => "memory",
+            Mode::LinksChurn => "links-churn",
+            Mode::LinksBulk => "links-bulk",
+            Mode::LinksWrk => "links-wrk",
+        }
+    }
+
+    pub(crate) fn label(self) -> &'static str {
+        match self {
+            Mode::Baseline => "untraced",
+            Mode::Floor => "floor (a program that only counts)",
+            Mode::Text => "otel-tcpstates text",
+            Mode::Otlp => "otel-tcpstates OTLP/gRPC",
+            Mode::OtlpHttp => "otel-tcpstates OTLP/HTTP",
+            Mode::Libbpf => "libbpf-tools tcpstates",
+            Mode::Memory => "memory",
+            Mode::LinksChurn => "links: churn",
+            Mode::LinksBulk => "links: bulk",
+            Mode::LinksWrk => "links: wrk against nginx",
+        }
+    }
+}
+
+pub(crate) struct Options {
+    /// Measured seconds per throughput run.
+    pub(crate) seconds: u64,
+    /// Seconds of churn before measuring (the tracer's buffers and caches fill).
+    pub(crate) warmup: u64,
+    pub(crate) runs: Vec<Mode>,
+    /// Distinct sockets the memory run churns through (two per connection).
+    pub(crate) memory_sockets: u64,
+    /// Connections the memory run holds open at once (two sockets each).
+    pub(crate) hold_connections: u64,
+    /// Pin the churn's client and server threads to CPU 0 (see [`Churn::start`]);
+    /// the bulk transfer's too, and nginx and wrk to a core each (see `links.rs`).
+    pub(crate) pin: bool,
+    /// Links off/on pairs per links run, alternating which comes first.
+    pub(crate) link_rounds: u64,
+    /// Measured seconds per links run: many short alternating windows average out
+    /// this machine's drift better than a few long ones.
+    pub(crate) link_seconds: u64,
+}
+
+pub(crate) fn parse_options() -> Result<Options> {
+    let mut o = Options {
+        seconds: 10,
+        warmup: 2,
+        runs: Mode::DEFAULT.to_vec(),
+        memory_sockets: 1_000_000,
+        hold_connections: 32_768,
+        pin: true,
+        link_rounds: 3,
+        link_seconds: 4,
+    };
+    let mut args = std::env::args().skip(1);
+    while let Some(arg) = args.next() {
+        let mut value = || {
+            args.next()
+                .with_context(|| format!("{arg} needs a value\n{USAGE}"))
+        };
+        match arg.as_str() {
+            "--bench" => {} // cargo bench passes it to every bench binary
+            "--seconds" => o.seconds = value()?.parse()?,
+            "--warmup" => o.warmup = value()?.parse()?,
+            "--memory-sockets" => o.memory_sockets = value()?.parse()?,
+            "--hold-connections" => o.hold_connections = value()?.parse()?,
+            "--no-pin" => o.pin = false,
+            "--link-rounds" => o.link_rounds = value()?.parse()?,
+            "--link-seconds" => o.link_seconds = value()?.parse()?,
+            "--runs" => {
+                o.runs = value()?
+                    .split(',')
+                    .map(Mode::parse)
+                    .collect::<Result<Vec<_>>>()?
+                    .concat()
+            }
+            "-h" | "--help" => {
+                println!("{USAGE}");
+                std::process::exit(0);
+            }
+            other => bail!("unknown argument {other:?}\n{USAGE}"),
+        }
+    }
+    ensure!(o.seconds > 0, "--seconds must be at least 1");
+    ensure!(o.link_rounds > 0, "--link-rounds must be at least 1");
+    ensure!(o.link_seconds > 0, "--link-seconds must be at least 1");
+    Ok(o)
+}
