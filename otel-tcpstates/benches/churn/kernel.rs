@@ -10,6 +10,10 @@ pub(crate) struct ProgStats {
 pub(crate) struct Prog {
     pub(crate) id: u64,
     pub(crate) name: String,
+    /// bpftool's program type, e.g. `tracepoint`, `cgroup_skb`.
+    pub(crate) kind: String,
+    /// The maps it uses: tells one loader's programs from another's.
+    pub(crate) maps: HashSet<u64>,
     pub(crate) stats: ProgStats,
 }
 
@@ -32,6 +36,11 @@ pub(crate) fn prog(v: &serde_json::Value) -> Prog {
     Prog {
         id: num("id"),
         name: v["name"].as_str().unwrap_or("").to_owned(),
+        kind: v["type"].as_str().unwrap_or("").to_owned(),
+        maps: v["map_ids"]
+            .as_array()
+            .map(|ids| ids.iter().filter_map(|id| id.as_u64()).collect())
+            .unwrap_or_default(),
         // Both are absent until the program has run with statistics on.
         stats: ProgStats {
             run_time_ns: num("run_time_ns"),
@@ -40,18 +49,20 @@ pub(crate) fn prog(v: &serde_json::Value) -> Prog {
     }
 }
 
-pub(crate) fn tracepoint_progs() -> Result<Vec<Prog>> {
+/// Every BPF program loaded now.
+pub(crate) fn progs() -> Result<Vec<Prog>> {
     let all = bpftool_json(&["prog", "show"])?;
     Ok(all
         .as_array()
-        .map(|progs| {
-            progs
-                .iter()
-                .filter(|p| p["type"] == "tracepoint")
-                .map(prog)
-                .collect()
-        })
+        .map(|progs| progs.iter().map(prog).collect())
         .unwrap_or_default())
+}
+
+pub(crate) fn tracepoint_progs() -> Result<Vec<Prog>> {
+    Ok(progs()?
+        .into_iter()
+        .filter(|p| p.kind == "tracepoint")
+        .collect())
 }
 
 pub(crate) fn prog_stats(id: u64) -> Result<ProgStats> {

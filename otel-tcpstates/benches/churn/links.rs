@@ -16,9 +16,9 @@ use std::{
 use anyhow::{Context as _, Result, bail};
 
 use super::{
-    Churn, DAEMON_PROG, Exited, Mode, Options, ProgStats, Tracer, bpftool_json, bulk::Bulk,
-    cpu_seconds, lost_events, machine_user_seconds, nginx::Nginx, otlp, otlp_args, prog,
-    prog_stats, settled_count, summary,
+    Churn, DAEMON_PROG, Exited, Mode, Options, ProgStats, Tracer, bulk::Bulk, cpu_seconds,
+    lost_events, machine_user_seconds, nginx::Nginx, otlp, otlp_args, prog_stats, progs,
+    settled_count, summary,
 };
 
 /// bpftool's names for the daemon's packet programs, in the table's order.
@@ -359,33 +359,6 @@ impl Daemon {
         }
         Stopped { links, notes }
     }
-}
-
-/// A loaded BPF program: id, name and the maps it uses.
-struct LoadedProg {
-    id: u64,
-    name: String,
-    maps: HashSet<u64>,
-}
-
-fn progs() -> Result<Vec<LoadedProg>> {
-    let all = bpftool_json(&["prog", "show"])?;
-    Ok(all
-        .as_array()
-        .map(|progs| {
-            progs
-                .iter()
-                .map(|p| LoadedProg {
-                    id: prog(p).id,
-                    name: prog(p).name,
-                    maps: p["map_ids"]
-                        .as_array()
-                        .map(|ids| ids.iter().filter_map(|id| id.as_u64()).collect())
-                        .unwrap_or_default(),
-                })
-                .collect()
-        })
-        .unwrap_or_default())
 }
 
 /// Any of `ids` still loaded 3 s after its daemon's exit.
