@@ -789,12 +789,25 @@ fn overload_does_not_starve_signals_and_reports() {
     let limit = CpuLimit::apply(tracer.pid(), CPU_PERCENT);
     // Two clients at full speed, every socket traced: far more than it can read.
     let churn = Churn::start(server.addr(), 2, None, None);
+    let before = limit.thread_times();
     thread::sleep(Duration::from_secs(5)); // the overload
+    let after = limit.thread_times();
     let reports = tracer
         .stderr()
         .iter()
         .filter(|l| l.contains("events lost (ring buffer full)"))
         .count();
+    // CPU time per thread in the 5 s: whether the one that reports ran at all.
+    let ran: Vec<String> = after
+        .iter()
+        .map(|(name, total)| {
+            let earlier = before.iter().find(|(n, _)| n == name).map(|(_, t)| *t);
+            format!(
+                "{name} {:?}",
+                total.saturating_sub(earlier.unwrap_or_default())
+            )
+        })
+        .collect();
     // The signal lands in the load, which goes on until the daemon is gone, on
     // both cores; the quota only made the overload, the exit is timed without it.
     drop(limit);
@@ -802,7 +815,7 @@ fn overload_does_not_starve_signals_and_reports() {
     let made = churn.stop();
     let summary = Summary::parse(&done.stderr);
     eprintln!(
-        "{made:?} ({:.0}/s); {reports} lost-event reports in 5 s; exit after {:.2?} \
+        "{made:?} ({:.0}/s); {reports} lost-event reports in 5 s (CPU time in them: {ran:?}); exit after {:.2?} \
          with --shutdown-timeout {SHUTDOWN_TIMEOUT:?}; {summary:?}; {:?}",
         made.per_second(),
         done.took,
@@ -817,7 +830,7 @@ fn overload_does_not_starve_signals_and_reports() {
     );
     assert!(
         reports >= 3,
-        "{reports} lost-event reports in 5 s of overload"
+        "{reports} lost-event reports in 5 s of overload; CPU time in them: {ran:?}"
     );
     assert!(done.status.success(), "{:?}", done.stderr);
     assert!(

@@ -27,6 +27,7 @@ use crate::{
         life::LifeWriter,
         text::TextWriter,
     },
+    periodic::Every,
     sessions::table::{EndReason, SessionTable},
     shutdown::{self, Stop},
     telemetry::self_metrics::SelfMetrics,
@@ -127,6 +128,36 @@ impl Sinks {
     }
 }
 
+/// The running warnings: each says what grew since the last one.
+#[derive(Default)]
+struct Reports {
+    lost: u64,
+    dropped: u64,
+}
+
+impl Reports {
+    fn running(&mut self, stats: &Stats, journal: Option<&mut JournalWriter>) {
+        if stats.events_lost > self.lost {
+            tracing::warn!(
+                "{} events lost (ring buffer full); {LOST_ADVICE}",
+                stats.events_lost - self.lost
+            );
+            self.lost = stats.events_lost;
+        }
+        if let Some(unsent) = journal.and_then(JournalWriter::take_unsent) {
+            tracing::warn!("{unsent}");
+        }
+        let dropped = stats.spans.map_or(0, |s| s.dropped);
+        if dropped > self.dropped {
+            tracing::warn!(
+                "at least {} spans dropped (export queue full): the collector, or the export path, cannot keep up",
+                dropped - self.dropped
+            );
+            self.dropped = dropped;
+        }
+    }
+}
+
 pub async fn run(cli: Cli) -> Result<()> {
     let export = settings::settings(
         cli.otlp_endpoint.as_deref(),
@@ -221,60 +252,52 @@ pub async fn run(cli: Cli) -> Result<()> {
         return quiet_on_broken_pipe(err);
     }
 
-    let mut lost_timer = tokio::time::interval(LOST_REPORT_EVERY);
-    // Off (0: the branch below is disabled) unless asked for, or when exporting.
+    // Off unless asked for, or when exporting.
     let stats_every = match cli.stats_interval {
         Some(secs) => secs,
         None if sinks.traces.is_some() => DEFAULT_STATS_EVERY_SECS,
         None => 0,
     };
-    let stats_period = Duration::from_secs(stats_every.max(1));
-    let mut stats_timer =
-        tokio::time::interval_at(tokio::time::Instant::now() + stats_period, stats_period);
-    let mut clock_timer = tokio::time::interval_at(
-        tokio::time::Instant::now() + CLOCK_RESYNC_EVERY,
-        CLOCK_RESYNC_EVERY,
-    );
-    let mut lost_reported = 0;
-    let mut dropped_reported = 0;
+    let started = Instant::now();
+    let mut lost_report = Every::starting(started, LOST_REPORT_EVERY);
+    let mut stats_line =
+        (stats_every > 0).then(|| Every::starting(started, Duration::from_secs(stats_every)));
+    let mut clock_resync = Every::starting(started, CLOCK_RESYNC_EVERY);
+    // Wakes an idle loop when the next periodic work is due; a busy loop finds it
+    // due on its own (see `periodic`).
+    let wake = tokio::time::sleep_until(started.into());
+    tokio::pin!(wake);
+    let mut reports = Reports::default();
     let mut broken_pipe = false;
     loop {
+        let next = [stats_line.as_ref(), Some(&clock_resync)]
+            .into_iter()
+            .flatten()
+            .map(Every::next)
+            .fold(lost_report.next(), Instant::min);
+        if wake.is_elapsed() || wake.deadline() != next.into() {
+            wake.as_mut().reset(next.into());
+        }
         tokio::select! {
             _ = stop.requested() => break,
             ready = reader.ready() => ready.context("waiting for events")?,
-            _ = lost_timer.tick() => {
-                let lost = probe.lost_events()?;
-                if lost > lost_reported {
-                    tracing::warn!(
-                        "{} events lost (ring buffer full); {LOST_ADVICE}",
-                        lost - lost_reported
-                    );
-                    lost_reported = lost;
-                }
-                if let Some(unsent) = sinks.journal.as_mut().and_then(JournalWriter::take_unsent) {
-                    tracing::warn!("{unsent}");
-                }
-                let stats = stats(&sinks, lost);
-                if let Some(metrics) = &self_metrics {
-                    metrics.publish(&stats);
-                }
-                let dropped = stats.spans.map_or(0, |s| s.dropped);
-                if dropped > dropped_reported {
-                    tracing::warn!(
-                        "at least {} spans dropped (export queue full): the collector, or the export path, cannot keep up",
-                        dropped - dropped_reported
-                    );
-                    dropped_reported = dropped;
-                }
+            () = &mut wake => {}
+        }
+        let now = Instant::now();
+        if lost_report.due(now) {
+            let stats = stats(&sinks, probe.lost_events()?);
+            reports.running(&stats, sinks.journal.as_mut());
+            if let Some(metrics) = &self_metrics {
+                metrics.publish(&stats);
             }
-            _ = stats_timer.tick(), if stats_every > 0 => {
-                tracing::info!("{}", stats(&sinks, probe.lost_events()?));
-            }
-            _ = clock_timer.tick() => {
-                if let Some(traces) = &mut sinks.traces {
-                    traces.resync_clock();
-                }
-            }
+        }
+        if stats_line.as_mut().is_some_and(|every| every.due(now)) {
+            tracing::info!("{}", stats(&sinks, probe.lost_events()?));
+        }
+        if clock_resync.due(now)
+            && let Some(traces) = &mut sinks.traces
+        {
+            traces.resync_clock();
         }
         // Flush once per drained batch: prompt for pipes, no write(2) per line. A
         // signal cuts the batch short: the shutdown deadline runs from its arrival.

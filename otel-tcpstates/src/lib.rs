@@ -8,6 +8,7 @@ pub mod cli;
 pub mod kernel;
 pub mod otlp;
 pub mod output;
+pub mod periodic;
 pub mod sessions;
 pub mod shutdown;
 pub mod telemetry;

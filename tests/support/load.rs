@@ -595,6 +595,29 @@ impl CpuLimit {
     }
 }
 
+impl CpuLimit {
+    /// The CPU time each of the process's threads has had so far, by name: what a
+    /// report on an overloaded daemon needs to say whether it ran at all.
+    pub fn thread_times(&self) -> Vec<(String, Duration)> {
+        let Ok(tasks) = std::fs::read_dir(format!("/proc/{}/task", self.pid)) else {
+            return Vec::new();
+        };
+        let mut times: Vec<(String, Duration)> = tasks
+            .flatten()
+            .filter_map(|task| {
+                let dir = task.path();
+                let name = std::fs::read_to_string(dir.join("comm")).ok()?;
+                // schedstat: nanoseconds on a CPU, waiting for one, timeslices.
+                let on_cpu = std::fs::read_to_string(dir.join("schedstat")).ok()?;
+                let ns = on_cpu.split_whitespace().next()?.parse().ok()?;
+                Some((name.trim_end().to_owned(), Duration::from_nanos(ns)))
+            })
+            .collect();
+        times.sort();
+        times
+    }
+}
+
 impl Drop for CpuLimit {
     fn drop(&mut self) {
         // The process may be gone already; an empty cgroup is what rmdir needs.
