@@ -270,11 +270,13 @@ pub async fn run(cli: Cli) -> Result<()> {
     let mut reports = Reports::default();
     let mut broken_pipe = false;
     loop {
-        let next = [stats_line.as_ref(), Some(&clock_resync)]
+        // The lost-event report is due every second, so there always is a next.
+        let next = [Some(&lost_report), stats_line.as_ref(), Some(&clock_resync)]
             .into_iter()
             .flatten()
-            .map(Every::next)
-            .fold(lost_report.next(), Instant::min);
+            .filter_map(Every::next)
+            .min()
+            .unwrap_or_else(|| Instant::now() + LOST_REPORT_EVERY);
         if wake.is_elapsed() || wake.deadline() != next.into() {
             wake.as_mut().reset(next.into());
         }

@@ -11,14 +11,16 @@ use std::time::{Duration, Instant};
 #[derive(Debug)]
 pub struct Every {
     period: Duration,
-    next: Instant,
+    /// None: a period too long for the clock (`--stats-interval` in the
+    /// trillions), never due.
+    next: Option<Instant>,
 }
 
 impl Every {
     pub fn starting(now: Instant, period: Duration) -> Self {
         Self {
             period,
-            next: now + period,
+            next: now.checked_add(period),
         }
     }
 
@@ -26,17 +28,18 @@ impl Every {
     /// A loop that was held up past several due times does the work once, not
     /// once per missed period: a burst of identical reports says nothing more.
     pub fn due(&mut self, now: Instant) -> bool {
-        if now < self.next {
+        let Some(next) = self.next.filter(|&next| now >= next) else {
             return false;
-        }
-        self.next += self.period;
-        if self.next <= now {
-            self.next = now + self.period;
-        }
+        };
+        self.next = next
+            .checked_add(self.period)
+            .filter(|&after| after > now)
+            .or_else(|| now.checked_add(self.period));
         true
     }
 
-    pub fn next(&self) -> Instant {
+    /// When it is due next, if ever.
+    pub fn next(&self) -> Option<Instant> {
         self.next
     }
 }
@@ -56,7 +59,7 @@ mod tests {
         assert!(every.due(start + SECOND));
         assert!(!every.due(start + SECOND + SECOND / 2));
         assert!(every.due(start + 2 * SECOND));
-        assert_eq!(every.next(), start + 3 * SECOND);
+        assert_eq!(every.next(), Some(start + 3 * SECOND));
     }
 
     #[test]
@@ -65,7 +68,7 @@ mod tests {
         let mut every = Every::starting(start, SECOND);
         assert!(every.due(start + SECOND + SECOND / 4));
         // Still due at 2 s, not 2.25 s: reports stay about a second apart.
-        assert_eq!(every.next(), start + 2 * SECOND);
+        assert_eq!(every.next(), Some(start + 2 * SECOND));
     }
 
     #[test]
@@ -75,6 +78,14 @@ mod tests {
         let late = start + 5 * SECOND + SECOND / 2;
         assert!(every.due(late));
         assert!(!every.due(late));
-        assert_eq!(every.next(), late + SECOND);
+        assert_eq!(every.next(), Some(late + SECOND));
+    }
+
+    #[test]
+    fn a_period_too_long_for_the_clock_is_never_due() {
+        let start = Instant::now();
+        let mut every = Every::starting(start, Duration::from_secs(u64::MAX));
+        assert_eq!(every.next(), None);
+        assert!(!every.due(start + 1000 * SECOND));
     }
 }
