@@ -113,6 +113,23 @@ fn missing_privileges_are_one_clear_line() {
     assert!(out.stdout.is_empty());
 }
 
+/// A `--max-sockets` the kernel cannot make a map for (more than 2^31 entries is
+/// E2BIG for any hash map) is one line naming the flag, not aya's error chain.
+#[test]
+fn a_socket_map_too_big_for_the_kernel_names_the_flag() {
+    if !root_or_skip("a_socket_map_too_big_for_the_kernel_names_the_flag") {
+        return;
+    }
+    let (code, stderr) = run(&["--max-sockets", "100000000000", "-L", "1"]);
+    assert_eq!(code, 1, "{stderr}");
+    assert_eq!(stderr.lines().count(), 1, "{stderr}");
+    assert!(
+        stderr.starts_with("otel-tcpstates: error: the kernel cannot make a map for")
+            && stderr.contains("lower --max-sockets"),
+        "{stderr}"
+    );
+}
+
 #[test]
 fn sigterm_and_sigint_exit_zero_promptly() {
     if !root_or_skip("sigterm_and_sigint_exit_zero_promptly") {

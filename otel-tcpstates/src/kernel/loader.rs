@@ -4,8 +4,8 @@ use std::num::NonZeroUsize;
 
 use anyhow::{Context as _, Result, anyhow, bail};
 use aya::{
-    Ebpf, EbpfLoader,
-    maps::{MapData, PerCpuArray, RingBuf},
+    Ebpf, EbpfError, EbpfLoader,
+    maps::{MapData, MapError, PerCpuArray, RingBuf},
     programs::{CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, TracePoint},
 };
 use otel_tcpstates_common::{
@@ -157,16 +157,31 @@ impl Probe {
                 "this binary was built without its eBPF program (AYA_BUILD_SKIP, for lint checks); build it again without AYA_BUILD_SKIP"
             );
         }
-        let mut ebpf = EbpfLoader::new()
+        let socket_entries = socket_map_entries(max_sockets);
+        let loaded = EbpfLoader::new()
             .override_global(names::CONFIG, &config, true)
             .override_global(names::LOCAL_PORTS, &local, true)
             .override_global(names::REMOTE_PORTS, &remote, true)
             .override_global(names::WAKEUP_BYTES, &wakeup_bytes, true)
             .override_global(names::TCP_OFFSETS, offsets, true)
             .map_max_entries(names::EVENTS, ring_buffer_bytes)
-            .map_max_entries(names::SOCKETS, socket_map_entries(max_sockets))
-            .load(PROGRAM)
-            .context("the kernel refused the eBPF program's maps or object")?;
+            .map_max_entries(names::SOCKETS, socket_entries)
+            .load(PROGRAM);
+        let mut ebpf = match loaded {
+            Ok(ebpf) => ebpf,
+            // The one map whose size comes straight from a flag: name the flag.
+            Err(EbpfError::MapError(MapError::CreateError { name, io_error }))
+                if name == names::SOCKETS =>
+            {
+                bail!(
+                    "the kernel cannot make a map for {socket_entries} sockets ({io_error}); \
+                     lower --max-sockets (the default is {DEFAULT_SOCKET_MAP_ENTRIES})"
+                )
+            }
+            Err(err) => {
+                return Err(err).context("the kernel refused the eBPF program's maps or object");
+            }
+        };
 
         let program: &mut TracePoint = ebpf
             .program_mut(names::PROGRAM)
