@@ -199,14 +199,7 @@ fn mounts_tracefs_when_it_is_not_mounted() {
          test -d /sys/kernel/tracing/events && exit 3; \
          exec {BIN} -s --poll-ms 10 -L 1"
     );
-    let (header, out) = header_then_interrupt(Command::new("unshare").args([
-        "--mount",
-        "--propagation",
-        "private",
-        "sh",
-        "-c",
-        &script,
-    ]));
+    let (header, out) = header_then_interrupt(&mut in_private_mounts(&script, false));
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_ne!(
         out.status.code(),
@@ -236,10 +229,7 @@ fn unmountable_tracefs_is_one_clear_line() {
          test -d /sys/kernel/tracing/events && exit 3; \
          exec setpriv --bounding-set=-all,+bpf,+perfmon --inh-caps=-all {BIN} -s"
     );
-    let out = Command::new("unshare")
-        .args(["--mount", "--propagation", "private", "sh", "-c", &script])
-        .output()
-        .unwrap();
+    let out = in_private_mounts(&script, false).output().unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{stderr}");
     assert_eq!(stderr.lines().count(), 1, "{stderr}");

@@ -22,9 +22,9 @@ use support::{
         run::{LINKS_CAP, PATH, Run, UNIT_CAPS, Var},
         text,
     },
-    listen,
+    in_private_mounts, listen,
     otlp::{self, Receiver},
-    root_or_skip,
+    remount_read_only, root_or_skip,
 };
 
 const UNIT: &str = "deploy/systemd/otel-tcpstates.service";
@@ -650,23 +650,8 @@ fn unit_mounts(unit: &Unit) -> Command {
     } else {
         None
     };
-    let remount = tree.map_or(String::new(), |tree| {
-        format!(
-            "findmnt -Rrno TARGET {tree} | while read -r m; do mount -o remount,bind,ro \"$m\"; done\n"
-        )
-    });
-    let script = format!("set -e\n{remount}exec \"$@\"\n");
-    let mut command = Command::new("unshare");
-    command.args([
-        "--mount",
-        "--propagation",
-        "private",
-        "sh",
-        "-c",
-        &script,
-        "sh",
-    ]);
-    command
+    let remount = tree.map_or(String::new(), remount_read_only);
+    in_private_mounts(&format!("set -e\n{remount}exec \"$@\"\n"), false)
 }
 
 /// The environment file's settings, its endpoint a test receiver (by name, so

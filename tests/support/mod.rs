@@ -104,6 +104,26 @@ pub fn root_or_skip(test: &str) -> bool {
     false
 }
 
+/// A command that runs `script` (`sh -c`; what is appended to the command comes
+/// in as "$@") in a mount namespace of its own, so what it mounts or unmounts
+/// stays there; with `cgroup`, in a cgroup namespace of its own too.
+pub fn in_private_mounts(script: &str, cgroup: bool) -> Command {
+    let mut command = Command::new("unshare");
+    command.arg("--mount");
+    if cgroup {
+        command.arg("--cgroup");
+    }
+    command.args(["--propagation", "private", "sh", "-c", script, "sh"]);
+    command
+}
+
+/// A line of shell that makes every mount at and below `tree` read-only.
+pub fn remount_read_only(tree: &str) -> String {
+    format!(
+        "findmnt -Rrno TARGET {tree} | while read -r m; do mount -o remount,bind,ro \"$m\"; done\n"
+    )
+}
+
 /// The calling thread's `comm`, as the kernel reports it in events.
 pub fn thread_comm() -> String {
     std::fs::read_to_string("/proc/thread-self/comm")

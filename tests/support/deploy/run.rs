@@ -21,8 +21,9 @@ use nix::{
 
 use super::Bind;
 use crate::support::{
-    connect_hold_close,
+    connect_hold_close, in_private_mounts,
     otlp::{self, ReceivedSpan, Receiver},
+    remount_read_only,
 };
 
 /// How the daemon's one warning line starts when the packet programs behind span
@@ -194,24 +195,11 @@ pub fn in_container(binds: &[Bind], tag: &str) -> (Command, Scratch) {
             quote(staged.to_str().unwrap())
         );
         if bind.read_only {
-            script += &format!(
-                "findmnt -Rrno TARGET {target} | while read -r m; do mount -o remount,bind,ro \"$m\"; done\n"
-            );
+            script += &remount_read_only(&target);
         }
     }
     script += "exec \"$@\"\n";
-    let mut command = Command::new("unshare");
-    command.args([
-        "--mount",
-        "--cgroup",
-        "--propagation",
-        "private",
-        "sh",
-        "-c",
-        &script,
-        "sh",
-    ]);
-    (command, scratch)
+    (in_private_mounts(&script, true), scratch)
 }
 
 /// A directory of its own under the system's temporary directory, removed when
