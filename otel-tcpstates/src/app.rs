@@ -286,15 +286,20 @@ pub async fn run(cli: Cli) -> Result<()> {
             () = &mut wake => {}
         }
         let now = Instant::now();
-        if lost_report.due(now) {
+        let report_due = lost_report.due(now);
+        let line_due = stats_line.as_mut().is_some_and(|every| every.due(now));
+        if report_due || line_due {
+            // One reading of the counters serves both when they fall due together.
             let stats = stats(&sinks, probe.lost_events()?);
-            reports.running(&stats, sinks.journal.as_mut());
-            if let Some(metrics) = &self_metrics {
-                metrics.publish(&stats);
+            if report_due {
+                reports.running(&stats, sinks.journal.as_mut());
+                if let Some(metrics) = &self_metrics {
+                    metrics.publish(&stats);
+                }
             }
-        }
-        if stats_line.as_mut().is_some_and(|every| every.due(now)) {
-            tracing::info!("{}", stats(&sinks, probe.lost_events()?));
+            if line_due {
+                tracing::info!("{stats}");
+            }
         }
         if clock_resync.due(now)
             && let Some(traces) = &mut sinks.traces
