@@ -174,10 +174,10 @@ fn ipv4(bytes: &[u8; 16]) -> IpAddr {
 pub(crate) mod tests {
     use super::*;
 
-    /// The bytes the kernel would write for `event`.
-    pub(crate) fn record(event: &Event) -> Vec<u8> {
-        // SAFETY: Event is #[repr(C)] plain data without padding.
-        unsafe { std::slice::from_raw_parts((event as *const Event).cast::<u8>(), RECORD_SIZE) }
+    /// The bytes the kernel would write for `event` (an [`Event`] or a [`LinkEvent`]).
+    pub(crate) fn record<T: Copy>(event: &T) -> Vec<u8> {
+        // SAFETY: both record types are #[repr(C)] plain data without padding.
+        unsafe { std::slice::from_raw_parts((event as *const T).cast::<u8>(), size_of::<T>()) }
             .to_vec()
     }
 
@@ -259,14 +259,7 @@ pub(crate) mod tests {
             direction: otel_tcpstates_common::direction::RECEIVED,
             _pad: [0; 6],
         };
-        // SAFETY: LinkEvent is #[repr(C)] plain data without padding.
-        let bytes = |raw: &LinkEvent| {
-            unsafe {
-                std::slice::from_raw_parts((raw as *const LinkEvent).cast::<u8>(), LINK_RECORD_SIZE)
-            }
-            .to_vec()
-        };
-        let Ok(Record::Link { skaddr, link }) = decode_record(&bytes(&raw)) else {
+        let Ok(Record::Link { skaddr, link }) = decode_record(&record(&raw)) else {
             panic!("not a link");
         };
         assert_eq!(skaddr, raw.skaddr);
@@ -276,7 +269,7 @@ pub(crate) mod tests {
             (traceparent::Direction::Received, "POST")
         );
         raw.value[0] = b'x';
-        assert_eq!(decode_record(&bytes(&raw)), Ok(Record::InvalidTraceparent));
+        assert_eq!(decode_record(&record(&raw)), Ok(Record::InvalidTraceparent));
         assert_eq!(
             decode_record(&record(&raw_v4())),
             Ok(Record::Transition(decode(&record(&raw_v4())).unwrap()))
