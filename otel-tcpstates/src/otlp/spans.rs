@@ -190,8 +190,8 @@ pub fn failure_message(failure: Failure) -> Cow<'static, str> {
 /// Builds span records from session table updates.
 pub struct SpanMapper {
     clock: WallClock,
-    /// Keyed hash that turns (socket address, birth) into trace and span ids: random
-    /// per run, nothing to store per session.
+    /// Keyed hash that turns (socket address, birth, child) into span ids: random
+    /// per run, nothing to store per session (the table keys the trace ids).
     ids: RandomState,
     options: MapperOptions,
     containers: ContainerResolver,
@@ -225,15 +225,6 @@ impl SpanMapper {
         }
     }
 
-    pub fn trace_id(&self, session: &Session) -> [u8; 16] {
-        let key = (session.skaddr, session.birth_ns);
-        let high = self.ids.hash_one((1u8, key));
-        let low = self.ids.hash_one((2u8, key));
-        (u128::from(high) << 64 | u128::from(low))
-            .max(1)
-            .to_be_bytes()
-    }
-
     fn span_id(&self, session: &Session, child: Option<u32>) -> [u8; 8] {
         let id = self
             .ids
@@ -263,7 +254,7 @@ impl SpanMapper {
         body: Body,
     ) -> SpanRecord {
         SpanRecord {
-            trace_id: self.trace_id(session),
+            trace_id: session.trace_id,
             span_id: self.span_id(session, child),
             parent_span_id: child.map(|_| self.span_id(session, None)),
             start_unix_ns: self.unix_ns(times.0),

@@ -2,8 +2,9 @@
 //! to its CLOSE, and reports each state it left and each session that ended.
 //!
 //! It knows nothing of OpenTelemetry; `spans` turns what it reports into spans.
-use std::{collections::HashMap, net::IpAddr, num::NonZeroUsize};
+use std::{collections::HashMap, hash::BuildHasher as _, net::IpAddr, num::NonZeroUsize};
 
+use foldhash::fast::RandomState;
 use lru::LruCache;
 use otel_tcpstates_common::tcp_state;
 
@@ -90,6 +91,9 @@ pub struct Owner {
 #[derive(Clone, Debug)]
 pub struct Session {
     pub skaddr: u64,
+    /// The trace the socket's spans go in: a keyed hash of (address, birth), random
+    /// per run, so its low 56 bits are uniformly random (what sampling decides on).
+    pub trace_id: [u8; 16],
     /// Kernel time the socket was first seen (or entered the state it was first
     /// seen leaving, when the kernel knew that).
     pub birth_ns: u64,
@@ -115,6 +119,12 @@ pub struct Session {
     pub last_comm: Comm,
     /// Trace contexts of the HTTP requests seen on the socket.
     pub links: Links,
+    /// How long the handshake state (SYN_SENT or SYN_RECV) lasted, once it ended.
+    pub handshake_ns: Option<u64>,
+    /// The states ended so far, oldest first, when the table holds them (see
+    /// [`SessionTable::holding_states`]): they wait here for a decision made when
+    /// the session ends.
+    pub held: Vec<StateEnded>,
 }
 
 impl Session {
@@ -162,6 +172,10 @@ pub struct SessionTable {
     /// belong to it until their own owner acts on them.
     listeners: HashMap<(bool, u16), Owner>,
     stats: TableStats,
+    /// Keys the trace ids.
+    ids: RandomState,
+    /// Whether each session keeps its ended states in `held`.
+    hold: bool,
 }
 
 /// Whether `event` is the first transition of a new socket: created by connect() or
@@ -186,7 +200,17 @@ impl SessionTable {
             sessions: LruCache::new(capacity),
             listeners: HashMap::new(),
             stats: TableStats::default(),
+            ids: RandomState::default(),
+            hold: false,
         }
+    }
+
+    /// Makes every session keep the states it ended in [`Session::held`] until it
+    /// ends: for a consumer that decides on a whole session at its end. Memory stays
+    /// bounded by the table's capacity (a session ends few states).
+    pub fn holding_states(mut self) -> Self {
+        self.hold = true;
+        self
     }
 
     pub fn len(&self) -> usize {
@@ -206,7 +230,7 @@ impl SessionTable {
         let starts = starts_socket(event);
         if starts && let Some(old) = self.sessions.pop(&event.skaddr) {
             self.stats.replaced += 1;
-            finish(old, event.ts_ns, EndReason::Replaced, out);
+            finish(old, event.ts_ns, EndReason::Replaced, self.hold, out);
         }
         if !self.sessions.contains(&event.skaddr) {
             self.start(event, starts, out);
@@ -244,8 +268,7 @@ impl SessionTable {
                 failure: None,
                 cut_short: None,
             };
-            session.states_ended += 1;
-            out(Update::StateEnded(session, ended));
+            report(session, ended, self.hold, out);
         }
         update_endpoints(session, event);
         session.last_pid = event.pid;
@@ -282,8 +305,7 @@ impl SessionTable {
                 failure,
                 cut_short: None,
             };
-            session.states_ended += 1;
-            out(Update::StateEnded(session, ended));
+            report(session, ended, self.hold, out);
         }
 
         if event.newstate.0 == tcp_state::CLOSE {
@@ -300,11 +322,13 @@ impl SessionTable {
 
     fn start(&mut self, event: &TcpEvent, begin_seen: bool, out: &mut impl FnMut(Update<'_>)) {
         let known = event.delta_ns > 0 && !begin_seen;
+        let birth_ns = event
+            .ts_ns
+            .saturating_sub(if known { event.delta_ns } else { 0 });
         let session = Session {
             skaddr: event.skaddr,
-            birth_ns: event
-                .ts_ns
-                .saturating_sub(if known { event.delta_ns } else { 0 }),
+            trace_id: trace_id(&self.ids, event.skaddr, birth_ns),
+            birth_ns,
             begin_seen,
             role: role_of(event),
             local_addr: event.local_addr,
@@ -327,11 +351,13 @@ impl SessionTable {
             state_since_ns: known.then_some(event.ts_ns.saturating_sub(event.delta_ns)),
             states_ended: 0,
             links: Links::default(),
+            handshake_ns: None,
+            held: Vec::new(),
         };
         self.stats.started += 1;
         if let Some((_, evicted)) = self.sessions.push(event.skaddr, session) {
             self.stats.evicted += 1;
-            finish(evicted, event.ts_ns, EndReason::Evicted, out);
+            finish(evicted, event.ts_ns, EndReason::Evicted, self.hold, out);
         }
     }
 
@@ -360,7 +386,7 @@ impl SessionTable {
             let Some((_, session)) = self.sessions.pop_lru() else {
                 return 0;
             };
-            finish(session, now_ns, reason, out);
+            finish(session, now_ns, reason, self.hold, out);
             ended += 1;
         }
         // A root each, and the state each was in.
@@ -368,6 +394,27 @@ impl SessionTable {
             .iter()
             .map(|(_, s)| 1 + u64::from(s.state_since_ns.is_some()))
             .sum()
+    }
+}
+
+/// A trace id from the keyed hash of the socket's address and birth: never zero.
+fn trace_id(ids: &RandomState, skaddr: u64, birth_ns: u64) -> [u8; 16] {
+    let high = ids.hash_one((1u8, skaddr, birth_ns));
+    let low = ids.hash_one((2u8, skaddr, birth_ns));
+    (u128::from(high) << 64 | u128::from(low))
+        .max(1)
+        .to_be_bytes()
+}
+
+/// Reports a state the session left, and notes what the session keeps of it.
+fn report(session: &mut Session, ended: StateEnded, hold: bool, out: &mut impl FnMut(Update<'_>)) {
+    session.states_ended += 1;
+    if matches!(ended.state.0, tcp_state::SYN_SENT | tcp_state::SYN_RECV) {
+        session.handshake_ns = Some(ended.end_ns - ended.start_ns);
+    }
+    out(Update::StateEnded(session, ended));
+    if hold {
+        session.held.push(ended);
     }
 }
 
@@ -389,7 +436,13 @@ fn update_endpoints(session: &mut Session, event: &TcpEvent) {
 }
 
 /// Ends a session that did not reach CLOSE: its open state is cut short at `end_ns`.
-fn finish(mut session: Session, end_ns: u64, reason: EndReason, out: &mut impl FnMut(Update<'_>)) {
+fn finish(
+    mut session: Session,
+    end_ns: u64,
+    reason: EndReason,
+    hold: bool,
+    out: &mut impl FnMut(Update<'_>),
+) {
     if let Some(since) = session.state_since_ns {
         let ended = StateEnded {
             state: session.state,
@@ -402,8 +455,7 @@ fn finish(mut session: Session, end_ns: u64, reason: EndReason, out: &mut impl F
             failure: None,
             cut_short: Some(reason),
         };
-        session.states_ended += 1;
-        out(Update::StateEnded(&session, ended));
+        report(&mut session, ended, hold, out);
     }
     out(Update::SessionEnded(
         &session,
