@@ -49,6 +49,7 @@ fn connection(n: u64) -> [SpanRecord; 5] {
         local,
         peer,
         failure: None,
+        threshold: None,
         body: Body::State {
             state: TcpState(state),
             next: Some((TcpState(next), 4242, comm("curl"))),
@@ -70,6 +71,7 @@ fn connection(n: u64) -> [SpanRecord; 5] {
             local,
             peer,
             failure: None,
+            threshold: None,
             body: Body::Root {
                 role: Role::Client,
                 owner: Some((4242, comm("curl"))),
@@ -85,6 +87,7 @@ fn connection(n: u64) -> [SpanRecord; 5] {
                 begin_seen: true,
                 end_reason: EndReason::Closed,
                 links: None,
+                kept_by: Default::default(),
             },
         },
     ]

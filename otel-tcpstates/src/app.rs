@@ -28,7 +28,8 @@ use crate::{
         text::TextWriter,
     },
     periodic::Every,
-    sessions::table::{EndReason, SessionTable},
+    sampling::{decision::Sampling, settings::sampler_from},
+    sessions::table::{EndReason, SessionTable, Update},
     shutdown::{self, Stop},
     telemetry::self_metrics::SelfMetrics,
     telemetry::stats::{SessionStats, Stats},
@@ -43,7 +44,7 @@ const CLOCK_RESYNC_EVERY: Duration = Duration::from_secs(60);
 type Stdout = BufWriter<StdoutLock<'static>>;
 
 /// Where events go: tcpstates lines, journal records, or the session table, whose
-/// updates feed tcplife lines and/or traces.
+/// updates feed tcplife lines and/or the trace pipeline.
 struct Sinks {
     /// Events decoded so far.
     seen: u64,
@@ -51,7 +52,25 @@ struct Sinks {
     journal: Option<JournalWriter>,
     table: Option<SessionTable>,
     life: Option<LifeWriter<Stdout>>,
-    traces: Option<Traces>,
+    traces: Option<TracePipeline>,
+}
+
+/// The sampling decision, then the spans of what it kept.
+struct TracePipeline {
+    sampling: Sampling,
+    traces: Traces,
+}
+
+impl TracePipeline {
+    /// Sends the spans `update` makes of kept traces; at shutdown, `deadline` lets
+    /// the queue make room for them.
+    fn update(&mut self, update: &Update<'_>, deadline: Option<Instant>) {
+        let Self { sampling, traces } = self;
+        sampling.route(update, |kept| match deadline {
+            None => traces.send(&kept),
+            Some(until) => traces.send_flushing(&kept, until),
+        });
+    }
 }
 
 impl Sinks {
@@ -87,13 +106,13 @@ impl Sinks {
         let Some(table) = table else {
             return Ok(());
         };
-        if let Some(traces) = traces {
-            traces.observe(event);
+        if let Some(pipeline) = traces {
+            pipeline.traces.observe(event);
         }
         let mut written = Ok(());
         table.apply(event, &mut |update| {
-            if let Some(traces) = traces {
-                traces.send(&update);
+            if let Some(pipeline) = traces {
+                pipeline.update(&update, None);
             }
             if let Some(life) = life
                 && written.is_ok()
@@ -115,8 +134,8 @@ impl Sinks {
     }
 
     fn flush(&mut self) -> io::Result<()> {
-        if let Some(traces) = &mut self.traces {
-            traces.flush();
+        if let Some(pipeline) = &mut self.traces {
+            pipeline.traces.flush();
         }
         if let Some(text) = &mut self.text {
             text.flush()?;
@@ -125,6 +144,47 @@ impl Sinks {
             life.flush()?;
         }
         Ok(())
+    }
+
+    /// Ends the sessions still open at exit and sends the last spans, by `until`.
+    fn end_sessions(&mut self, until: Instant) {
+        let (Some(pipeline), Some(table)) = (&mut self.traces, &mut self.table) else {
+            return;
+        };
+        let in_flight = table.len();
+        let unended = table.end_all(
+            clock::monotonic_now_ns(),
+            EndReason::Shutdown,
+            || Instant::now() < until,
+            &mut |update| pipeline.update(&update, Some(until)),
+        );
+        pipeline.traces.not_sent(unended);
+        let flushed = pipeline.traces.shutdown(shutdown::left(until));
+        // Nothing is queued any more: whatever was not exported or failed was dropped.
+        let spans = pipeline.traces.stats();
+        let sessions = table.stats();
+        tracing::info!(
+            "{} sockets traced ({} evicted, {in_flight} open at exit), {} spans: {} exported, {} failed, {} not sent",
+            sessions.started,
+            sessions.evicted,
+            spans.produced,
+            spans.exported,
+            spans.failed,
+            spans.dropped
+        );
+        let kept = pipeline.sampling.stats();
+        if kept.kept_by_rule + kept.sampled_out > 0 {
+            tracing::info!(
+                "sampling kept {} traces by probability and {} by a rule; {} left out ({} spans)",
+                kept.kept_by_probability,
+                kept.kept_by_rule,
+                kept.sampled_out,
+                kept.spans_sampled_out
+            );
+        }
+        if let Err(err) = flushed {
+            tracing::warn!("{err:#}");
+        }
     }
 }
 
@@ -163,6 +223,10 @@ pub async fn run(cli: Cli) -> Result<()> {
         cli.otlp_endpoint.as_deref(),
         cli.otlp_protocol.as_deref().and_then(Protocol::parse),
     )?;
+    let sampler = export
+        .is_some()
+        .then(|| sampler_from(cli.sample_ratio, |name| std::env::var(name).ok()))
+        .transpose()?;
     // Before loading anything: a journal that is not there is a setup error.
     let journal = cli
         .journal
@@ -172,16 +236,6 @@ pub async fn run(cli: Cli) -> Result<()> {
     if cli.links && export.is_none() {
         tracing::warn!("--links does nothing without an OTLP endpoint: links go on exported spans");
     }
-    let filters = Filters {
-        owner_pid: cli.pid,
-        // Our own export connections would trace themselves, each export making
-        // spans for the next.
-        exclude_owner_pid: (!cli.trace_self).then(std::process::id),
-        ipv4_only: cli.ipv4,
-        ipv6_only: cli.ipv6,
-        local_ports: cli.localport.as_ref().map(|set| set.ports().to_vec()),
-        remote_ports: cli.remoteport.as_ref().map(|set| set.ports().to_vec()),
-    };
     // Signal handlers first: a SIGTERM during loading must not kill us with the
     // program half attached.
     let shutdown_timeout = Duration::from_secs(cli.shutdown_timeout);
@@ -197,22 +251,25 @@ pub async fn run(cli: Cli) -> Result<()> {
         TcpOffsets::default()
     };
     let mut self_metrics = None;
-    let traces = match &export {
-        Some(settings) => {
-            let options = MapperOptions {
-                service_per_process: cli.service_per_process,
-                facts: offsets.enabled != 0,
-            };
+    let traces = match (&export, sampler) {
+        (Some(settings), Some(sampler)) => {
             let resource = resource::resource();
             if settings.metrics {
                 self_metrics = Some(SelfMetrics::start(settings, &resource)?);
             }
-            Some(Traces::start(settings, &resource, clock, options)?)
+            let options = MapperOptions {
+                service_per_process: cli.service_per_process,
+                facts: offsets.enabled != 0,
+            };
+            Some(TracePipeline {
+                sampling: Sampling::new(sampler, cli.keep_rules()),
+                traces: Traces::start(settings, &resource, clock, options)?,
+            })
         }
-        None => None,
+        _ => None,
     };
     let (mut probe, ring) = Probe::load(
-        &filters,
+        &filters(&cli),
         &offsets,
         cli.ring_buffer_mib << 20,
         cli.max_sockets,
@@ -230,12 +287,16 @@ pub async fn run(cli: Cli) -> Result<()> {
     };
     let printing = export.is_none() || cli.print;
     let stdout = || BufWriter::with_capacity(64 << 10, io::stdout().lock());
+    let holds = traces.as_ref().is_some_and(|t| t.sampling.holds_states());
     let mut sinks = Sinks {
         seen: 0,
         text: (printing && !cli.life).then(|| TextWriter::new(layout, clock, stdout())),
         journal,
         life: (printing && cli.life).then(|| LifeWriter::new(layout, clock, stdout())),
-        table: sessions.then(|| SessionTable::new(cli.max_sockets)),
+        table: sessions.then(|| {
+            let table = SessionTable::new(cli.max_sockets);
+            if holds { table.holding_states() } else { table }
+        }),
         traces,
     };
     // Logged once attached, like the header below.
@@ -252,76 +313,18 @@ pub async fn run(cli: Cli) -> Result<()> {
         return quiet_on_broken_pipe(err);
     }
 
-    // Off unless asked for, or when exporting.
     let stats_every = match cli.stats_interval {
         Some(secs) => secs,
         None if sinks.traces.is_some() => DEFAULT_STATS_EVERY_SECS,
         None => 0,
     };
-    let started = Instant::now();
-    let mut lost_report = Every::starting(started, LOST_REPORT_EVERY);
-    let mut stats_line =
-        (stats_every > 0).then(|| Every::starting(started, Duration::from_secs(stats_every)));
-    let mut clock_resync = Every::starting(started, CLOCK_RESYNC_EVERY);
-    // Wakes an idle loop when the next periodic work is due; a busy loop finds it
-    // due on its own (see `periodic`).
-    let wake = tokio::time::sleep_until(started.into());
-    tokio::pin!(wake);
-    let mut reports = Reports::default();
-    let mut broken_pipe = false;
-    loop {
-        // The lost-event report is due every second, so there always is a next.
-        let next = [Some(&lost_report), stats_line.as_ref(), Some(&clock_resync)]
-            .into_iter()
-            .flatten()
-            .filter_map(Every::next)
-            .min()
-            .unwrap_or_else(|| Instant::now() + LOST_REPORT_EVERY);
-        if wake.is_elapsed() || wake.deadline() != next.into() {
-            wake.as_mut().reset(next.into());
-        }
-        tokio::select! {
-            _ = stop.requested() => break,
-            ready = reader.ready() => ready.context("waiting for events")?,
-            () = &mut wake => {}
-        }
-        let now = Instant::now();
-        let report_due = lost_report.due(now);
-        let line_due = stats_line.as_mut().is_some_and(|every| every.due(now));
-        if report_due || line_due {
-            // One reading of the counters serves both when they fall due together.
-            let stats = stats(&sinks, probe.lost_events()?);
-            if report_due {
-                reports.running(&stats, sinks.journal.as_mut());
-                if let Some(metrics) = &self_metrics {
-                    metrics.publish(&stats);
-                }
-            }
-            if line_due {
-                tracing::info!("{stats}");
-            }
-        }
-        if clock_resync.due(now)
-            && let Some(traces) = &mut sinks.traces
-        {
-            traces.resync_clock();
-        }
-        // Flush once per drained batch: prompt for pipes, no write(2) per line. A
-        // signal cuts the batch short: the shutdown deadline runs from its arrival.
-        if let Err(err) = reader
-            .drain(
-                || stop.requested_at().is_some(),
-                |record| sinks.record(record),
-            )
-            .and_then(|_| sinks.flush())
-        {
-            broken_pipe = err.kind() == io::ErrorKind::BrokenPipe;
-            if !broken_pipe {
-                return Err(err).context("writing output");
-            }
-            break;
-        }
-    }
+    let mut watch = Watch {
+        reader: &mut reader,
+        probe: &mut probe,
+        sinks: &mut sinks,
+        self_metrics: self_metrics.as_ref(),
+    };
+    let broken_pipe = watch.until_stopped(&mut stop, stats_every).await?;
 
     // From the signal on, one deadline for everything that follows.
     let deadline = stop.deadline(
@@ -355,33 +358,7 @@ pub async fn run(cli: Cli) -> Result<()> {
     if reader.malformed > 0 {
         tracing::warn!("{} malformed event records skipped", reader.malformed);
     }
-    if let (Some(traces), Some(table)) = (&mut sinks.traces, &mut sinks.table) {
-        let in_flight = table.len();
-        let until = deadline.for_spans();
-        let unended = table.end_all(
-            clock::monotonic_now_ns(),
-            EndReason::Shutdown,
-            || Instant::now() < until,
-            &mut |update| traces.send_flushing(&update, until),
-        );
-        traces.not_sent(unended);
-        let flushed = traces.shutdown(shutdown::left(until));
-        // Nothing is queued any more: whatever was not exported or failed was dropped.
-        let spans = traces.stats();
-        let sessions = table.stats();
-        tracing::info!(
-            "{} sockets traced ({} evicted, {in_flight} open at exit), {} spans: {} exported, {} failed, {} not sent",
-            sessions.started,
-            sessions.evicted,
-            spans.produced,
-            spans.exported,
-            spans.failed,
-            spans.dropped
-        );
-        if let Err(err) = flushed {
-            tracing::warn!("{err:#}");
-        }
-    }
+    sinks.end_sessions(deadline.for_spans());
     // The final values: every session ended, the span counts exact.
     if let Some(metrics) = self_metrics {
         metrics.publish(&stats(&sinks, lost));
@@ -390,6 +367,99 @@ pub async fn run(cli: Cli) -> Result<()> {
         }
     }
     last.or_else(quiet_on_broken_pipe)
+}
+
+/// The kernel-side filters the flags ask for.
+fn filters(cli: &Cli) -> Filters {
+    Filters {
+        owner_pid: cli.pid,
+        // Our own export connections would trace themselves, each export making
+        // spans for the next.
+        exclude_owner_pid: (!cli.trace_self).then(std::process::id),
+        ipv4_only: cli.ipv4,
+        ipv6_only: cli.ipv6,
+        local_ports: cli.localport.as_ref().map(|set| set.ports().to_vec()),
+        remote_ports: cli.remoteport.as_ref().map(|set| set.ports().to_vec()),
+    }
+}
+
+/// The main loop's parts: it drains the ring into the sinks and does the periodic
+/// work, until a signal or a reader that went away.
+struct Watch<'a> {
+    reader: &'a mut EventReader,
+    probe: &'a mut Probe,
+    sinks: &'a mut Sinks,
+    self_metrics: Option<&'a SelfMetrics>,
+}
+
+impl Watch<'_> {
+    /// Runs until a signal (false) or a broken pipe (true).
+    async fn until_stopped(&mut self, stop: &mut Stop, stats_every: u64) -> Result<bool> {
+        let started = Instant::now();
+        let mut lost_report = Every::starting(started, LOST_REPORT_EVERY);
+        let mut stats_line =
+            (stats_every > 0).then(|| Every::starting(started, Duration::from_secs(stats_every)));
+        let mut clock_resync = Every::starting(started, CLOCK_RESYNC_EVERY);
+        // Wakes an idle loop when the next periodic work is due; a busy loop finds it
+        // due on its own (see `periodic`).
+        let wake = tokio::time::sleep_until(started.into());
+        tokio::pin!(wake);
+        let mut reports = Reports::default();
+        loop {
+            // The lost-event report is due every second, so there always is a next.
+            let next = [Some(&lost_report), stats_line.as_ref(), Some(&clock_resync)]
+                .into_iter()
+                .flatten()
+                .filter_map(Every::next)
+                .min()
+                .unwrap_or_else(|| Instant::now() + LOST_REPORT_EVERY);
+            if wake.is_elapsed() || wake.deadline() != next.into() {
+                wake.as_mut().reset(next.into());
+            }
+            tokio::select! {
+                _ = stop.requested() => return Ok(false),
+                ready = self.reader.ready() => ready.context("waiting for events")?,
+                () = &mut wake => {}
+            }
+            let now = Instant::now();
+            let report_due = lost_report.due(now);
+            let line_due = stats_line.as_mut().is_some_and(|every| every.due(now));
+            if report_due || line_due {
+                // One reading of the counters serves both when they fall due together.
+                let stats = stats(self.sinks, self.probe.lost_events()?);
+                if report_due {
+                    reports.running(&stats, self.sinks.journal.as_mut());
+                    if let Some(metrics) = self.self_metrics {
+                        metrics.publish(&stats);
+                    }
+                }
+                if line_due {
+                    tracing::info!("{stats}");
+                }
+            }
+            if clock_resync.due(now)
+                && let Some(pipeline) = &mut self.sinks.traces
+            {
+                pipeline.traces.resync_clock();
+            }
+            // Flush once per drained batch: prompt for pipes, no write(2) per line. A
+            // signal cuts the batch short: the shutdown deadline runs from its arrival.
+            let sinks = &mut *self.sinks;
+            if let Err(err) = self
+                .reader
+                .drain(
+                    || stop.requested_at().is_some(),
+                    |record| sinks.record(record),
+                )
+                .and_then(|_| sinks.flush())
+            {
+                if err.kind() != io::ErrorKind::BrokenPipe {
+                    return Err(err).context("writing output");
+                }
+                return Ok(true);
+            }
+        }
+    }
 }
 
 /// How often the one-line counters are logged when exporting, unless set.
@@ -408,7 +478,8 @@ fn stats(sinks: &Sinks, lost: u64) -> Stats {
                 evicted: s.evicted,
             }
         }),
-        spans: sinks.traces.as_ref().map(Traces::stats),
+        spans: sinks.traces.as_ref().map(|t| t.traces.stats()),
+        sampling: sinks.traces.as_ref().map(|t| t.sampling.stats()),
         journal_unsent: sinks.journal.as_ref().map(JournalWriter::unsent),
     }
 }

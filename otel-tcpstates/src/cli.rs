@@ -1,7 +1,9 @@
 //! Command-line flags, mirroring bcc's tcpstates (and tcplife's `-p`).
-use std::{fmt, num::NonZeroUsize, str::FromStr};
+use std::{fmt, num::NonZeroUsize, str::FromStr, time::Duration};
 
 use clap::{ArgAction, Parser};
+
+use crate::sampling::{rules::KeepRules, settings::parse_ratio};
 
 const EXAMPLES: &str = "\
 Examples:
@@ -17,6 +19,8 @@ Examples:
   otel-tcpstates -Y           # also log each state change to the systemd journal
   otel-tcpstates --otlp-endpoint http://localhost:4318            # spans over OTLP/HTTP
   otel-tcpstates --otlp-endpoint http://localhost:4317 --otlp-protocol grpc --print
+  otel-tcpstates --otlp-endpoint http://localhost:4318 --sample-ratio 0.01  # 1% of the traces,
+                              # and every failed, retransmitting or slow connection
 
 Needs Linux >= 4.16 and root (or CAP_BPF + CAP_PERFMON).";
 
@@ -98,6 +102,36 @@ pub struct Cli {
     #[arg(long = "service-per-process")]
     pub service_per_process: bool,
 
+    /// Keep each socket's trace with probability P (0 to 1), decided consistently on
+    /// its trace id (spans carry `ot=th:`); failed, retransmitting and slow
+    /// connections are kept whatever P says (see the --no-keep-* flags). Wins over
+    /// OTEL_TRACES_SAMPLER [default: every trace]
+    #[arg(long = "sample-ratio", value_name = "P", value_parser = parse_ratio)]
+    pub sample_ratio: Option<f64>,
+
+    /// With sampling: do not keep every connection that ended in error
+    #[arg(long = "no-keep-errors")]
+    pub no_keep_errors: bool,
+
+    /// With sampling: do not keep every connection the kernel retransmitted on
+    #[arg(long = "no-keep-retransmits")]
+    pub no_keep_retransmits: bool,
+
+    /// With sampling: keep every connection whose handshake (SYN_SENT or SYN_RECV)
+    /// took at least this long
+    #[arg(long = "slow-handshake", value_name = "DURATION", default_value = "100ms",
+          value_parser = humantime::parse_duration)]
+    pub slow_handshake: Duration,
+
+    /// With sampling: do not keep connections for a slow handshake
+    #[arg(long = "no-keep-slow-handshakes")]
+    pub no_keep_slow_handshakes: bool,
+
+    /// With sampling: also keep every connection that lived at least this long (e.g. 30s)
+    #[arg(long = "keep-longer-than", value_name = "DURATION",
+          value_parser = humantime::parse_duration)]
+    pub keep_longer_than: Option<Duration>,
+
     /// Print the text output too when exporting spans
     #[arg(long = "print")]
     pub print: bool,
@@ -132,6 +166,19 @@ pub struct Cli {
     /// More diagnostics on stderr (-v, -vv)
     #[arg(short = 'v', long = "verbose", action = ArgAction::Count)]
     pub verbose: u8,
+}
+
+impl Cli {
+    /// The keep rules the flags leave on.
+    pub fn keep_rules(&self) -> KeepRules {
+        let ns = |d: Duration| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX);
+        KeepRules {
+            errors: !self.no_keep_errors,
+            retransmits: !self.no_keep_retransmits,
+            slow_handshake_ns: (!self.no_keep_slow_handshakes).then(|| ns(self.slow_handshake)),
+            longer_than_ns: self.keep_longer_than.map(ns),
+        }
+    }
 }
 
 /// A set of TCP ports given as `80,443,8000-8080`.
@@ -243,11 +290,42 @@ mod tests {
             &["--ring-buffer-mib", "3"],
             &["--otlp-protocol", "http/json"],
             &["--max-sockets", "0"],
+            &["--sample-ratio", "1.5"],
+            &["--sample-ratio", "-1"],
+            &["--slow-handshake", "fast"],
+            &["--keep-longer-than", "10"],
         ] {
             let err = parse(args).unwrap_err();
             assert_ne!(err.kind(), ErrorKind::DisplayHelp, "{args:?}");
             assert_eq!(err.exit_code(), 2, "{args:?}");
         }
+    }
+
+    #[test]
+    fn keep_rules_default_on_and_turn_off_one_by_one() {
+        assert_eq!(parse(&[]).unwrap().keep_rules(), KeepRules::default());
+        let rules = parse(&[
+            "--no-keep-errors",
+            "--slow-handshake",
+            "250ms",
+            "--keep-longer-than",
+            "1m",
+        ])
+        .unwrap()
+        .keep_rules();
+        assert_eq!(
+            rules,
+            KeepRules {
+                errors: false,
+                retransmits: true,
+                slow_handshake_ns: Some(250_000_000),
+                longer_than_ns: Some(60_000_000_000),
+            }
+        );
+        let rules = parse(&["--no-keep-retransmits", "--no-keep-slow-handshakes"])
+            .unwrap()
+            .keep_rules();
+        assert!(rules.errors && !rules.retransmits && rules.slow_handshake_ns.is_none());
     }
 
     #[test]

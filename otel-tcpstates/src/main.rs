@@ -1,5 +1,5 @@
 //! otel-tcpstates: every TCP socket's state changes, from the kernel.
-use otel_tcpstates::{app, cli, otlp::settings::UsageError};
+use otel_tcpstates::{app, cli, usage::UsageError};
 
 use std::process::ExitCode;
 

@@ -17,13 +17,15 @@ use prost::{
 use crate::{
     kernel::event::{Comm, TcpState},
     otlp::spans::{self, Body, ResourceKey, SpanRecord, attr},
+    sampling::threshold::Threshold,
     sessions::links::Links,
     sessions::table::{EndReason, Role},
 };
 
-/// OTLP's span flags: the W3C trace flags (sampled) and "the parent's remoteness is
-/// known" (it is never remote).
-const SPAN_FLAGS: u32 = 0x01 | 0x100;
+/// OTLP's span flags: the W3C trace flags (sampled, and random: the trace ids are
+/// keyed hashes, so their low 56 bits are random as W3C Trace Context Level 2
+/// means it) and "the parent's remoteness is known" (it is never remote).
+const SPAN_FLAGS: u32 = 0x01 | 0x02 | 0x100;
 const STATUS_ERROR: u64 = 2;
 
 /// Field numbers, from opentelemetry/proto/trace/v1/trace.proto and common.proto.
@@ -35,6 +37,7 @@ mod field {
     pub const SS_SPANS: u32 = 2;
     pub const TRACE_ID: u32 = 1;
     pub const SPAN_ID: u32 = 2;
+    pub const TRACE_STATE: u32 = 3;
     pub const PARENT_SPAN_ID: u32 = 4;
     pub const NAME: u32 = 5;
     pub const KIND: u32 = 6;
@@ -103,6 +106,8 @@ pub struct Encoder {
     groups: Vec<Group>,
     spans: usize,
     fixed: Fixed,
+    /// The `trace_state` field of the spans kept by the one threshold in force.
+    trace_state: Option<(Threshold, Vec<u8>)>,
 }
 
 /// The encoded bytes of fields whose values come from a small set: each written
@@ -182,6 +187,7 @@ impl Encoder {
             groups: Vec::new(),
             spans: 0,
             fixed: Fixed::new(),
+            trace_state: None,
         }
     }
 
@@ -266,6 +272,9 @@ impl Encoder {
     fn span(&mut self, r: &SpanRecord, out: &mut Vec<u8>) {
         bytes(out, field::TRACE_ID, &r.trace_id);
         bytes(out, field::SPAN_ID, &r.span_id);
+        if let Some(threshold) = r.threshold {
+            out.extend_from_slice(self.trace_state(threshold));
+        }
         if let Some(parent) = &r.parent_span_id {
             bytes(out, field::PARENT_SPAN_ID, parent);
         }
@@ -306,6 +315,7 @@ impl Encoder {
                 begin_seen,
                 end_reason,
                 ref links,
+                kept_by,
             } => {
                 let (client, server) = r.client_server();
                 if let Some((addr, port)) = client {
@@ -334,6 +344,9 @@ impl Encoder {
                 out.extend_from_slice(&self.fixed.role[role as usize]);
                 out.extend_from_slice(&self.fixed.begin_seen[usize::from(begin_seen)]);
                 out.extend_from_slice(&self.fixed.end_reason[end_reason as usize]);
+                if !kept_by.is_empty() {
+                    str_attr(out, attr::SAMPLING_KEPT_BY, kept_by.names().as_bytes());
+                }
                 if let Some(links) = links {
                     write_links(out, links);
                 }
@@ -349,6 +362,24 @@ impl Encoder {
         }
         encode_key(field::FLAGS, WireType::ThirtyTwoBit, out);
         out.extend_from_slice(&SPAN_FLAGS.to_le_bytes());
+    }
+
+    /// The encoded `trace_state` field for `threshold`, made once.
+    fn trace_state(&mut self, threshold: Threshold) -> &[u8] {
+        if self
+            .trace_state
+            .as_ref()
+            .is_none_or(|(t, _)| *t != threshold)
+        {
+            let mut field = Vec::new();
+            bytes(
+                &mut field,
+                field::TRACE_STATE,
+                threshold.trace_state().as_bytes(),
+            );
+            self.trace_state = Some((threshold, field));
+        }
+        &self.trace_state.as_ref().expect("just made").1
     }
 
     fn ip_attr(&mut self, out: &mut Vec<u8>, key: &str, ip: IpAddr) {
@@ -604,6 +635,7 @@ mod tests {
         kernel::event::{TcpFacts, TcpState},
         kernel::traceparent::{Direction, Link},
         otlp::spans::{Kind, MapperOptions, SpanMapper},
+        sampling::{decision::Verdict, rules::KeptBy},
         sessions::container::ContainerId,
         sessions::links::MAX_LINKS,
         sessions::table::{
@@ -673,8 +705,10 @@ mod tests {
         for event in events {
             table.apply(event, &mut |update| {
                 out.push(match update {
-                    Update::StateEnded(s, e) => mapper.state_span(s, &e),
-                    Update::SessionEnded(s, end, r) => mapper.root_span(s, end, r),
+                    Update::StateEnded(s, e) => mapper.state_span(s, &e, Verdict::default()),
+                    Update::SessionEnded(s, end, r) => {
+                        mapper.root_span(s, end, r, Verdict::default())
+                    }
                 })
             });
         }
@@ -933,16 +967,20 @@ mod tests {
                 any::<bool>(),
                 reason(),
                 links(),
+                kept_by(),
             )
                 .prop_map(
-                    |(role, owner, facts, skaddr, begin_seen, end_reason, links)| Body::Root {
-                        role,
-                        owner,
-                        facts,
-                        skaddr,
-                        begin_seen,
-                        end_reason,
-                        links,
+                    |(role, owner, facts, skaddr, begin_seen, end_reason, links, kept_by)| {
+                        Body::Root {
+                            role,
+                            owner,
+                            facts,
+                            skaddr,
+                            begin_seen,
+                            end_reason,
+                            links,
+                            kept_by,
+                        }
                     }
                 ),
         ]
@@ -962,6 +1000,7 @@ mod tests {
             ),
             ((ip(), any::<u16>()), (ip(), any::<u16>())),
             failure(),
+            proptest::option::of(0.0..=1.0f64),
             body(),
         )
             .prop_map(
@@ -971,6 +1010,7 @@ mod tests {
                     (service, container),
                     (local, peer),
                     failure,
+                    probability,
                     body,
                 )| {
                     SpanRecord {
@@ -993,10 +1033,24 @@ mod tests {
                             local
                         },
                         failure,
+                        // Never the threshold that keeps nothing: no span has it.
+                        threshold: probability
+                            .map(|p| Threshold::from_probability(p.max(f64::EPSILON))),
                         body,
                     }
                 },
             )
+    }
+
+    fn kept_by() -> impl Strategy<Value = KeptBy> {
+        let rules = [
+            KeptBy::ERROR,
+            KeptBy::RETRANSMIT,
+            KeptBy::SLOW_HANDSHAKE,
+            KeptBy::LONG_LIVED,
+        ];
+        proptest::collection::vec(proptest::sample::select(rules.to_vec()), 0..3)
+            .prop_map(|picked| picked.into_iter().fold(KeptBy::default(), |a, b| a | b))
     }
 
     /// The mapping, written independently with opentelemetry-proto's types.
@@ -1046,6 +1100,7 @@ mod tests {
                 begin_seen,
                 end_reason,
                 ref links,
+                kept_by,
             } => {
                 let (local, peer) = (r.local, r.peer);
                 let (client, server) = match role {
@@ -1084,6 +1139,9 @@ mod tests {
                     any_value::Value::BoolValue(begin_seen),
                 ));
                 attributes.push(s(attr::END_REASON, end_reason.as_str().into()));
+                if !kept_by.is_empty() {
+                    attributes.push(s(attr::SAMPLING_KEPT_BY, kept_by.names()));
+                }
                 if let Some(l) = links {
                     span_links = l
                         .kept
@@ -1113,6 +1171,7 @@ mod tests {
             trace_id: r.trace_id.to_vec(),
             span_id: r.span_id.to_vec(),
             parent_span_id: r.parent_span_id.map(|p| p.to_vec()).unwrap_or_default(),
+            trace_state: r.threshold.map(Threshold::trace_state).unwrap_or_default(),
             flags: SPAN_FLAGS,
             name,
             kind,

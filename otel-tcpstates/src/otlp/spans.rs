@@ -9,6 +9,7 @@ use otel_tcpstates_common::tcp_state;
 use crate::{
     kernel::clock::WallClock,
     kernel::event::{Comm, TcpEvent, TcpFacts, TcpState},
+    sampling::{decision::Verdict, rules::KeptBy, threshold::Threshold},
     sessions::container::{ContainerId, ContainerResolver},
     sessions::links::Links,
     sessions::table::{EndReason, Failure, Role, Session, StateEnded},
@@ -66,6 +67,10 @@ pub mod attr {
     pub const LINK_DIRECTION: &str = "tcpstates.link.direction";
     /// On a root's link: the request's method.
     pub const HTTP_REQUEST_METHOD: &str = "http.request.method";
+
+    /// On the root of a trace a keep rule kept: the rules, comma-joined
+    /// (`error`, `retransmit`, `slow_handshake`, `long_lived`).
+    pub const SAMPLING_KEPT_BY: &str = "tcpstates.sampling.kept_by";
 }
 
 /// How spans are built.
@@ -110,6 +115,8 @@ pub struct SpanRecord {
     pub peer: Endpoint,
     /// Makes the span's status an error.
     pub failure: Option<Failure>,
+    /// The threshold that kept the trace by probability: written as its `th`.
+    pub threshold: Option<Threshold>,
     pub body: Body,
 }
 
@@ -134,6 +141,8 @@ pub enum Body {
         /// Requests' trace contexts seen on the socket: on the heap, and only
         /// for sockets that had any.
         links: Option<Box<Links>>,
+        /// The keep rules that kept the trace.
+        kept_by: KeptBy,
     },
 }
 
@@ -251,6 +260,7 @@ impl SpanMapper {
         session: &Session,
         child: Option<u32>,
         times: (u64, u64),
+        verdict: Verdict,
         body: Body,
     ) -> SpanRecord {
         SpanRecord {
@@ -263,12 +273,18 @@ impl SpanMapper {
             local: (session.local_addr, session.local_port),
             peer: (session.remote_addr, session.remote_port),
             failure: None,
+            threshold: verdict.threshold,
             body,
         }
     }
 
     /// A child span for a state the socket left.
-    pub fn state_span(&self, session: &Session, ended: &StateEnded) -> SpanRecord {
+    pub fn state_span(
+        &self,
+        session: &Session,
+        ended: &StateEnded,
+        verdict: Verdict,
+    ) -> SpanRecord {
         let body = Body::State {
             state: ended.state,
             next: ended.next.map(|next| (next, ended.pid, ended.comm)),
@@ -280,13 +296,20 @@ impl SpanMapper {
                 session,
                 Some(ended.index),
                 (ended.start_ns, ended.end_ns),
+                verdict,
                 body,
             )
         }
     }
 
     /// The root span of a session that ended at kernel time `end_ns`.
-    pub fn root_span(&self, session: &Session, end_ns: u64, reason: EndReason) -> SpanRecord {
+    pub fn root_span(
+        &self,
+        session: &Session,
+        end_ns: u64,
+        reason: EndReason,
+        verdict: Verdict,
+    ) -> SpanRecord {
         let body = Body::Root {
             role: session.role,
             owner: session.owner.map(|owner| (owner.pid, owner.comm)),
@@ -296,10 +319,11 @@ impl SpanMapper {
             end_reason: reason,
             links: (!session.links.kept.is_empty() || session.links.dropped > 0)
                 .then(|| Box::new(session.links.clone())),
+            kept_by: verdict.kept_by,
         };
         SpanRecord {
             failure: session.failure,
-            ..self.record(session, None, (session.birth_ns, end_ns), body)
+            ..self.record(session, None, (session.birth_ns, end_ns), verdict, body)
         }
     }
 }

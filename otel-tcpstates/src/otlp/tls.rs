@@ -13,7 +13,7 @@ use rustls::{
     pki_types::{CertificateDer, PrivateKeyDer, pem::PemObject},
 };
 
-use crate::otlp::settings::UsageError;
+use crate::usage::UsageError;
 
 /// What to trust, and what to present, beyond the system's roots.
 #[derive(Clone, Default, PartialEq, Eq)]

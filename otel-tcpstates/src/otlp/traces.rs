@@ -1,4 +1,4 @@
-//! The trace pipeline's far end: session table updates mapped to span records,
+//! The trace pipeline's far end: the updates of kept traces mapped to span records,
 //! handed to the delivery queue.
 use std::time::{Duration, Instant};
 
@@ -11,7 +11,7 @@ use crate::{
     otlp::delivery::{Exporter, SpanStats},
     otlp::spans::{MapperOptions, SpanMapper, SpanRecord},
     otlp::{resource::base_resource, settings::Settings},
-    sessions::table::Update,
+    sampling::decision::Kept,
 };
 
 pub struct Traces {
@@ -43,14 +43,14 @@ impl Traces {
         self.mapper.observe(event);
     }
 
-    pub fn send(&mut self, update: &Update<'_>) {
-        let record = self.record(update);
+    pub fn send(&mut self, kept: &Kept<'_>) {
+        let record = self.record(kept);
         self.exporter.send(record);
     }
 
     /// For shutdown: see [`Exporter::send_flushing`].
-    pub fn send_flushing(&mut self, update: &Update<'_>, deadline: Instant) {
-        let record = self.record(update);
+    pub fn send_flushing(&mut self, kept: &Kept<'_>, deadline: Instant) {
+        let record = self.record(kept);
         self.exporter.send_flushing(record, deadline);
     }
 
@@ -60,11 +60,11 @@ impl Traces {
         self.exporter.flush();
     }
 
-    fn record(&self, update: &Update<'_>) -> SpanRecord {
-        match *update {
-            Update::StateEnded(session, ref ended) => self.mapper.state_span(session, ended),
-            Update::SessionEnded(session, end_ns, reason) => {
-                self.mapper.root_span(session, end_ns, reason)
+    fn record(&self, kept: &Kept<'_>) -> SpanRecord {
+        match *kept {
+            Kept::State(session, ended, verdict) => self.mapper.state_span(session, ended, verdict),
+            Kept::Root(session, end_ns, reason, verdict) => {
+                self.mapper.root_span(session, end_ns, reason, verdict)
             }
         }
     }

@@ -2,7 +2,7 @@
 //! summary and the self-telemetry metrics all report.
 use std::fmt;
 
-use crate::otlp::delivery::SpanStats;
+use crate::{otlp::delivery::SpanStats, sampling::decision::SamplingStats};
 
 /// The counters of one moment. Sessions and spans exist only when sessions are kept
 /// (traces, `--life`) and when exporting, respectively.
@@ -14,6 +14,8 @@ pub struct Stats {
     pub events_lost: u64,
     pub sessions: Option<SessionStats>,
     pub spans: Option<SpanStats>,
+    /// When exporting: what sampling kept and left out.
+    pub sampling: Option<SamplingStats>,
     /// With `-Y`: records journald did not take.
     pub journal_unsent: Option<u64>,
 }
@@ -44,6 +46,19 @@ impl fmt::Display for Stats {
                 f,
                 "; spans: {} produced, {} exported, {} failed, at least {} dropped; {} export errors",
                 s.produced, s.exported, s.failed, s.dropped, s.export_errors
+            )?;
+        }
+        // Silent while every trace is kept: nothing to say.
+        if let Some(s) = self.sampling.filter(|s| s.kept_by_rule + s.sampled_out > 0) {
+            write!(
+                f,
+                "; sampling: {} traces kept by probability, {} by a rule, {} left out \
+                 ({} spans), {} spans waiting",
+                s.kept_by_probability,
+                s.kept_by_rule,
+                s.sampled_out,
+                s.spans_sampled_out,
+                s.spans_waiting
             )?;
         }
         if let Some(unsent) = self.journal_unsent {

@@ -1,0 +1,126 @@
+//! Keep rules: what about a whole connection, known when it ends, keeps its trace
+//! whatever the probability decision said.
+use crate::sessions::table::Session;
+
+/// Which rules keep a trace; names in the root's `tcpstates.sampling.kept_by`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct KeptBy(u8);
+
+impl KeptBy {
+    pub const ERROR: Self = Self(1);
+    pub const RETRANSMIT: Self = Self(2);
+    pub const SLOW_HANDSHAKE: Self = Self(4);
+    pub const LONG_LIVED: Self = Self(8);
+    const NAMES: [(Self, &'static str); 4] = [
+        (Self::ERROR, "error"),
+        (Self::RETRANSMIT, "retransmit"),
+        (Self::SLOW_HANDSHAKE, "slow_handshake"),
+        (Self::LONG_LIVED, "long_lived"),
+    ];
+
+    pub fn is_empty(self) -> bool {
+        self.0 == 0
+    }
+
+    pub fn contains(self, rule: Self) -> bool {
+        self.0 & rule.0 == rule.0
+    }
+
+    fn with(self, rule: Self, fired: bool) -> Self {
+        if fired { self | rule } else { self }
+    }
+
+    /// The rules' names, comma-joined in a fixed order: `error,slow_handshake`.
+    pub fn names(self) -> String {
+        let mut names = String::new();
+        for (rule, name) in Self::NAMES {
+            if self.contains(rule) {
+                if !names.is_empty() {
+                    names.push(',');
+                }
+                names.push_str(name);
+            }
+        }
+        names
+    }
+}
+
+impl std::ops::BitOr for KeptBy {
+    type Output = Self;
+
+    fn bitor(self, other: Self) -> Self {
+        Self(self.0 | other.0)
+    }
+}
+
+/// The rules in force; each can be turned off.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct KeepRules {
+    /// Connections that ended in error (refused, reset, a handshake that failed).
+    pub errors: bool,
+    /// Connections the kernel retransmitted on (`total_retrans` > 0 at CLOSE).
+    pub retransmits: bool,
+    /// Connections whose handshake (SYN_SENT or SYN_RECV) took at least this long.
+    pub slow_handshake_ns: Option<u64>,
+    /// Connections that lived at least this long.
+    pub longer_than_ns: Option<u64>,
+}
+
+impl Default for KeepRules {
+    fn default() -> Self {
+        Self {
+            errors: true,
+            retransmits: true,
+            slow_handshake_ns: Some(100_000_000),
+            longer_than_ns: None,
+        }
+    }
+}
+
+impl KeepRules {
+    /// Whether any rule is on: otherwise nothing needs to wait for a session's end.
+    pub fn any(&self) -> bool {
+        self.errors
+            || self.retransmits
+            || self.slow_handshake_ns.is_some()
+            || self.longer_than_ns.is_some()
+    }
+
+    /// The rules that keep `session`, which ended at kernel time `end_ns`.
+    pub fn check(&self, session: &Session, end_ns: u64) -> KeptBy {
+        let at_least = |value: Option<u64>, bound: Option<u64>| matches!((value, bound), (Some(value), Some(bound)) if value >= bound);
+        KeptBy::default()
+            .with(KeptBy::ERROR, self.errors && session.failure.is_some())
+            .with(
+                KeptBy::RETRANSMIT,
+                self.retransmits && session.facts.is_some_and(|f| f.total_retrans > 0),
+            )
+            .with(
+                KeptBy::SLOW_HANDSHAKE,
+                at_least(session.handshake_ns, self.slow_handshake_ns),
+            )
+            .with(
+                KeptBy::LONG_LIVED,
+                at_least(
+                    Some(end_ns.saturating_sub(session.birth_ns)),
+                    self.longer_than_ns,
+                ),
+            )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_are_joined_in_a_fixed_order() {
+        let all = KeptBy::LONG_LIVED
+            .with(KeptBy::ERROR, true)
+            .with(KeptBy::SLOW_HANDSHAKE, true)
+            .with(KeptBy::RETRANSMIT, false);
+        assert_eq!(all.names(), "error,slow_handshake,long_lived");
+        assert_eq!(KeptBy::default().names(), "");
+        assert!(KeptBy::default().is_empty());
+    }
+}
