@@ -3,6 +3,7 @@
 //! It never reaches back into the kernel side or the session table.
 pub mod delivery;
 pub mod encode;
+pub mod protocol;
 pub mod resource;
 pub mod settings;
 pub mod spans;

@@ -8,30 +8,7 @@ use opentelemetry_otlp::{WithExportConfig, WithHttpConfig, WithTonicConfig};
 use url::Url;
 
 use crate::otlp::{delivery::Batching, tls::Trust, transport::Target};
-pub use crate::usage::UsageError;
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Protocol {
-    Grpc,
-    HttpProtobuf,
-}
-
-impl Protocol {
-    pub fn parse(text: &str) -> Option<Self> {
-        match text.trim() {
-            "grpc" => Some(Self::Grpc),
-            "http/protobuf" => Some(Self::HttpProtobuf),
-            _ => None,
-        }
-    }
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Grpc => "grpc",
-            Self::HttpProtobuf => "http/protobuf",
-        }
-    }
-}
+pub use crate::{otlp::protocol::Protocol, usage::UsageError};
 
 /// Where and how to export, once resolved from flags and environment.
 #[derive(Clone, Debug, PartialEq, Eq)]

@@ -22,7 +22,7 @@ use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceResponse
 use prost::Message as _;
 
 use crate::{
-    otlp::settings::Protocol,
+    otlp::protocol::Protocol,
     otlp::tls::{self, Trust},
 };
 

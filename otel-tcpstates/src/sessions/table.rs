@@ -737,6 +737,38 @@ pub(crate) mod tests {
     }
 
     #[test]
+    fn a_holding_table_keeps_each_ended_state_and_the_handshake_time() {
+        let mut t = table(16).holding_states();
+        let (got, sessions) = run(&mut t, &client_events(SK, 100));
+        let held: Vec<_> = sessions[0]
+            .held
+            .iter()
+            .map(|e| (e.state, e.start_ns, e.end_ns))
+            .collect();
+        let reported: Vec<_> = got
+            .iter()
+            .filter_map(|g| match g {
+                Got::State(name, _, start, end, _) => Some((*name, *start, *end)),
+                Got::Ended(..) => None,
+            })
+            .collect();
+        assert_eq!(held.len(), reported.len());
+        for ((state, start, end), (name, s, e)) in held.iter().zip(&reported) {
+            assert_eq!((state.to_string().as_str(), *start, *end), (*name, *s, *e));
+        }
+        assert_eq!(sessions[0].handshake_ns, Some(50), "SYN_SENT lasted 50 ns");
+        // Without holding, nothing is kept; the handshake time is all the same.
+        let mut t = table(16);
+        let mut events = client_events(SK, 100);
+        events.extend(client_events(SK, 5000));
+        let (_, sessions) = run(&mut t, &events);
+        assert!(sessions[0].held.is_empty());
+        assert_eq!(sessions[0].handshake_ns, Some(50));
+        // A reused address is a new trace.
+        assert_ne!(sessions[0].trace_id, sessions[1].trace_id);
+    }
+
+    #[test]
     fn a_full_table_evicts_the_least_recently_active() {
         let mut t = table(2);
         let (got, sessions) = run(
