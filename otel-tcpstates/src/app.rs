@@ -15,9 +15,11 @@ use crate::{
     kernel::loader::{self, Filters, Probe},
     kernel::preflight,
     kernel::reader::EventReader,
+    metrics::{ConnectionMetrics, MetricsOptions},
     otlp::spans::MapperOptions,
     otlp::traces::Traces,
     otlp::{
+        metrics::meter_provider,
         resource,
         settings::{self, Protocol},
     },
@@ -52,6 +54,8 @@ struct Sinks {
     table: Option<SessionTable>,
     life: Option<LifeWriter<Stdout>>,
     traces: Option<Traces>,
+    /// Counted from every session update, before any sampling of traces.
+    metrics: Option<ConnectionMetrics>,
 }
 
 impl Sinks {
@@ -76,6 +80,7 @@ impl Sinks {
             table,
             life,
             traces,
+            metrics,
         } = self;
         *seen += 1;
         if let Some(text) = text {
@@ -92,6 +97,9 @@ impl Sinks {
         }
         let mut written = Ok(());
         table.apply(event, &mut |update| {
+            if let Some(metrics) = metrics {
+                metrics.update(&update);
+            }
             if let Some(traces) = traces {
                 traces.send(&update);
             }
@@ -197,6 +205,7 @@ pub async fn run(cli: Cli) -> Result<()> {
         TcpOffsets::default()
     };
     let mut self_metrics = None;
+    let mut connection_metrics = None;
     let traces = match &export {
         Some(settings) => {
             let options = MapperOptions {
@@ -205,7 +214,17 @@ pub async fn run(cli: Cli) -> Result<()> {
             };
             let resource = resource::resource();
             if settings.metrics {
-                self_metrics = Some(SelfMetrics::start(settings, &resource)?);
+                let max_series = cli.metrics_max_series as usize;
+                let provider = meter_provider(settings, &resource, max_series)?;
+                let options = MetricsOptions {
+                    max_series,
+                    peer_address: cli.metrics_peer_address,
+                };
+                connection_metrics = Some(ConnectionMetrics::new(
+                    &opentelemetry::metrics::MeterProvider::meter(&provider, "otel-tcpstates"),
+                    options,
+                ));
+                self_metrics = Some(SelfMetrics::start(provider));
             }
             Some(Traces::start(settings, &resource, clock, options)?)
         }
@@ -237,6 +256,7 @@ pub async fn run(cli: Cli) -> Result<()> {
         life: (printing && cli.life).then(|| LifeWriter::new(layout, clock, stdout())),
         table: sessions.then(|| SessionTable::new(cli.max_sockets)),
         traces,
+        metrics: connection_metrics,
     };
     // Logged once attached, like the header below.
     if let Some(settings) = &export {
@@ -290,6 +310,9 @@ pub async fn run(cli: Cli) -> Result<()> {
         let line_due = stats_line.as_mut().is_some_and(|every| every.due(now));
         if report_due || line_due {
             // One reading of the counters serves both when they fall due together.
+            if report_due && let (Some(metrics), Some(table)) = (&mut sinks.metrics, &sinks.table) {
+                metrics.publish(table);
+            }
             let stats = stats(&sinks, probe.lost_events()?);
             if report_due {
                 reports.running(&stats, sinks.journal.as_mut());
@@ -358,11 +381,17 @@ pub async fn run(cli: Cli) -> Result<()> {
     if let (Some(traces), Some(table)) = (&mut sinks.traces, &mut sinks.table) {
         let in_flight = table.len();
         let until = deadline.for_spans();
+        let metrics = &mut sinks.metrics;
         let unended = table.end_all(
             clock::monotonic_now_ns(),
             EndReason::Shutdown,
             || Instant::now() < until,
-            &mut |update| traces.send_flushing(&update, until),
+            &mut |update| {
+                if let Some(metrics) = metrics.as_mut() {
+                    metrics.update(&update);
+                }
+                traces.send_flushing(&update, until);
+            },
         );
         traces.not_sent(unended);
         let flushed = traces.shutdown(shutdown::left(until));
@@ -384,6 +413,9 @@ pub async fn run(cli: Cli) -> Result<()> {
     }
     // The final values: every session ended, the span counts exact.
     if let Some(metrics) = self_metrics {
+        if let (Some(connections), Some(table)) = (&mut sinks.metrics, &sinks.table) {
+            connections.publish(table);
+        }
         metrics.publish(&stats(&sinks, lost));
         if let Err(err) = metrics.shutdown(shutdown::left(deadline.end())) {
             tracing::warn!("{err:#}");
@@ -410,6 +442,7 @@ fn stats(sinks: &Sinks, lost: u64) -> Stats {
         }),
         spans: sinks.traces.as_ref().map(Traces::stats),
         journal_unsent: sinks.journal.as_ref().map(JournalWriter::unsent),
+        metrics_overflow: sinks.metrics.as_ref().map(ConnectionMetrics::overflowed),
     }
 }
 
