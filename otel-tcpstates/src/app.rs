@@ -6,6 +6,7 @@ use std::{
 };
 
 use anyhow::{Context as _, Result};
+use opentelemetry::metrics::MeterProvider as _;
 use otel_tcpstates_common::TcpOffsets;
 
 use crate::{
@@ -15,6 +16,8 @@ use crate::{
     kernel::loader::{self, Filters, Probe},
     kernel::preflight,
     kernel::reader::EventReader,
+    metrics::{ConnectionMetrics, MetricsOptions},
+    otlp::metrics::meter_provider,
     otlp::spans::MapperOptions,
     otlp::traces::Traces,
     otlp::{
@@ -52,6 +55,8 @@ struct Sinks {
     journal: Option<JournalWriter>,
     table: Option<SessionTable>,
     life: Option<LifeWriter<Stdout>>,
+    /// Counted from every session update, before any sampling of traces.
+    metrics: Option<ConnectionMetrics>,
     traces: Option<TracePipeline>,
 }
 
@@ -94,6 +99,7 @@ impl Sinks {
             journal,
             table,
             life,
+            metrics,
             traces,
         } = self;
         *seen += 1;
@@ -111,6 +117,9 @@ impl Sinks {
         }
         let mut written = Ok(());
         table.apply(event, &mut |update| {
+            if let Some(metrics) = metrics {
+                metrics.update(&update);
+            }
             if let Some(pipeline) = traces {
                 pipeline.update(&update, None);
             }
@@ -146,17 +155,30 @@ impl Sinks {
         Ok(())
     }
 
+    /// The connections open now, for the connection metrics' next collection.
+    fn publish_open_connections(&mut self) {
+        if let (Some(metrics), Some(table)) = (&mut self.metrics, &self.table) {
+            metrics.publish(table);
+        }
+    }
+
     /// Ends the sessions still open at exit and sends the last spans, by `until`.
     fn end_sessions(&mut self, until: Instant) {
         let (Some(pipeline), Some(table)) = (&mut self.traces, &mut self.table) else {
             return;
         };
         let in_flight = table.len();
+        let metrics = &mut self.metrics;
         let unended = table.end_all(
             clock::monotonic_now_ns(),
             EndReason::Shutdown,
             || Instant::now() < until,
-            &mut |update| pipeline.update(&update, Some(until)),
+            &mut |update| {
+                if let Some(metrics) = metrics {
+                    metrics.update(&update);
+                }
+                pipeline.update(&update, Some(until));
+            },
         );
         pipeline.traces.not_sent(unended);
         let flushed = pipeline.traces.shutdown(shutdown::left(until));
@@ -250,12 +272,21 @@ pub async fn run(cli: Cli) -> Result<()> {
     } else {
         TcpOffsets::default()
     };
-    let mut self_metrics = None;
+    let (mut self_metrics, mut connection_metrics) = (None, None);
     let traces = match (&export, sampler) {
         (Some(settings), Some(sampler)) => {
             let resource = resource::resource();
             if settings.metrics {
-                self_metrics = Some(SelfMetrics::start(settings, &resource)?);
+                let options = MetricsOptions {
+                    max_series: cli.metrics_max_series as usize,
+                    peer_address: cli.metrics_peer_address,
+                };
+                let provider = meter_provider(settings, &resource, options.max_series)?;
+                connection_metrics = Some(ConnectionMetrics::new(
+                    &provider.meter("otel-tcpstates"),
+                    options,
+                ));
+                self_metrics = Some(SelfMetrics::start(provider));
             }
             let options = MapperOptions {
                 service_per_process: cli.service_per_process,
@@ -293,6 +324,7 @@ pub async fn run(cli: Cli) -> Result<()> {
         text: (printing && !cli.life).then(|| TextWriter::new(layout, clock, stdout())),
         journal,
         life: (printing && cli.life).then(|| LifeWriter::new(layout, clock, stdout())),
+        metrics: connection_metrics,
         table: sessions.then(|| {
             let table = SessionTable::new(cli.max_sockets);
             if holds { table.holding_states() } else { table }
@@ -361,6 +393,7 @@ pub async fn run(cli: Cli) -> Result<()> {
     sinks.end_sessions(deadline.for_spans());
     // The final values: every session ended, the span counts exact.
     if let Some(metrics) = self_metrics {
+        sinks.publish_open_connections();
         metrics.publish(&stats(&sinks, lost));
         if let Err(err) = metrics.shutdown(shutdown::left(deadline.end())) {
             tracing::warn!("{err:#}");
@@ -425,6 +458,9 @@ impl Watch<'_> {
             let report_due = lost_report.due(now);
             let line_due = stats_line.as_mut().is_some_and(|every| every.due(now));
             if report_due || line_due {
+                if report_due {
+                    self.sinks.publish_open_connections();
+                }
                 // One reading of the counters serves both when they fall due together.
                 let stats = stats(self.sinks, self.probe.lost_events()?);
                 if report_due {
@@ -480,6 +516,7 @@ fn stats(sinks: &Sinks, lost: u64) -> Stats {
         }),
         spans: sinks.traces.as_ref().map(|t| t.traces.stats()),
         sampling: sinks.traces.as_ref().map(|t| t.sampling.stats()),
+        metrics_overflow: sinks.metrics.as_ref().map(ConnectionMetrics::overflowed),
         journal_unsent: sinks.journal.as_ref().map(JournalWriter::unsent),
     }
 }

@@ -141,6 +141,18 @@ pub struct Cli {
     #[arg(long = "max-sockets", value_name = "N", default_value = "65536")]
     pub max_sockets: NonZeroUsize,
 
+    /// Attribute sets kept per connection metric (exported whenever metrics are:
+    /// an OTLP endpoint, OTEL_METRICS_EXPORTER not none); measurements of new ones
+    /// beyond go to one series marked otel.metric.overflow=true, and are counted
+    #[arg(long = "metrics-max-series", value_name = "N", default_value_t = 2000,
+          value_parser = clap::value_parser!(u64).range(1..=100_000))]
+    pub metrics_max_series: u64,
+
+    /// Add each connection's peer address (network.peer.address) to the connection
+    /// metrics: a series per peer, so mind --metrics-max-series
+    #[arg(long = "metrics-peer-address")]
+    pub metrics_peer_address: bool,
+
     /// On SIGTERM/SIGINT, exit within this many seconds: printing what is still
     /// queued, ending the sessions and sending the last spans share it; what does
     /// not fit is counted as lost events or spans not sent
@@ -294,6 +306,8 @@ mod tests {
             &["--sample-ratio", "-1"],
             &["--slow-handshake", "fast"],
             &["--keep-longer-than", "10"],
+            &["--metrics-max-series", "0"],
+            &["--metrics-max-series", "many"],
         ] {
             let err = parse(args).unwrap_err();
             assert_ne!(err.kind(), ErrorKind::DisplayHelp, "{args:?}");
@@ -334,5 +348,9 @@ mod tests {
         assert!(cli.csv && cli.timestamp && cli.time && cli.journal && cli.ipv4 && !cli.ipv6);
         assert_eq!(cli.localport.unwrap().ports(), &[80]);
         assert_eq!(cli.pid, Some(42));
+        assert_eq!(
+            (cli.metrics_max_series, cli.metrics_peer_address),
+            (2000, false)
+        );
     }
 }

@@ -1,8 +1,10 @@
 //! In: session updates. Out: OTLP trace requests on the wire (span records encoded
-//! in place, delivered over gRPC or HTTP with retries), and the counters of that.
+//! in place, delivered over gRPC or HTTP with retries), and the counters of that;
+//! the meter provider the metrics go out through (`metrics`).
 //! It never reaches back into the kernel side or the session table.
 pub mod delivery;
 pub mod encode;
+pub mod metrics;
 pub mod protocol;
 pub mod resource;
 pub mod settings;

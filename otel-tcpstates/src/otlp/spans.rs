@@ -179,12 +179,7 @@ pub fn state_name(state: TcpState) -> Cow<'static, str> {
 }
 
 pub fn role_name(role: Role) -> &'static str {
-    match role {
-        Role::Client => "client",
-        Role::Server => "server",
-        Role::Listener => "listener",
-        Role::Unknown => "unknown",
-    }
+    role.as_str()
 }
 
 /// The status message of a failed connection's spans.

@@ -15,7 +15,7 @@ use crate::{
 };
 
 /// How the socket came to be, as far as its first seen transition tells.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Role {
     /// Active open: connect().
     Client,
@@ -25,6 +25,18 @@ pub enum Role {
     Listener,
     /// Already open when the tracer started, in a state that does not tell.
     Unknown,
+}
+
+impl Role {
+    /// The name spans and metrics give it (`tcpstates.role`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Client => "client",
+            Self::Server => "server",
+            Self::Listener => "listener",
+            Self::Unknown => "unknown",
+        }
+    }
 }
 
 /// Why a connection counts as failed.
@@ -223,6 +235,11 @@ impl SessionTable {
 
     pub fn stats(&self) -> TableStats {
         self.stats
+    }
+
+    /// The sessions open now, in no particular order (the LRU order is untouched).
+    pub fn sessions(&self) -> impl Iterator<Item = &Session> {
+        self.sessions.iter().map(|(_, session)| session)
     }
 
     /// Applies one transition, reporting what ended through `out`.

@@ -12,16 +12,9 @@ use std::{
 
 use anyhow::{Context as _, Result};
 use opentelemetry::metrics::MeterProvider as _;
-use opentelemetry_otlp::{Protocol as OtlpProtocol, WithExportConfig as _};
-use opentelemetry_sdk::{
-    Resource,
-    metrics::{PeriodicReader, SdkMeterProvider},
-};
+use opentelemetry_sdk::metrics::SdkMeterProvider;
 
-use crate::{
-    otlp::settings::{Protocol, Settings},
-    telemetry::stats::Stats,
-};
+use crate::telemetry::stats::Stats;
 
 /// Metric names; `otel_tcpstates.` keeps them apart from the SDK's own.
 pub mod name {
@@ -36,6 +29,11 @@ pub mod name {
     pub const SPANS_DROPPED: &str = "otel_tcpstates.spans.dropped";
     pub const EXPORT_ERRORS: &str = "otel_tcpstates.export.errors";
     pub const JOURNAL_UNSENT: &str = "otel_tcpstates.journal.unsent";
+    pub const METRICS_OVERFLOW: &str = "otel_tcpstates.metrics.overflow";
+    pub const TRACES_KEPT_BY_PROBABILITY: &str = "otel_tcpstates.traces.kept_by_probability";
+    pub const TRACES_KEPT_BY_RULE: &str = "otel_tcpstates.traces.kept_by_rule";
+    pub const TRACES_SAMPLED_OUT: &str = "otel_tcpstates.traces.sampled_out";
+    pub const SPANS_SAMPLED_OUT: &str = "otel_tcpstates.spans.sampled_out";
 }
 
 /// The last published value of each counter, read by the SDK's collection
@@ -53,6 +51,11 @@ struct Published {
     dropped: AtomicU64,
     export_errors: AtomicU64,
     journal_unsent: AtomicU64,
+    metrics_overflow: AtomicU64,
+    kept_by_probability: AtomicU64,
+    kept_by_rule: AtomicU64,
+    sampled_out: AtomicU64,
+    spans_sampled_out: AtomicU64,
 }
 
 pub struct SelfMetrics {
@@ -61,37 +64,15 @@ pub struct SelfMetrics {
 }
 
 impl SelfMetrics {
-    /// Starts the periodic export (every `OTEL_METRIC_EXPORT_INTERVAL` ms, 60 s by
-    /// default) to the traces' collector. Must run inside the tokio runtime, like
-    /// the span exporter.
-    pub fn start(settings: &Settings, resource: &Resource) -> Result<Self> {
-        let builder = opentelemetry_otlp::MetricExporter::builder();
-        let transport = settings.metrics_transport();
-        let exporter = match settings.protocol {
-            Protocol::Grpc => transport
-                .grpc(builder.with_tonic().with_protocol(OtlpProtocol::Grpc))
-                .and_then(|builder| Ok(builder.build()?)),
-            Protocol::HttpProtobuf => transport
-                .http(builder.with_http().with_protocol(OtlpProtocol::HttpBinary))
-                .and_then(|builder| Ok(builder.build()?)),
-        }
-        .with_context(|| {
-            format!(
-                "setting up OTLP/{} metrics export next to {}",
-                settings.protocol.as_str(),
-                settings.endpoint
-            )
-        })?;
-        let provider = SdkMeterProvider::builder()
-            .with_reader(PeriodicReader::builder(exporter).build())
-            .with_resource(resource.clone())
-            .build();
+    /// Registers the counters on `provider` (see `otlp::metrics`), which this
+    /// then owns: [`SelfMetrics::shutdown`] makes its last export.
+    pub fn start(provider: SdkMeterProvider) -> Self {
         let published = Arc::new(Published::default());
         register(&provider, &published);
-        Ok(Self {
+        Self {
             provider,
             published,
-        })
+        }
     }
 
     /// Makes `stats` what the next collection reports.
@@ -114,6 +95,15 @@ impl SelfMetrics {
         }
         if let Some(unsent) = stats.journal_unsent {
             set(&p.journal_unsent, unsent);
+        }
+        if let Some(overflow) = stats.metrics_overflow {
+            set(&p.metrics_overflow, overflow);
+        }
+        if let Some(s) = &stats.sampling {
+            set(&p.kept_by_probability, s.kept_by_probability);
+            set(&p.kept_by_rule, s.kept_by_rule);
+            set(&p.sampled_out, s.sampled_out);
+            set(&p.spans_sampled_out, s.spans_sampled_out);
         }
     }
 
@@ -143,7 +133,7 @@ impl SelfMetrics {
 fn register(provider: &SdkMeterProvider, published: &Arc<Published>) {
     let meter = provider.meter("otel-tcpstates");
     type Pick = fn(&Published) -> &AtomicU64;
-    let counters: [(&'static str, &'static str, &'static str, Pick); 10] = [
+    let counters: [(&'static str, &'static str, &'static str, Pick); 15] = [
         (
             name::EVENTS_SEEN,
             "{event}",
@@ -203,6 +193,37 @@ fn register(provider: &SdkMeterProvider, published: &Arc<Published>) {
             "{record}",
             "State changes the journal did not take (-Y)",
             |p| &p.journal_unsent,
+        ),
+        (
+            name::METRICS_OVERFLOW,
+            "{measurement}",
+            "Connection metric measurements recorded into an overflow series \
+             (--metrics-max-series reached)",
+            |p| &p.metrics_overflow,
+        ),
+        (
+            name::TRACES_KEPT_BY_PROBABILITY,
+            "{trace}",
+            "Sockets' traces kept by the sampling probability (all, with always_on)",
+            |p| &p.kept_by_probability,
+        ),
+        (
+            name::TRACES_KEPT_BY_RULE,
+            "{trace}",
+            "Sockets' traces the probability left out and a keep rule kept",
+            |p| &p.kept_by_rule,
+        ),
+        (
+            name::TRACES_SAMPLED_OUT,
+            "{trace}",
+            "Sockets' traces left out by sampling",
+            |p| &p.sampled_out,
+        ),
+        (
+            name::SPANS_SAMPLED_OUT,
+            "{span}",
+            "Spans of the traces left out by sampling (never produced)",
+            |p| &p.spans_sampled_out,
         ),
     ];
     for (name, unit, description, pick) in counters {

@@ -18,6 +18,8 @@ pub struct Stats {
     pub sampling: Option<SamplingStats>,
     /// With `-Y`: records journald did not take.
     pub journal_unsent: Option<u64>,
+    /// With connection metrics: measurements recorded into an overflow series.
+    pub metrics_overflow: Option<u64>,
 }
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -64,6 +66,10 @@ impl fmt::Display for Stats {
         if let Some(unsent) = self.journal_unsent {
             write!(f, "; journal: {unsent} not logged")?;
         }
+        // Only when it says something: a cap reached.
+        if let Some(overflow) = self.metrics_overflow.filter(|&n| n > 0) {
+            write!(f, "; metrics: {overflow} measurements overflowed")?;
+        }
         Ok(())
     }
 }
@@ -99,5 +105,13 @@ mod tests {
         );
         stats.journal_unsent = Some(7);
         assert!(stats.to_string().ends_with("; journal: 7 not logged"));
+        stats.metrics_overflow = Some(0);
+        assert!(stats.to_string().ends_with("; journal: 7 not logged"));
+        stats.metrics_overflow = Some(5);
+        assert!(
+            stats
+                .to_string()
+                .ends_with("; journal: 7 not logged; metrics: 5 measurements overflowed")
+        );
     }
 }
