@@ -62,12 +62,14 @@ fi
 if [[ $want_test -eq 1 ]]; then
   # setpriv and unshare (util-linux) let the tests drop privileges and unmount
   # tracefs in a private namespace; tests/systemd.rs checks the systemd unit with
-  # systemd-analyze and the system calls the daemon makes with strace.
+  # systemd-analyze and the system calls the daemon makes with strace;
+  # tests/sampling.rs drops and rejects loopback packets with iptables.
   missing=()
   command -v setpriv >/dev/null && command -v unshare >/dev/null || missing+=(util-linux)
   command -v bash >/dev/null || missing+=(bash)
   command -v systemd-analyze >/dev/null || missing+=(systemd)
   command -v strace >/dev/null || missing+=(strace)
+  command -v iptables >/dev/null || missing+=(iptables)
   if ((${#missing[@]})); then
     log "installing ${missing[*]}"
     apt-get update -qq

@@ -4,6 +4,7 @@
 
 pub mod deploy;
 pub mod load;
+pub mod netfault;
 pub mod otlp;
 pub mod rotel;
 pub mod tls;

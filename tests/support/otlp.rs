@@ -80,6 +80,13 @@ pub struct ReceivedSpan {
     pub links: Vec<ReceivedLink>,
     /// Links the sender left out of `links` (OTLP `dropped_links_count`).
     pub dropped_links_count: u32,
+    /// The W3C `tracestate`, as sent ("" when none): for a trace kept by
+    /// probability, the OpenTelemetry entry `ot=th:<threshold>`.
+    pub trace_state: String,
+    /// OTLP `Span.flags`: the W3C trace flags in bits 0-7 (0x01 sampled, 0x02
+    /// random trace id); bit 8 says whether the parent's remoteness is known,
+    /// bit 9 that it is remote.
+    pub flags: u32,
 }
 
 /// One OTLP span link, as received.
@@ -661,6 +668,8 @@ fn flatten(transport: &'static str, request: ExportTraceServiceRequest) -> Vec<R
                         })
                         .collect(),
                     dropped_links_count: span.dropped_links_count,
+                    trace_state: span.trace_state,
+                    flags: span.flags,
                 });
             }
         }
