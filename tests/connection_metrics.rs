@@ -102,8 +102,6 @@ fn lives(rows: &[Row]) -> Vec<Life> {
             let mut life = open.remove(row.skaddr.as_str()).unwrap();
             if let Some(key) = &mut life.key {
                 key.2 = error.map(str::to_owned);
-                // The port a client connects to is known from its first row; a
-                // server's local port too.
             }
             closed.push(life);
         }
