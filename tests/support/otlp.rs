@@ -17,7 +17,7 @@ use std::{
 use axum::{
     Router,
     body::Bytes,
-    extract::State,
+    extract::{DefaultBodyLimit, State},
     http::{HeaderMap, Method, StatusCode, Uri, header},
     response::{IntoResponse, Response},
     routing::post,
@@ -34,7 +34,7 @@ use opentelemetry_proto::tonic::{
         },
     },
     common::v1::{AnyValue, KeyValue, any_value},
-    metrics::v1::{metric, number_data_point},
+    metrics::v1::{NumberDataPoint, metric, number_data_point},
 };
 use prost::Message;
 use tonic::{
@@ -152,6 +152,8 @@ struct Store {
     count_only: bool,
     /// Each metric's latest data point.
     metrics: BTreeMap<String, ReceivedMetric>,
+    /// Each metric's data points, with their attributes, by name.
+    series: BTreeMap<String, ReceivedSeries>,
     metric_requests: usize,
     /// The paths OTLP/HTTP exports were posted to.
     http_paths: BTreeSet<String>,
@@ -165,6 +167,102 @@ pub struct ReceivedMetric {
     pub kind: &'static str,
     pub service_name: Option<String>,
     pub transport: &'static str,
+}
+
+/// A metric's data points with their attributes: the latest of each attribute set
+/// (with cumulative temporality, the total so far).
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct ReceivedSeries {
+    /// "sum" (monotonic: a counter), "updown" (a sum that is not), "gauge" or
+    /// "histogram".
+    pub kind: &'static str,
+    pub unit: String,
+    pub description: String,
+    /// By attribute set (its debug form): the latest point.
+    pub points: BTreeMap<String, ReceivedPoint>,
+}
+
+/// One data point as received.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ReceivedPoint {
+    pub attributes: BTreeMap<String, Value>,
+    pub value: PointValue,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub enum PointValue {
+    Int(i64),
+    Double(f64),
+    Histogram {
+        count: u64,
+        sum: f64,
+        /// One more than `bounds`: the last counts what is above the last bound.
+        bucket_counts: Vec<u64>,
+        bounds: Vec<f64>,
+    },
+}
+
+impl ReceivedPoint {
+    pub fn str_attr(&self, key: &str) -> Option<&str> {
+        match self.attributes.get(key)? {
+            Value::Str(s) => Some(s),
+            _ => None,
+        }
+    }
+
+    pub fn int_attr(&self, key: &str) -> Option<i64> {
+        match self.attributes.get(key)? {
+            Value::Int(i) => Some(*i),
+            _ => None,
+        }
+    }
+
+    /// A counter's or gauge's value, a histogram's count.
+    pub fn count(&self) -> i64 {
+        match &self.value {
+            PointValue::Int(v) => *v,
+            PointValue::Double(v) => *v as i64,
+            PointValue::Histogram { count, .. } => *count as i64,
+        }
+    }
+
+    /// A histogram's sum; a number's value.
+    pub fn sum(&self) -> f64 {
+        match &self.value {
+            PointValue::Int(v) => *v as f64,
+            PointValue::Double(v) => *v,
+            PointValue::Histogram { sum, .. } => *sum,
+        }
+    }
+}
+
+impl ReceivedSeries {
+    pub fn points(&self) -> impl Iterator<Item = &ReceivedPoint> {
+        self.points.values()
+    }
+
+    /// The points whose attributes include all of `want` (string or integer values,
+    /// compared as text), and none of `absent`.
+    pub fn matching(
+        &self,
+        want: &[(&str, &str)],
+        absent: &[&str],
+    ) -> std::vec::IntoIter<&ReceivedPoint> {
+        let matched: Vec<_> = self
+            .points()
+            .filter(|p| {
+                want.iter()
+                    .all(|(key, value)| match p.attributes.get(*key) {
+                        Some(Value::Str(s)) => s == value,
+                        Some(Value::Int(i)) => i.to_string() == *value,
+                        Some(Value::Bool(b)) => b.to_string() == *value,
+                        _ => false,
+                    })
+                    && absent.iter().all(|key| !p.attributes.contains_key(*key))
+            })
+            .collect();
+        matched.into_iter()
+    }
 }
 
 type Shared = Arc<Mutex<Store>>;
@@ -306,6 +404,16 @@ impl Receiver {
         lock(&self.store).metrics.clone()
     }
 
+    /// A metric's data points with their attributes, if any arrived.
+    pub fn series(&self, name: &str) -> Option<ReceivedSeries> {
+        lock(&self.store).series.get(name).cloned()
+    }
+
+    /// Every metric's data points with their attributes, by name.
+    pub fn all_series(&self) -> BTreeMap<String, ReceivedSeries> {
+        lock(&self.store).series.clone()
+    }
+
     /// Metrics export requests received over both transports.
     pub fn metric_requests(&self) -> usize {
         lock(&self.store).metric_requests
@@ -412,6 +520,9 @@ async fn serve(
         // Exporters given a base URL with a path (Prometheus takes OTLP under
         // /api/v1/otlp) post to the signal's path under it.
         .fallback(prefixed_export)
+        // The Collector's own limit for OTLP/HTTP bodies (confighttp's 20 MiB), not
+        // axum's 2 MiB: a few thousand histogram series are more than that.
+        .layer(DefaultBodyLimit::max(20 << 20))
         .with_state(store);
     let http_server: Serving = match tls {
         Some(tls) => Box::pin(serve_https(http, tls, app)),
@@ -594,8 +705,9 @@ fn record(store: &Shared, transport: &'static str, request: ExportTraceServiceRe
     store.spans.extend(spans);
 }
 
-/// Keeps each metric's latest integer data point (the daemon's are all integers
-/// without attributes).
+/// Keeps each metric's latest integer data point (for [`Receiver::metrics`]: the
+/// self-metrics, integers without attributes), and every data point with its
+/// attributes (for [`Receiver::series`]).
 fn record_metrics(store: &Shared, transport: &'static str, request: ExportMetricsServiceRequest) {
     let mut store = lock(store);
     store.metric_requests += 1;
@@ -608,6 +720,7 @@ fn record_metrics(store: &Shared, transport: &'static str, request: ExportMetric
                 _ => None,
             });
         for metric in resource.scope_metrics.into_iter().flat_map(|s| s.metrics) {
+            keep_series(&mut store.series, &metric);
             let (kind, points) = match metric.data {
                 Some(metric::Data::Sum(sum)) if sum.is_monotonic => ("sum", sum.data_points),
                 Some(metric::Data::Gauge(gauge)) => ("gauge", gauge.data_points),
@@ -629,6 +742,59 @@ fn record_metrics(store: &Shared, transport: &'static str, request: ExportMetric
                 },
             );
         }
+    }
+}
+
+/// Keeps every data point of `metric`, the latest of each attribute set.
+fn keep_series(
+    series: &mut BTreeMap<String, ReceivedSeries>,
+    metric: &opentelemetry_proto::tonic::metrics::v1::Metric,
+) {
+    let number = |p: &NumberDataPoint| {
+        let value = match p.value {
+            Some(number_data_point::Value::AsInt(v)) => PointValue::Int(v),
+            Some(number_data_point::Value::AsDouble(v)) => PointValue::Double(v),
+            None => return None,
+        };
+        Some((p.attributes.clone(), value))
+    };
+    let (kind, points): (&'static str, Vec<_>) = match &metric.data {
+        Some(metric::Data::Sum(sum)) => (
+            if sum.is_monotonic { "sum" } else { "updown" },
+            sum.data_points.iter().filter_map(number).collect(),
+        ),
+        Some(metric::Data::Gauge(gauge)) => (
+            "gauge",
+            gauge.data_points.iter().filter_map(number).collect(),
+        ),
+        Some(metric::Data::Histogram(histogram)) => (
+            "histogram",
+            histogram
+                .data_points
+                .iter()
+                .map(|p| {
+                    let value = PointValue::Histogram {
+                        count: p.count,
+                        sum: p.sum.unwrap_or_default(),
+                        bucket_counts: p.bucket_counts.clone(),
+                        bounds: p.explicit_bounds.clone(),
+                    };
+                    (p.attributes.clone(), value)
+                })
+                .collect(),
+        ),
+        _ => return,
+    };
+    let kept = series.entry(metric.name.clone()).or_default();
+    kept.kind = kind;
+    kept.unit.clone_from(&metric.unit);
+    kept.description.clone_from(&metric.description);
+    for (attributes, value) in points {
+        let attributes = self::attributes(attributes);
+        kept.points.insert(
+            format!("{attributes:?}"),
+            ReceivedPoint { attributes, value },
+        );
     }
 }
 

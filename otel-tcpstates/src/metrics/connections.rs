@@ -375,7 +375,10 @@ mod tests {
     use otel_tcpstates_common::tcp_state::*;
 
     use super::*;
-    use crate::sessions::table::tests::{SK, client_events, ev};
+    use crate::sessions::table::{
+        EndReason,
+        tests::{SK, client_events, ev},
+    };
 
     /// A data point flattened: sorted attributes as text, count (or value), sum.
     type Point = (String, u64, f64);
@@ -643,5 +646,36 @@ mod tests {
         let exported = collect(&provider, &kept);
         let open = points(&exported, name::OPEN);
         assert!(open.iter().all(|(_, n, _)| *n == 0), "{open:?}");
+    }
+
+    /// What one ended session costs (`cargo test --release --lib -- --ignored
+    /// cost --nocapture`): its five measurements on known series.
+    #[test]
+    #[ignore = "a measurement, not a check"]
+    fn cost_per_ended_session() {
+        let (provider, _kept) = provider();
+        let mut metrics =
+            ConnectionMetrics::new(&provider.meter("test"), MetricsOptions::default());
+        let mut sessions: Vec<Session> = (0..100u16)
+            .map(|port| {
+                let mut s = session(Role::Client, None);
+                s.remote_port = 1000 + port;
+                s
+            })
+            .collect();
+        sessions[0].failure = Some(Failure::ConnectFailed);
+        const ROUNDS: usize = 10_000;
+        let started = std::time::Instant::now();
+        for _ in 0..ROUNDS {
+            for s in &sessions {
+                metrics.update(&Update::SessionEnded(
+                    s,
+                    s.birth_ns + 12_345,
+                    EndReason::Closed,
+                ));
+            }
+        }
+        let per = started.elapsed() / (ROUNDS * sessions.len()) as u32;
+        eprintln!("{per:?} per ended session (5 measurements)");
     }
 }
