@@ -126,6 +126,9 @@ fn every_connection_is_counted_with_the_kernel_times() {
     if !root_or_skip("every_connection_is_counted_with_the_kernel_times") {
         return;
     }
+    // Each daemon sees every test's connections: one at a time, or another's
+    // port scan fills this one's series.
+    let _serial = support::load::serial();
     const N: usize = 20;
     const M: usize = 10;
     const K: usize = 10;
@@ -381,6 +384,9 @@ fn a_port_scan_stays_within_the_series_cap() {
     if !root_or_skip("a_port_scan_stays_within_the_series_cap") {
         return;
     }
+    // Each daemon sees every test's connections: one at a time, or another's
+    // port scan fills this one's series.
+    let _serial = support::load::serial();
     const SCANNED: usize = 10_000;
     const CAP: usize = 2500;
     let ports = closed_ports(SCANNED);
@@ -484,6 +490,9 @@ fn the_peer_address_is_an_attribute_when_asked_for() {
     if !root_or_skip("the_peer_address_is_an_attribute_when_asked_for") {
         return;
     }
+    // Each daemon sees every test's connections: one at a time, or another's
+    // port scan fills this one's series.
+    let _serial = support::load::serial();
     let rx = Receiver::start();
     let tracer = Tracer::start_with_env(
         &[
