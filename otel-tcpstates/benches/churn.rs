@@ -22,6 +22,8 @@ mod bulk;
 mod links;
 #[path = "churn/nginx.rs"]
 mod nginx;
+#[path = "churn/sampling.rs"]
+mod sampling;
 
 use std::{
     collections::HashSet,
@@ -64,11 +66,14 @@ static FLOOR_OBJECT: &[u8] =
     aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/tcpstates-floor"));
 
 const USAGE: &str = "usage: cargo bench --bench churn -- [--seconds N] [--warmup N]
-    [--runs baseline,floor,text,otlp,otlp-http,libbpf,baseline,links-churn,links-bulk,links-wrk,memory]
+    [--runs baseline,floor,text,otlp,otlp-http,libbpf,baseline,links-churn,links-bulk,links-wrk,memory,sampling,sampling-memory]
     [--link-rounds N] [--link-seconds N] [--memory-sockets N] [--hold-connections N] [--no-pin]
   --runs links = links-churn,links-bulk,links-wrk: each the daemon exporting OTLP/gRPC with
   --no-links and with links, --link-rounds pairs (default 3, the order alternating) of
-  --link-seconds measured (default 4) after --warmup";
+  --link-seconds measured (default 4) after --warmup
+  --runs sampling: always_on, --sample-ratio 0.01 and text under the churn, --link-rounds
+  rounds of --seconds each, the order turned each round; sampling-memory: the held
+  connections (--hold-connections) at 1% against always_on";
 
 #[path = "churn/options.rs"]
 mod options;
@@ -234,6 +239,13 @@ fn run() -> Result<()> {
         .collect();
     if !links_runs.is_empty() {
         links::run(&links_runs, &opts);
+    }
+    if opts.runs.contains(&Mode::Sampling) {
+        sampling::churn_run(&opts);
+    }
+    if opts.runs.contains(&Mode::SamplingMemory) {
+        eprintln!("[churn] sampling memory run ...");
+        sampling::memory_run(&opts).context("sampling memory run")?;
     }
     if opts.runs.contains(&Mode::Memory) {
         eprintln!("[churn] memory run ...");

@@ -16,10 +16,16 @@ pub(crate) enum Mode {
     LinksBulk,
     /// wrk against nginx, with and without a traceparent header, links off vs on.
     LinksWrk,
+    /// The churn: always_on vs --sample-ratio 0.01 vs text.
+    Sampling,
+    /// Held sockets' memory, always_on vs 1%.
+    SamplingMemory,
 }
 
 impl Mode {
-    pub(crate) const ALL: [Mode; 10] = [
+    pub(crate) const ALL: [Mode; 12] = [
+        Mode::Sampling,
+        Mode::SamplingMemory,
         Mode::Baseline,
         Mode::Floor,
         Mode::Text,
@@ -63,7 +69,7 @@ impl Mode {
 
     /// A churn run of one tracer (or none), a row of the throughput table.
     pub(crate) fn is_throughput(self) -> bool {
-        !matches!(self, Mode::Memory) && !self.is_links()
+        !matches!(self, Mode::Memory | Mode::Sampling | Mode::SamplingMemory) && !self.is_links()
     }
 
     pub(crate) fn is_links(self) -> bool {
@@ -82,6 +88,8 @@ impl Mode {
             Mode::LinksChurn => "links-churn",
             Mode::LinksBulk => "links-bulk",
             Mode::LinksWrk => "links-wrk",
+            Mode::Sampling => "sampling",
+            Mode::SamplingMemory => "sampling-memory",
         }
     }
 
@@ -97,6 +105,8 @@ impl Mode {
             Mode::LinksChurn => "links: churn",
             Mode::LinksBulk => "links: bulk",
             Mode::LinksWrk => "links: wrk against nginx",
+            Mode::Sampling => "sampling: churn",
+            Mode::SamplingMemory => "sampling: memory",
         }
     }
 }

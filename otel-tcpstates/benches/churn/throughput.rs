@@ -123,7 +123,15 @@ pub(crate) fn throughput_run(mode: Mode, opts: &Options) -> Result<Row> {
         ))?),
         (Mode::Otlp | Mode::OtlpHttp, None) => unreachable!("a receiver is started for OTLP"),
         (Mode::Libbpf, _) => Some(Tracer::libbpf()?),
-        (Mode::Memory | Mode::LinksChurn | Mode::LinksBulk | Mode::LinksWrk, _) => {
+        (
+            Mode::Memory
+            | Mode::LinksChurn
+            | Mode::LinksBulk
+            | Mode::LinksWrk
+            | Mode::Sampling
+            | Mode::SamplingMemory,
+            _,
+        ) => {
             bail!("not a throughput run")
         }
     };
