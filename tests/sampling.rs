@@ -453,6 +453,35 @@ fn assert_whole(t: &Trace, spans: &[ReceivedSpan], end: &End) {
     }
 }
 
+/// The trace shows what the test's fault made happen (a long life: at least
+/// `longer_than`), and a handshake that lost one packet lasted one initial RTO.
+fn assert_fault_shows(t: &Trace, end: &End, longer_than: Option<Duration>) {
+    let happened = Rules {
+        longer_than: longer_than.or(EVERY_RULE.longer_than),
+        ..EVERY_RULE
+    }
+    .fired(t);
+    for rule in end.must {
+        assert!(
+            happened.contains(rule),
+            "{end:?}: the fault did not make {rule} happen: {:?}, states {:?}",
+            t.root.attributes,
+            t.states
+                .iter()
+                .map(|s| (&s.name, s.duration_ns()))
+                .collect::<Vec<_>>()
+        );
+    }
+    if end.one_rto_handshake {
+        let handshake = Duration::from_nanos(t.states[0].duration_ns());
+        assert!(
+            handshake >= INITIAL_RTO.mul_f64(0.9) && handshake < 3 * INITIAL_RTO,
+            "{end:?}: {} lasted {handshake:?}, not one initial RTO",
+            t.states[0].name
+        );
+    }
+}
+
 /// How the ends of a run were kept.
 #[derive(Debug, Default)]
 struct Kept {
@@ -485,30 +514,7 @@ fn check(spans: &[ReceivedSpan], ends: &[End], p: f64, rules: Rules) -> Kept {
         };
         assert_whole(&t, spans, end);
         // A long life is the run's own bound, not a fault's.
-        let happened = Rules {
-            longer_than: rules.longer_than.or(EVERY_RULE.longer_than),
-            ..EVERY_RULE
-        }
-        .fired(&t);
-        for rule in end.must {
-            assert!(
-                happened.contains(rule),
-                "{end:?}: the fault did not make {rule} happen: {:?}, states {:?}",
-                t.root.attributes,
-                t.states
-                    .iter()
-                    .map(|s| (&s.name, s.duration_ns()))
-                    .collect::<Vec<_>>()
-            );
-        }
-        if end.one_rto_handshake {
-            let handshake = Duration::from_nanos(t.states[0].duration_ns());
-            assert!(
-                handshake >= INITIAL_RTO.mul_f64(0.9) && handshake < 3 * INITIAL_RTO,
-                "{end:?}: {} lasted {handshake:?}, not one initial RTO",
-                t.states[0].name
-            );
-        }
+        assert_fault_shows(&t, end, rules.longer_than);
 
         let fired = rules.fired(&t);
         let by_probability = randomness(&t.root.trace_id) >= t_p;
@@ -610,31 +616,13 @@ fn injected_faults_show_in_the_exported_traces() {
     for end in &ends {
         let t = trace(&spans, end).unwrap_or_else(|| panic!("{end:?} not exported"));
         assert_whole(&t, &spans, end);
-        let happened = EVERY_RULE.fired(&t);
-        for rule in end.must {
-            assert!(
-                happened.contains(rule),
-                "{end:?}: no {rule}: {:?} {:?}",
-                t.root.attributes,
-                t.states
-                    .iter()
-                    .map(|s| (&s.name, s.duration_ns()))
-                    .collect::<Vec<_>>()
-            );
-        }
-        if end.one_rto_handshake {
-            let handshake = Duration::from_nanos(t.states[0].duration_ns());
-            assert!(
-                handshake >= INITIAL_RTO.mul_f64(0.9) && handshake < 3 * INITIAL_RTO,
-                "{end:?}: {handshake:?}"
-            );
-        }
+        assert_fault_shows(&t, end, None);
         eprintln!(
             "{:>22} {:>5}->{:<5} {:?} retrans {:?} {:?}",
             end.what,
             end.local,
             end.peer,
-            happened,
+            EVERY_RULE.fired(&t),
             t.root.int_attr("tcpstates.total_retrans"),
             t.states
                 .iter()
