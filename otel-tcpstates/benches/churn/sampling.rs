@@ -86,7 +86,7 @@ fn measure(kind: Kind, opts: &Options) -> Result<Window> {
     let receiver = otlp::Receiver::start_counting();
     let tracer = Tracer::daemon(&kind.args(&receiver))?;
     let pid = tracer.pid();
-    let churn = Churn::start(u64::MAX, opts.pin)?;
+    let churn = Churn::start_clean(u64::MAX, opts.pin)?;
     thread::sleep(Duration::from_secs(opts.warmup));
     let mark = || -> Result<(std::time::Instant, u64, u64, f64, u64, u64)> {
         let (user, system) = cpu_seconds(&pid.to_string())?;

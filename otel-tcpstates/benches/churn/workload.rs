@@ -41,6 +41,17 @@ impl Churn {
     /// and ~95k connections/s from one run to the next; on one core the untraced
     /// runs of one bench agree within a few %.
     pub(crate) fn start(limit: u64, pin: bool) -> Result<Churn> {
+        Churn::start_with(limit, pin, Some(RESET_EVERY))
+    }
+
+    /// [`Churn::start`] with every connection closing with a FIN: none ends in
+    /// error, so no sampling keep rule fires.
+    pub(crate) fn start_clean(limit: u64, pin: bool) -> Result<Churn> {
+        Churn::start_with(limit, pin, None)
+    }
+
+    /// One connection in `reset_every` ends with a reset (none: never).
+    fn start_with(limit: u64, pin: bool, reset_every: Option<u64>) -> Result<Churn> {
         let cpu = pin.then_some(0);
         let listeners = (0..DESTINATIONS)
             .map(|_| churn_listener())
@@ -59,7 +70,7 @@ impl Churn {
             .name("churn-client".into())
             .spawn(move || {
                 pin_to_cpu(cpu);
-                client(&addrs, limit, &s, &c)
+                client(&addrs, limit, reset_every, &s, &c)
             })?;
         let c = Arc::clone(&counts);
         let server = thread::Builder::new()
@@ -132,7 +143,13 @@ pub(crate) fn timeval(d: Duration) -> TimeVal {
     TimeVal::new(d.as_secs() as _, d.subsec_micros() as _)
 }
 
-pub(crate) fn client(addrs: &[SocketAddrV4], limit: u64, stop: &AtomicBool, counts: &Counts) {
+pub(crate) fn client(
+    addrs: &[SocketAddrV4],
+    limit: u64,
+    reset_every: Option<u64>,
+    stop: &AtomicBool,
+    counts: &Counts,
+) {
     let mut n = 0;
     while n < limit && !stop.load(Relaxed) {
         let pending = counts
@@ -143,7 +160,7 @@ pub(crate) fn client(addrs: &[SocketAddrV4], limit: u64, stop: &AtomicBool, coun
             thread::yield_now();
             continue;
         }
-        let reset = n % RESET_EVERY == RESET_EVERY - 1;
+        let reset = reset_every.is_some_and(|every| n % every == every - 1);
         let counter = match connection(addrs[n as usize % addrs.len()], reset, counts) {
             Ok(()) => &counts.completed,
             Err(_) => &counts.errors,
