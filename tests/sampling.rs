@@ -218,9 +218,11 @@ fn close_in_order(client: TcpStream, server: TcpStream) {
     assert_eq!((&server).read(&mut buf).unwrap(), 0);
 }
 
-/// Connects from a bound socket to a port nothing listens on; returns the local
-/// port (which std's connect() does not tell when it fails).
-fn refused_from(port: u16) -> u16 {
+/// Connects from a bound socket to a port nothing listens on; returns the socket
+/// and its local port (which std's connect() does not tell when it fails). The
+/// socket keeps its port while it is open: a refused connection leaves no
+/// TIME_WAIT, and a later one from the same port would have the same ports.
+fn refused_from(port: u16) -> (OwnedFd, u16) {
     let fd: OwnedFd = socket(
         AddressFamily::Inet,
         SockType::Stream,
@@ -232,14 +234,15 @@ fn refused_from(port: u16) -> u16 {
     let local: SockaddrIn = getsockname(fd.as_raw_fd()).unwrap();
     let to = SockaddrIn::new(127, 0, 0, 1, port);
     assert_eq!(connect(fd.as_raw_fd(), &to), Err(Errno::ECONNREFUSED));
-    local.port()
+    (fd, local.port())
 }
 
 fn refused(n: usize) -> Vec<End> {
     let port = closed_port();
-    (0..n)
-        .map(|_| {
-            End::new("refused", refused_from(port), port)
+    let held: Vec<(OwnedFd, u16)> = (0..n).map(|_| refused_from(port)).collect();
+    held.iter()
+        .map(|&(_, local)| {
+            End::new("refused", local, port)
                 .must(&[ERROR])
                 .states(&["SYN_SENT"])
         })
@@ -247,10 +250,14 @@ fn refused(n: usize) -> Vec<End> {
 }
 
 /// Connections the client aborts (SO_LINGER 0): a reset, an error at both ends.
+/// Each to a listener of its own: an aborted connection leaves no TIME_WAIT, so
+/// the kernel may give its client port to the next connect(), and the same
+/// listener would make the same ports twice.
 fn resets(n: usize) -> Vec<End> {
-    let (listener, addr) = listen("127.0.0.1");
+    let mut listeners = Vec::new();
     let mut ends = Vec::new();
     for _ in 0..n {
+        let (listener, addr) = listen("127.0.0.1");
         let client = TcpStream::connect(addr).unwrap();
         let (server, _) = listener.accept().unwrap();
         let cp = client.local_addr().unwrap().port();
@@ -272,6 +279,8 @@ fn resets(n: usize) -> Vec<End> {
                 .must(&[ERROR])
                 .states(&["SYN_RECV", "ESTABLISHED"]),
         );
+        // Open until the last: no later listener gets its port.
+        listeners.push(listener);
     }
     ends
 }
