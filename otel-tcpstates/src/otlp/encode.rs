@@ -156,7 +156,7 @@ impl Fixed {
             next_state: states(|out, name| str_attr(out, attr::NEXT_STATE, name)),
             // Indexed by discriminant: the arrays above are in declaration order.
             role: roles
-                .map(|r| written(|out| str_attr(out, attr::ROLE, spans::role_name(r).as_bytes())))
+                .map(|r| written(|out| str_attr(out, attr::ROLE, r.as_str().as_bytes())))
                 .to_vec(),
             end_reason: reasons
                 .map(|r| written(|out| str_attr(out, attr::END_REASON, r.as_str().as_bytes())))
@@ -1133,7 +1133,7 @@ mod tests {
                     ]);
                 }
                 attributes.push(s(attr::SKADDR, format!("{skaddr:x}")));
-                attributes.push(s(attr::ROLE, spans::role_name(role).into()));
+                attributes.push(s(attr::ROLE, role.as_str().into()));
                 attributes.push(kv(
                     attr::BEGIN_SEEN,
                     any_value::Value::BoolValue(begin_seen),

@@ -178,10 +178,6 @@ pub fn state_name(state: TcpState) -> Cow<'static, str> {
     tcp_state::name(state.0).map_or_else(|| Cow::Owned(state.0.to_string()), Cow::Borrowed)
 }
 
-pub fn role_name(role: Role) -> &'static str {
-    role.as_str()
-}
-
 /// The status message of a failed connection's spans.
 pub fn failure_message(failure: Failure) -> Cow<'static, str> {
     match failure {
