@@ -220,9 +220,10 @@ fn http_failed_connections_are_errors() {
     let (root, children) = trace_of(&spans, cp, server.port()).unwrap();
     assert_eq!(names(&children), ["SYN_SENT", "ESTABLISHED"]);
     assert_eq!(root.status_code, STATUS_ERROR);
+    assert_eq!(root.str_attr("error.type"), Some("reset_sent"));
     assert_eq!(
         root.status_message,
-        "connection reset or aborted (ESTABLISHED -> CLOSE)"
+        "reset sent: the connection was aborted with an RST"
     );
     assert_eq!(children[1].status_code, STATUS_ERROR);
     let (peer, _) = trace_of(&spans, server.port(), cp).unwrap();

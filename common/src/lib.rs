@@ -61,6 +61,10 @@ pub struct TcpFacts {
     pub total_retrans: u32,
     pub segs_in: u32,
     pub segs_out: u32,
+    /// The socket's pending error (`sk_err`, an errno) as it entered CLOSE: the
+    /// kernel sets it before closing a refused, timed-out or reset connection.
+    pub sk_err: u32,
+    pub _pad: u32,
 }
 
 /// Byte offsets of the [`TcpFacts`] fields in `struct tcp_sock`, resolved from the
@@ -76,7 +80,8 @@ pub struct TcpOffsets {
     pub total_retrans: u32,
     pub segs_in: u32,
     pub segs_out: u32,
-    pub _pad: u32,
+    /// `struct sock`'s `sk_err` (read at CLOSE, and by the error report program).
+    pub sk_err: u32,
 }
 
 /// Scalar filters, set by userspace before the program is loaded.
@@ -154,6 +159,51 @@ pub struct LinkEvent {
     pub _pad: [u8; 6],
 }
 
+/// Something the kernel did to a socket besides changing its state: a
+/// retransmission, a reset, an error, a congestion state. Told from the other
+/// records on the shared ring by its size.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct IncidentEvent {
+    /// The socket, as [`Event::skaddr`] names it; for a SYN-ACK, the listener
+    /// (the connection's own socket does not exist yet: the tuple names it).
+    pub skaddr: u64,
+    /// `bpf_ktime_get_ns()` when it happened.
+    pub ts_ns: u64,
+    /// What [`incident`] kind says: a retransmission's error (0: sent), a sent
+    /// reset's `sk_rst_reason`, an errno, or the congestion state entered.
+    pub value: i32,
+    /// One of [`incident`].
+    pub kind: u8,
+    /// The socket's TCP state, where the tracepoint tells it (else 0).
+    pub state: u8,
+    pub family: u16,
+    /// Only for a SYN-ACK: the connection's ports and addresses, as in [`Event`].
+    pub sport: u16,
+    pub dport: u16,
+    /// Segments a retransmission carried (what `total_retrans` adds; 0 when the
+    /// kernel's BTF did not say where the count is).
+    pub segs: u32,
+    pub saddr: [u8; 16],
+    pub daddr: [u8; 16],
+}
+
+/// Kinds of [`IncidentEvent`].
+pub mod incident {
+    /// `tcp:tcp_retransmit_skb`: a SYN or data segment sent again.
+    pub const RETRANSMIT: u8 = 1;
+    /// `tcp:tcp_retransmit_synack`: a listener sent a SYN-ACK again.
+    pub const RETRANSMIT_SYNACK: u8 = 2;
+    /// `tcp:tcp_send_reset`: the socket sent an RST.
+    pub const RESET_SENT: u8 = 3;
+    /// `tcp:tcp_receive_reset`: an RST arrived for the socket.
+    pub const RESET_RECEIVED: u8 = 4;
+    /// `sock:inet_sk_error_report`: the socket reported an error to its owner.
+    pub const ERROR: u8 = 5;
+    /// `tcp:tcp_cong_state_set`: the congestion state changed.
+    pub const CONGESTION: u8 = 6;
+}
+
 /// Names of the global variables and maps in the eBPF object, used by both sides.
 pub mod names {
     pub const PROGRAM: &str = "inet_sock_set_state";
@@ -166,10 +216,22 @@ pub mod names {
     pub const LOST: &str = "LOST";
     pub const LISTENERS: &str = "LISTENERS";
     pub const WAKEUP_BYTES: &str = "WAKEUP_BYTES";
+    /// Offset of a segment's count in `struct sk_buff` (0: unknown).
+    pub const SKB_GSO_SEGS: &str = "SKB_GSO_SEGS";
     /// The packet programs (`cgroup_skb`) that find `traceparent` headers.
     pub const HTTP_EGRESS: &str = "http_egress";
     pub const HTTP_INGRESS: &str = "http_ingress";
     pub const SCAN: &str = "SCAN";
+    /// The incident programs: (program, tracepoint category, tracepoint name).
+    pub const INCIDENT_PROGRAMS: [(&str, &str, &str); 5] = [
+        ("tcp_retransmit_skb", "tcp", "tcp_retransmit_skb"),
+        ("tcp_retransmit_synack", "tcp", "tcp_retransmit_synack"),
+        ("tcp_send_reset", "tcp", "tcp_send_reset"),
+        ("tcp_receive_reset", "tcp", "tcp_receive_reset"),
+        ("tcp_cong_state_set", "tcp", "tcp_cong_state_set"),
+    ];
+    /// A raw tracepoint: its record has no socket address, its argument does.
+    pub const ERROR_REPORT: &str = "inet_sk_error_report";
 }
 
 /// TCP states as numbered in include/net/tcp_states.h.
@@ -223,6 +285,7 @@ mod pod {
     unsafe impl aya::Pod for super::SocketState {}
     unsafe impl aya::Pod for super::TcpOffsets {}
     unsafe impl aya::Pod for super::LinkEvent {}
+    unsafe impl aya::Pod for super::IncidentEvent {}
 }
 
 #[cfg(test)]
@@ -234,17 +297,19 @@ mod tests {
     #[test]
     fn event_layout_has_no_padding() {
         // Userspace decodes these exact bytes; padding would hold garbage.
-        assert_eq!(size_of::<Event>(), 128);
-        assert_eq!(size_of::<TcpFacts>(), 32);
-        assert_eq!(offset_of!(Event, saddr), 64);
-        assert_eq!(offset_of!(Event, comm), 104);
-        assert_eq!(offset_of!(Event, newstate), 127);
+        assert_eq!(size_of::<Event>(), 136);
+        assert_eq!(size_of::<TcpFacts>(), 40);
+        assert_eq!(offset_of!(Event, saddr), 72);
+        assert_eq!(offset_of!(Event, comm), 112);
+        assert_eq!(offset_of!(Event, newstate), 135);
         assert_eq!(size_of::<TcpOffsets>(), 32);
         assert_eq!(size_of::<Config>(), 12);
         assert_eq!(size_of::<SocketState>(), 16);
         // Records on the shared ring are told apart by their size.
         assert_eq!(size_of::<LinkEvent>(), 72);
         assert_ne!(size_of::<LinkEvent>(), size_of::<Event>());
+        assert_eq!(size_of::<IncidentEvent>(), 64);
+        assert_eq!(offset_of!(IncidentEvent, saddr), 32);
     }
 
     #[test]

@@ -11,7 +11,7 @@ use core::ffi::c_void;
 
 use aya_ebpf::{
     EbpfContext as _,
-    bindings::{__sk_buff, BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP},
+    bindings::__sk_buff,
     helpers::generated::{bpf_loop, bpf_skb_load_bytes},
     macros::{cgroup_skb, map},
     maps::PerCpuArray,
@@ -19,7 +19,7 @@ use aya_ebpf::{
 };
 use otel_tcpstates_common::{HTTP_METHODS, LinkEvent, TRACEPARENT_COPY, direction, inspect};
 
-use crate::{CONFIG, EVENTS, LOST, SOCKETS, WAKEUP_BYTES};
+use crate::{CONFIG, EVENTS, SOCKETS, count_lost, wakeup_flags};
 
 /// How much of a request's headers is scanned for `traceparent:`.
 const SCAN_BYTES: usize = 1024;
@@ -217,10 +217,7 @@ fn find_traceparent(
     }
 
     let Some(mut entry) = EVENTS.reserve::<LinkEvent>(0) else {
-        if let Some(lost) = LOST.get_ptr_mut(0) {
-            // SAFETY: per-CPU slot; programs do not nest on one CPU.
-            unsafe { *lost += 1 };
-        }
+        count_lost();
         return None;
     };
     let event = entry.as_mut_ptr();
@@ -237,12 +234,7 @@ fn find_traceparent(
         (*event).direction = dir;
         (*event)._pad = [0; 6];
     }
-    let flags = if EVENTS.query(BPF_RB_AVAIL_DATA as u64) >= WAKEUP_BYTES.load() {
-        BPF_RB_FORCE_WAKEUP
-    } else {
-        BPF_RB_NO_WAKEUP
-    };
-    entry.submit(flags as u64);
+    entry.submit(wakeup_flags());
     Some(())
 }
 

@@ -4,6 +4,7 @@
 #![no_main]
 
 mod http;
+mod incidents;
 
 use aya_ebpf::{
     EbpfContext as _, Global,
@@ -58,7 +59,7 @@ static TCP_OFFSETS: Global<TcpOffsets> = Global::new(TcpOffsets {
     total_retrans: 0,
     segs_in: 0,
     segs_out: 0,
-    _pad: 0,
+    sk_err: 0,
 });
 
 // Port filters as bitmaps: one bit test per event instead of a map lookup.
@@ -100,7 +101,7 @@ pub fn inet_sock_set_state(ctx: TracePointContext) -> u32 {
 }
 
 #[inline(always)]
-fn port_in(bitmap: &[u64; PORT_BITMAP_WORDS], port: u16) -> bool {
+pub(crate) fn port_in(bitmap: &[u64; PORT_BITMAP_WORDS], port: u16) -> bool {
     let word = (port >> 6) as usize;
     // SAFETY: word < 1024 since port < 65536; volatile so the loader's values are
     // read rather than the all-zero initialiser being constant-folded.
@@ -206,10 +207,7 @@ fn handle(args: &Args) {
     }
 
     let Some(mut entry) = EVENTS.reserve::<Event>(0) else {
-        if let Some(lost) = LOST.get_ptr_mut(0) {
-            // SAFETY: per-CPU slot, and tracepoint programs do not nest on one CPU.
-            unsafe { *lost += 1 };
-        }
+        count_lost();
         return;
     };
     let facts = if newstate == tcp_state::CLOSE {
@@ -252,18 +250,36 @@ fn handle(args: &Args) {
         (*event).oldstate = oldstate;
         (*event).newstate = newstate;
     }
+    entry.submit(wakeup_flags());
+}
+
+/// Counts an event the ring buffer had no room for, in this CPU's slot.
+#[inline(always)]
+pub(crate) fn count_lost() {
+    if let Some(lost) = LOST.get_ptr_mut(0) {
+        // SAFETY: a valid, aligned u64 slot of this CPU's array entry. Not atomic
+        // (the BPF target has no atomic read-modify-write in core): a program
+        // interrupting another on this CPU at this very instruction could lose a
+        // count.
+        unsafe { *lost += 1 };
+    }
+}
+
+/// Submit flags: wake the reader only once enough bytes are queued.
+#[inline(always)]
+pub(crate) fn wakeup_flags() -> u64 {
     let flags = if EVENTS.query(BPF_RB_AVAIL_DATA as u64) >= WAKEUP_BYTES.load() {
         BPF_RB_FORCE_WAKEUP
     } else {
         BPF_RB_NO_WAKEUP
     };
-    entry.submit(flags as u64);
+    flags as u64
 }
 
 /// Reads one field of the socket's `struct tcp_sock` (the tracepoint's `struct sock`
 /// is its first member) at an offset userspace resolved from BTF.
 #[inline(always)]
-fn read_field<T: Default>(skaddr: u64, offset: u32) -> T {
+pub(crate) fn read_field<T: Default>(skaddr: u64, offset: u32) -> T {
     // SAFETY: bpf_probe_read_kernel checks the address; a failed read gives 0.
     unsafe { bpf_probe_read_kernel((skaddr + u64::from(offset)) as *const T) }.unwrap_or_default()
 }
@@ -281,6 +297,8 @@ fn read_facts(skaddr: u64) -> TcpFacts {
         total_retrans: read_field(skaddr, offsets.total_retrans),
         segs_in: read_field(skaddr, offsets.segs_in),
         segs_out: read_field(skaddr, offsets.segs_out),
+        sk_err: read_field(skaddr, offsets.sk_err),
+        _pad: 0,
     }
 }
 

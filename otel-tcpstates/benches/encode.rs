@@ -48,12 +48,13 @@ fn connection(n: u64) -> [SpanRecord; 5] {
         resource: ResourceKey::default(),
         local,
         peer,
-        failure: None,
+        error: None,
         threshold: None,
         body: Body::State {
             state: TcpState(state),
             next: Some((TcpState(next), 4242, comm("curl"))),
             cut_short: None,
+            events: None,
         },
     };
     [
@@ -70,7 +71,7 @@ fn connection(n: u64) -> [SpanRecord; 5] {
             resource: ResourceKey::default(),
             local,
             peer,
-            failure: None,
+            error: None,
             threshold: None,
             body: Body::Root {
                 role: Role::Client,
@@ -82,11 +83,13 @@ fn connection(n: u64) -> [SpanRecord; 5] {
                     total_retrans: 0,
                     segs_in: 12,
                     segs_out: 10,
+                    ..Default::default()
                 }),
                 skaddr: 0xffff_8881_0000_0000 + n * 0x800,
                 begin_seen: true,
                 end_reason: EndReason::Closed,
                 links: None,
+                counts: None,
                 kept_by: Default::default(),
             },
         },

@@ -88,35 +88,54 @@ impl Sinks {
                 }
                 Ok(())
             }
-            Record::InvalidTraceparent => Ok(()),
+            Record::InvalidTraceparent | Record::UnknownIncident => Ok(()),
+            Record::Incident(incident) => {
+                self.with_table(|table, out| table.incident(incident, &mut &mut *out))
+            }
         }
     }
 
     fn event(&mut self, event: &TcpEvent) -> io::Result<()> {
+        self.seen += 1;
+        if let Some(text) = &mut self.text {
+            text.event(event)?;
+        }
+        if let Some(journal) = &mut self.journal {
+            journal.event(event);
+        }
+        if let Some(pipeline) = &mut self.traces {
+            pipeline.traces.observe(event);
+        }
+        self.with_table(|table, out| table.apply(event, &mut &mut *out))
+    }
+
+    /// Ends the aborted sockets whose RST is overdue.
+    fn expire_closing(&mut self) -> io::Result<()> {
+        if !self.table.as_ref().is_some_and(SessionTable::has_closing) {
+            return Ok(());
+        }
+        let now = clock::monotonic_now_ns();
+        self.with_table(|table, out| table.expire_closing(now, &mut &mut *out))
+    }
+
+    /// Gives `apply` the session table and where its updates go: the connection
+    /// metrics, the trace pipeline and tcplife lines.
+    fn with_table(
+        &mut self,
+        apply: impl FnOnce(&mut SessionTable, &mut dyn FnMut(Update<'_>)),
+    ) -> io::Result<()> {
         let Self {
-            seen,
-            text,
-            journal,
             table,
             life,
             metrics,
             traces,
+            ..
         } = self;
-        *seen += 1;
-        if let Some(text) = text {
-            text.event(event)?;
-        }
-        if let Some(journal) = journal {
-            journal.event(event);
-        }
         let Some(table) = table else {
             return Ok(());
         };
-        if let Some(pipeline) = traces {
-            pipeline.traces.observe(event);
-        }
         let mut written = Ok(());
-        table.apply(event, &mut |update| {
+        apply(table, &mut |update| {
             if let Some(metrics) = metrics {
                 metrics.update(&update);
             }
@@ -267,7 +286,8 @@ pub async fn run(cli: Cli) -> Result<()> {
     // Only sessions (traces, --life) report the facts read at CLOSE: plain tcpstates
     // output skips the BTF parse, and the kernel skips the reads.
     let sessions = export.is_some() || cli.life;
-    let offsets = if sessions {
+    // The journal's CLOSE records say why a connection failed: from sk_err.
+    let offsets = if sessions || cli.journal {
         loader::tcp_offsets()
     } else {
         TcpOffsets::default()
@@ -291,6 +311,7 @@ pub async fn run(cli: Cli) -> Result<()> {
             let options = MapperOptions {
                 service_per_process: cli.service_per_process,
                 facts: offsets.enabled != 0,
+                incidents: !cli.no_incidents,
             };
             Some(TracePipeline {
                 sampling: Sampling::new(sampler, cli.keep_rules()),
@@ -304,8 +325,10 @@ pub async fn run(cli: Cli) -> Result<()> {
         &offsets,
         cli.ring_buffer_mib << 20,
         cli.max_sockets,
-        // Links go on the spans of sockets: only traces have a use for them.
+        // Links and incidents go on the spans of sockets: only traces have a use
+        // for them.
         export.is_some() && cli.links,
+        export.is_some() && !cli.no_incidents,
     )?;
     let mut reader = EventReader::new(ring, Duration::from_millis(cli.poll_ms))
         .context("watching the ring buffer")?;
@@ -326,7 +349,8 @@ pub async fn run(cli: Cli) -> Result<()> {
         life: (printing && cli.life).then(|| LifeWriter::new(layout, clock, stdout())),
         metrics: connection_metrics,
         table: sessions.then(|| {
-            let table = SessionTable::new(cli.max_sockets);
+            let table =
+                SessionTable::new(cli.max_sockets).congestion_known(probe.congestion_known());
             if holds { table.holding_states() } else { table }
         }),
         traces,
@@ -376,7 +400,18 @@ pub async fn run(cli: Cli) -> Result<()> {
     };
     // What the deadline left in the ring is lost too; what a reader that went
     // away (`| head`) did not want is not.
-    let cut_off = if broken_pipe { 0 } else { reader.discard() };
+    let cut_off = if broken_pipe {
+        Default::default()
+    } else {
+        reader.discard()
+    };
+    if cut_off.other > 0 {
+        tracing::warn!(
+            "{} link and incident records still queued at the shutdown deadline were not read",
+            cut_off.other
+        );
+    }
+    let cut_off = cut_off.transitions;
     let lost = probe.lost_events()? + cut_off;
     drop(probe);
     report_lost_in_total(lost, cut_off);
@@ -487,6 +522,7 @@ impl Watch<'_> {
                     || stop.requested_at().is_some(),
                     |record| sinks.record(record),
                 )
+                .and_then(|_| sinks.expire_closing())
                 .and_then(|_| sinks.flush())
             {
                 if err.kind() != io::ErrorKind::BrokenPipe {

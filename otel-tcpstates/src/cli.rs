@@ -113,6 +113,20 @@ pub struct Cli {
     #[arg(long = "no-keep-errors")]
     pub no_keep_errors: bool,
 
+    /// With sampling: leave connections that failed with these error.type values
+    /// to probability, e.g. `reset_sent,connect_aborted` (comma-separated)
+    #[arg(
+        long = "keep-errors-except",
+        value_name = "TYPES",
+        value_delimiter = ','
+    )]
+    pub keep_errors_except: Vec<String>,
+
+    /// No span events for retransmissions, resets, socket errors and congestion
+    /// states: their tracepoint programs stay unloaded
+    #[arg(long = "no-incidents")]
+    pub no_incidents: bool,
+
     /// With sampling: do not keep every connection the kernel retransmitted on
     #[arg(long = "no-keep-retransmits")]
     pub no_keep_retransmits: bool,
@@ -186,6 +200,7 @@ impl Cli {
         let ns = |d: Duration| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX);
         KeepRules {
             errors: !self.no_keep_errors,
+            errors_except: self.keep_errors_except.clone(),
             retransmits: !self.no_keep_retransmits,
             slow_handshake_ns: (!self.no_keep_slow_handshakes).then(|| ns(self.slow_handshake)),
             longer_than_ns: self.keep_longer_than.map(ns),
@@ -331,6 +346,7 @@ mod tests {
             rules,
             KeepRules {
                 errors: false,
+                errors_except: Vec::new(),
                 retransmits: true,
                 slow_handshake_ns: Some(250_000_000),
                 longer_than_ns: Some(60_000_000_000),

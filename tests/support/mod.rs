@@ -5,6 +5,7 @@
 pub mod deploy;
 pub mod load;
 pub mod netfault;
+pub mod netns;
 pub mod otlp;
 pub mod rotel;
 pub mod tls;

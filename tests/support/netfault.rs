@@ -47,6 +47,14 @@ impl Fault {
         )
     }
 
+    /// Drops every SYN to `port`: a blackholed listener. The client retransmits
+    /// until its `TCP_SYNCNT` retries run out and connect() fails with ETIMEDOUT.
+    pub fn drop_syns(port: u16) -> Fault {
+        let fault = Self::build(port, &["--syn"], "DROP");
+        fault.add();
+        fault
+    }
+
     /// Drops the first pure ACK to `port`: the client's last packet of the
     /// handshake when it sends nothing after connecting. The server stays in
     /// SYN_RECV until it retransmits its SYN-ACK (after 1 s) and the client

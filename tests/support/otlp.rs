@@ -80,6 +80,10 @@ pub struct ReceivedSpan {
     pub links: Vec<ReceivedLink>,
     /// Links the sender left out of `links` (OTLP `dropped_links_count`).
     pub dropped_links_count: u32,
+    /// The span's events, in the order sent.
+    pub events: Vec<ReceivedEvent>,
+    /// Events the sender left out (OTLP `dropped_events_count`).
+    pub dropped_events_count: u32,
     /// The W3C `tracestate`, as sent ("" when none): for a trace kept by
     /// probability, the OpenTelemetry entry `ot=th:<threshold>`.
     pub trace_state: String,
@@ -100,6 +104,30 @@ pub struct ReceivedLink {
     /// the linked context is known to be remote, bit 9 that it is.
     pub flags: u32,
     pub attributes: BTreeMap<String, Value>,
+}
+
+/// One OTLP span event, as received.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ReceivedEvent {
+    pub time_ns: u64,
+    pub name: String,
+    pub attributes: BTreeMap<String, Value>,
+}
+
+impl ReceivedEvent {
+    pub fn str_attr(&self, key: &str) -> Option<&str> {
+        match self.attributes.get(key)? {
+            Value::Str(s) => Some(s),
+            _ => None,
+        }
+    }
+
+    pub fn int_attr(&self, key: &str) -> Option<i64> {
+        match self.attributes.get(key)? {
+            Value::Int(i) => Some(*i),
+            _ => None,
+        }
+    }
 }
 
 impl ReceivedLink {
@@ -834,6 +862,16 @@ fn flatten(transport: &'static str, request: ExportTraceServiceRequest) -> Vec<R
                         })
                         .collect(),
                     dropped_links_count: span.dropped_links_count,
+                    events: span
+                        .events
+                        .into_iter()
+                        .map(|event| ReceivedEvent {
+                            time_ns: event.time_unix_nano,
+                            name: event.name,
+                            attributes: attributes(event.attributes),
+                        })
+                        .collect(),
+                    dropped_events_count: span.dropped_events_count,
                     trace_state: span.trace_state,
                     flags: span.flags,
                 });

@@ -6,7 +6,9 @@ use std::{
 };
 
 pub use otel_tcpstates_common::TcpFacts;
-use otel_tcpstates_common::{AF_INET, AF_INET6, Event, LinkEvent, TASK_COMM_LEN, tcp_state};
+use otel_tcpstates_common::{
+    AF_INET, AF_INET6, Event, IncidentEvent, LinkEvent, TASK_COMM_LEN, incident, tcp_state,
+};
 
 use crate::kernel::traceparent::{self, Link};
 
@@ -98,6 +100,51 @@ pub enum DecodeError {
 pub const RECORD_SIZE: usize = size_of::<Event>();
 /// Size of the record the packet programs write.
 pub const LINK_RECORD_SIZE: usize = size_of::<LinkEvent>();
+/// Size of the record the incident programs write.
+pub const INCIDENT_RECORD_SIZE: usize = size_of::<IncidentEvent>();
+
+/// What the kernel did to a socket besides changing its state.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Happened {
+    /// A SYN or data segment sent again, in `state`; `err` non-zero when the
+    /// retransmission failed (it was not sent). `segs`: the segments it carried
+    /// (0: unknown).
+    Retransmit {
+        state: TcpState,
+        err: i32,
+        segs: u32,
+    },
+    /// A listener sent the SYN-ACK of the connection between `local` and `remote`
+    /// again: that connection's socket does not exist yet.
+    SynAckRetransmit {
+        local: (IpAddr, u16),
+        remote: (IpAddr, u16),
+    },
+    /// The socket sent an RST, in `state`, for the kernel's `sk_rst_reason`.
+    ResetSent {
+        state: TcpState,
+        reason: u32,
+    },
+    ResetReceived,
+    /// The socket reported error `errno` to its owner.
+    Error {
+        errno: i32,
+    },
+    /// The congestion state (`tcp_ca_state`) it entered.
+    Congestion {
+        state: u8,
+    },
+}
+
+/// One incident of one socket.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Incident {
+    /// The socket (for a SYN-ACK, its listener).
+    pub skaddr: u64,
+    /// Kernel CLOCK_MONOTONIC nanoseconds when it happened.
+    pub ts_ns: u64,
+    pub happened: Happened,
+}
 
 /// What one ring-buffer record says.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -110,11 +157,17 @@ pub enum Record {
     },
     /// A request's `traceparent` value was not valid: no link.
     InvalidTraceparent,
+    Incident(Incident),
+    /// An incident record of a kind this build does not know.
+    UnknownIncident,
 }
 
 /// Decodes one ring-buffer record of either program, told apart by size. Never
 /// panics, whatever the bytes.
 pub fn decode_record(record: &[u8]) -> Result<Record, DecodeError> {
+    if record.len() == INCIDENT_RECORD_SIZE {
+        return decode_incident(record);
+    }
     if record.len() != LINK_RECORD_SIZE {
         return decode(record).map(Record::Transition);
     }
@@ -164,6 +217,48 @@ pub fn decode(record: &[u8]) -> Result<TcpEvent, DecodeError> {
         oldstate: TcpState(raw.oldstate),
         newstate: TcpState(raw.newstate),
     })
+}
+
+fn decode_incident(record: &[u8]) -> Result<Record, DecodeError> {
+    // SAFETY: exactly size_of::<IncidentEvent>() bytes of plain data, valid for
+    // any bit pattern; read_unaligned has no alignment needs.
+    let raw: IncidentEvent = unsafe { record.as_ptr().cast::<IncidentEvent>().read_unaligned() };
+    let happened = match raw.kind {
+        incident::RETRANSMIT => Happened::Retransmit {
+            state: TcpState(raw.state),
+            err: raw.value,
+            segs: raw.segs,
+        },
+        incident::RETRANSMIT_SYNACK => {
+            let (local, remote) = match raw.family {
+                AF_INET => (ipv4(&raw.saddr), ipv4(&raw.daddr)),
+                AF_INET6 => (
+                    IpAddr::V6(Ipv6Addr::from(raw.saddr)),
+                    IpAddr::V6(Ipv6Addr::from(raw.daddr)),
+                ),
+                other => return Err(DecodeError::Family(other)),
+            };
+            Happened::SynAckRetransmit {
+                local: (local, raw.sport),
+                remote: (remote, raw.dport),
+            }
+        }
+        incident::RESET_SENT => Happened::ResetSent {
+            state: TcpState(raw.state),
+            reason: raw.value as u32,
+        },
+        incident::RESET_RECEIVED => Happened::ResetReceived,
+        incident::ERROR => Happened::Error { errno: raw.value },
+        incident::CONGESTION => Happened::Congestion {
+            state: raw.value as u8,
+        },
+        _ => return Ok(Record::UnknownIncident),
+    };
+    Ok(Record::Incident(Incident {
+        skaddr: raw.skaddr,
+        ts_ns: raw.ts_ns,
+        happened,
+    }))
 }
 
 fn ipv4(bytes: &[u8; 16]) -> IpAddr {

@@ -1,5 +1,5 @@
 //! Loading the embedded eBPF program with the user's filters and attaching it to
-//! `sock:inet_sock_set_state`.
+//! `sock:inet_sock_set_state` (and, when wanted, the incident and packet programs).
 use std::num::NonZeroUsize;
 
 use anyhow::{Context as _, Result, anyhow, bail};
@@ -14,7 +14,7 @@ use otel_tcpstates_common::{
 
 use crate::kernel::{
     btf::{self, Btf},
-    cgroup,
+    cgroup, incident_programs,
 };
 
 const KERNEL_BTF: &str = "/sys/kernel/btf/vmlinux";
@@ -37,10 +37,16 @@ pub struct Filters {
 
 /// The attached program. Dropping it, or [`Probe::detach`], detaches from the
 /// tracepoint.
+/// An attached program's link, of whichever kind: dropping it detaches it.
+pub(super) type Link = Box<dyn Send>;
+
 pub struct Probe {
-    // Owns the program and its link: kept as long as events are wanted.
+    // Owns the programs: kept as long as events are wanted.
     ebpf: Option<Ebpf>,
+    // Each attachment; dropping one detaches it.
+    links: Vec<Link>,
     lost: PerCpuArray<MapData, u64>,
+    congestion_known: bool,
 }
 
 fn bitmap(ports: Option<&[u16]>) -> [u64; PORT_BITMAP_WORDS] {
@@ -88,13 +94,36 @@ fn tcp_offsets_from(path: &std::path::Path) -> Result<TcpOffsets, btf::BtfError>
         total_retrans: field("total_retrans", 4)?,
         segs_in: field("segs_in", 4)?,
         segs_out: field("segs_out", 4)?,
-        _pad: 0,
+        // The first member of tcp_sock is, nested, its struct sock.
+        sk_err: match btf.field("sock", "sk_err")? {
+            f if f.size == 4 => f.offset,
+            f => {
+                return Err(btf::BtfError::Malformed(format!(
+                    "sock.sk_err is {} bytes, expected 4",
+                    f.size
+                )));
+            }
+        },
     })
+}
+
+/// Where `struct sk_buff` keeps a TCP segment's count: `tcp_skb_cb.tcp_gso_segs`
+/// inside `cb`. 0 when BTF does not say (retransmissions then count one each).
+fn skb_gso_segs_offset() -> u32 {
+    let found = Btf::from_file(std::path::Path::new(KERNEL_BTF)).and_then(|btf| {
+        let cb = btf.field("sk_buff", "cb")?;
+        let segs = btf.field("tcp_skb_cb", "tcp_gso_segs")?;
+        Ok((segs.size == 2).then_some(cb.offset + segs.offset))
+    });
+    match found {
+        Ok(Some(offset)) => offset,
+        _ => 0,
+    }
 }
 
 /// Loads the packet programs and attaches them to the root of cgroup v2, where
 /// they see every socket's packets both ways.
-fn attach_packet_programs(ebpf: &mut Ebpf) -> Result<()> {
+fn attach_packet_programs(ebpf: &mut Ebpf, links: &mut Vec<Link>) -> Result<()> {
     let root = cgroup::cgroup2_root().ok_or_else(|| anyhow!("no cgroup v2 is mounted"))?;
     let cgroup = std::fs::File::open(&root)
         .with_context(|| format!("opening the cgroup v2 root {}", root.display()))?;
@@ -112,9 +141,10 @@ fn attach_packet_programs(ebpf: &mut Ebpf) -> Result<()> {
             .with_context(|| format!("the kernel refused to load {name}"))?;
         // Attached through a BPF link, which runs beside any other program on the
         // cgroup (the mode only matters to the legacy attach, before Linux 5.7).
-        program
+        let id = program
             .attach(&cgroup, direction, CgroupAttachMode::default())
             .with_context(|| format!("attaching {name} to {}", root.display()))?;
+        links.push(Box::new(program.take_link(id)?));
     }
     Ok(())
 }
@@ -129,13 +159,15 @@ impl Probe {
     /// Returns the attached probe and the ring buffer its events arrive on.
     /// The kernel remembers at least `max_sockets` sockets' current state. With
     /// `links`, the packet programs that find `traceparent` headers are attached
-    /// too, or a warning says why they could not be.
+    /// too, or a warning says why they could not be; with `incidents`, the
+    /// programs that see retransmissions, resets, errors and congestion states.
     pub fn load(
         filters: &Filters,
         offsets: &TcpOffsets,
         ring_buffer_bytes: u32,
         max_sockets: NonZeroUsize,
         links: bool,
+        incidents: bool,
     ) -> Result<(Self, RingBuf<MapData>)> {
         let config = Config {
             pid: filters.owner_pid.unwrap_or(0),
@@ -158,7 +190,9 @@ impl Probe {
             );
         }
         let socket_entries = socket_map_entries(max_sockets);
+        let gso_segs = if incidents { skb_gso_segs_offset() } else { 0 };
         let loaded = EbpfLoader::new()
+            .override_global(names::SKB_GSO_SEGS, &gso_segs, true)
             .override_global(names::CONFIG, &config, true)
             .override_global(names::LOCAL_PORTS, &local, true)
             .override_global(names::REMOTE_PORTS, &remote, true)
@@ -191,11 +225,14 @@ impl Probe {
         program
             .load()
             .context("the kernel verifier rejected the eBPF program")?;
-        program
+        let id = program
             .attach("sock", "inet_sock_set_state")
             .context("attaching to tracepoint sock:inet_sock_set_state failed")?;
+        let mut attached: Vec<Link> = vec![Box::new(program.take_link(id)?)];
 
-        if links && let Err(err) = attach_packet_programs(&mut ebpf) {
+        let congestion_known =
+            incidents && incident_programs::attach(&mut ebpf, offsets.enabled != 0, &mut attached);
+        if links && let Err(err) = attach_packet_programs(&mut ebpf, &mut attached) {
             // One line: the cause's first (a verifier log follows it).
             let why = if err.chain().nth(1).is_some() {
                 let cause = err.root_cause().to_string();
@@ -222,15 +259,30 @@ impl Probe {
         Ok((
             Self {
                 ebpf: Some(ebpf),
+                links: attached,
                 lost,
+                congestion_known,
             },
             events,
         ))
     }
 
+    /// Whether the kernel reports congestion states (their program is attached).
+    pub fn congestion_known(&self) -> bool {
+        self.congestion_known
+    }
+
     /// Stops new events: what is queued stays in the ring buffer, and the lost
     /// count stays readable and final.
     pub fn detach(&mut self) {
+        // Each detach waits out an RCU grace period (75 ms seen here): one after
+        // another, a dozen would outlast a short shutdown deadline; side by side
+        // they share one.
+        std::thread::scope(|scope| {
+            for link in self.links.drain(..) {
+                scope.spawn(move || drop(link));
+            }
+        });
         self.ebpf = None;
     }
 

@@ -1,10 +1,12 @@
-//! In: the kernel — the tracepoint program's state changes and the packet programs'
+//! In: the kernel — the tracepoint program's state changes, the incident programs'
+//! retransmissions, resets, errors and congestion states, and the packet programs'
 //! `traceparent` headers, on one ring buffer. Out: decoded [`event::Record`]s.
 //! It knows nothing of sessions, text output or OTLP.
 pub mod btf;
 pub mod cgroup;
 pub mod clock;
 pub mod event;
+pub mod incident_programs;
 pub mod loader;
 pub mod preflight;
 pub mod reader;

@@ -129,23 +129,27 @@ fn check_tracepoint(tracefs: &Path) -> Result<()> {
 
 /// Compares the tracepoint's format file with the offsets the eBPF program uses.
 pub fn check_layout(format: &str) -> Result<()> {
-    for &(name, offset, size) in EXPECTED_FIELDS {
-        match field(format, name) {
+    check_fields("sock:inet_sock_set_state", format, EXPECTED_FIELDS)
+}
+
+/// Checks that tracepoint `name`'s record (its `format` file) has each field at
+/// the offset and size a program reads it from.
+pub fn check_fields(name: &str, format: &str, fields: &[(&str, usize, usize)]) -> Result<()> {
+    for &(field_name, offset, size) in fields {
+        match field(format, field_name) {
             Some((o, s)) if (o, s) == (offset, size) => {}
             Some((o, s)) => bail!(
-                "sock:inet_sock_set_state has field {name} at offset {o} size {s}, \
+                "{name} has field {field_name} at offset {o} size {s}, \
                  expected offset {offset} size {size}; this kernel's layout is not supported yet, please report it"
             ),
             None => bail!(
-                "sock:inet_sock_set_state has no field {name}; this kernel's layout is not supported yet, please report it"
+                "{name} has no field {field_name}; this kernel's layout is not supported yet, please report it"
             ),
         }
     }
     Ok(())
 }
 
-/// Finds `offset` and `size` of a field in a tracepoint format file, whose lines read
-/// `field:__u16 sport;<TAB>offset:24;<TAB>size:2;<TAB>signed:0;`.
 fn field(format: &str, name: &str) -> Option<(usize, usize)> {
     format.lines().find_map(|line| {
         let mut parts = line.trim().split(';').map(str::trim);

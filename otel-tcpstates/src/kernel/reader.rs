@@ -100,13 +100,16 @@ impl EventReader {
         )
     }
 
-    /// Takes what is still queued without decoding it, and says how many records
-    /// that was: what the shutdown deadline left no time for, counted as lost.
-    pub fn discard(&mut self) -> u64 {
+    /// Takes what is still queued, only telling its kinds apart, and says how many
+    /// records that was: what the shutdown deadline left no time for, counted as lost.
+    pub fn discard(&mut self) -> Discarded {
         let ring = self.ring.get_mut();
-        let mut discarded = 0;
-        while ring.next().is_some() {
-            discarded += 1;
+        let mut discarded = Discarded::default();
+        while let Some(record) = ring.next() {
+            match event::decode_record(&record) {
+                Ok(event::Record::Transition(_)) => discarded.transitions += 1,
+                _ => discarded.other += 1,
+            }
         }
         self.more = false;
         discarded
@@ -144,4 +147,12 @@ impl EventReader {
         }
         Ok(count)
     }
+}
+
+/// What [`EventReader::discard`] threw away: state changes apart from the rest
+/// (link and incident records), so each is counted as what it is.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Discarded {
+    pub transitions: u64,
+    pub other: u64,
 }

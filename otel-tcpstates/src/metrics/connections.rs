@@ -16,7 +16,8 @@ use otel_tcpstates_common::tcp_state;
 use crate::{
     kernel::event::TcpState,
     metrics::series::Series,
-    sessions::table::{Failure, Role, Session, SessionTable, Update},
+    sessions::outcome::ErrorType,
+    sessions::table::{Role, Session, SessionTable, Update},
 };
 
 /// Metric names (OpenTelemetry's `tcpstates.` namespace for ours, next to the
@@ -68,32 +69,6 @@ impl Default for MetricsOptions {
     }
 }
 
-/// `error.type`: what kind of failure ended the connection.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub enum ErrorClass {
-    ConnectFailed,
-    HandshakeFailed,
-    Reset,
-}
-
-impl ErrorClass {
-    pub fn of(failure: Failure) -> Self {
-        match failure {
-            Failure::ConnectFailed => Self::ConnectFailed,
-            Failure::HandshakeFailed => Self::HandshakeFailed,
-            Failure::Reset { .. } => Self::Reset,
-        }
-    }
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::ConnectFailed => "connect_failed",
-            Self::HandshakeFailed => "handshake_failed",
-            Self::Reset => "reset",
-        }
-    }
-}
-
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Direction {
     Transmit,
@@ -117,7 +92,7 @@ pub struct SeriesKey {
     /// `None` for an unknown role, or a port not yet known.
     pub server_port: Option<u16>,
     pub ipv6: bool,
-    pub error: Option<ErrorClass>,
+    pub error: Option<ErrorType>,
     /// With `peer_address` only.
     pub peer: Option<IpAddr>,
 }
@@ -133,7 +108,7 @@ impl SeriesKey {
             role: session.role,
             server_port: server_port.filter(|&port| port != 0),
             ipv6: !session.is_ipv4(),
-            error: session.failure.map(ErrorClass::of),
+            error: session.error,
             peer: Some(session.remote_addr).filter(|addr| peer_address && !addr.is_unspecified()),
         }
     }
@@ -486,19 +461,6 @@ mod tests {
     }
 
     #[test]
-    fn failures_have_short_classes() {
-        let class = |f| ErrorClass::of(f).as_str();
-        assert_eq!(class(Failure::ConnectFailed), "connect_failed");
-        assert_eq!(class(Failure::HandshakeFailed), "handshake_failed");
-        assert_eq!(
-            class(Failure::Reset {
-                from: TcpState(CLOSE_WAIT)
-            }),
-            "reset"
-        );
-    }
-
-    #[test]
     fn states_have_their_semantic_convention_values() {
         let value = |s| state_value(TcpState(s)).into_owned();
         assert_eq!(value(SYN_SENT), "syn_sent");
@@ -508,7 +470,7 @@ mod tests {
         assert_eq!(value(200), "200");
     }
 
-    fn session(role: Role, failure: Option<Failure>) -> Session {
+    fn session(role: Role, error: Option<ErrorType>) -> Session {
         let (mut t, mut sessions) = (table(), Vec::new());
         for event in client_events(SK, 100) {
             t.apply(&event, &mut |u| {
@@ -519,7 +481,7 @@ mod tests {
         }
         let mut s = sessions.pop().unwrap();
         s.role = role;
-        s.failure = failure;
+        s.error = error;
         s.local_port = 8080;
         s.remote_port = 443;
         s
@@ -542,7 +504,7 @@ mod tests {
         );
         assert_eq!(
             text(
-                &session(Role::Server, Some(Failure::HandshakeFailed)),
+                &session(Role::Server, Some(ErrorType::HandshakeFailed)),
                 false
             ),
             "error.type=handshake_failed,network.type=ipv4,server.port=8080,tcpstates.role=server"
@@ -587,6 +549,8 @@ mod tests {
             for e in &mut refused {
                 e.remote_port = port;
             }
+            // The RST that refused it set the socket's error before CLOSE.
+            refused[1].facts.sk_err = nix::errno::Errno::ECONNREFUSED as u32;
             feed(&mut metrics, &mut t, &refused);
         }
         // Two open: one established, one in SYN_SENT to a third port (over the cap).
@@ -603,7 +567,7 @@ mod tests {
 
         let client = "network.type=ipv4,server.port=8080,tcpstates.role=client";
         let refused1 =
-            "error.type=connect_failed,network.type=ipv4,server.port=1,tcpstates.role=client";
+            "error.type=connection_refused,network.type=ipv4,server.port=1,tcpstates.role=client";
         let overflow = "otel.metric.overflow=true";
         assert_eq!(
             points(&exported, name::DURATION),
@@ -663,7 +627,7 @@ mod tests {
                 s
             })
             .collect();
-        sessions[0].failure = Some(Failure::ConnectFailed);
+        sessions[0].error = Some(ErrorType::ConnectionRefused);
         const ROUNDS: usize = 10_000;
         let started = std::time::Instant::now();
         for _ in 0..ROUNDS {

@@ -16,9 +16,11 @@ use prost::{
 
 use crate::{
     kernel::event::{Comm, TcpState},
-    otlp::spans::{self, Body, ResourceKey, SpanRecord, attr},
+    otlp::spans::{self, Body, EventRecords, ResourceKey, SpanRecord, attr, event as span_event},
     sampling::threshold::Threshold,
+    sessions::incidents::{What, congestion_name, reset_reason_name},
     sessions::links::Links,
+    sessions::outcome::errno_name,
     sessions::table::{EndReason, Role},
 };
 
@@ -44,6 +46,11 @@ mod field {
     pub const START: u32 = 7;
     pub const END: u32 = 8;
     pub const ATTRIBUTES: u32 = 9;
+    pub const EVENTS: u32 = 11;
+    pub const DROPPED_EVENTS_COUNT: u32 = 12;
+    pub const EVENT_TIME: u32 = 1;
+    pub const EVENT_NAME: u32 = 2;
+    pub const EVENT_ATTRIBUTES: u32 = 3;
     pub const LINKS: u32 = 13;
     pub const DROPPED_LINKS_COUNT: u32 = 14;
     pub const STATUS: u32 = 15;
@@ -296,6 +303,7 @@ impl Encoder {
                 state,
                 next,
                 cut_short,
+                events: _,
             } => {
                 out.extend_from_slice(&self.fixed.state[state.0 as usize]);
                 if let Some((next, pid, comm)) = next {
@@ -314,8 +322,9 @@ impl Encoder {
                 skaddr,
                 begin_seen,
                 end_reason,
-                ref links,
+                links: _,
                 kept_by,
+                counts,
             } => {
                 let (client, server) = r.client_server();
                 if let Some((addr, port)) = client {
@@ -347,13 +356,29 @@ impl Encoder {
                 if !kept_by.is_empty() {
                     str_attr(out, attr::SAMPLING_KEPT_BY, kept_by.names().as_bytes());
                 }
-                if let Some(links) = links {
-                    write_links(out, links);
+                if let Some(counts) = counts {
+                    int_attr(out, attr::RETRANSMITS, counts.retransmits.into());
+                    int_attr(out, attr::RESETS_SENT, counts.resets_sent.into());
+                    int_attr(out, attr::RESETS_RECEIVED, counts.resets_received.into());
                 }
             }
         }
-        if let Some(failure) = r.failure {
-            let message = spans::failure_message(failure);
+        if let Some(error) = r.error {
+            str_attr(out, attr::ERROR_TYPE, error.as_str().as_bytes());
+        }
+        // In field order, as prost writes them: events, links, status, flags.
+        match &r.body {
+            Body::State {
+                events: Some(events),
+                ..
+            } => write_events(out, events),
+            Body::Root {
+                links: Some(links), ..
+            } => write_links(out, links),
+            _ => {}
+        }
+        if let Some(error) = r.error {
+            let message = error.message();
             let len = len_field(message.len()) + 1 + encoded_len_varint(STATUS_ERROR);
             encode_key(field::STATUS, WireType::LengthDelimited, out);
             encode_varint(len as u64, out);
@@ -416,6 +441,68 @@ impl Encoder {
                 str_attr(out, key, text.as_bytes());
             }
         }
+    }
+}
+
+/// A state span's `events` and `dropped_events_count`.
+fn write_events(out: &mut Vec<u8>, events: &EventRecords) {
+    let mut body = Vec::with_capacity(128);
+    for event in &events.kept {
+        body.clear();
+        // In field-number order, as prost writes them: time, name, attributes.
+        fixed64(&mut body, field::EVENT_TIME, event.unix_ns);
+        bytes(
+            &mut body,
+            field::EVENT_NAME,
+            event_name(&event.what).as_bytes(),
+        );
+        let tag = field::EVENT_ATTRIBUTES;
+        match event.what {
+            What::Retransmit { kind, err } => {
+                str_kv(
+                    &mut body,
+                    tag,
+                    attr::RETRANSMIT_KIND,
+                    kind.as_str().as_bytes(),
+                );
+                if err != 0 {
+                    let name = errno_name(err.saturating_neg());
+                    str_kv(&mut body, tag, attr::RETRANSMIT_ERROR, name.as_bytes());
+                }
+            }
+            What::ResetSent { reason } => {
+                let reason = reset_reason_name(reason);
+                str_kv(&mut body, tag, attr::RESET_REASON, reason.as_bytes());
+            }
+            What::ResetReceived => {}
+            What::Error { errno } => {
+                int_kv(&mut body, tag, attr::ERRNO, errno.into());
+                str_kv(
+                    &mut body,
+                    tag,
+                    attr::ERRNO_NAME,
+                    errno_name(errno).as_bytes(),
+                );
+            }
+            What::Congestion { state } => {
+                let state = congestion_name(state);
+                str_kv(&mut body, tag, attr::CONGESTION_STATE, state.as_bytes());
+            }
+        }
+        bytes(out, field::EVENTS, &body);
+    }
+    if events.dropped > 0 {
+        varint(out, field::DROPPED_EVENTS_COUNT, events.dropped.into());
+    }
+}
+
+fn event_name(what: &What) -> &'static str {
+    match what {
+        What::Retransmit { .. } => span_event::RETRANSMIT,
+        What::ResetSent { .. } => span_event::RESET_SENT,
+        What::ResetReceived => span_event::RESET_RECEIVED,
+        What::Error { .. } => span_event::ERROR,
+        What::Congestion { .. } => span_event::CONGESTION,
     }
 }
 
@@ -588,9 +675,14 @@ fn kv_len(key: &str, value: &[u8]) -> usize {
 
 #[inline(always)]
 fn int_attr(out: &mut Vec<u8>, key: &str, value: i64) {
+    int_kv(out, field::ATTRIBUTES, key, value);
+}
+
+#[inline(always)]
+fn int_kv(out: &mut Vec<u8>, tag: u32, key: &str, value: i64) {
     // int64 is a varint of the two's complement.
     let value = value as u64;
-    attr_header(out, key, 1 + encoded_len_varint(value));
+    kv_header(out, tag, key, 1 + encoded_len_varint(value));
     varint(out, field::ANY_INT, value);
 }
 
@@ -634,12 +726,14 @@ mod tests {
         kernel::clock::WallClock,
         kernel::event::{TcpFacts, TcpState},
         kernel::traceparent::{Direction, Link},
-        otlp::spans::{Kind, MapperOptions, SpanMapper},
+        otlp::spans::{EventRecord, Kind, MapperOptions, SpanMapper},
         sampling::{decision::Verdict, rules::KeptBy},
         sessions::container::ContainerId,
+        sessions::incidents::{IncidentCounts, RetransmitKind},
         sessions::links::MAX_LINKS,
+        sessions::outcome::ErrorType,
         sessions::table::{
-            EndReason, Failure, Role, SessionTable, Update,
+            EndReason, Role, SessionTable, Update,
             tests::{SK, client_events, ev},
         },
     };
@@ -796,12 +890,17 @@ mod tests {
     #[test]
     fn failures_are_errors_and_reuse_is_a_new_trace() {
         use otel_tcpstates_common::tcp_state::*;
+        let refused = |sk, ts| {
+            let mut close = ev(sk, ts, 1, SYN_SENT, CLOSE, 1);
+            close.facts.sk_err = nix::errno::Errno::ECONNREFUSED as u32;
+            close
+        };
         let bytes = encode(&records(
             &[
                 ev(SK, 10, 0, CLOSE, SYN_SENT, 0),
-                ev(SK, 11, 1, SYN_SENT, CLOSE, 1),
+                refused(SK, 11),
                 ev(SK, 20, 0, CLOSE, SYN_SENT, 0),
-                ev(SK, 21, 1, SYN_SENT, CLOSE, 1),
+                refused(SK, 21),
             ],
             MapperOptions::default(),
         ));
@@ -823,6 +922,7 @@ mod tests {
             MapperOptions {
                 service_per_process: true,
                 facts: false,
+                incidents: false,
             },
         );
         let container = ContainerId::parse(&"ab".repeat(32)).unwrap();
@@ -883,13 +983,54 @@ mod tests {
         (1u8..=14).prop_map(TcpState)
     }
 
-    fn failure() -> impl Strategy<Value = Option<Failure>> {
+    fn error() -> impl Strategy<Value = Option<ErrorType>> {
         prop_oneof![
             Just(None),
-            Just(Some(Failure::ConnectFailed)),
-            Just(Some(Failure::HandshakeFailed)),
-            state().prop_map(|from| Some(Failure::Reset { from })),
+            Just(Some(ErrorType::ConnectionRefused)),
+            Just(Some(ErrorType::TimedOut)),
+            Just(Some(ErrorType::ResetByPeer)),
+            Just(Some(ErrorType::ResetSent)),
+            Just(Some(ErrorType::HandshakeFailed)),
+            Just(Some(ErrorType::ConnectAborted)),
+            (-5i32..200).prop_map(|n| Some(ErrorType::Errno(n))),
         ]
+    }
+
+    fn what() -> impl Strategy<Value = What> {
+        let kind = proptest::sample::select(vec![
+            RetransmitKind::Syn,
+            RetransmitKind::SynAck,
+            RetransmitKind::Timeout,
+            RetransmitKind::Fast,
+            RetransmitKind::LossProbe,
+            RetransmitKind::Unknown,
+        ]);
+        prop_oneof![
+            (kind, -120i32..=0).prop_map(|(kind, err)| What::Retransmit { kind, err }),
+            (0u32..30).prop_map(|reason| What::ResetSent { reason }),
+            Just(What::ResetReceived),
+            (0i32..140).prop_map(|errno| What::Error { errno }),
+            (0u8..6).prop_map(|state| What::Congestion { state }),
+        ]
+    }
+
+    fn events() -> impl Strategy<Value = Option<Box<EventRecords>>> {
+        let event =
+            (any::<u64>(), what()).prop_map(|(unix_ns, what)| EventRecord { unix_ns, what });
+        proptest::option::of(
+            (proptest::collection::vec(event, 0..=8), 0u32..3)
+                .prop_map(|(kept, dropped)| Box::new(EventRecords { kept, dropped })),
+        )
+    }
+
+    fn counts() -> impl Strategy<Value = Option<IncidentCounts>> {
+        proptest::option::of((any::<u32>(), any::<u32>(), any::<u32>()).prop_map(
+            |(retransmits, resets_sent, resets_received)| IncidentCounts {
+                retransmits,
+                resets_sent,
+                resets_received,
+            },
+        ))
     }
 
     fn role() -> impl Strategy<Value = Role> {
@@ -918,6 +1059,8 @@ mod tests {
                     total_retrans: retrans,
                     segs_in: i,
                     segs_out: o,
+                    sk_err: 0,
+                    _pad: 0,
                 }),
         )
     }
@@ -952,12 +1095,14 @@ mod tests {
             (
                 state(),
                 proptest::option::of((state(), any::<u32>(), comm())),
-                proptest::option::of(reason())
+                proptest::option::of(reason()),
+                events(),
             )
-                .prop_map(|(state, next, cut_short)| Body::State {
+                .prop_map(|(state, next, cut_short, events)| Body::State {
                     state,
                     next,
-                    cut_short
+                    cut_short,
+                    events,
                 }),
             (
                 role(),
@@ -968,9 +1113,20 @@ mod tests {
                 reason(),
                 links(),
                 kept_by(),
+                counts(),
             )
                 .prop_map(
-                    |(role, owner, facts, skaddr, begin_seen, end_reason, links, kept_by)| {
+                    |(
+                        role,
+                        owner,
+                        facts,
+                        skaddr,
+                        begin_seen,
+                        end_reason,
+                        links,
+                        kept_by,
+                        counts,
+                    )| {
                         Body::Root {
                             role,
                             owner,
@@ -980,6 +1136,7 @@ mod tests {
                             end_reason,
                             links,
                             kept_by,
+                            counts,
                         }
                     }
                 ),
@@ -999,7 +1156,7 @@ mod tests {
                 proptest::option::of(any::<[u8; 2]>()),
             ),
             ((ip(), any::<u16>()), (ip(), any::<u16>())),
-            failure(),
+            error(),
             proptest::option::of(0.0..=1.0f64),
             body(),
         )
@@ -1009,7 +1166,7 @@ mod tests {
                     (start, end),
                     (service, container),
                     (local, peer),
-                    failure,
+                    error,
                     probability,
                     body,
                 )| {
@@ -1032,7 +1189,7 @@ mod tests {
                         } else {
                             local
                         },
-                        failure,
+                        error,
                         // Never the threshold that keeps nothing: no span has it.
                         threshold: probability
                             .map(|p| Threshold::from_probability(p.max(f64::EPSILON))),
@@ -1075,11 +1232,14 @@ mod tests {
         ];
         let mut span_links = Vec::new();
         let mut dropped_links_count = 0;
+        let mut span_events = Vec::new();
+        let mut dropped_events_count = 0;
         let (name, kind) = match r.body {
             Body::State {
                 state,
                 next,
                 cut_short,
+                ref events,
             } => {
                 attributes.push(s(attr::STATE, state.to_string()));
                 if let Some((next, pid, comm)) = next {
@@ -1089,6 +1249,56 @@ mod tests {
                 }
                 if let Some(reason) = cut_short {
                     attributes.push(s(attr::END_REASON, reason.as_str().into()));
+                }
+                if let Some(events) = events {
+                    span_events = events
+                        .kept
+                        .iter()
+                        .map(|e| {
+                            let (name, attributes) = match e.what {
+                                What::Retransmit { kind, err } => {
+                                    let mut a =
+                                        vec![s(attr::RETRANSMIT_KIND, kind.as_str().into())];
+                                    if err != 0 {
+                                        a.push(s(
+                                            attr::RETRANSMIT_ERROR,
+                                            errno_name(-err).into_owned(),
+                                        ));
+                                    }
+                                    ("tcp.retransmit", a)
+                                }
+                                What::ResetSent { reason } => (
+                                    "tcp.reset.sent",
+                                    vec![s(
+                                        attr::RESET_REASON,
+                                        reset_reason_name(reason).into_owned(),
+                                    )],
+                                ),
+                                What::ResetReceived => ("tcp.reset.received", vec![]),
+                                What::Error { errno } => (
+                                    "tcp.error",
+                                    vec![
+                                        i(attr::ERRNO, errno.into()),
+                                        s(attr::ERRNO_NAME, errno_name(errno).into_owned()),
+                                    ],
+                                ),
+                                What::Congestion { state } => (
+                                    "tcp.congestion",
+                                    vec![s(
+                                        attr::CONGESTION_STATE,
+                                        congestion_name(state).into_owned(),
+                                    )],
+                                ),
+                            };
+                            span::Event {
+                                time_unix_nano: e.unix_ns,
+                                name: name.into(),
+                                attributes,
+                                ..Default::default()
+                            }
+                        })
+                        .collect();
+                    dropped_events_count = events.dropped;
                 }
                 (state.to_string(), 1)
             }
@@ -1101,6 +1311,7 @@ mod tests {
                 end_reason,
                 ref links,
                 kept_by,
+                counts,
             } => {
                 let (local, peer) = (r.local, r.peer);
                 let (client, server) = match role {
@@ -1142,6 +1353,13 @@ mod tests {
                 if !kept_by.is_empty() {
                     attributes.push(s(attr::SAMPLING_KEPT_BY, kept_by.names()));
                 }
+                if let Some(c) = counts {
+                    attributes.extend([
+                        i(attr::RETRANSMITS, c.retransmits.into()),
+                        i(attr::RESETS_SENT, c.resets_sent.into()),
+                        i(attr::RESETS_RECEIVED, c.resets_received.into()),
+                    ]);
+                }
                 if let Some(l) = links {
                     span_links = l
                         .kept
@@ -1177,11 +1395,18 @@ mod tests {
             kind,
             start_time_unix_nano: r.start_unix_ns,
             end_time_unix_nano: r.end_unix_ns,
-            attributes,
+            attributes: {
+                if let Some(e) = r.error {
+                    attributes.push(s(attr::ERROR_TYPE, e.as_str().into_owned()));
+                }
+                attributes
+            },
             links: span_links,
             dropped_links_count,
-            status: r.failure.map(|f| Status {
-                message: spans::failure_message(f).into_owned(),
+            events: span_events,
+            dropped_events_count,
+            status: r.error.map(|e| Status {
+                message: e.message().into_owned(),
                 code: 2,
             }),
             ..Default::default()

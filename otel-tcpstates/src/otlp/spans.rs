@@ -11,8 +11,10 @@ use crate::{
     kernel::event::{Comm, TcpEvent, TcpFacts, TcpState},
     sampling::{decision::Verdict, rules::KeptBy, threshold::Threshold},
     sessions::container::{ContainerId, ContainerResolver},
+    sessions::incidents::{IncidentCounts, SpanEvents, What},
     sessions::links::Links,
-    sessions::table::{EndReason, Failure, Role, Session, StateEnded},
+    sessions::outcome::ErrorType,
+    sessions::table::{EndReason, Role, Session, StateEnded},
 };
 
 pub const ROOT_NAME: &str = "tcp.session";
@@ -71,6 +73,37 @@ pub mod attr {
     /// On the root of a trace a keep rule kept: the rules, comma-joined
     /// (`error`, `retransmit`, `slow_handshake`, `long_lived`).
     pub const SAMPLING_KEPT_BY: &str = "tcpstates.sampling.kept_by";
+
+    /// Why the connection failed (the semantic conventions' attribute), on the
+    /// root and on the state span it failed in.
+    pub const ERROR_TYPE: &str = "error.type";
+    /// On the root: the incidents seen in all its states (with the incident
+    /// programs attached).
+    pub const RETRANSMITS: &str = "tcpstates.retransmits";
+    pub const RESETS_SENT: &str = "tcpstates.resets.sent";
+    pub const RESETS_RECEIVED: &str = "tcpstates.resets.received";
+
+    /// On a `tcp.retransmit` event: `syn`, `synack`, `timeout`, `fast`,
+    /// `loss_probe` (or `unknown`); and, when it could not be sent, the error.
+    pub const RETRANSMIT_KIND: &str = "tcpstates.retransmit.kind";
+    pub const RETRANSMIT_ERROR: &str = "tcpstates.retransmit.error";
+    /// On a `tcp.reset.sent` event: the kernel's reason (`sk_rst_reason`).
+    pub const RESET_REASON: &str = "tcpstates.reset.reason";
+    /// On a `tcp.error` event: the errno, as a number and by name.
+    pub const ERRNO: &str = "tcpstates.errno";
+    pub const ERRNO_NAME: &str = "tcpstates.errno.name";
+    /// On a `tcp.congestion` event: the state entered (`open`, `disorder`, `cwr`,
+    /// `recovery`, `loss`).
+    pub const CONGESTION_STATE: &str = "tcpstates.congestion.state";
+}
+
+/// Span event names, one per kind of incident.
+pub mod event {
+    pub const RETRANSMIT: &str = "tcp.retransmit";
+    pub const RESET_SENT: &str = "tcp.reset.sent";
+    pub const RESET_RECEIVED: &str = "tcp.reset.received";
+    pub const ERROR: &str = "tcp.error";
+    pub const CONGESTION: &str = "tcp.congestion";
 }
 
 /// How spans are built.
@@ -80,6 +113,8 @@ pub struct MapperOptions {
     pub service_per_process: bool,
     /// The kernel reads bytes, RTT and retransmits at CLOSE (BTF was available).
     pub facts: bool,
+    /// The incident programs are attached: roots count what they saw.
+    pub incidents: bool,
 }
 
 /// OTLP's `SpanKind`.
@@ -113,8 +148,8 @@ pub struct SpanRecord {
     pub resource: ResourceKey,
     pub local: Endpoint,
     pub peer: Endpoint,
-    /// Makes the span's status an error.
-    pub failure: Option<Failure>,
+    /// Makes the span's status an error, with `error.type`.
+    pub error: Option<ErrorType>,
     /// The threshold that kept the trace by probability: written as its `th`.
     pub threshold: Option<Threshold>,
     pub body: Body,
@@ -129,6 +164,8 @@ pub enum Body {
         /// The state it moved to, and the task on the CPU then; `None` when cut short.
         next: Option<(TcpState, u32, Comm)>,
         cut_short: Option<EndReason>,
+        /// The incidents in the state: on the heap, and only for spans that had any.
+        events: Option<Box<EventRecords>>,
     },
     /// The `tcp.session` root.
     Root {
@@ -143,7 +180,23 @@ pub enum Body {
         links: Option<Box<Links>>,
         /// The keep rules that kept the trace.
         kept_by: KeptBy,
+        /// With the incident programs attached.
+        counts: Option<IncidentCounts>,
     },
+}
+
+/// One span event: an incident at its wall-clock time.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct EventRecord {
+    pub unix_ns: u64,
+    pub what: What,
+}
+
+/// A span's events, and how many more there were.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct EventRecords {
+    pub kept: Vec<EventRecord>,
+    pub dropped: u32,
 }
 
 impl SpanRecord {
@@ -176,15 +229,6 @@ impl SpanRecord {
 /// A state's name without allocating (numbers the kernel may add print as digits).
 pub fn state_name(state: TcpState) -> Cow<'static, str> {
     tcp_state::name(state.0).map_or_else(|| Cow::Owned(state.0.to_string()), Cow::Borrowed)
-}
-
-/// The status message of a failed connection's spans.
-pub fn failure_message(failure: Failure) -> Cow<'static, str> {
-    match failure {
-        Failure::ConnectFailed => "connection refused or timed out (SYN_SENT -> CLOSE)".into(),
-        Failure::HandshakeFailed => "handshake did not complete (SYN_RECV -> CLOSE)".into(),
-        Failure::Reset { from } => format!("connection reset or aborted ({from} -> CLOSE)").into(),
-    }
 }
 
 /// Builds span records from session table updates.
@@ -232,6 +276,20 @@ impl SpanMapper {
         id.max(1).to_be_bytes()
     }
 
+    fn events(&self, events: &SpanEvents) -> Box<EventRecords> {
+        Box::new(EventRecords {
+            kept: events
+                .kept
+                .iter()
+                .map(|e| EventRecord {
+                    unix_ns: self.unix_ns(e.ts_ns),
+                    what: e.what,
+                })
+                .collect(),
+            dropped: events.dropped,
+        })
+    }
+
     fn unix_ns(&self, monotonic_ns: u64) -> u64 {
         u64::try_from(self.clock.unix_ns(monotonic_ns).max(0)).unwrap_or(u64::MAX)
     }
@@ -263,7 +321,7 @@ impl SpanMapper {
             resource: self.resource(session),
             local: (session.local_addr, session.local_port),
             peer: (session.remote_addr, session.remote_port),
-            failure: None,
+            error: None,
             threshold: verdict.threshold,
             body,
         }
@@ -280,9 +338,10 @@ impl SpanMapper {
             state: ended.state,
             next: ended.next.map(|next| (next, ended.pid, ended.comm)),
             cut_short: ended.cut_short,
+            events: ended.events.as_deref().map(|events| self.events(events)),
         };
         SpanRecord {
-            failure: ended.failure,
+            error: ended.error,
             ..self.record(
                 session,
                 Some(ended.index),
@@ -311,9 +370,10 @@ impl SpanMapper {
             links: (!session.links.kept.is_empty() || session.links.dropped > 0)
                 .then(|| Box::new(session.links.clone())),
             kept_by: verdict.kept_by,
+            counts: self.options.incidents.then_some(session.counts),
         };
         SpanRecord {
-            failure: session.failure,
+            error: session.error,
             ..self.record(session, None, (session.birth_ns, end_ns), verdict, body)
         }
     }

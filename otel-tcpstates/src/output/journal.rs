@@ -10,7 +10,10 @@ use std::{
 
 use anyhow::{Context as _, Result, anyhow};
 
-use crate::kernel::event::TcpEvent;
+use crate::{
+    kernel::event::TcpEvent,
+    sessions::outcome::{CloseFacts, ErrorType},
+};
 
 /// Where journald takes native-protocol datagrams.
 pub const SOCKET: &str = "/run/systemd/journal/socket";
@@ -181,6 +184,21 @@ pub fn encode(event: &TcpEvent, out: &mut Vec<u8>) {
     if e.owner_pid != 0 {
         field(out, "TCP_OWNER_PID", e.owner_pid);
     }
+    if e.newstate.0 == otel_tcpstates_common::tcp_state::CLOSE {
+        // Why it failed, from the CLOSE alone: the error the kernel set and the
+        // state it left (an RST sent after this record cannot count).
+        let close = CloseFacts {
+            from: Some(e.oldstate),
+            sk_err: e.facts.sk_err as i32,
+            ..CloseFacts::default()
+        };
+        if let Some(error) = ErrorType::of(close) {
+            field(out, "TCP_ERROR_TYPE", error.as_str());
+        }
+        if e.facts.sk_err != 0 {
+            field(out, "TCP_ERRNO", e.facts.sk_err);
+        }
+    }
 }
 
 /// Appends `NAME=value\n`, or the binary-safe `NAME\n<u64 LE length>value\n` when
@@ -323,6 +341,21 @@ mod tests {
             get("MESSAGE"),
             "curl ::1 52000 → 2001:db8::7 80 SYN_SENT → ESTABLISHED"
         );
+    }
+
+    #[test]
+    fn a_close_record_says_why_the_connection_failed() {
+        let mut raw = raw_v4();
+        raw.newstate = otel_tcpstates_common::tcp_state::CLOSE;
+        raw.facts.sk_err = 111;
+        let fields = text_fields(&decode(&record(&raw)).unwrap());
+        let get = |name: &str| fields.iter().find(|(n, _)| n == name).map(|f| f.1.clone());
+        assert_eq!(get("TCP_ERROR_TYPE").as_deref(), Some("connection_refused"));
+        assert_eq!(get("TCP_ERRNO").as_deref(), Some("111"));
+        raw.oldstate = otel_tcpstates_common::tcp_state::LAST_ACK;
+        raw.facts.sk_err = 0;
+        let fields = text_fields(&decode(&record(&raw)).unwrap());
+        assert!(!fields.iter().any(|(n, _)| n.starts_with("TCP_ERR")));
     }
 
     #[test]

@@ -54,10 +54,12 @@ impl std::ops::BitOr for KeptBy {
 }
 
 /// The rules in force; each can be turned off.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct KeepRules {
     /// Connections that ended in error (refused, reset, a handshake that failed).
     pub errors: bool,
+    /// `error.type` values the error rule leaves to probability.
+    pub errors_except: Vec<String>,
     /// Connections the kernel retransmitted on (`total_retrans` > 0 at CLOSE).
     pub retransmits: bool,
     /// Connections whose handshake (SYN_SENT or SYN_RECV) took at least this long.
@@ -70,6 +72,7 @@ impl Default for KeepRules {
     fn default() -> Self {
         Self {
             errors: true,
+            errors_except: Vec::new(),
             retransmits: true,
             slow_handshake_ns: Some(100_000_000),
             longer_than_ns: None,
@@ -90,10 +93,18 @@ impl KeepRules {
     pub fn check(&self, session: &Session, end_ns: u64) -> KeptBy {
         let at_least = |value: Option<u64>, bound: Option<u64>| matches!((value, bound), (Some(value), Some(bound)) if value >= bound);
         KeptBy::default()
-            .with(KeptBy::ERROR, self.errors && session.failure.is_some())
+            .with(
+                KeptBy::ERROR,
+                self.errors
+                    && session
+                        .error
+                        .is_some_and(|e| !self.errors_except.iter().any(|x| *x == e.as_str())),
+            )
             .with(
                 KeptBy::RETRANSMIT,
-                self.retransmits && session.facts.is_some_and(|f| f.total_retrans > 0),
+                self.retransmits
+                    && (session.counts.retransmits > 0
+                        || session.facts.is_some_and(|f| f.total_retrans > 0)),
             )
             .with(
                 KeptBy::SLOW_HANDSHAKE,

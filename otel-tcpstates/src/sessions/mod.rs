@@ -1,6 +1,9 @@
 //! In: decoded kernel records. Out: session updates (a state a socket left, a
-//! session that ended), with each socket's owner, container and links.
+//! session that ended), with each socket's owner, container, links, the
+//! incidents in each state and the reason a connection failed.
 //! It knows nothing of OpenTelemetry or of how updates are printed.
 pub mod container;
+pub mod incidents;
 pub mod links;
+pub mod outcome;
 pub mod table;

@@ -2,17 +2,36 @@
 //! to its CLOSE, and reports each state it left and each session that ended.
 //!
 //! It knows nothing of OpenTelemetry; `spans` turns what it reports into spans.
-use std::{collections::HashMap, hash::BuildHasher as _, net::IpAddr, num::NonZeroUsize};
+use std::{
+    collections::{HashMap, VecDeque},
+    hash::BuildHasher as _,
+    net::IpAddr,
+    num::NonZeroUsize,
+};
 
 use foldhash::fast::RandomState;
 use lru::LruCache;
 use otel_tcpstates_common::tcp_state;
 
 use crate::{
-    kernel::event::{Comm, TcpEvent, TcpFacts, TcpState},
+    kernel::event::{Comm, Happened, Incident, TcpEvent, TcpFacts, TcpState},
     kernel::traceparent::Link,
+    sessions::incidents::{IncidentCounts, RetransmitKind, SpanEvent, SpanEvents, What},
     sessions::links::Links,
+    sessions::outcome::{CloseFacts, ErrorType},
 };
+
+/// How long, in kernel time, the last span of an aborted socket waits for the
+/// RST the kernel sends just after the socket entered CLOSE (microseconds later
+/// in the same system call).
+pub const RESET_GRACE_NS: u64 = 20_000_000;
+
+/// SYN-ACK retransmissions remembered for connections whose socket does not
+/// exist yet (it is created when the handshake completes).
+const SYNACK_CONNECTIONS: usize = 4096;
+
+/// A connection's ends: (local address, port, remote address, port).
+type Tuple = (IpAddr, u16, IpAddr, u16);
 
 /// How the socket came to be, as far as its first seen transition tells.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -35,31 +54,6 @@ impl Role {
             Self::Server => "server",
             Self::Listener => "listener",
             Self::Unknown => "unknown",
-        }
-    }
-}
-
-/// Why a connection counts as failed.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Failure {
-    /// SYN_SENT → CLOSE: refused (RST) or the handshake timed out.
-    ConnectFailed,
-    /// SYN_RECV → CLOSE: the handshake of an accepted socket did not complete.
-    HandshakeFailed,
-    /// ESTABLISHED or CLOSE_WAIT → CLOSE: reset or aborted (SO_LINGER 0, RST).
-    Reset { from: TcpState },
-}
-
-impl Failure {
-    fn of(old: TcpState, new: TcpState) -> Option<Self> {
-        if new.0 != tcp_state::CLOSE {
-            return None;
-        }
-        match old.0 {
-            tcp_state::SYN_SENT => Some(Self::ConnectFailed),
-            tcp_state::SYN_RECV => Some(Self::HandshakeFailed),
-            tcp_state::ESTABLISHED | tcp_state::CLOSE_WAIT => Some(Self::Reset { from: old }),
-            _ => None,
         }
     }
 }
@@ -117,7 +111,8 @@ pub struct Session {
     pub remote_addr: IpAddr,
     pub remote_port: u16,
     pub owner: Option<Owner>,
-    pub failure: Option<Failure>,
+    /// Why the connection failed, once it reached CLOSE.
+    pub error: Option<ErrorType>,
     /// The state the socket is in and since when; `None` start when unknown.
     pub state: TcpState,
     pub state_since_ns: Option<u64>,
@@ -137,6 +132,20 @@ pub struct Session {
     /// [`SessionTable::holding_states`]): they wait here for a decision made when
     /// the session ends.
     pub held: Vec<StateEnded>,
+    /// Incidents in the current state, for its span.
+    pub events: SpanEvents,
+    pub counts: IncidentCounts,
+    /// The congestion state (`tcp_ca_state`) the kernel last reported.
+    pub ca_state: u8,
+    /// An aborted socket's CLOSE, waiting for its RST.
+    pub closing: Option<Box<Closing>>,
+}
+
+/// A CLOSE whose last span waits for the RST that follows it.
+#[derive(Clone, Debug)]
+pub struct Closing {
+    pub ended: StateEnded,
+    pub close_ns: u64,
 }
 
 impl Session {
@@ -146,7 +155,7 @@ impl Session {
 }
 
 /// A state the socket left: one child span.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct StateEnded {
     pub state: TcpState,
     /// 0-based position among the session's state spans.
@@ -159,9 +168,11 @@ pub struct StateEnded {
     pub pid: u32,
     pub comm: Comm,
     /// Set when the transition out was a failure (e.g. SYN_SENT → CLOSE).
-    pub failure: Option<Failure>,
+    pub error: Option<ErrorType>,
     /// Why the span was cut short, when it was.
     pub cut_short: Option<EndReason>,
+    /// The incidents in the state.
+    pub events: Option<Box<SpanEvents>>,
 }
 
 /// What the table reports, in order, as events arrive.
@@ -176,6 +187,8 @@ pub struct TableStats {
     pub closed: u64,
     pub evicted: u64,
     pub replaced: u64,
+    /// Incidents of sockets the table does not follow (ended, or never seen).
+    pub incidents_unmatched: u64,
 }
 
 pub struct SessionTable {
@@ -188,6 +201,12 @@ pub struct SessionTable {
     ids: RandomState,
     /// Whether each session keeps its ended states in `held`.
     hold: bool,
+    /// Aborted sockets waiting for their RST, oldest first: (address, CLOSE time).
+    closing: VecDeque<(u64, u64)>,
+    /// SYN-ACK retransmissions of connections not yet seen, by their ends.
+    synacks: LruCache<Tuple, SpanEvents>,
+    /// Whether the congestion states are reported (their program is attached).
+    congestion_known: bool,
 }
 
 /// Whether `event` is the first transition of a new socket: created by connect() or
@@ -214,7 +233,17 @@ impl SessionTable {
             stats: TableStats::default(),
             ids: RandomState::default(),
             hold: false,
+            closing: VecDeque::new(),
+            synacks: LruCache::new(NonZeroUsize::new(SYNACK_CONNECTIONS).expect("non-zero")),
+            congestion_known: true,
         }
+    }
+
+    /// Says whether the kernel reports congestion states, which name the kind of a
+    /// data retransmission.
+    pub fn congestion_known(mut self, known: bool) -> Self {
+        self.congestion_known = known;
+        self
     }
 
     /// Makes every session keep the states it ended in [`Session::held`] until it
@@ -237,13 +266,25 @@ impl SessionTable {
         self.stats
     }
 
-    /// The sessions open now, in no particular order (the LRU order is untouched).
+    /// The sessions open now, in no particular order (the LRU order is untouched):
+    /// not those closed in the kernel and waiting for their reset.
     pub fn sessions(&self) -> impl Iterator<Item = &Session> {
-        self.sessions.iter().map(|(_, session)| session)
+        self.sessions
+            .iter()
+            .map(|(_, session)| session)
+            .filter(|session| session.closing.is_none())
     }
 
     /// Applies one transition, reporting what ended through `out`.
     pub fn apply(&mut self, event: &TcpEvent, out: &mut impl FnMut(Update<'_>)) {
+        if self
+            .sessions
+            .peek(&event.skaddr)
+            .is_some_and(|s| s.closing.is_some())
+        {
+            // The address is in use again: the aborted socket's RST has gone out.
+            self.end_closing(event.skaddr, out);
+        }
         let starts = starts_socket(event);
         if starts && let Some(old) = self.sessions.pop(&event.skaddr) {
             self.stats.replaced += 1;
@@ -282,8 +323,9 @@ impl SessionTable {
                 next: Some(event.oldstate),
                 pid: event.pid,
                 comm: event.comm,
-                failure: None,
+                error: None,
                 cut_short: None,
+                events: session.events.take(),
             };
             report(session, ended, self.hold, out);
         }
@@ -306,32 +348,60 @@ impl SessionTable {
             self.listeners
                 .remove(&(event.local_addr.is_ipv4(), event.local_port));
         }
-        let failure = Failure::of(event.oldstate, event.newstate);
-        if failure.is_some() {
-            session.failure = failure;
+        let closes = event.newstate.0 == tcp_state::CLOSE;
+        let close = CloseFacts {
+            from: Some(event.oldstate),
+            sk_err: event.facts.sk_err as i32,
+            reset_received: session.counts.resets_received > 0,
+            reset_sent: session.counts.resets_sent > 0,
+        };
+        if closes {
+            session.error = ErrorType::of(close);
+            // The error the kernel set as it closed the socket; its report
+            // follows the CLOSE, too late for the kernel to tie it to the socket.
+            if close.sk_err != 0 && !session.events.has_error(close.sk_err) {
+                session.events.add(SpanEvent {
+                    ts_ns: event.ts_ns,
+                    what: What::Error {
+                        errno: close.sk_err,
+                    },
+                });
+            }
         }
-        if let Some(start_ns) = known_start {
-            let ended = StateEnded {
-                state: event.oldstate,
-                index: session.states_ended,
-                start_ns,
-                end_ns: event.ts_ns,
-                next: Some(event.newstate),
-                pid: event.pid,
-                comm: event.comm,
-                failure,
-                cut_short: None,
-            };
-            report(session, ended, self.hold, out);
-        }
+        let mut ended = known_start.map(|start_ns| StateEnded {
+            state: event.oldstate,
+            index: session.states_ended,
+            start_ns,
+            end_ns: event.ts_ns,
+            next: Some(event.newstate),
+            pid: event.pid,
+            comm: event.comm,
+            error: session.error.filter(|_| closes),
+            cut_short: None,
+            events: session.events.take(),
+        });
 
-        if event.newstate.0 == tcp_state::CLOSE {
+        if closes {
             session.facts = Some(event.facts);
+            if let Some(ended) = ended.take_if(|_| ErrorType::awaits_reset(close)) {
+                session.closing = Some(Box::new(Closing {
+                    ended,
+                    close_ns: event.ts_ns,
+                }));
+                self.closing.push_back((event.skaddr, event.ts_ns));
+                return;
+            }
+            if let Some(ended) = ended {
+                report(session, ended, self.hold, out);
+            }
             if let Some(done) = self.sessions.pop(&event.skaddr) {
                 self.stats.closed += 1;
                 out(Update::SessionEnded(&done, event.ts_ns, EndReason::Closed));
             }
         } else {
+            if let Some(ended) = ended {
+                report(session, ended, self.hold, out);
+            }
             session.state = event.newstate;
             session.state_since_ns = Some(event.ts_ns);
         }
@@ -342,7 +412,7 @@ impl SessionTable {
         let birth_ns = event
             .ts_ns
             .saturating_sub(if known { event.delta_ns } else { 0 });
-        let session = Session {
+        let mut session = Session {
             skaddr: event.skaddr,
             trace_id: trace_id(&self.ids, event.skaddr, birth_ns),
             birth_ns,
@@ -360,7 +430,7 @@ impl SessionTable {
                         .copied()
                 })
                 .flatten(),
-            failure: None,
+            error: None,
             facts: None,
             last_pid: event.pid,
             last_comm: event.comm,
@@ -370,12 +440,156 @@ impl SessionTable {
             links: Links::default(),
             handshake_ns: None,
             held: Vec::new(),
+            events: SpanEvents::default(),
+            counts: IncidentCounts::default(),
+            ca_state: 0,
+            closing: None,
         };
+        if event.oldstate.0 == tcp_state::LISTEN
+            && !self.synacks.is_empty()
+            && let Some(synacks) = self.synacks.pop(&(
+                event.local_addr,
+                event.local_port,
+                event.remote_addr,
+                event.remote_port,
+            ))
+        {
+            // Sent by the listener before this socket existed, in its handshake.
+            session.counts.retransmits += synacks.kept.len() as u32 + synacks.dropped;
+            session.events = synacks;
+        }
         self.stats.started += 1;
         if let Some((_, evicted)) = self.sessions.push(event.skaddr, session) {
-            self.stats.evicted += 1;
+            if evicted.closing.is_some() {
+                self.stats.closed += 1;
+            } else {
+                self.stats.evicted += 1;
+            }
             finish(evicted, event.ts_ns, EndReason::Evicted, self.hold, out);
         }
+    }
+
+    /// Notes an incident on the span of the state its socket is in (or, for an
+    /// aborted socket waiting for its RST, on the span of the state it left).
+    pub fn incident(&mut self, incident: &Incident, out: &mut impl FnMut(Update<'_>)) {
+        if let Happened::SynAckRetransmit { local, remote } = incident.happened {
+            let tuple = (local.0, local.1, remote.0, remote.1);
+            let event = SpanEvent {
+                ts_ns: incident.ts_ns,
+                what: What::Retransmit {
+                    kind: RetransmitKind::SynAck,
+                    err: 0,
+                },
+            };
+            match self.synacks.get_mut(&tuple) {
+                Some(events) => events.add(event),
+                None => {
+                    let mut events = SpanEvents::default();
+                    events.add(event);
+                    if self.synacks.push(tuple, events).is_some() {
+                        self.stats.incidents_unmatched += 1;
+                    }
+                }
+            }
+            return;
+        }
+        let congestion_known = self.congestion_known;
+        let Some(session) = self.sessions.get_mut(&incident.skaddr) else {
+            self.stats.incidents_unmatched += 1;
+            return;
+        };
+        let what = match incident.happened {
+            Happened::Retransmit { state, err, segs } => {
+                if err == 0 {
+                    session.counts.retransmits += segs.max(1);
+                }
+                let kind = match state.0 {
+                    tcp_state::SYN_SENT => RetransmitKind::Syn,
+                    tcp_state::SYN_RECV => RetransmitKind::SynAck,
+                    _ => RetransmitKind::of_data(congestion_known.then_some(session.ca_state)),
+                };
+                What::Retransmit { kind, err }
+            }
+            Happened::ResetSent { reason, .. } => {
+                session.counts.resets_sent += 1;
+                What::ResetSent { reason }
+            }
+            Happened::ResetReceived => {
+                session.counts.resets_received += 1;
+                What::ResetReceived
+            }
+            Happened::Error { errno } => What::Error { errno },
+            // A socket starts out Open, and the kernel sets Open again as the
+            // handshake ends: no change, no event.
+            Happened::Congestion { state } if state == session.ca_state => return,
+            Happened::Congestion { state } => {
+                session.ca_state = state;
+                What::Congestion { state }
+            }
+            Happened::SynAckRetransmit { .. } => return,
+        };
+        let event = SpanEvent {
+            ts_ns: incident.ts_ns,
+            what,
+        };
+        let Some(closing) = &mut session.closing else {
+            session.events.add(event);
+            return;
+        };
+        closing.ended.events.get_or_insert_default().add(event);
+        if let What::ResetSent { .. } = what {
+            // The RST an abort sends: now the reason is sure, and nothing more
+            // follows.
+            let facts = CloseFacts {
+                from: Some(closing.ended.state),
+                sk_err: session.facts.map_or(0, |f| f.sk_err as i32),
+                reset_received: session.counts.resets_received > 0,
+                reset_sent: true,
+            };
+            session.error = ErrorType::of(facts);
+            closing.ended.error = session.error;
+            self.end_closing(incident.skaddr, out);
+        }
+    }
+
+    /// Ends the aborted sockets whose RST did not come within [`RESET_GRACE_NS`]
+    /// of their CLOSE, by kernel time `now_ns`.
+    pub fn expire_closing(&mut self, now_ns: u64, out: &mut impl FnMut(Update<'_>)) {
+        while let Some(&(skaddr, close_ns)) = self.closing.front()
+            && close_ns.saturating_add(RESET_GRACE_NS) <= now_ns
+        {
+            self.closing.pop_front();
+            if self
+                .sessions
+                .peek(&skaddr)
+                .and_then(|s| s.closing.as_ref())
+                .is_some_and(|c| c.close_ns == close_ns)
+            {
+                self.end_closing(skaddr, out);
+            }
+        }
+    }
+
+    /// Whether aborted sockets are waiting for their RST.
+    pub fn has_closing(&self) -> bool {
+        !self.closing.is_empty()
+    }
+
+    /// Ends a socket that reached CLOSE and waited for its RST.
+    fn end_closing(&mut self, skaddr: u64, out: &mut impl FnMut(Update<'_>)) {
+        let Some(mut done) = self.sessions.pop(&skaddr) else {
+            return;
+        };
+        let Some(closing) = done.closing.take() else {
+            return;
+        };
+        report(&mut done, closing.ended, self.hold, out);
+        self.stats.closed += 1;
+        out(Update::SessionEnded(
+            &done,
+            closing.close_ns,
+            EndReason::Closed,
+        ));
     }
 
     /// A request on socket `skaddr` carried `link`'s trace context. A socket not in
@@ -403,6 +617,9 @@ impl SessionTable {
             let Some((_, session)) = self.sessions.pop_lru() else {
                 return 0;
             };
+            if session.closing.is_some() {
+                self.stats.closed += 1;
+            }
             finish(session, now_ns, reason, self.hold, out);
             ended += 1;
         }
@@ -429,10 +646,9 @@ fn report(session: &mut Session, ended: StateEnded, hold: bool, out: &mut impl F
     if matches!(ended.state.0, tcp_state::SYN_SENT | tcp_state::SYN_RECV) {
         session.handshake_ns = Some(ended.end_ns - ended.start_ns);
     }
+    let held = hold.then(|| ended.clone());
     out(Update::StateEnded(session, ended));
-    if hold {
-        session.held.push(ended);
-    }
+    session.held.extend(held);
 }
 
 /// Ports and addresses get filled in as the socket progresses (connect() picks the
@@ -453,6 +669,7 @@ fn update_endpoints(session: &mut Session, event: &TcpEvent) {
 }
 
 /// Ends a session that did not reach CLOSE: its open state is cut short at `end_ns`.
+/// One that reached CLOSE and waits for its RST ends as closed.
 fn finish(
     mut session: Session,
     end_ns: u64,
@@ -460,6 +677,15 @@ fn finish(
     hold: bool,
     out: &mut impl FnMut(Update<'_>),
 ) {
+    if let Some(closing) = session.closing.take() {
+        report(&mut session, closing.ended, hold, out);
+        out(Update::SessionEnded(
+            &session,
+            closing.close_ns,
+            EndReason::Closed,
+        ));
+        return;
+    }
     if let Some(since) = session.state_since_ns {
         let ended = StateEnded {
             state: session.state,
@@ -469,8 +695,9 @@ fn finish(
             next: None,
             pid: 0,
             comm: Comm::default(),
-            failure: None,
+            error: None,
             cut_short: Some(reason),
+            events: session.events.take(),
         };
         report(&mut session, ended, hold, out);
     }
@@ -541,23 +768,41 @@ pub(crate) mod tests {
         otel_tcpstates_common::tcp_state::name(state.0).unwrap()
     }
 
+    /// Applies `events`; sockets still waiting for their reset stay in the table.
     pub(crate) fn run(table: &mut SessionTable, events: &[TcpEvent]) -> (Vec<Got>, Vec<Session>) {
+        run_then(table, events, None)
+    }
+
+    /// [`run`], then lets the reset grace pass: aborted sockets end last.
+    fn run_settled(table: &mut SessionTable, events: &[TcpEvent]) -> (Vec<Got>, Vec<Session>) {
+        run_then(table, events, Some(u64::MAX))
+    }
+
+    fn run_then(
+        table: &mut SessionTable,
+        events: &[TcpEvent],
+        expire_at: Option<u64>,
+    ) -> (Vec<Got>, Vec<Session>) {
         let mut got = Vec::new();
         let mut sessions = Vec::new();
+        let mut collect = |update: Update<'_>| match update {
+            Update::StateEnded(_, e) => got.push(Got::State(
+                name(e.state),
+                e.index,
+                e.start_ns,
+                e.end_ns,
+                e.next.map(name),
+            )),
+            Update::SessionEnded(s, end, reason) => {
+                got.push(Got::Ended(end, reason));
+                sessions.push(s.clone());
+            }
+        };
         for event in events {
-            table.apply(event, &mut |update| match update {
-                Update::StateEnded(_, e) => got.push(Got::State(
-                    name(e.state),
-                    e.index,
-                    e.start_ns,
-                    e.end_ns,
-                    e.next.map(name),
-                )),
-                Update::SessionEnded(s, end, reason) => {
-                    got.push(Got::Ended(end, reason));
-                    sessions.push(s.clone());
-                }
-            });
+            table.apply(event, &mut collect);
+        }
+        if let Some(now) = expire_at {
+            table.expire_closing(now, &mut collect);
         }
         (got, sessions)
     }
@@ -628,40 +873,229 @@ pub(crate) mod tests {
         );
         assert_eq!(s.local_addr, IpAddr::V4(Ipv4Addr::LOCALHOST));
         assert_eq!(s.owner.map(|o| o.pid), Some(4242));
-        assert_eq!(s.failure, None);
+        assert_eq!(s.error, None);
         assert_eq!(t.len(), 0);
         assert_eq!(t.stats().closed, 1);
     }
 
-    #[test]
-    fn accepted_socket_is_a_server_and_failures_are_named() {
-        let mut t = table(16);
-        let (got, sessions) = run(
-            &mut t,
-            &[
-                ev(SK, 10, 0, LISTEN, SYN_RECV, 8080),
-                ev(SK, 20, 10, SYN_RECV, ESTABLISHED, 8080),
-                ev(SK, 30, 10, ESTABLISHED, CLOSE, 8080),
-            ],
-        );
-        assert_eq!(got.len(), 3);
-        assert_eq!(sessions[0].role, Role::Server);
-        assert_eq!(
-            sessions[0].failure,
-            Some(Failure::Reset {
-                from: TcpState(ESTABLISHED)
-            })
-        );
-        assert_eq!(sessions[0].owner, None, "no system call on it was seen");
+    /// [`ev`] into CLOSE with the error the kernel set on the socket.
+    fn close_with(sk: u64, ts: u64, delta: u64, old: u8, sk_err: u32) -> TcpEvent {
+        let mut event = ev(sk, ts, delta, old, CLOSE, 8080);
+        event.facts.sk_err = sk_err;
+        event
+    }
 
-        let (_, refused) = run(
+    fn incident(table: &mut SessionTable, sk: u64, ts_ns: u64, happened: Happened) -> Vec<Got> {
+        let mut got = Vec::new();
+        let incident = Incident {
+            skaddr: sk,
+            ts_ns,
+            happened,
+        };
+        table.incident(&incident, &mut |update| match update {
+            Update::StateEnded(_, e) => got.push(Got::State(
+                name(e.state),
+                e.index,
+                e.start_ns,
+                e.end_ns,
+                e.next.map(name),
+            )),
+            Update::SessionEnded(_, end, reason) => got.push(Got::Ended(end, reason)),
+        });
+        got
+    }
+
+    /// Every state span's events and error, and each ended session's error.
+    fn run_full(
+        table: &mut SessionTable,
+        events: &[TcpEvent],
+    ) -> (Vec<(StateEnded, Vec<What>)>, Vec<Session>) {
+        let (mut states, mut sessions) = (Vec::new(), Vec::new());
+        for event in events {
+            table.apply(event, &mut |update| match update {
+                Update::StateEnded(_, e) => {
+                    let what = e
+                        .events
+                        .iter()
+                        .flat_map(|e| e.kept.iter().map(|k| k.what))
+                        .collect();
+                    states.push((e, what));
+                }
+                Update::SessionEnded(s, ..) => sessions.push(s.clone()),
+            });
+        }
+        (states, sessions)
+    }
+
+    #[test]
+    fn accepted_socket_is_a_server_and_a_reset_from_the_peer_is_named() {
+        let mut t = table(16);
+        let opened = [
+            ev(SK, 10, 0, LISTEN, SYN_RECV, 8080),
+            ev(SK, 20, 10, SYN_RECV, ESTABLISHED, 8080),
+        ];
+        run(&mut t, &opened);
+        assert_eq!(incident(&mut t, SK, 25, Happened::ResetReceived), []);
+        let (states, sessions) = run_full(&mut t, &[close_with(SK, 30, 10, ESTABLISHED, 104)]);
+        assert_eq!(sessions[0].role, Role::Server);
+        assert_eq!(sessions[0].error, Some(ErrorType::ResetByPeer));
+        assert_eq!(sessions[0].counts.resets_received, 1);
+        assert_eq!(sessions[0].owner, None, "no system call on it was seen");
+        let (established, what) = &states[0];
+        assert_eq!(established.error, Some(ErrorType::ResetByPeer));
+        // The reset, then the error the kernel set as it closed the socket.
+        assert_eq!(what, &[What::ResetReceived, What::Error { errno: 104 }]);
+
+        let (states, refused) = run_full(
             &mut t,
             &[
                 ev(SK, 40, 0, CLOSE, SYN_SENT, 0),
-                ev(SK, 41, 1, SYN_SENT, CLOSE, 1),
+                close_with(SK, 41, 1, SYN_SENT, 111),
             ],
         );
-        assert_eq!(refused[0].failure, Some(Failure::ConnectFailed));
+        assert_eq!(refused[0].error, Some(ErrorType::ConnectionRefused));
+        assert_eq!(states[0].1, [What::Error { errno: 111 }]);
+    }
+
+    #[test]
+    fn an_abort_waits_for_its_reset_and_then_ends() {
+        let mut t = table(16);
+        run(&mut t, &client_events(SK, 0)[..2]);
+        let (got, _) = run(&mut t, &[close_with(SK, 500, 450, ESTABLISHED, 0)]);
+        assert_eq!(got, [], "the last span waits for the RST");
+        assert!(t.has_closing());
+        let reset = Happened::ResetSent {
+            state: TcpState(CLOSE),
+            reason: 12,
+        };
+        assert_eq!(
+            incident(&mut t, SK, 505, reset),
+            [
+                Got::State("ESTABLISHED", 1, 50, 500, Some("CLOSE")),
+                Got::Ended(500, EndReason::Closed),
+            ]
+        );
+        assert!(t.is_empty());
+        assert_eq!(t.stats().closed, 1);
+        // A late RST of a socket already ended is only counted.
+        assert_eq!(incident(&mut t, SK, 506, reset), []);
+        assert_eq!(t.stats().incidents_unmatched, 1);
+    }
+
+    #[test]
+    fn an_abort_whose_reset_never_comes_ends_after_the_grace() {
+        let mut t = table(16);
+        run(&mut t, &client_events(SK, 0)[..2]);
+        run(&mut t, &[close_with(SK, 500, 450, ESTABLISHED, 0)]);
+        let mut ended = Vec::new();
+        let mut collect = |u: Update<'_>| {
+            if let Update::SessionEnded(s, end, reason) = u {
+                ended.push((s.error, end, reason));
+            }
+        };
+        t.expire_closing(500 + RESET_GRACE_NS - 1, &mut collect);
+        assert!(t.has_closing());
+        t.expire_closing(500 + RESET_GRACE_NS, &mut collect);
+        assert!(!t.has_closing() && t.is_empty());
+        assert_eq!(
+            ended,
+            [(Some(ErrorType::ResetSent), 500, EndReason::Closed)]
+        );
+    }
+
+    #[test]
+    fn a_new_socket_at_the_address_ends_the_one_waiting_for_its_reset() {
+        let mut t = table(16);
+        run(&mut t, &client_events(SK, 0)[..2]);
+        run(&mut t, &[close_with(SK, 500, 450, ESTABLISHED, 0)]);
+        let (got, _) = run(&mut t, &[ev(SK, 600, 0, CLOSE, SYN_SENT, 0)]);
+        assert_eq!(
+            got,
+            [
+                Got::State("ESTABLISHED", 1, 50, 500, Some("CLOSE")),
+                Got::Ended(500, EndReason::Closed),
+            ]
+        );
+        assert_eq!(t.stats().replaced, 0);
+    }
+
+    #[test]
+    fn synack_retransmits_go_to_the_socket_accepted_for_that_connection() {
+        let mut t = table(16);
+        let accepted = ev(SK, 2000, 0, LISTEN, SYN_RECV, 8080);
+        let synack = Happened::SynAckRetransmit {
+            local: (accepted.local_addr, accepted.local_port),
+            remote: (accepted.remote_addr, accepted.remote_port),
+        };
+        let other = Happened::SynAckRetransmit {
+            local: (accepted.local_addr, accepted.local_port),
+            remote: (accepted.remote_addr, 1),
+        };
+        incident(&mut t, SK + 64, 1000, synack);
+        incident(&mut t, SK + 64, 1001, other);
+        let (states, _) = run_full(
+            &mut t,
+            &[accepted, ev(SK, 2010, 10, SYN_RECV, ESTABLISHED, 8080)],
+        );
+        let retransmit = What::Retransmit {
+            kind: RetransmitKind::SynAck,
+            err: 0,
+        };
+        assert_eq!(states[0].1, [retransmit]);
+        let session = t.sessions().next().unwrap();
+        assert_eq!(session.counts.retransmits, 1);
+    }
+
+    #[test]
+    fn retransmit_kinds_follow_the_state_and_the_congestion_state() {
+        let mut t = table(16);
+        run(&mut t, &client_events(SK, 0)[..1]);
+        let retransmit = |state: u8| Happened::Retransmit {
+            state: TcpState(state),
+            err: 0,
+            segs: 2,
+        };
+        incident(&mut t, SK, 10, retransmit(SYN_SENT));
+        run(&mut t, &client_events(SK, 0)[1..2]);
+        incident(&mut t, SK, 60, retransmit(ESTABLISHED));
+        incident(&mut t, SK, 70, Happened::Congestion { state: 4 });
+        incident(&mut t, SK, 80, retransmit(ESTABLISHED));
+        incident(
+            &mut t,
+            SK,
+            90,
+            Happened::Retransmit {
+                state: TcpState(ESTABLISHED),
+                err: -11,
+                segs: 1,
+            },
+        );
+        let (states, sessions) = run_full(&mut t, &client_events(SK, 0)[2..]);
+        let kinds = |what: &[What]| -> Vec<(RetransmitKind, i32)> {
+            what.iter()
+                .filter_map(|w| match *w {
+                    What::Retransmit { kind, err } => Some((kind, err)),
+                    _ => None,
+                })
+                .collect()
+        };
+        assert_eq!(
+            kinds(&states[0].1),
+            [
+                (RetransmitKind::LossProbe, 0),
+                (RetransmitKind::Timeout, 0),
+                (RetransmitKind::Timeout, -11)
+            ]
+        );
+        // Segments of the retransmissions sent; the failed one sent none.
+        assert_eq!(sessions[0].counts.retransmits, 2 + 2 + 2);
+        assert_eq!(sessions[0].error, None);
+
+        let mut unknown = table(16).congestion_known(false);
+        run(&mut unknown, &client_events(SK, 0)[..2]);
+        incident(&mut unknown, SK, 60, retransmit(ESTABLISHED));
+        let (states, _) = run_full(&mut unknown, &client_events(SK, 0)[2..]);
+        assert_eq!(kinds(&states[0].1), [(RetransmitKind::Unknown, 0)]);
     }
 
     #[test]
@@ -672,7 +1106,7 @@ pub(crate) mod tests {
             comm[..name.len()].copy_from_slice(name);
             comm
         };
-        let (_, sessions) = run(
+        let (_, sessions) = run_settled(
             &mut t,
             &[
                 ev_as(1, 10, 0, CLOSE, LISTEN, 8080, 100, named(b"nginx")),
@@ -705,23 +1139,12 @@ pub(crate) mod tests {
                 ev_as(1, 80, 70, LISTEN, CLOSE, 8080, 100, named(b"nginx")),
             ],
         );
-        let owner = |s: &Session| s.owner.map(|o| (o.pid, o.comm.to_string()));
-        assert_eq!(
-            owner(&sessions[0]),
-            Some((100, "nginx".into())),
-            "inherited"
-        );
-        assert_eq!(owner(&sessions[1]), Some((101, "worker".into())), "its own");
-        assert_eq!(
-            owner(&sessions[2]),
-            Some((100, "nginx".into())),
-            "the listener"
-        );
-        assert_eq!(
-            sessions[1].facts,
-            Some(TcpFacts::default()),
-            "read at CLOSE"
-        );
+        let session = |sk: u64| sessions.iter().find(|s| s.skaddr == sk).unwrap();
+        let owner = |sk: u64| session(sk).owner.map(|o| (o.pid, o.comm.to_string()));
+        assert_eq!(owner(3), Some((100, "nginx".into())), "inherited");
+        assert_eq!(owner(2), Some((101, "worker".into())), "its own");
+        assert_eq!(owner(1), Some((100, "nginx".into())), "the listener");
+        assert_eq!(session(2).facts, Some(TcpFacts::default()), "read at CLOSE");
         assert!(t.listeners.is_empty(), "forgotten at the listener's CLOSE");
     }
 

@@ -1,0 +1,255 @@
+//! The incident programs: what the kernel did to a socket besides changing its
+//! state (retransmissions, resets, errors, congestion states), each queued as an
+//! [`IncidentEvent`] on the shared ring for the span of the state it happened in.
+//!
+//! As careful as the state program: they never wait (a full ring drops the event
+//! and counts it in `LOST`), and they keep to the sockets it follows. A socket
+//! is in `SOCKETS` only when it passed the port and family filters, so one lookup
+//! there decides, with the owner filter on what it stored. Two kinds happen where
+//! that lookup cannot tell: a SYN-ACK (the connection has no socket yet) and the
+//! RST an abortive close sends after the socket entered CLOSE; those are filtered
+//! on the addresses the tracepoint gives.
+use aya_ebpf::{
+    EbpfContext as _, Global,
+    helpers::{bpf_ktime_get_ns, bpf_probe_read_kernel},
+    macros::{raw_tracepoint, tracepoint},
+    programs::{RawTracePointContext, TracePointContext},
+};
+use otel_tcpstates_common::{AF_INET, Config, IncidentEvent, incident, tcp_state};
+
+/// Offset in `struct sk_buff` of its segment count (`tcp_skb_cb.tcp_gso_segs`
+/// in `cb`), from BTF; 0: unknown.
+#[unsafe(no_mangle)]
+static SKB_GSO_SEGS: Global<u32> = Global::new(0);
+
+use crate::{
+    CONFIG, EVENTS, LISTENERS, LOCAL_PORTS, REMOTE_PORTS, SOCKETS, TCP_OFFSETS, count_lost,
+    port_in, read_field, wakeup_flags,
+};
+
+/// A field of a tracepoint record at a constant, naturally aligned offset: one
+/// load (the verifier allows no other context access). Offsets are those of
+/// Linux 6.10 and later, which userspace checks against the format files before
+/// attaching a program.
+#[inline(always)]
+fn field<T: Copy>(ctx: &TracePointContext, offset: usize) -> T {
+    // SAFETY: userspace verified that the record has a field of this type here.
+    unsafe { core::ptr::read_volatile(ctx.as_ptr().cast::<u8>().add(offset).cast::<T>()) }
+}
+
+/// A field at an unaligned offset (the address arrays), copied by a helper.
+#[inline(always)]
+fn copied<T: Default>(ctx: &TracePointContext, offset: usize) -> T {
+    // SAFETY: bpf_probe_read_kernel checks the address; a failed read gives 0.
+    unsafe { bpf_probe_read_kernel(ctx.as_ptr().cast::<u8>().add(offset).cast::<T>()) }
+        .unwrap_or_default()
+}
+
+#[inline(always)]
+fn owner_wanted(config: &Config, owner_pid: u32) -> bool {
+    !((config.pid != 0 && owner_pid != config.pid)
+        || (config.exclude_pid != 0 && owner_pid == config.exclude_pid))
+}
+
+/// Whether the state program follows the socket and its owner passes the filter.
+#[inline(always)]
+fn followed(skaddr: u64) -> bool {
+    // SAFETY: plain values copied out of a successful lookup.
+    match unsafe { SOCKETS.get(&skaddr) } {
+        Some(state) => owner_wanted(&CONFIG.load(), state.owner_pid),
+        None => false,
+    }
+}
+
+/// Whether a socket the state program cannot vouch for passes the family and
+/// port filters.
+#[inline(always)]
+fn endpoints_wanted(config: &Config, family: u16, sport: u16, dport: u16) -> bool {
+    (config.family == 0 || family == config.family)
+        && (config.filter_local_ports == 0 || port_in(&LOCAL_PORTS, sport))
+        && (config.filter_remote_ports == 0 || port_in(&REMOTE_PORTS, dport))
+}
+
+/// The addresses and ports of a SYN-ACK's connection.
+#[derive(Default)]
+struct Tuple {
+    family: u16,
+    sport: u16,
+    dport: u16,
+    saddr: [u8; 16],
+    daddr: [u8; 16],
+}
+
+#[inline(always)]
+fn emit(skaddr: u64, kind: u8, state: u8, value: i32, segs: u32, tuple: &Tuple) {
+    let Some(mut entry) = EVENTS.reserve::<IncidentEvent>(0) else {
+        count_lost();
+        return;
+    };
+    let event = entry.as_mut_ptr();
+    // SAFETY: a reserved, exclusively owned slot; every field written before submit.
+    unsafe {
+        (*event).skaddr = skaddr;
+        (*event).ts_ns = bpf_ktime_get_ns();
+        (*event).value = value;
+        (*event).kind = kind;
+        (*event).state = state;
+        (*event).family = tuple.family;
+        (*event).sport = tuple.sport;
+        (*event).dport = tuple.dport;
+        (*event).segs = segs;
+        (*event).saddr = tuple.saddr;
+        (*event).daddr = tuple.daddr;
+    }
+    entry.submit(wakeup_flags());
+}
+
+// tcp:tcp_retransmit_skb: skaddr at 16, state at 24, err at 76.
+#[tracepoint]
+pub fn tcp_retransmit_skb(ctx: TracePointContext) -> u32 {
+    let skaddr: u64 = field(&ctx, 16);
+    if followed(skaddr) {
+        let state: i32 = field(&ctx, 24);
+        let err: i32 = field(&ctx, 76);
+        let at = SKB_GSO_SEGS.load();
+        let segs = if at == 0 {
+            0
+        } else {
+            let skbaddr: u64 = field(&ctx, 8);
+            u32::from(read_field::<u16>(skbaddr, at)).max(1)
+        };
+        emit(
+            skaddr,
+            incident::RETRANSMIT,
+            state as u8,
+            err,
+            segs,
+            &Tuple::default(),
+        );
+    }
+    0
+}
+
+// tcp:tcp_retransmit_synack: the listener at 8; the request's sport 24, dport 26,
+// family 28, saddr 30, daddr 34, saddr_v6 38, daddr_v6 54.
+#[tracepoint]
+pub fn tcp_retransmit_synack(ctx: TracePointContext) -> u32 {
+    let config = CONFIG.load();
+    let family: u16 = field(&ctx, 28);
+    let sport: u16 = field(&ctx, 24);
+    let dport: u16 = field(&ctx, 26);
+    if !endpoints_wanted(&config, family, sport, dport) {
+        return 0;
+    }
+    if config.pid != 0 || config.exclude_pid != 0 {
+        let key = (u32::from(family) << 16) | u32::from(sport);
+        // SAFETY: plain u32 value from a successful lookup.
+        let owner = unsafe { LISTENERS.get(&key) }.copied().unwrap_or(0);
+        if !owner_wanted(&config, owner) {
+            return 0;
+        }
+    }
+    let mut tuple = Tuple {
+        family,
+        sport,
+        dport,
+        ..Tuple::default()
+    };
+    if family == AF_INET {
+        let s: [u8; 4] = copied(&ctx, 30);
+        let d: [u8; 4] = copied(&ctx, 34);
+        tuple.saddr[..4].copy_from_slice(&s);
+        tuple.daddr[..4].copy_from_slice(&d);
+    } else {
+        tuple.saddr = copied(&ctx, 38);
+        tuple.daddr = copied(&ctx, 54);
+    }
+    let listener: u64 = field(&ctx, 8);
+    emit(
+        listener,
+        incident::RETRANSMIT_SYNACK,
+        tcp_state::SYN_RECV,
+        0,
+        1,
+        &tuple,
+    );
+    0
+}
+
+// tcp:tcp_send_reset: skaddr at 16 (0: no socket), state 24, reason 28, the
+// source and destination as a sockaddr_in6 at 32 and 60.
+#[tracepoint]
+pub fn tcp_send_reset(ctx: TracePointContext) -> u32 {
+    let skaddr: u64 = field(&ctx, 16);
+    if skaddr == 0 {
+        return 0;
+    }
+    let state: i32 = field(&ctx, 24);
+    let reason: u32 = field(&ctx, 28);
+    if !followed(skaddr) {
+        // An abortive close sends its RST after CLOSE, when the state program
+        // has let the socket go: judge it on its endpoints.
+        if state as u8 != tcp_state::CLOSE {
+            return 0;
+        }
+        let family: u16 = field(&ctx, 32);
+        let sport = u16::from_be(field(&ctx, 34));
+        let dport = u16::from_be(field(&ctx, 62));
+        if !endpoints_wanted(&CONFIG.load(), family, sport, dport) {
+            return 0;
+        }
+    }
+    emit(
+        skaddr,
+        incident::RESET_SENT,
+        state as u8,
+        reason as i32,
+        0,
+        &Tuple::default(),
+    );
+    0
+}
+
+// tcp:tcp_receive_reset: skaddr at 8.
+#[tracepoint]
+pub fn tcp_receive_reset(ctx: TracePointContext) -> u32 {
+    let skaddr: u64 = field(&ctx, 8);
+    if followed(skaddr) {
+        emit(skaddr, incident::RESET_RECEIVED, 0, 0, 0, &Tuple::default());
+    }
+    0
+}
+
+// tcp:tcp_cong_state_set: skaddr at 8, cong_state at 62.
+#[tracepoint]
+pub fn tcp_cong_state_set(ctx: TracePointContext) -> u32 {
+    let skaddr: u64 = field(&ctx, 8);
+    if followed(skaddr) {
+        let state: u8 = field(&ctx, 62);
+        emit(
+            skaddr,
+            incident::CONGESTION,
+            0,
+            i32::from(state),
+            0,
+            &Tuple::default(),
+        );
+    }
+    0
+}
+
+/// `sock:inet_sk_error_report`, raw: the record has no socket address, the
+/// argument is the socket. Its error is the one `sk_err` holds now. A socket the
+/// state program no longer follows has closed, and its CLOSE event carried the
+/// same error.
+#[raw_tracepoint(tracepoint = "inet_sk_error_report")]
+pub fn inet_sk_error_report(ctx: RawTracePointContext) -> i32 {
+    let skaddr: u64 = ctx.arg(0);
+    let offsets = TCP_OFFSETS.load();
+    if offsets.enabled == 0 || !followed(skaddr) {
+        return 0;
+    }
+    let error: i32 = read_field(skaddr, offsets.sk_err);
+    emit(skaddr, incident::ERROR, 0, error, 0, &Tuple::default());
+    0
+}

@@ -1,0 +1,197 @@
+//! What a socket went through inside a state: the incidents the kernel reported
+//! (retransmissions, resets, errors, congestion states), kept per state span, at
+//! most [`MAX_EVENTS`] of them, and counted per session.
+use std::{borrow::Cow, mem};
+
+/// Events one span keeps; later ones are only counted.
+pub const MAX_EVENTS: usize = 64;
+
+/// What kind of retransmission, as the socket's state and congestion state say.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RetransmitKind {
+    /// A SYN sent again (SYN_SENT): its timer expired.
+    Syn,
+    /// A SYN-ACK sent again.
+    SynAck,
+    /// The retransmission timer expired (congestion state Loss).
+    Timeout,
+    /// Duplicate ACKs or SACKs marked it lost (Disorder, CWR, Recovery).
+    Fast,
+    /// A tail loss probe (congestion state Open).
+    LossProbe,
+    /// The congestion state is not known (its tracepoint is missing).
+    Unknown,
+}
+
+impl RetransmitKind {
+    /// The kind a data retransmission has in congestion state `ca_state`
+    /// (`enum tcp_ca_state`), when that is known.
+    pub fn of_data(ca_state: Option<u8>) -> Self {
+        match ca_state {
+            None => Self::Unknown,
+            Some(0) => Self::LossProbe,
+            Some(1..=3) => Self::Fast,
+            Some(_) => Self::Timeout,
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Syn => "syn",
+            Self::SynAck => "synack",
+            Self::Timeout => "timeout",
+            Self::Fast => "fast",
+            Self::LossProbe => "loss_probe",
+            Self::Unknown => "unknown",
+        }
+    }
+}
+
+/// One incident, as a span event shows it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum What {
+    /// `err` is the kernel's (negative) error when the retransmission failed.
+    Retransmit {
+        kind: RetransmitKind,
+        err: i32,
+    },
+    ResetSent {
+        reason: u32,
+    },
+    ResetReceived,
+    Error {
+        errno: i32,
+    },
+    Congestion {
+        state: u8,
+    },
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SpanEvent {
+    /// Kernel CLOCK_MONOTONIC nanoseconds.
+    pub ts_ns: u64,
+    pub what: What,
+}
+
+/// The events of one state span.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct SpanEvents {
+    pub kept: Vec<SpanEvent>,
+    /// Events beyond [`MAX_EVENTS`].
+    pub dropped: u32,
+}
+
+impl SpanEvents {
+    pub fn add(&mut self, event: SpanEvent) {
+        if self.kept.len() < MAX_EVENTS {
+            self.kept.push(event);
+        } else {
+            self.dropped += 1;
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.kept.is_empty() && self.dropped == 0
+    }
+
+    /// Whether an error `errno` is among the events kept.
+    pub fn has_error(&self, errno: i32) -> bool {
+        self.kept.iter().any(|e| e.what == What::Error { errno })
+    }
+
+    /// Moves the events out, for the span that ends now: on the heap, and only
+    /// when there are any (most spans have none).
+    pub fn take(&mut self) -> Option<Box<SpanEvents>> {
+        (!self.is_empty()).then(|| Box::new(mem::take(self)))
+    }
+}
+
+/// What a session saw of incidents in all its states.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct IncidentCounts {
+    /// Retransmissions sent (SYN-ACKs included): what the kernel's
+    /// `total_retrans` counts, when each carried one segment.
+    pub retransmits: u32,
+    pub resets_sent: u32,
+    pub resets_received: u32,
+}
+
+/// A congestion state's name (`enum tcp_ca_state`), as `ss` prints it.
+pub fn congestion_name(state: u8) -> Cow<'static, str> {
+    Cow::Borrowed(match state {
+        0 => "open",
+        1 => "disorder",
+        2 => "cwr",
+        3 => "recovery",
+        4 => "loss",
+        n => return Cow::Owned(n.to_string()),
+    })
+}
+
+/// The name of a sent reset's `enum sk_rst_reason` (Linux 6.10+), as the
+/// tracepoint prints it.
+pub fn reset_reason_name(reason: u32) -> Cow<'static, str> {
+    const NAMES: [&str; 25] = [
+        "NOT_SPECIFIED",
+        "NO_SOCKET",
+        "TCP_INVALID_ACK_SEQUENCE",
+        "TCP_RFC7323_PAWS",
+        "TCP_TOO_OLD_ACK",
+        "TCP_ACK_UNSENT_DATA",
+        "TCP_FLAGS",
+        "TCP_OLD_ACK",
+        "TCP_ABORT_ON_DATA",
+        "TCP_TIMEWAIT_SOCKET",
+        "INVALID_SYN",
+        "TCP_ABORT_ON_CLOSE",
+        "TCP_ABORT_ON_LINGER",
+        "TCP_ABORT_ON_MEMORY",
+        "TCP_STATE",
+        "TCP_KEEPALIVE_TIMEOUT",
+        "TCP_DISCONNECT_WITH_DATA",
+        "MPTCP_RST_EUNSPEC",
+        "MPTCP_RST_EMPTCP",
+        "MPTCP_RST_ERESOURCE",
+        "MPTCP_RST_EPROHIBIT",
+        "MPTCP_RST_EWQ2BIG",
+        "MPTCP_RST_EBADPERF",
+        "MPTCP_RST_EMIDDLEBOX",
+        "ERROR",
+    ];
+    match NAMES.get(reason as usize) {
+        Some(name) => Cow::Borrowed(name),
+        None => Cow::Owned(reason.to_string()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_span_keeps_at_most_64_events_and_counts_the_rest() {
+        let mut events = SpanEvents::default();
+        assert!(events.take().is_none());
+        for ts_ns in 0..70 {
+            events.add(SpanEvent {
+                ts_ns,
+                what: What::ResetReceived,
+            });
+        }
+        let taken = events.take().unwrap();
+        assert_eq!((taken.kept.len(), taken.dropped), (MAX_EVENTS, 6));
+        assert!(events.is_empty());
+    }
+
+    #[test]
+    fn retransmit_kinds_follow_the_congestion_state() {
+        assert_eq!(RetransmitKind::of_data(Some(4)), RetransmitKind::Timeout);
+        assert_eq!(RetransmitKind::of_data(Some(3)), RetransmitKind::Fast);
+        assert_eq!(RetransmitKind::of_data(Some(0)), RetransmitKind::LossProbe);
+        assert_eq!(RetransmitKind::of_data(None), RetransmitKind::Unknown);
+        assert_eq!(congestion_name(4), "loss");
+        assert_eq!(reset_reason_name(12), "TCP_ABORT_ON_LINGER");
+        assert_eq!(reset_reason_name(99), "99");
+    }
+}
