@@ -109,19 +109,25 @@ pub struct SocketState {
     /// See [`Event::owner_pid`].
     pub owner_pid: u32,
     /// What the packet programs learned of the socket's payload: [`inspect`] bits.
-    pub inspect: u32,
+    /// 16 bits, so that their read-modify-write never touches `ca_state`.
+    pub inspect: u16,
+    /// The congestion state (`enum tcp_ca_state`) last reported for the socket:
+    /// the incident program reports only changes, as the kernel also reports a
+    /// state the socket is already in (Open, once per connection of a clean churn).
+    pub ca_state: u8,
+    pub _pad: u8,
 }
 
 /// Bits of [`SocketState::inspect`], per direction (shifted by
 /// [`inspect::shift`]): whether the direction's first payload was seen, and
 /// whether it was an HTTP/1.x request.
 pub mod inspect {
-    pub const DECIDED: u32 = 1;
-    pub const HTTP: u32 = 2;
+    pub const DECIDED: u16 = 1;
+    pub const HTTP: u16 = 2;
 
     /// Bit offset of a direction's flags.
-    pub const fn shift(direction: u8) -> u32 {
-        direction as u32 * 2
+    pub const fn shift(direction: u8) -> u16 {
+        direction as u16 * 2
     }
 }
 

@@ -224,8 +224,20 @@ pub fn tcp_receive_reset(ctx: TracePointContext) -> u32 {
 #[tracepoint]
 pub fn tcp_cong_state_set(ctx: TracePointContext) -> u32 {
     let skaddr: u64 = field(&ctx, 8);
-    if followed(skaddr) {
-        let state: u8 = field(&ctx, 62);
+    let Some(known) = SOCKETS.get_ptr_mut(&skaddr) else {
+        return 0;
+    };
+    let state: u8 = field(&ctx, 62);
+    // SAFETY: a value of the map, from a successful lookup. Only this program
+    // writes `ca_state`, under the socket's lock (as the kernel changes it).
+    let owner_pid = unsafe {
+        if (*known).ca_state == state {
+            return 0;
+        }
+        (*known).ca_state = state;
+        (*known).owner_pid
+    };
+    if owner_wanted(&CONFIG.load(), owner_pid) {
         emit(
             skaddr,
             incident::CONGESTION,

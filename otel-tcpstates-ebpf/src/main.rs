@@ -195,7 +195,7 @@ fn handle(args: &Args) {
         let state = SocketState {
             since_ns: now,
             owner_pid,
-            inspect: 0,
+            ..SocketState::default()
         };
         let _ = SOCKETS.insert(&skaddr, &state, 0);
     }
