@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
 # Loopback connection-churn benchmark (see BENCHMARKS.md): untraced, otel-tcpstates
 # printing text and exporting OTLP/gRPC, libbpf-tools tcpstates, then a memory run;
-# and span links off vs on (churn, bulk transfer, wrk against nginx).
+# and span links off vs on (churn, bulk transfer, wrk against nginx); sampling's
+# savings; the incident programs' cost and what they handle over a lossy link.
 # Needs root. Arguments go to the benchmark, e.g.
 #   scripts/bench.sh --seconds 20 --runs baseline,otlp,baseline
 #   scripts/bench.sh --runs links
+#   scripts/bench.sh --runs incidents --link-rounds 4
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 

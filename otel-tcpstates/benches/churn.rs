@@ -2,7 +2,8 @@
 //! that only counts: the floor of any tracer's kernel cost), plus a memory run of
 //! the daemon over a million sockets; and the cost of span links (the daemon's packet
 //! programs), links off vs on under the churn, a bulk transfer and wrk against nginx
-//! (`links.rs`). See BENCHMARKS.md; `scripts/bench.sh` runs it.
+//! (`links.rs`); sampling's savings (`sampling.rs`); the incident programs' cost
+//! and the incidents handled over a lossy link (`incidents.rs`). See BENCHMARKS.md; `scripts/bench.sh` runs it.
 //!
 //! Needs root: it loads eBPF (through the tracers), reads `bpftool` statistics and
 //! turns `kernel.bpf_stats_enabled` on for the duration (restoring it after).
@@ -18,6 +19,8 @@ mod tls;
 // The links runs (links.rs) and their workloads.
 #[path = "churn/bulk.rs"]
 mod bulk;
+#[path = "churn/incidents.rs"]
+mod incidents;
 #[path = "churn/links.rs"]
 mod links;
 #[path = "churn/nginx.rs"]
@@ -66,14 +69,17 @@ static FLOOR_OBJECT: &[u8] =
     aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/tcpstates-floor"));
 
 const USAGE: &str = "usage: cargo bench --bench churn -- [--seconds N] [--warmup N]
-    [--runs baseline,floor,text,otlp,otlp-http,libbpf,baseline,links-churn,links-bulk,links-wrk,memory,sampling,sampling-memory]
+    [--runs baseline,floor,text,otlp,otlp-http,libbpf,baseline,links-churn,links-bulk,links-wrk,memory,sampling,sampling-memory,incidents]
     [--link-rounds N] [--link-seconds N] [--memory-sockets N] [--hold-connections N] [--no-pin]
   --runs links = links-churn,links-bulk,links-wrk: each the daemon exporting OTLP/gRPC with
   --no-links and with links, --link-rounds pairs (default 3, the order alternating) of
   --link-seconds measured (default 4) after --warmup
   --runs sampling: always_on, --sample-ratio 0.01 and text under the churn, --link-rounds
   rounds of --seconds each, the order turned each round; sampling-memory: the held
-  connections (--hold-connections) at 1% against always_on";
+  connections (--hold-connections) at 1% against always_on
+  --runs incidents: the churn with the incident programs and with --no-incidents,
+  --link-rounds rounds of --seconds each, the order alternating; then --seconds of bulk
+  transfers over a veth link losing 1% each way";
 
 #[path = "churn/options.rs"]
 mod options;
@@ -242,6 +248,9 @@ fn run() -> Result<()> {
     }
     if opts.runs.contains(&Mode::Sampling) {
         sampling::churn_run(&opts);
+    }
+    if opts.runs.contains(&Mode::Incidents) {
+        incidents::run(&opts);
     }
     if opts.runs.contains(&Mode::SamplingMemory) {
         eprintln!("[churn] sampling memory run ...");

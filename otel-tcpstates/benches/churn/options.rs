@@ -20,10 +20,13 @@ pub(crate) enum Mode {
     Sampling,
     /// Held sockets' memory, always_on vs 1%.
     SamplingMemory,
+    /// The churn with the incident programs and without; bulk over a lossy link.
+    Incidents,
 }
 
 impl Mode {
-    pub(crate) const ALL: [Mode; 12] = [
+    pub(crate) const ALL: [Mode; 13] = [
+        Mode::Incidents,
         Mode::Sampling,
         Mode::SamplingMemory,
         Mode::Baseline,
@@ -69,7 +72,10 @@ impl Mode {
 
     /// A churn run of one tracer (or none), a row of the throughput table.
     pub(crate) fn is_throughput(self) -> bool {
-        !matches!(self, Mode::Memory | Mode::Sampling | Mode::SamplingMemory) && !self.is_links()
+        !matches!(
+            self,
+            Mode::Memory | Mode::Sampling | Mode::SamplingMemory | Mode::Incidents
+        ) && !self.is_links()
     }
 
     pub(crate) fn is_links(self) -> bool {
@@ -90,6 +96,7 @@ impl Mode {
             Mode::LinksWrk => "links-wrk",
             Mode::Sampling => "sampling",
             Mode::SamplingMemory => "sampling-memory",
+            Mode::Incidents => "incidents",
         }
     }
 
@@ -107,6 +114,7 @@ impl Mode {
             Mode::LinksWrk => "links: wrk against nginx",
             Mode::Sampling => "sampling: churn",
             Mode::SamplingMemory => "sampling: memory",
+            Mode::Incidents => "incidents",
         }
     }
 }

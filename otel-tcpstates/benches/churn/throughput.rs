@@ -129,7 +129,8 @@ pub(crate) fn throughput_run(mode: Mode, opts: &Options) -> Result<Row> {
             | Mode::LinksBulk
             | Mode::LinksWrk
             | Mode::Sampling
-            | Mode::SamplingMemory,
+            | Mode::SamplingMemory
+            | Mode::Incidents,
             _,
         ) => {
             bail!("not a throughput run")
