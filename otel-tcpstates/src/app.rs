@@ -186,18 +186,22 @@ impl Sinks {
         let (Some(pipeline), Some(table)) = (&mut self.traces, &mut self.table) else {
             return;
         };
-        let in_flight = table.len();
         let metrics = &mut self.metrics;
+        let mut emit = |update: Update<'_>| {
+            if let Some(metrics) = metrics {
+                metrics.update(&update);
+            }
+            pipeline.update(&update, Some(until));
+        };
+        // Sockets that reached CLOSE and wait for their RST are not open: they
+        // end as closed, before the count of those open at exit.
+        table.expire_closing(u64::MAX, &mut emit);
+        let in_flight = table.len();
         let unended = table.end_all(
             clock::monotonic_now_ns(),
             EndReason::Shutdown,
             || Instant::now() < until,
-            &mut |update| {
-                if let Some(metrics) = metrics {
-                    metrics.update(&update);
-                }
-                pipeline.update(&update, Some(until));
-            },
+            &mut emit,
         );
         pipeline.traces.not_sent(unended);
         let flushed = pipeline.traces.shutdown(shutdown::left(until));
