@@ -220,7 +220,7 @@ fn each_check_catches_a_broken_reference() {
     set(
         &mut gateway_wrong.config,
         "/exporters/loadbalancing/resolver/dns/port",
-        4318.into(),
+        "4318".into(),
     );
     set(
         &mut gateway_wrong.config,

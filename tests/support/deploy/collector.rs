@@ -317,7 +317,12 @@ pub fn gateway_problems(
         ));
     }
     let ports: Vec<u64> = match (lb.pointer("/resolver/dns"), lb.pointer("/resolver/k8s")) {
-        (Some(dns), _) => dns["port"].as_u64().into_iter().collect(),
+        // The collector takes the DNS resolver's port as a string only.
+        (Some(dns), _) => dns["port"]
+            .as_str()
+            .and_then(|p| p.parse().ok())
+            .into_iter()
+            .collect(),
         (None, Some(k8s)) => k8s["ports"]
             .as_array()
             .into_iter()
