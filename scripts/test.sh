@@ -4,6 +4,9 @@
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 scripts/setup.sh --test
+# The real Collector and Jaeger for tests/pipelines.rs, built from Go modules
+# (cached: seconds once built; the first time, several minutes).
+scripts/backends.sh >/dev/null
 cargo fmt --all --check
 # Lint checks need no eBPF object: skipping its build here saves one of the three.
 AYA_BUILD_SKIP=1 cargo clippy --all-targets --locked -- -D warnings

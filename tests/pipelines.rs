@@ -1,0 +1,520 @@
+//! The shipped pipelines, run by the real programs: the OpenTelemetry Collector
+//! distribution and Jaeger v2 that `scripts/backends.sh` builds from Go modules.
+//! Every shipped collector configuration passes the collector's own `validate`;
+//! the agent configuration carries the daemon's traces whole into Jaeger; the
+//! fleet gateway keeps each trace on one sampling backend, whose policies keep and
+//! drop what the configuration says.
+mod support;
+
+use std::{
+    collections::BTreeSet,
+    fs,
+    io::{Read as _, Write as _},
+    os::fd::{AsRawFd as _, OwnedFd},
+    path::PathBuf,
+    process::{Command, Stdio},
+    thread,
+    time::{Duration, Instant},
+};
+
+use nix::sys::socket::{
+    AddressFamily, SockFlag, SockType, SockaddrIn, bind, connect, getsockname, socket,
+};
+use serde_json::Value as Json;
+use support::{
+    backends::{Collector, Jaeger},
+    deploy::read_yaml_documents,
+    otlp::{FAST, ROOT, ReceivedSpan, Receiver, STATUS_ERROR, WAIT, trace_of},
+    *,
+};
+
+const KUBERNETES: &str = "deploy/kubernetes/otel-tcpstates.yaml";
+
+fn workspace() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+/// The variables the DaemonSet gives its agent collector (the downward API's
+/// node name, which k8sattributes filters pods by).
+const DAEMONSET_ENV: &[(&str, &str)] = &[("K8S_NODE_NAME", "node-1")];
+
+/// Every collector configuration the project ships, with the environment it runs
+/// in: collector-config/ (but its builder manifest), the one docker-compose.yml
+/// mounts, and the DaemonSet's agent in its ConfigMap (written out to a file for
+/// the collector to read).
+fn shipped_configs(
+    scratch: &std::path::Path,
+) -> Vec<(PathBuf, &'static [(&'static str, &'static str)])> {
+    let mut configs: Vec<PathBuf> = fs::read_dir(workspace().join("collector-config"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "yaml"))
+        .filter(|p| !p.ends_with("builder-config.yaml"))
+        .collect();
+    configs.sort();
+    let compose = fs::read_to_string(workspace().join("docker-compose.yml")).unwrap();
+    let mounted = compose
+        .lines()
+        .find_map(|l| {
+            let l = l.trim().strip_prefix("- ./")?;
+            l.strip_suffix(":/etc/otelcol-contrib/config.yaml:ro")
+        })
+        .expect("docker-compose.yml mounts a collector configuration");
+    let mounted = workspace().join(mounted);
+    if !configs.contains(&mounted) {
+        configs.push(mounted);
+    }
+    let mut all: Vec<_> = configs.into_iter().map(|c| (c, &[][..])).collect();
+    for doc in read_yaml_documents(KUBERNETES) {
+        if doc["kind"] != "ConfigMap" {
+            continue;
+        }
+        for (key, text) in doc["data"].as_object().cloned().unwrap_or_default() {
+            let path = scratch.join(format!("kubernetes-{key}"));
+            fs::write(&path, text.as_str().unwrap()).unwrap();
+            all.push((path, DAEMONSET_ENV));
+        }
+    }
+    all
+}
+
+#[test]
+fn every_shipped_collector_config_passes_the_collectors_validate() {
+    let scratch = std::env::temp_dir().join(format!("otcs-validate-{}", std::process::id()));
+    fs::create_dir_all(&scratch).unwrap();
+    let configs = shipped_configs(&scratch);
+    assert!(
+        configs.len() >= 4,
+        "agent, gateway, gateway backend, DaemonSet agent: {configs:?}"
+    );
+    let failures: Vec<String> = configs
+        .iter()
+        .filter_map(|(config, env)| {
+            Collector::validate(config, env)
+                .err()
+                .map(|out| format!("{}:\n{out}", config.display()))
+        })
+        .collect();
+    let _ = fs::remove_dir_all(&scratch);
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+}
+
+/// A socket bound to a free 127.0.0.1 port, so a refused connect from it has a
+/// port to find its trace by.
+fn bound_socket() -> (OwnedFd, u16) {
+    let fd = socket(
+        AddressFamily::Inet,
+        SockType::Stream,
+        SockFlag::empty(),
+        None,
+    )
+    .unwrap();
+    bind(fd.as_raw_fd(), &SockaddrIn::new(127, 0, 0, 1, 0)).unwrap();
+    let port = getsockname::<SockaddrIn>(fd.as_raw_fd()).unwrap().port();
+    (fd, port)
+}
+
+fn tag<'a>(tags: &'a Json, key: &str) -> Option<&'a Json> {
+    tags.as_array()?
+        .iter()
+        .find(|t| t["key"] == key)
+        .map(|t| &t["value"])
+}
+
+/// The cgroup v2 mount point.
+fn cgroup2_mount() -> String {
+    let mountinfo = fs::read_to_string("/proc/self/mountinfo").unwrap();
+    mountinfo
+        .lines()
+        .find_map(|line| {
+            let (before, after) = line.split_once(" - ")?;
+            (after.split(' ').next() == Some("cgroup2"))
+                .then(|| before.split(' ').nth(4).map(str::to_owned))
+                .flatten()
+        })
+        .expect("a cgroup2 mount")
+}
+
+/// The W3C context the test's HTTP request carries: a link on both sockets' roots.
+const LINKED_TRACE: &str = "4bf92f3577b34da6a3ce929d0e0e4736";
+const LINKED_SPAN: &str = "00f067aa0ba902b7";
+
+/// tracer → collector (agent.yaml) → Jaeger. Jaeger's query API gives back each
+/// trace whole, as the daemon sent it: every span, the durations the kernel
+/// measured, `error=true` on a refused connect, the request's context as a
+/// reference, `host.name` and the owner's `container.id` on the process.
+#[test]
+fn the_agent_config_carries_whole_traces_into_jaeger() {
+    if !root_or_skip("the_agent_config_carries_whole_traces_into_jaeger") {
+        return;
+    }
+    let jaeger = Jaeger::start();
+    // Where Tempo and Prometheus would be: the test's own receiver gets the same
+    // spans (what the daemon sent, to compare Jaeger with) and the metrics.
+    let rx = Receiver::start();
+    let collector = Collector::start(
+        "collector-config/agent.yaml",
+        &[
+            format!("exporters.otlp/jaeger.endpoint={}", jaeger.otlp_grpc),
+            format!("exporters.otlp/tempo.endpoint={}", rx.grpc_addr()),
+            format!(
+                "exporters.otlphttp/prometheus.endpoint={}",
+                rx.http_endpoint()
+            ),
+            // Batches leave the agent at once instead of after a second.
+            "processors.batch.timeout=50ms".to_owned(),
+        ],
+    );
+    let tracer = Tracer::start_with_env(
+        &[
+            "--otlp-endpoint",
+            &collector.grpc_endpoint(),
+            "--otlp-protocol",
+            "grpc",
+            "--links",
+        ],
+        FAST,
+    );
+
+    // 1. A connection from a process in a container's cgroup, carrying an HTTP
+    //    request with a traceparent; the test accepts, answers and closes it.
+    let id: String = format!("{:064x}", u128::from(std::process::id()) << 64 | 0x7e57);
+    let cgroup = format!("{}/docker-{id}.scope", cgroup2_mount());
+    fs::create_dir(&cgroup).unwrap_or_else(|e| panic!("creating {cgroup}: {e}"));
+    let (listener, server) = listen("127.0.0.1");
+    let sp = server.port();
+    let request = format!(
+        "GET / HTTP/1.1\r\nHost: x\r\ntraceparent: 00-{LINKED_TRACE}-{LINKED_SPAN}-01\r\n\r\n"
+    );
+    // Python, not bash: bash's printf writes a line per segment, and the
+    // daemon looks for traceparent in the segment that starts the request (as
+    // HTTP clients send their headers: in one write).
+    const CLIENT: &str = "import os, socket, sys\n\
+        open(sys.argv[1] + '/cgroup.procs', 'w').write(str(os.getpid()))\n\
+        s = socket.create_connection(('127.0.0.1', int(sys.argv[2])), timeout=10)\n\
+        s.sendall(sys.argv[3].encode())\n\
+        while s.recv(4096): pass\n\
+        s.close()\n";
+    let child = Command::new("python3")
+        .args(["-c", CLIENT, &cgroup, &sp.to_string(), &request])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    listener.set_nonblocking(false).unwrap();
+    let (mut accepted, peer) = listener.accept().unwrap();
+    let cp = peer.port();
+    let mut buf = [0u8; 512];
+    let mut got = Vec::new();
+    while !got.windows(4).any(|w| w == b"\r\n\r\n") {
+        let n = accepted.read(&mut buf).unwrap();
+        assert!(n > 0, "the request ended early: {got:?}");
+        got.extend_from_slice(&buf[..n]);
+    }
+    accepted
+        .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
+        .unwrap();
+    // Closing first, after the whole answer: both ends close cleanly (the
+    // client reads to the end, so it does not abort with unread data).
+    drop(accepted);
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success(), "the container's client failed");
+
+    // 2. A refused connect.
+    let (fd, refused_port) = bound_socket();
+    let closed = closed_port();
+    assert!(connect(fd.as_raw_fd(), &SockaddrIn::new(127, 0, 0, 1, closed)).is_err());
+
+    let spans = rx.wait_for(WAIT, |s| {
+        trace_of(s, cp, sp).is_some_and(|(_, c)| c.len() == 4)
+            && trace_of(s, sp, cp).is_some_and(|(_, c)| c.len() == 4)
+            && trace_of(s, refused_port, closed).is_some()
+    });
+    drop(fd);
+    let _ = fs::remove_dir(&cgroup);
+
+    let host = fs::read_to_string("/proc/sys/kernel/hostname").unwrap();
+    for (local, peer, failed) in [
+        (cp, sp, false),
+        (sp, cp, false),
+        (refused_port, closed, true),
+    ] {
+        let (root, children) = trace_of(&spans, local, peer).unwrap();
+        eprintln!("DEBUG {local}->{peer} links {:?}", root.links);
+        let sent: Vec<&ReceivedSpan> = std::iter::once(&root).chain(&children).collect();
+        let trace = jaeger.wait_for_trace(&root.trace_id, sent.len(), WAIT);
+        let got = trace["spans"].as_array().unwrap();
+        assert_eq!(got.len(), sent.len(), "{local}->{peer}: {trace:#}");
+        for span in &sent {
+            let j = got
+                .iter()
+                .find(|j| j["spanID"] == span.span_id.as_str())
+                .unwrap_or_else(|| {
+                    panic!("{} {} not in Jaeger: {trace:#}", span.name, span.span_id)
+                });
+            assert_eq!(j["operationName"], span.name.as_str());
+            // Jaeger keeps microseconds: the kernel's duration, truncated.
+            assert_eq!(
+                j["duration"].as_u64(),
+                Some((span.end_ns - span.start_ns) / 1000),
+                "{} of {local}->{peer}",
+                span.name
+            );
+            assert_eq!(j["startTime"].as_u64(), Some(span.start_ns / 1000));
+            let error = tag(&j["tags"], "error")
+                .and_then(Json::as_bool)
+                .unwrap_or(false);
+            assert_eq!(
+                error,
+                span.status_code == STATUS_ERROR,
+                "{}: {j:#}",
+                span.name
+            );
+            let parent = j["references"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|r| r["refType"] == "CHILD_OF")
+                .map(|r| r["spanID"].as_str().unwrap().to_owned());
+            let expected_parent =
+                (!span.parent_span_id.is_empty()).then(|| span.parent_span_id.clone());
+            assert_eq!(parent, expected_parent, "{}", span.name);
+        }
+        let root_j = got.iter().find(|j| j["operationName"] == ROOT).unwrap();
+        assert_eq!(
+            tag(&root_j["tags"], "error")
+                .and_then(Json::as_bool)
+                .unwrap_or(false),
+            failed,
+            "{local}->{peer}"
+        );
+        let process = &trace["processes"][root_j["processID"].as_str().unwrap()];
+        assert_eq!(process["serviceName"], "otel-tcpstates");
+        assert_eq!(
+            tag(&process["tags"], "host.name"),
+            Some(&Json::from(host.trim()))
+        );
+        if !failed {
+            // The request's context, as Jaeger shows a link: a FOLLOWS_FROM
+            // reference to another trace.
+            let links: BTreeSet<(String, String)> = root_j["references"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .filter(|r| r["refType"] == "FOLLOWS_FROM")
+                .map(|r| {
+                    (
+                        r["traceID"].as_str().unwrap().to_owned(),
+                        r["spanID"].as_str().unwrap().to_owned(),
+                    )
+                })
+                .collect();
+            assert_eq!(
+                links,
+                BTreeSet::from([(LINKED_TRACE.to_owned(), LINKED_SPAN.to_owned())]),
+                "{local}->{peer}: {root_j:#}"
+            );
+        }
+        if local == cp {
+            assert_eq!(
+                tag(&process["tags"], "container.id"),
+                Some(&Json::from(id.as_str())),
+                "{process:#}"
+            );
+        }
+    }
+    drop(tracer);
+    let complaints = collector.process.complaints();
+    assert!(
+        !complaints.iter().any(|l| l.contains("\terror\t")),
+        "the collector logged errors:\n{}",
+        complaints.join("\n")
+    );
+}
+
+/// The backends' tail_sampling decision_wait in the test (30 s shipped).
+const DECISION_WAIT: Duration = Duration::from_secs(2);
+/// After decision_wait: the sampler's tick (1 s), the batches (50 ms), the export.
+const DECISION_MARGIN: Duration = Duration::from_secs(5);
+
+/// Whether the roots of all these client ports were kept.
+fn is_kept(ports: &[u16], spans: &[ReceivedSpan]) -> bool {
+    ports.iter().all(|&p| {
+        spans
+            .iter()
+            .any(|s| s.name == ROOT && s.int_attr("network.local.port") == Some(i64::from(p)))
+    })
+}
+
+/// Which of the two sampling backends received a trace's spans.
+fn backend_of(a: &[ReceivedSpan], b: &[ReceivedSpan], trace_id: &str) -> (usize, usize) {
+    let count = |spans: &[ReceivedSpan]| spans.iter().filter(|s| s.trace_id == trace_id).count();
+    (count(a), count(b))
+}
+
+/// tracers → gateway.yaml (`loadbalancing` by trace id) → two collectors running
+/// gateway-backend.yaml (`tail_sampling`) → Jaeger. Every trace lands whole on one
+/// backend; the policies keep every refused connect (status ERROR) and the slow
+/// handshake (a SYN dropped once: SYN_SENT over 100 ms), and about 10 % of the
+/// clean connections; Jaeger gets exactly what the backends kept.
+#[test]
+fn the_gateway_keeps_each_trace_on_one_backend_whose_policies_sample_it() {
+    if !root_or_skip("the_gateway_keeps_each_trace_on_one_backend_whose_policies_sample_it") {
+        return;
+    }
+    let _serial = load::serial();
+    let jaeger = Jaeger::start();
+    // Where each backend's Tempo would be: tells which backend kept which trace.
+    let (rx_a, rx_b) = (Receiver::start(), Receiver::start());
+    // decision_wait is the one setting changed besides endpoints: 30 s would make
+    // the test wait 30 s for each decision.
+    let backend = |rx: &Receiver| {
+        Collector::start(
+            "collector-config/gateway-backend.yaml",
+            &[
+                format!("exporters.otlp/jaeger.endpoint={}", jaeger.otlp_grpc),
+                format!("exporters.otlp/tempo.endpoint={}", rx.grpc_addr()),
+                format!(
+                    "processors.tail_sampling.decision_wait={}s",
+                    DECISION_WAIT.as_secs()
+                ),
+                "processors.batch.timeout=50ms".to_owned(),
+            ],
+        )
+    };
+    let (backend_a, backend_b) = (backend(&rx_a), backend(&rx_b));
+    let metrics = Receiver::start();
+    let gateway = Collector::start(
+        "collector-config/gateway.yaml",
+        &[
+            // The backends as the resolver's members, in place of the DNS name.
+            "exporters.loadbalancing.resolver.dns=null".to_owned(),
+            format!(
+                "exporters.loadbalancing.resolver.static.hostnames=[{}, {}]",
+                backend_a.grpc, backend_b.grpc
+            ),
+            format!(
+                "exporters.otlphttp/prometheus.endpoint={}",
+                metrics.http_endpoint()
+            ),
+            "processors.batch.timeout=50ms".to_owned(),
+        ],
+    );
+    let tracer = Tracer::start_with_env(
+        &[
+            "--otlp-endpoint",
+            &gateway.grpc_endpoint(),
+            "--otlp-protocol",
+            "grpc",
+        ],
+        FAST,
+    );
+
+    // Refused connects: always kept.
+    let closed = closed_port();
+    let mut refused = Vec::new();
+    let mut held = Vec::new();
+    for _ in 0..24 {
+        let (fd, port) = bound_socket();
+        assert!(connect(fd.as_raw_fd(), &SockaddrIn::new(127, 0, 0, 1, closed)).is_err());
+        refused.push(port);
+        held.push(fd); // no later socket reuses the port
+    }
+    // One slow handshake: its first SYN dropped, retransmitted a second later.
+    let (slow_listener, slow_server) = listen("127.0.0.1");
+    let slow = {
+        let _fault = netfault::Fault::drop_first_syn(slow_server.port());
+        connect_hold_close(&slow_listener, Duration::ZERO).0.port()
+    };
+    // Clean connections: a share kept.
+    let (listener, server) = listen("127.0.0.1");
+    let clean: Vec<u16> = (0..120)
+        .map(|_| connect_hold_close(&listener, Duration::ZERO).0.port())
+        .collect();
+    let sp = server.port();
+
+    // Each trace is judged decision_wait after its first span (on the sampler's
+    // one-second tick); the kept spans then go on to Jaeger and the receivers in
+    // well under the margin. The refused connects tell when that happened.
+    let last = Instant::now();
+    let started = Instant::now();
+    while !is_kept(&refused, &[rx_a.spans(), rx_b.spans()].concat()) {
+        assert!(
+            started.elapsed() < DECISION_WAIT + WAIT,
+            "the refused connects were not all kept"
+        );
+        thread::sleep(Duration::from_millis(200));
+    }
+    thread::sleep(
+        (last + DECISION_WAIT + DECISION_MARGIN).saturating_duration_since(Instant::now()),
+    );
+    drop(tracer);
+    drop(held);
+    let (a, b) = (rx_a.spans(), rx_b.spans());
+    let all = [a.clone(), b.clone()].concat();
+
+    // Whole traces, each on one backend; both backends in use.
+    let traces: BTreeSet<&str> = all.iter().map(|s| s.trace_id.as_str()).collect();
+    let mut on = [0usize; 2];
+    for trace in &traces {
+        match backend_of(&a, &b, trace) {
+            (n, 0) if n > 0 => on[0] += 1,
+            (0, n) if n > 0 => on[1] += 1,
+            split => panic!("trace {trace} split between the backends: {split:?}"),
+        }
+    }
+    assert!(
+        on[0] > 0 && on[1] > 0,
+        "one backend got every trace: {on:?}"
+    );
+
+    let kept = |local: u16, peer: u16| trace_of(&all, local, peer);
+    for &port in &refused {
+        let (root, _) = kept(port, closed).expect("a refused connect is kept");
+        assert_eq!(root.status_code, STATUS_ERROR);
+    }
+    let (root, children) = kept(slow, slow_server.port()).expect("the slow handshake is kept");
+    assert_eq!(children[0].name, "SYN_SENT");
+    assert!(
+        children[0].end_ns - children[0].start_ns > 100_000_000,
+        "{root:?}"
+    );
+    let clean_kept = clean.iter().filter(|&&p| kept(p, sp).is_some()).count();
+    // 10 % of 120: P(0) < 1e-5, P(> 40) far less.
+    assert!(
+        (1..=40).contains(&clean_kept),
+        "{clean_kept} of {} clean connections kept at 10 %",
+        clean.len()
+    );
+    // Each kept trace is whole: a root and its states (4 for a clean connection).
+    for &p in &clean {
+        if let Some((_, children)) = kept(p, sp) {
+            assert_eq!(children.len(), 4, "client {p}");
+        }
+    }
+    // Jaeger has every kept trace, whole.
+    for trace in &traces {
+        let spans = all.iter().filter(|s| s.trace_id == *trace).count();
+        jaeger.wait_for_trace(trace, spans, WAIT);
+    }
+    let dropped_clean = clean.len() - clean_kept;
+    eprintln!(
+        "kept {} traces ({} on A, {} on B); {clean_kept} clean kept, {dropped_clean} dropped",
+        traces.len(),
+        on[0],
+        on[1]
+    );
+    for c in [&backend_a, &backend_b, &gateway] {
+        let errors: Vec<String> = c
+            .process
+            .complaints()
+            .into_iter()
+            .filter(|l| l.contains("\terror\t"))
+            .collect();
+        assert!(
+            errors.is_empty(),
+            "a collector logged errors:\n{}",
+            errors.join("\n")
+        );
+    }
+}
