@@ -24,9 +24,7 @@ use std::{
 
 use nix::{
     errno::Errno,
-    sys::socket::{
-        AddressFamily, SockFlag, SockType, SockaddrIn, bind, connect, getsockname, socket,
-    },
+    sys::socket::{SockaddrIn, connect},
 };
 use support::{
     load::{self, abort_on_close},
@@ -223,18 +221,10 @@ fn close_in_order(client: TcpStream, server: TcpStream) {
 /// socket keeps its port while it is open: a refused connection leaves no
 /// TIME_WAIT, and a later one from the same port would have the same ports.
 fn refused_from(port: u16) -> (OwnedFd, u16) {
-    let fd: OwnedFd = socket(
-        AddressFamily::Inet,
-        SockType::Stream,
-        SockFlag::empty(),
-        None,
-    )
-    .unwrap();
-    bind(fd.as_raw_fd(), &SockaddrIn::new(127, 0, 0, 1, 0)).unwrap();
-    let local: SockaddrIn = getsockname(fd.as_raw_fd()).unwrap();
+    let (fd, local) = socket_with_port();
     let to = SockaddrIn::new(127, 0, 0, 1, port);
     assert_eq!(connect(fd.as_raw_fd(), &to), Err(Errno::ECONNREFUSED));
-    (fd, local.port())
+    (fd, local)
 }
 
 fn refused(n: usize) -> Vec<End> {

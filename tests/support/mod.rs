@@ -22,7 +22,11 @@ use std::{
 };
 
 use nix::{
-    sys::signal::{Signal, kill},
+    errno::Errno,
+    sys::{
+        signal::{Signal, kill},
+        socket::{AddressFamily, SockFlag, SockType, SockaddrIn, bind, socket},
+    },
     unistd::Pid,
 };
 
@@ -372,6 +376,33 @@ pub fn transitions(rows: &[Row]) -> Vec<(&str, &str)> {
 
 /// A loopback port nothing listens on (bound, then released: the kernel does not
 /// hand it out again at once).
+/// A TCP socket bound to a free 127.0.0.1 port that it keeps until it is closed,
+/// to connect from. Bound by number: a port bound as 0 goes back to the kernel
+/// when the socket enters CLOSE (a refused connect), and the next socket may get
+/// it, giving two ends the same ports.
+pub fn socket_with_port() -> (std::os::fd::OwnedFd, u16) {
+    use std::os::fd::AsRawFd as _;
+    loop {
+        let port = TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("a free port")
+            .port();
+        let fd = socket(
+            AddressFamily::Inet,
+            SockType::Stream,
+            SockFlag::empty(),
+            None,
+        )
+        .expect("a TCP socket");
+        match bind(fd.as_raw_fd(), &SockaddrIn::new(127, 0, 0, 1, port)) {
+            Ok(()) => return (fd, port),
+            // Taken in between by someone else: another one.
+            Err(Errno::EADDRINUSE) => continue,
+            Err(err) => panic!("binding 127.0.0.1:{port}: {err}"),
+        }
+    }
+}
+
 pub fn closed_port() -> u16 {
     listen("127.0.0.1").1.port()
 }
