@@ -17,12 +17,10 @@ use std::{
     time::{Duration, Instant},
 };
 
-use nix::sys::socket::{
-    AddressFamily, SockFlag, SockType, SockaddrIn, bind, connect, getsockname, socket,
-};
+use nix::sys::socket::{SockaddrIn, connect};
 use serde_json::Value as Json;
 use support::{
-    backends::{Collector, Jaeger},
+    backends::{Collector, Jaeger, Prometheus},
     deploy::read_yaml_documents,
     otlp::{FAST, ROOT, ReceivedSpan, Receiver, STATUS_ERROR, WAIT, trace_of},
     *,
@@ -97,21 +95,6 @@ fn every_shipped_collector_config_passes_the_collectors_validate() {
         .collect();
     let _ = fs::remove_dir_all(&scratch);
     assert!(failures.is_empty(), "{}", failures.join("\n"));
-}
-
-/// A socket bound to a free 127.0.0.1 port, so a refused connect from it has a
-/// port to find its trace by.
-fn bound_socket() -> (OwnedFd, u16) {
-    let fd = socket(
-        AddressFamily::Inet,
-        SockType::Stream,
-        SockFlag::empty(),
-        None,
-    )
-    .unwrap();
-    bind(fd.as_raw_fd(), &SockaddrIn::new(127, 0, 0, 1, 0)).unwrap();
-    let port = getsockname::<SockaddrIn>(fd.as_raw_fd()).unwrap().port();
-    (fd, port)
 }
 
 fn tag<'a>(tags: &'a Json, key: &str) -> Option<&'a Json> {
@@ -221,7 +204,7 @@ fn the_agent_config_carries_whole_traces_into_jaeger() {
     assert!(out.status.success(), "the container's client failed");
 
     // 2. A refused connect.
-    let (fd, refused_port) = bound_socket();
+    let (fd, refused_port) = socket_with_port();
     let closed = closed_port();
     assert!(connect(fd.as_raw_fd(), &SockaddrIn::new(127, 0, 0, 1, closed)).is_err());
 
@@ -415,7 +398,7 @@ fn the_gateway_keeps_each_trace_on_one_backend_whose_policies_sample_it() {
     let mut refused = Vec::new();
     let mut held = Vec::new();
     for _ in 0..24 {
-        let (fd, port) = bound_socket();
+        let (fd, port) = socket_with_port();
         assert!(connect(fd.as_raw_fd(), &SockaddrIn::new(127, 0, 0, 1, closed)).is_err());
         refused.push(port);
         held.push(fd); // no later socket reuses the port
@@ -517,4 +500,86 @@ fn the_gateway_keeps_each_trace_on_one_backend_whose_policies_sample_it() {
             errors.join("\n")
         );
     }
+}
+
+/// The tracer's own counters and its connection metrics, through agent.yaml's
+/// metrics pipeline into Prometheus v3 over OTLP (as in compose), answer PromQL:
+/// the refused connects the test made are counted by error.type, and the
+/// tracer's counters carry the host.
+#[test]
+fn the_metrics_reach_prometheus_and_answer_promql() {
+    if !root_or_skip("the_metrics_reach_prometheus_and_answer_promql") {
+        return;
+    }
+    let prometheus = Prometheus::start();
+    let rx = Receiver::start();
+    let collector = Collector::start(
+        "collector-config/agent.yaml",
+        &[
+            format!("exporters.otlp/jaeger.endpoint={}", rx.grpc_addr()),
+            format!("exporters.otlp/tempo.endpoint={}", rx.grpc_addr()),
+            format!(
+                "exporters.otlphttp/prometheus.endpoint={}",
+                prometheus.otlp_endpoint()
+            ),
+            "processors.batch.timeout=50ms".to_owned(),
+        ],
+    );
+    // A service name of its own: other tests' tracers may export at the same time.
+    let service = format!("otcs-promql-{}", std::process::id());
+    let mut env = FAST.to_vec();
+    env.extend([
+        ("OTEL_METRIC_EXPORT_INTERVAL", "500"),
+        ("OTEL_SERVICE_NAME", service.as_str()),
+    ]);
+    let tracer = Tracer::start_with_env(
+        &[
+            "--otlp-endpoint",
+            &collector.grpc_endpoint(),
+            "--otlp-protocol",
+            "grpc",
+        ],
+        &env,
+    );
+    const REFUSED: usize = 3;
+    let closed = closed_port();
+    let held: Vec<OwnedFd> = (0..REFUSED)
+        .map(|_| {
+            let (fd, _) = socket_with_port();
+            assert!(connect(fd.as_raw_fd(), &SockaddrIn::new(127, 0, 0, 1, closed)).is_err());
+            fd
+        })
+        .collect();
+
+    let refused = format!(
+        "sum(tcpstates_connection_duration_seconds_count{{job=\"{service}\", \
+         error_type=\"connection_refused\", server_port=\"{closed}\"}})"
+    );
+    let host = fs::read_to_string("/proc/sys/kernel/hostname").unwrap();
+    let own = format!("otel_tcpstates_spans_produced_total{{job=\"{service}\"}}");
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let counted = prometheus
+            .query(&refused)
+            .first()
+            .and_then(|s| s["value"][1].as_str()?.parse::<f64>().ok());
+        let counters = prometheus.query(&own);
+        if counted == Some(REFUSED as f64) && !counters.is_empty() {
+            assert_eq!(
+                counters[0]["metric"]["host_name"].as_str(),
+                Some(host.trim()),
+                "{counters:?}"
+            );
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{refused} = {counted:?}, {own} = {counters:?}; Prometheus has {:?}; collector:\n{}",
+            prometheus.names(),
+            collector.process.complaints().join("\n")
+        );
+        thread::sleep(Duration::from_millis(250));
+    }
+    drop(held);
+    drop(tracer);
 }

@@ -22,10 +22,17 @@ fn workspace() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
 }
 
-/// The collector's and Jaeger's binaries: built (or found in the cache) by
-/// `scripts/backends.sh`, once per test binary; `scripts/test.sh` runs it first.
-pub fn binaries() -> &'static (PathBuf, PathBuf) {
-    static BUILT: OnceLock<(PathBuf, PathBuf)> = OnceLock::new();
+/// The programs `scripts/backends.sh` builds.
+pub struct Binaries {
+    pub collector: PathBuf,
+    pub jaeger: PathBuf,
+    pub prometheus: PathBuf,
+}
+
+/// The backends' binaries: built (or found in the cache) by `scripts/backends.sh`,
+/// once per test binary; `scripts/test.sh` runs it first.
+pub fn binaries() -> &'static Binaries {
+    static BUILT: OnceLock<Binaries> = OnceLock::new();
     BUILT.get_or_init(|| {
         let out = Command::new("bash")
             .arg(workspace().join("scripts/backends.sh"))
@@ -38,10 +45,14 @@ pub fn binaries() -> &'static (PathBuf, PathBuf) {
         );
         let text = String::from_utf8_lossy(&out.stdout);
         let lines: Vec<&str> = text.lines().collect();
-        let [.., collector, jaeger] = lines.as_slice() else {
-            panic!("scripts/backends.sh printed no two paths: {text}");
+        let [.., prometheus, collector, jaeger] = lines.as_slice() else {
+            panic!("scripts/backends.sh printed no three paths: {text}");
         };
-        (PathBuf::from(collector), PathBuf::from(jaeger))
+        Binaries {
+            collector: PathBuf::from(collector),
+            jaeger: PathBuf::from(jaeger),
+            prometheus: PathBuf::from(prometheus),
+        }
     })
 }
 
@@ -94,6 +105,10 @@ impl Backend {
 
     pub fn output(&self) -> Vec<String> {
         self.output.lock().unwrap().clone()
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
     }
 
     /// Waits until every address accepts connections; the output if it exits first
@@ -165,7 +180,7 @@ impl Collector {
     /// `validate` on a configuration file, with the environment its deployment
     /// gives it: its output, if it fails.
     pub fn validate(config: &Path, env: &[(&str, &str)]) -> Result<(), String> {
-        let (collector, _) = binaries();
+        let collector = &binaries().collector;
         let out = Command::new(collector)
             .arg("validate")
             .arg(format!("--config={}", config.display()))
@@ -187,7 +202,7 @@ impl Collector {
     /// `sets` (`key=value`, the keys as `--set` takes them, e.g.
     /// `exporters.otlp/jaeger.endpoint=127.0.0.1:4317`).
     pub fn start(config: &str, sets: &[String]) -> Collector {
-        let (collector, _) = binaries();
+        let collector = &binaries().collector;
         let config = workspace().join(config);
         let (process, (grpc, http)) = start_with_retries("collector", || {
             let (grpc, http) = (loopback(free_port()), loopback(free_port()));
@@ -234,7 +249,7 @@ pub struct Jaeger {
 
 impl Jaeger {
     pub fn start() -> Jaeger {
-        let (_, jaeger) = binaries();
+        let jaeger = &binaries().jaeger;
         let config = workspace().join("deploy/jaeger/config.yaml");
         let (process, (otlp_grpc, query)) = start_with_retries("jaeger", || {
             let [grpc, http, query, query_grpc, health] = [(); 5].map(|_| loopback(free_port()));
@@ -305,4 +320,80 @@ impl Jaeger {
 /// Hex of an id's bytes, as Jaeger's API writes trace and span ids.
 pub fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Prometheus v3 with its OTLP receiver on, storing in a directory of its own,
+/// running deploy/prometheus.yml (compose's).
+pub struct Prometheus {
+    pub process: Backend,
+    pub addr: SocketAddr,
+    storage: PathBuf,
+}
+
+impl Prometheus {
+    pub fn start() -> Prometheus {
+        let prometheus = &binaries().prometheus;
+        let config = workspace().join("deploy/prometheus.yml");
+        let (process, (addr, storage)) = start_with_retries("prometheus", || {
+            let addr = loopback(free_port());
+            let storage = std::env::temp_dir().join(format!(
+                "otcs-prometheus-{}-{}",
+                std::process::id(),
+                addr.port()
+            ));
+            let mut command = Command::new(prometheus);
+            command
+                .arg(format!("--config.file={}", config.display()))
+                .arg(format!("--web.listen-address={addr}"))
+                .arg("--web.enable-otlp-receiver")
+                .arg(format!("--storage.tsdb.path={}", storage.display()));
+            (command, vec![addr], (addr, storage))
+        });
+        Prometheus {
+            process,
+            addr,
+            storage,
+        }
+    }
+
+    /// Where an OTLP/HTTP exporter sends metrics (it appends /v1/metrics).
+    pub fn otlp_endpoint(&self) -> String {
+        format!("http://{}/api/v1/otlp", self.addr)
+    }
+
+    /// An instant PromQL query through the HTTP API: the result's vector.
+    pub fn query(&self, promql: &str) -> Vec<Value> {
+        let url = format!("http://{}/api/v1/query", self.addr);
+        let mut response = ureq::get(&url)
+            .query("query", promql)
+            .call()
+            .unwrap_or_else(|err| panic!("GET {url}?query={promql}: {err}"));
+        let body: Value = response.body_mut().read_json().expect("a JSON answer");
+        assert_eq!(body["status"], "success", "{promql}: {body}");
+        body["data"]["result"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default()
+    }
+
+    /// The metric names it holds.
+    pub fn names(&self) -> Vec<String> {
+        let url = format!("http://{}/api/v1/label/__name__/values", self.addr);
+        let mut response = ureq::get(&url).call().expect("label values");
+        let body: Value = response.body_mut().read_json().expect("a JSON answer");
+        body["data"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|v| v.as_str().map(str::to_owned))
+            .collect()
+    }
+}
+
+impl Drop for Prometheus {
+    fn drop(&mut self) {
+        let _ = self.process.child.kill();
+        let _ = self.process.child.wait();
+        let _ = std::fs::remove_dir_all(&self.storage);
+    }
 }
