@@ -19,6 +19,8 @@ mod tls;
 // The links runs (links.rs) and their workloads.
 #[path = "churn/bulk.rs"]
 mod bulk;
+#[path = "churn/firsthop.rs"]
+mod firsthop;
 #[path = "churn/incidents.rs"]
 mod incidents;
 #[path = "churn/links.rs"]
@@ -69,7 +71,7 @@ static FLOOR_OBJECT: &[u8] =
     aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/tcpstates-floor"));
 
 const USAGE: &str = "usage: cargo bench --bench churn -- [--seconds N] [--warmup N]
-    [--runs baseline,floor,text,otlp,otlp-http,libbpf,baseline,links-churn,links-bulk,links-wrk,memory,sampling,sampling-memory,incidents]
+    [--runs baseline,floor,text,otlp,otlp-http,libbpf,baseline,links-churn,links-bulk,links-wrk,memory,sampling,sampling-memory,incidents,first-hop]
     [--link-rounds N] [--link-seconds N] [--memory-sockets N] [--hold-connections N] [--no-pin]
   --runs links = links-churn,links-bulk,links-wrk: each the daemon exporting OTLP/gRPC with
   --no-links and with links, --link-rounds pairs (default 3, the order alternating) of
@@ -79,7 +81,9 @@ const USAGE: &str = "usage: cargo bench --bench churn -- [--seconds N] [--warmup
   connections (--hold-connections) at 1% against always_on
   --runs incidents: the churn with the incident programs and with --no-incidents,
   --link-rounds rounds of --seconds each, the order alternating; then --seconds of bulk
-  transfers over a veth link losing 1% each way";
+  transfers over a veth link losing 1% each way
+  --runs first-hop: the daemon's spans to the bench receiver, through rotel and through
+  the real Collector (scripts/backends.sh), --link-rounds rounds of --seconds each";
 
 #[path = "churn/options.rs"]
 mod options;
@@ -248,6 +252,9 @@ fn run() -> Result<()> {
     }
     if opts.runs.contains(&Mode::Sampling) {
         sampling::churn_run(&opts);
+    }
+    if opts.runs.contains(&Mode::FirstHop) {
+        firsthop::run(&opts);
     }
     if opts.runs.contains(&Mode::Incidents) {
         incidents::run(&opts);

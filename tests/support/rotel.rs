@@ -195,6 +195,10 @@ impl Rotel {
     }
 
     /// Where the daemon should send OTLP/gRPC: "http://127.0.0.1:PORT".
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     pub fn grpc_endpoint(&self) -> String {
         format!("http://{}", self.grpc_addr)
     }

@@ -22,10 +22,13 @@ pub(crate) enum Mode {
     SamplingMemory,
     /// The churn with the incident programs and without; bulk over a lossy link.
     Incidents,
+    /// The churn's spans through the bench receiver, rotel and the real Collector.
+    FirstHop,
 }
 
 impl Mode {
-    pub(crate) const ALL: [Mode; 13] = [
+    pub(crate) const ALL: [Mode; 14] = [
+        Mode::FirstHop,
         Mode::Incidents,
         Mode::Sampling,
         Mode::SamplingMemory,
@@ -74,7 +77,7 @@ impl Mode {
     pub(crate) fn is_throughput(self) -> bool {
         !matches!(
             self,
-            Mode::Memory | Mode::Sampling | Mode::SamplingMemory | Mode::Incidents
+            Mode::Memory | Mode::Sampling | Mode::SamplingMemory | Mode::Incidents | Mode::FirstHop
         ) && !self.is_links()
     }
 
@@ -97,6 +100,7 @@ impl Mode {
             Mode::Sampling => "sampling",
             Mode::SamplingMemory => "sampling-memory",
             Mode::Incidents => "incidents",
+            Mode::FirstHop => "first-hop",
         }
     }
 
@@ -115,6 +119,7 @@ impl Mode {
             Mode::Sampling => "sampling: churn",
             Mode::SamplingMemory => "sampling: memory",
             Mode::Incidents => "incidents",
+            Mode::FirstHop => "first hop",
         }
     }
 }

@@ -130,7 +130,8 @@ pub(crate) fn throughput_run(mode: Mode, opts: &Options) -> Result<Row> {
             | Mode::LinksWrk
             | Mode::Sampling
             | Mode::SamplingMemory
-            | Mode::Incidents,
+            | Mode::Incidents
+            | Mode::FirstHop,
             _,
         ) => {
             bail!("not a throughput run")
