@@ -10,14 +10,13 @@ use std::{
     collections::BTreeSet,
     fs,
     io::{Read as _, Write as _},
-    os::fd::{AsRawFd as _, OwnedFd},
+    os::fd::OwnedFd,
     path::PathBuf,
     process::{Command, Stdio},
     thread,
     time::{Duration, Instant},
 };
 
-use nix::sys::socket::{SockaddrIn, connect};
 use serde_json::Value as Json;
 use support::{
     backends::{Collector, Jaeger, Prometheus},
@@ -204,9 +203,8 @@ fn the_agent_config_carries_whole_traces_into_jaeger() {
     assert!(out.status.success(), "the container's client failed");
 
     // 2. A refused connect.
-    let (fd, refused_port) = socket_with_port();
     let closed = closed_port();
-    assert!(connect(fd.as_raw_fd(), &SockaddrIn::new(127, 0, 0, 1, closed)).is_err());
+    let (fd, refused_port) = refused_connect(closed);
 
     let spans = rx.wait_for(WAIT, |s| {
         trace_of(s, cp, sp).is_some_and(|(_, c)| c.len() == 4)
@@ -398,8 +396,7 @@ fn the_gateway_keeps_each_trace_on_one_backend_whose_policies_sample_it() {
     let mut refused = Vec::new();
     let mut held = Vec::new();
     for _ in 0..24 {
-        let (fd, port) = socket_with_port();
-        assert!(connect(fd.as_raw_fd(), &SockaddrIn::new(127, 0, 0, 1, closed)).is_err());
+        let (fd, port) = refused_connect(closed);
         refused.push(port);
         held.push(fd); // no later socket reuses the port
     }
@@ -545,8 +542,7 @@ fn the_metrics_reach_prometheus_and_answer_promql() {
     let closed = closed_port();
     let held: Vec<OwnedFd> = (0..REFUSED)
         .map(|_| {
-            let (fd, _) = socket_with_port();
-            assert!(connect(fd.as_raw_fd(), &SockaddrIn::new(127, 0, 0, 1, closed)).is_err());
+            let (fd, _) = refused_connect(closed);
             fd
         })
         .collect();

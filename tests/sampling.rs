@@ -16,16 +16,12 @@ mod support;
 use std::{
     io::{Read as _, Write as _},
     net::{TcpListener, TcpStream},
-    os::fd::{AsRawFd as _, OwnedFd},
+    os::fd::OwnedFd,
     process::{Command, Stdio},
     thread,
     time::{Duration, Instant},
 };
 
-use nix::{
-    errno::Errno,
-    sys::socket::{SockaddrIn, connect},
-};
 use support::{
     load::{self, abort_on_close},
     netfault::Fault,
@@ -220,16 +216,9 @@ fn close_in_order(client: TcpStream, server: TcpStream) {
 /// and its local port (which std's connect() does not tell when it fails). The
 /// socket keeps its port while it is open: a refused connection leaves no
 /// TIME_WAIT, and a later one from the same port would have the same ports.
-fn refused_from(port: u16) -> (OwnedFd, u16) {
-    let (fd, local) = socket_with_port();
-    let to = SockaddrIn::new(127, 0, 0, 1, port);
-    assert_eq!(connect(fd.as_raw_fd(), &to), Err(Errno::ECONNREFUSED));
-    (fd, local)
-}
-
 fn refused(n: usize) -> Vec<End> {
     let port = closed_port();
-    let held: Vec<(OwnedFd, u16)> = (0..n).map(|_| refused_from(port)).collect();
+    let held: Vec<(OwnedFd, u16)> = (0..n).map(|_| refused_connect(port)).collect();
     held.iter()
         .map(|&(_, local)| {
             End::new("refused", local, port)
@@ -680,8 +669,11 @@ fn the_environments_ratio_keeps_a_tenth_of_ordinary_connections() {
         ends.len(),
         kept.exported() as f64 / ends.len() as f64
     );
-    assert_eq!(kept.by_rule + kept.by_both, 0, "{kept:?}");
-    assert_binomial(kept.by_probability, ends.len(), P);
+    // An ordinary connection is kept by a rule only when the kernel really
+    // retransmitted or stalled it (`check` holds kept_by to what its trace
+    // shows): rare on loopback, but a busy machine makes a few.
+    assert!(kept.by_rule + kept.by_both <= ends.len() / 100, "{kept:?}");
+    assert_binomial(kept.by_probability + kept.by_both, ends.len(), P);
 }
 
 /// Each `--no-keep-*` flag turns its rule off (the others stay on), and a

@@ -403,6 +403,26 @@ pub fn socket_with_port() -> (std::os::fd::OwnedFd, u16) {
     }
 }
 
+/// A connect() from 127.0.0.1 to `port`, where nothing listens, refused by the
+/// kernel: the socket (open, keeping its port) and its local port. Never from
+/// `port` itself: a socket connecting to its own address connects to itself.
+pub fn refused_connect(port: u16) -> (std::os::fd::OwnedFd, u16) {
+    use std::os::fd::AsRawFd as _;
+    loop {
+        let (fd, local) = socket_with_port();
+        if local == port {
+            continue;
+        }
+        let to = SockaddrIn::new(127, 0, 0, 1, port);
+        assert_eq!(
+            nix::sys::socket::connect(fd.as_raw_fd(), &to),
+            Err(Errno::ECONNREFUSED),
+            "127.0.0.1:{local} -> 127.0.0.1:{port}"
+        );
+        return (fd, local);
+    }
+}
+
 pub fn closed_port() -> u16 {
     listen("127.0.0.1").1.port()
 }
