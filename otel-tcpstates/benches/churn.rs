@@ -110,6 +110,16 @@ use memory::*;
 // ---------------------------------------------------------------------------------
 // Output and main.
 
+/// The middle of the values (of the two middle ones, their mean); NaN for none.
+pub(crate) fn median(mut values: Vec<f64>) -> f64 {
+    values.sort_by(f64::total_cmp);
+    match values.len() {
+        0 => f64::NAN,
+        n if n % 2 == 1 => values[n / 2],
+        n => (values[n / 2 - 1] + values[n / 2]) / 2.0,
+    }
+}
+
 /// Each run's rate against the mean of the untraced runs: by default one comes
 /// first and one last, so drift over the whole bench shows, and is averaged.
 fn set_ratios(rows: &mut [Row]) {

@@ -126,15 +126,6 @@ fn measure(hop: Hop, opts: &Options, config: &std::path::Path) -> Result<Window>
     })
 }
 
-fn median(mut values: Vec<f64>) -> f64 {
-    values.sort_by(f64::total_cmp);
-    match values.len() {
-        0 => f64::NAN,
-        n if n % 2 == 1 => values[n / 2],
-        n => (values[n / 2 - 1] + values[n / 2]) / 2.0,
-    }
-}
-
 /// `--runs first-hop`: `opts.link_rounds` rounds of the three hops, the order
 /// turned each round.
 pub(super) fn run(opts: &Options) {

@@ -166,15 +166,6 @@ fn churn_window(incidents: bool, opts: &Options) -> Result<ChurnWindow> {
     })
 }
 
-fn median(mut values: Vec<f64>) -> f64 {
-    values.sort_by(f64::total_cmp);
-    match values.len() {
-        0 => f64::NAN,
-        n if n % 2 == 1 => values[n / 2],
-        n => (values[n / 2 - 1] + values[n / 2]) / 2.0,
-    }
-}
-
 fn ns_per_run(s: &ProgStats) -> String {
     match s.run_cnt {
         0 => "-".to_owned(),

@@ -13,7 +13,8 @@ use std::{thread, time::Duration};
 use anyhow::{Context as _, Result};
 
 use super::{
-    Churn, Holders, Options, Tracer, cpu_seconds, fs, otlp, otlp_args, prog_stats, summary, vm_mib,
+    Churn, Holders, Options, Tracer, cpu_seconds, fs, median, otlp, otlp_args, prog_stats, summary,
+    vm_mib,
 };
 
 /// The ratio the issue measures.
@@ -125,15 +126,6 @@ fn measure(kind: Kind, opts: &Options) -> Result<Window> {
             .map(|s| s.failed + s.not_sent),
         notes,
     })
-}
-
-fn median(mut values: Vec<f64>) -> f64 {
-    values.sort_by(f64::total_cmp);
-    match values.len() {
-        0 => f64::NAN,
-        n if n % 2 == 1 => values[n / 2],
-        n => (values[n / 2 - 1] + values[n / 2]) / 2.0,
-    }
 }
 
 /// `--runs sampling`: `opts.link_rounds` rounds, each of the three modes, the order
