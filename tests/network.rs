@@ -514,21 +514,6 @@ fn rtt_and_handshake_follow_the_network_delay() {
 // ---------------------------------------------------------------------------
 // A process in a Docker-style cgroup.
 
-/// Where cgroup v2 is mounted (`/sys/fs/cgroup`, or `/sys/fs/cgroup/unified` on
-/// hybrid hosts).
-fn cgroup2_mount() -> String {
-    let mountinfo = fs::read_to_string("/proc/self/mountinfo").unwrap();
-    mountinfo
-        .lines()
-        .find_map(|line| {
-            let (before, after) = line.split_once(" - ")?;
-            (after.split(' ').next() == Some("cgroup2"))
-                .then(|| before.split(' ').nth(4).map(str::to_owned))
-                .flatten()
-        })
-        .unwrap_or_else(|| panic!("no cgroup2 mount in /proc/self/mountinfo:\n{mountinfo}"))
-}
-
 /// A cgroup the test made; removed when dropped (once its processes are gone).
 struct Cgroup {
     path: String,

@@ -103,20 +103,6 @@ fn tag<'a>(tags: &'a Json, key: &str) -> Option<&'a Json> {
         .map(|t| &t["value"])
 }
 
-/// The cgroup v2 mount point.
-fn cgroup2_mount() -> String {
-    let mountinfo = fs::read_to_string("/proc/self/mountinfo").unwrap();
-    mountinfo
-        .lines()
-        .find_map(|line| {
-            let (before, after) = line.split_once(" - ")?;
-            (after.split(' ').next() == Some("cgroup2"))
-                .then(|| before.split(' ').nth(4).map(str::to_owned))
-                .flatten()
-        })
-        .expect("a cgroup2 mount")
-}
-
 /// The W3C context the test's HTTP request carries: a link on both sockets' roots.
 const LINKED_TRACE: &str = "4bf92f3577b34da6a3ce929d0e0e4736";
 const LINKED_SPAN: &str = "00f067aa0ba902b7";

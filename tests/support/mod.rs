@@ -376,6 +376,21 @@ pub fn transitions(rows: &[Row]) -> Vec<(&str, &str)> {
 
 /// A loopback port nothing listens on (bound, then released: the kernel does not
 /// hand it out again at once).
+/// Where cgroup v2 is mounted (`/sys/fs/cgroup`, or `/sys/fs/cgroup/unified` on
+/// hybrid hosts), from this process's mountinfo.
+pub fn cgroup2_mount() -> String {
+    let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+    mountinfo
+        .lines()
+        .find_map(|line| {
+            let (before, after) = line.split_once(" - ")?;
+            (after.split(' ').next() == Some("cgroup2"))
+                .then(|| before.split(' ').nth(4).map(str::to_owned))
+                .flatten()
+        })
+        .unwrap_or_else(|| panic!("no cgroup2 mount in /proc/self/mountinfo:\n{mountinfo}"))
+}
+
 /// A TCP socket bound to a free 127.0.0.1 port that it keeps until it is closed,
 /// to connect from. Bound by number: a port bound as 0 goes back to the kernel
 /// when the socket enters CLOSE (a refused connect), and the next socket may get
