@@ -369,19 +369,16 @@ fn an_abortive_close_is_reset_sent_on_one_end_and_reset_by_peer_on_the_other() {
     }
 }
 
-#[test]
-fn one_dropped_syn_is_one_retransmit_about_one_rto_into_syn_sent_and_no_error() {
-    if !root_or_skip("one_dropped_syn_is_one_retransmit_about_one_rto_into_syn_sent_and_no_error") {
-        return;
-    }
-    let _serial = load::serial();
+/// One connection on loopback, client closing first, with `fault` on its
+/// listener's port matching exactly one packet (`what`); its spans and ports.
+fn one_connection_with(fault: fn(u16) -> Fault, what: &str) -> (Vec<ReceivedSpan>, u16, u16) {
     let rx = Receiver::start();
     let tracer = start(&rx);
     let (listener, addr) = listen("127.0.0.1");
-    let fault = Fault::drop_first_syn(addr.port());
+    let fault = fault(addr.port());
     let client = TcpStream::connect(addr).unwrap();
     let (server, _) = listener.accept().unwrap();
-    assert_eq!(fault.matched(), 1, "one SYN dropped");
+    assert_eq!(fault.matched(), 1, "{what}");
     drop(fault);
     let cp = client.local_addr().unwrap().port();
     drop(client);
@@ -389,7 +386,17 @@ fn one_dropped_syn_is_one_retransmit_about_one_rto_into_syn_sent_and_no_error() 
     assert_eq!((&server).read(&mut buf).unwrap(), 0);
     drop(server);
     let spans = finish(tracer, &rx, &[(cp, addr.port()), (addr.port(), cp)]);
-    let end = End::of(&spans, cp, addr.port());
+    (spans, cp, addr.port())
+}
+
+#[test]
+fn one_dropped_syn_is_one_retransmit_about_one_rto_into_syn_sent_and_no_error() {
+    if !root_or_skip("one_dropped_syn_is_one_retransmit_about_one_rto_into_syn_sent_and_no_error") {
+        return;
+    }
+    let _serial = load::serial();
+    let (spans, cp, sp) = one_connection_with(Fault::drop_first_syn, "one SYN dropped");
+    let end = End::of(&spans, cp, sp);
     assert_eq!(end.error_type(), None);
     assert_ne!(end.root.status_code, STATUS_ERROR);
     let syn_sent = end.state("SYN_SENT");
@@ -410,7 +417,7 @@ fn one_dropped_syn_is_one_retransmit_about_one_rto_into_syn_sent_and_no_error() 
     assert_eq!(events(syn_sent, ERROR), Vec::<&ReceivedEvent>::new());
     assert_eq!(end.events_elsewhere("SYN_SENT", RETRANSMIT), 0);
     assert_eq!(end.assert_retransmits_match_the_kernel(), 1);
-    End::of(&spans, addr.port(), cp).assert_clean();
+    End::of(&spans, sp, cp).assert_clean();
 }
 
 #[test]
@@ -461,21 +468,9 @@ fn a_lost_handshake_ack_shows_the_synack_retransmit_on_the_servers_syn_recv() {
         return;
     }
     let _serial = load::serial();
-    let rx = Receiver::start();
-    let tracer = start(&rx);
-    let (listener, addr) = listen("127.0.0.1");
-    let fault = Fault::drop_handshake_ack(addr.port());
-    let client = TcpStream::connect(addr).unwrap();
-    let (server, _) = listener.accept().unwrap();
-    assert_eq!(fault.matched(), 1, "one handshake ACK dropped");
-    drop(fault);
-    let cp = client.local_addr().unwrap().port();
-    drop(client);
-    let mut buf = [0u8; 1];
-    assert_eq!((&server).read(&mut buf).unwrap(), 0);
-    drop(server);
-    let spans = finish(tracer, &rx, &[(cp, addr.port()), (addr.port(), cp)]);
-    let end = End::of(&spans, addr.port(), cp);
+    let (spans, cp, sp) =
+        one_connection_with(Fault::drop_handshake_ack, "one handshake ACK dropped");
+    let end = End::of(&spans, sp, cp);
     assert_eq!(end.error_type(), None);
     let syn_recv = end.state("SYN_RECV");
     let retransmits = events(syn_recv, RETRANSMIT);
