@@ -54,6 +54,22 @@ pub enum Value {
     Other(String),
 }
 
+impl Value {
+    pub fn as_str(&self) -> Option<&str> {
+        match self {
+            Value::Str(s) => Some(s),
+            _ => None,
+        }
+    }
+
+    pub fn as_int(&self) -> Option<i64> {
+        match self {
+            Value::Int(i) => Some(*i),
+            _ => None,
+        }
+    }
+}
+
 /// One span as received, flattened together with its resource and scope.
 #[derive(Clone, Debug)]
 pub struct ReceivedSpan {
@@ -116,26 +132,17 @@ pub struct ReceivedEvent {
 
 impl ReceivedEvent {
     pub fn str_attr(&self, key: &str) -> Option<&str> {
-        match self.attributes.get(key)? {
-            Value::Str(s) => Some(s),
-            _ => None,
-        }
+        self.attributes.get(key)?.as_str()
     }
 
     pub fn int_attr(&self, key: &str) -> Option<i64> {
-        match self.attributes.get(key)? {
-            Value::Int(i) => Some(*i),
-            _ => None,
-        }
+        self.attributes.get(key)?.as_int()
     }
 }
 
 impl ReceivedLink {
     pub fn str_attr(&self, key: &str) -> Option<&str> {
-        match self.attributes.get(key)? {
-            Value::Str(s) => Some(s),
-            _ => None,
-        }
+        self.attributes.get(key)?.as_str()
     }
 }
 
@@ -145,17 +152,11 @@ impl ReceivedSpan {
     }
 
     pub fn str_attr(&self, key: &str) -> Option<&str> {
-        match self.attr(key)? {
-            Value::Str(s) => Some(s),
-            _ => None,
-        }
+        self.attr(key)?.as_str()
     }
 
     pub fn int_attr(&self, key: &str) -> Option<i64> {
-        match self.attr(key)? {
-            Value::Int(i) => Some(*i),
-            _ => None,
-        }
+        self.attr(key)?.as_int()
     }
 
     pub fn bool_attr(&self, key: &str) -> Option<bool> {
@@ -232,17 +233,11 @@ pub enum PointValue {
 
 impl ReceivedPoint {
     pub fn str_attr(&self, key: &str) -> Option<&str> {
-        match self.attributes.get(key)? {
-            Value::Str(s) => Some(s),
-            _ => None,
-        }
+        self.attributes.get(key)?.as_str()
     }
 
     pub fn int_attr(&self, key: &str) -> Option<i64> {
-        match self.attributes.get(key)? {
-            Value::Int(i) => Some(*i),
-            _ => None,
-        }
+        self.attributes.get(key)?.as_int()
     }
 
     /// A counter's or gauge's value, a histogram's count.
