@@ -280,3 +280,19 @@ fn runs_with_least_privilege() {
         assert!(!stderr.contains("span links"), "{setpriv:?}: {stderr}");
     }
 }
+
+/// `--help` states the kernel preflight really requires, and what it needs to run.
+#[test]
+fn help_says_what_preflight_needs() {
+    let out = Command::new(BIN).arg("--help").output().unwrap();
+    assert!(out.status.success());
+    let help = String::from_utf8_lossy(&out.stdout);
+    let (major, minor) = otel_tcpstates::kernel::preflight::MIN_LINUX;
+    assert!(
+        help.contains(&format!("Needs Linux >= {major}.{minor} (BPF ring buffer)")),
+        "{help}"
+    );
+    for need in ["CAP_BPF + CAP_PERFMON", "CAP_NET_ADMIN for --links"] {
+        assert!(help.contains(need), "{need}: {help}");
+    }
+}

@@ -20,13 +20,20 @@ Examples:
   otel-tcpstates --otlp-endpoint http://localhost:4318            # spans over OTLP/HTTP
   otel-tcpstates --otlp-endpoint http://localhost:4317 --otlp-protocol grpc --print
   otel-tcpstates --otlp-endpoint http://localhost:4318 --sample-ratio 0.01  # 1% of the traces,
-                              # and every failed, retransmitting or slow connection
+                              # and every failed, retransmitting or slow connection";
 
-Needs Linux >= 4.16 and root (or CAP_BPF + CAP_PERFMON).";
+/// What preflight checks, said where users look first.
+fn after_help() -> String {
+    let (major, minor) = crate::kernel::preflight::MIN_LINUX;
+    format!(
+        "{EXAMPLES}\n\nNeeds Linux >= {major}.{minor} (BPF ring buffer) and root, or CAP_BPF + CAP_PERFMON \
+         (+ CAP_NET_ADMIN for --links; + CAP_DAC_READ_SEARCH when not root: tracefs is root's)."
+    )
+}
 
 /// Trace TCP socket state changes and the time spent in each state, from the kernel (eBPF).
 #[derive(Debug, Parser)]
-#[command(name = "otel-tcpstates", version, after_help = EXAMPLES)]
+#[command(name = "otel-tcpstates", version, after_help = after_help())]
 pub struct Cli {
     /// Include a time column (HH:MM:SS)
     #[arg(short = 'T', long = "time")]
@@ -93,7 +100,8 @@ pub struct Cli {
     #[arg(long = "no-links", overrides_with = "links")]
     pub no_links: bool,
 
-    /// tcplife mode: one line per closed connection (owner, bytes each way, lifespan)
+    /// tcplife mode: one line per closed connection (owner, KiB the peer acknowledged
+    /// and KiB received, lifespan)
     #[arg(long = "life")]
     pub life: bool,
 

@@ -31,14 +31,18 @@ pub fn run() -> Result<()> {
     check_tracepoint(Path::new(TRACEFS))
 }
 
-/// The BPF ring buffer arrived in Linux 5.8 (the tracepoint in 4.16).
+/// The oldest kernel the tracer runs on: the BPF ring buffer arrived in Linux 5.8
+/// (the tracepoint in 4.16). `--help` states it from here.
+pub const MIN_LINUX: (u32, u32) = (5, 8);
+
 fn check_kernel(release: &str) -> Result<()> {
     let mut numbers = release.trim().split(['.', '-']).map(|n| n.parse::<u32>());
     if let (Some(Ok(major)), Some(Ok(minor))) = (numbers.next(), numbers.next())
-        && (major, minor) < (5, 8)
+        && (major, minor) < MIN_LINUX
     {
+        let (need_major, need_minor) = MIN_LINUX;
         bail!(
-            "this kernel ({}) is too old: otel-tcpstates needs Linux 5.8 or newer (BPF ring buffer)",
+            "this kernel ({}) is too old: otel-tcpstates needs Linux {need_major}.{need_minor} or newer (BPF ring buffer)",
             release.trim()
         );
     }
