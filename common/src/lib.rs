@@ -52,9 +52,12 @@ pub struct Event {
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct TcpFacts {
-    /// Payload bytes sent and acknowledged by the peer (tcplife's TX).
+    /// Sequence space the peer acknowledged (tcplife's TX): payload bytes, once
+    /// however often sent, plus one for this side's SYN (a connecting socket's
+    /// only) and one for its FIN.
     pub bytes_acked: u64,
-    /// Payload bytes received (tcplife's RX).
+    /// Sequence space received in order (tcplife's RX): payload bytes plus one for
+    /// the peer's FIN.
     pub bytes_received: u64,
     /// Smoothed RTT in microseconds, times 8 (the kernel's fixed point).
     pub srtt_us_x8: u32,

@@ -227,10 +227,10 @@ impl ConnectionMetrics {
                 .u64_counter(name::IO)
                 .with_unit("By")
                 .with_description(
-                    "Bytes acknowledged by the peer (transmit) and received (receive) by \
-                     connections that closed, read at CLOSE: in sequence space as the kernel \
-                     counts them (bytes_acked, bytes_received), so an acknowledged SYN or FIN \
-                     counts as one byte",
+                    "Bytes the peer acknowledged (transmit) and bytes received (receive) by \
+                     connections that closed, read at CLOSE as the kernel counts them \
+                     (bytes_acked, bytes_received): in sequence space, payload once however \
+                     often sent, plus one for each SYN or FIN acknowledged and FIN received",
                 )
                 .build(),
             ended: Series::new(max),

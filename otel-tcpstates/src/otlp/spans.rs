@@ -41,7 +41,8 @@ pub mod attr {
 
     /// Connection facts read from the kernel's `struct tcp_sock` at CLOSE (root only),
     /// named and counted as the kernel does (as `ss -i` and tcp_info show them): bytes
-    /// in sequence space, so an acknowledged SYN or FIN counts as one byte.
+    /// in sequence space: payload once however often sent, plus one for each SYN or
+    /// FIN acknowledged (`bytes_acked`) or FIN received (`bytes_received`).
     pub const BYTES_ACKED: &str = "tcpstates.bytes_acked";
     pub const BYTES_RECEIVED: &str = "tcpstates.bytes_received";
     pub const SRTT_US: &str = "tcpstates.srtt_us";
