@@ -14,7 +14,7 @@ use lru::LruCache;
 use otel_tcpstates_common::tcp_state;
 
 use crate::{
-    kernel::event::{Comm, Happened, Incident, TcpEvent, TcpFacts, TcpState},
+    kernel::event::{Comm, Family, Happened, Incident, TcpEvent, TcpFacts, TcpState},
     kernel::traceparent::Link,
     sessions::incidents::{IncidentCounts, RetransmitKind, SpanEvent, SpanEvents, What},
     sessions::links::Links,
@@ -106,6 +106,9 @@ pub struct Session {
     /// Whether the socket's creation (connect, listen, accept) was seen.
     pub begin_seen: bool,
     pub role: Role,
+    /// The socket's family (an IPv6 socket may carry an IPv4 connection).
+    pub family: Family,
+    /// The connection's addresses (see [`TcpEvent::local_addr`]).
     pub local_addr: IpAddr,
     pub local_port: u16,
     pub remote_addr: IpAddr,
@@ -149,9 +152,19 @@ pub struct Closing {
 }
 
 impl Session {
+    /// Whether the connection is IPv4 (whatever the socket's family).
     pub fn is_ipv4(&self) -> bool {
         self.local_addr.is_ipv4()
     }
+}
+
+/// Where a socket listens: its network namespace (pods on one node may each
+/// listen on a port), its family (a dual-stack listener's IPv4 connections are
+/// IPv6 sockets), its port.
+type ListenerKey = (u32, Family, u16);
+
+fn listener_key(event: &TcpEvent) -> ListenerKey {
+    (event.netns, event.family, event.local_port)
 }
 
 /// A state the socket left: one child span.
@@ -193,9 +206,9 @@ pub struct TableStats {
 
 pub struct SessionTable {
     sessions: LruCache<u64, Session>,
-    /// (IPv4?, port) → owner of the socket listening there: accepted sockets
-    /// belong to it until their own owner acts on them.
-    listeners: HashMap<(bool, u16), Owner>,
+    /// Owner of the socket listening there: accepted sockets belong to it until
+    /// their own owner acts on them.
+    listeners: HashMap<ListenerKey, Owner>,
     stats: TableStats,
     /// Keys the trace ids.
     ids: RandomState,
@@ -340,13 +353,11 @@ impl SessionTable {
             };
             session.owner = Some(owner);
             if event.newstate.0 == tcp_state::LISTEN {
-                self.listeners
-                    .insert((event.local_addr.is_ipv4(), event.local_port), owner);
+                self.listeners.insert(listener_key(event), owner);
             }
         }
         if event.oldstate.0 == tcp_state::LISTEN && event.newstate.0 == tcp_state::CLOSE {
-            self.listeners
-                .remove(&(event.local_addr.is_ipv4(), event.local_port));
+            self.listeners.remove(&listener_key(event));
         }
         let closes = event.newstate.0 == tcp_state::CLOSE;
         let close = CloseFacts {
@@ -418,17 +429,14 @@ impl SessionTable {
             birth_ns,
             begin_seen,
             role: role_of(event),
+            family: event.family,
             local_addr: event.local_addr,
             local_port: event.local_port,
             remote_addr: event.remote_addr,
             remote_port: event.remote_port,
             // An accepted socket starts out owned by its listener's process.
             owner: (event.oldstate.0 == tcp_state::LISTEN)
-                .then(|| {
-                    self.listeners
-                        .get(&(event.local_addr.is_ipv4(), event.local_port))
-                        .copied()
-                })
+                .then(|| self.listeners.get(&listener_key(event)).copied())
                 .flatten(),
             error: None,
             facts: None,
@@ -753,6 +761,8 @@ pub(crate) mod tests {
             family: otel_tcpstates_common::AF_INET,
             oldstate: old,
             newstate: new,
+            netns: 0,
+            _pad: 0,
         };
         crate::kernel::event::decode(&crate::kernel::event::tests::record(&raw)).unwrap()
     }
