@@ -1159,6 +1159,49 @@ pub(crate) mod tests {
     }
 
     #[test]
+    fn listeners_are_told_apart_by_namespace_and_family() {
+        let mut t = table(16);
+        // (socket, time, old, new, port, pid, netns)
+        let at = |sk, ts, old, new, port, pid, netns| {
+            let mut e = ev_as(sk, ts, 0, old, new, port, pid, [0; 16]);
+            e.netns = netns;
+            e
+        };
+        // A dual-stack listener on `::`, and its IPv4 client's socket.
+        let v6 = |mut e: TcpEvent, mapped: bool| {
+            e.family = Family::V6;
+            if !mapped {
+                (e.local_addr, e.remote_addr) = (IpAddr::from([0u16; 8]), IpAddr::from([0u16; 8]));
+            }
+            e
+        };
+        let (_, sessions) = run_settled(
+            &mut t,
+            &[
+                at(1, 10, CLOSE, LISTEN, 8080, 100, 1),
+                at(2, 20, CLOSE, LISTEN, 8080, 200, 2),
+                v6(at(3, 30, CLOSE, LISTEN, 8080, 300, 1), false),
+                at(11, 40, LISTEN, SYN_RECV, 8080, 0, 1),
+                at(12, 50, LISTEN, SYN_RECV, 8080, 0, 2),
+                v6(at(13, 60, LISTEN, SYN_RECV, 8080, 0, 1), true),
+                // Namespace 2's server goes away; namespace 1's keep theirs.
+                at(2, 70, LISTEN, CLOSE, 8080, 200, 2),
+                at(14, 80, LISTEN, SYN_RECV, 8080, 0, 1),
+                at(15, 90, LISTEN, SYN_RECV, 8080, 0, 2),
+            ],
+        );
+        assert_eq!(sessions.len(), 1, "only the closed listener ended");
+        let owner = |sk: u64| t.sessions.peek(&sk).unwrap().owner.map(|o| o.pid);
+        assert_eq!(
+            [11, 12, 13, 14, 15].map(owner),
+            [Some(100), Some(200), Some(300), Some(100), None]
+        );
+        let mapped = t.sessions.peek(&13).unwrap();
+        assert!(mapped.is_ipv4() && mapped.family == Family::V6);
+        assert!(!t.sessions.peek(&3).unwrap().is_ipv4(), "`::` is IPv6");
+    }
+
+    #[test]
     fn a_reused_address_is_a_new_session() {
         let mut t = table(16);
         let mut events = client_events(SK, 100);
