@@ -51,25 +51,34 @@ fn dual_stack_listener() -> TcpListener {
     unsafe { TcpListener::from_raw_fd(fd.into_raw_fd()) }
 }
 
+/// A daemon exporting to a receiver of its own, also printing CSV rows.
+fn exporting(filter: &[&str]) -> (Receiver, Tracer) {
+    let rx = Receiver::start();
+    let endpoint = rx.grpc_endpoint();
+    let mut args = vec![
+        "--otlp-endpoint",
+        endpoint.as_str(),
+        "--otlp-protocol",
+        "grpc",
+        "--metrics-peer-address",
+        "--print",
+        "-s",
+    ];
+    args.extend(filter);
+    let tracer = Tracer::start_with_env(&args, ENV);
+    (rx, tracer)
+}
+
+/// Spans and metrics say IPv4 with dotted addresses, with no filter and with
+/// `-4`, which keeps the connection (its owner from the `::` listener); the text
+/// columns stay bcc's; `-6` shows only the listener.
 #[test]
 fn ipv4_clients_of_a_dual_stack_server_are_ipv4() {
     if !root_or_skip("ipv4_clients_of_a_dual_stack_server_are_ipv4") {
         return;
     }
-    let rx = Receiver::start();
-    let tracer = Tracer::start_with_env(
-        &[
-            "--otlp-endpoint",
-            &rx.grpc_endpoint(),
-            "--otlp-protocol",
-            "grpc",
-            "--metrics-peer-address",
-            "--print",
-            "-s",
-            "-4",
-        ],
-        ENV,
-    );
+    let (rx_all, all) = exporting(&[]);
+    let (rx_v4, only_v4) = exporting(&["-4"]);
     let only_v6 = Tracer::start(&["-s", "-6"]);
 
     let listener = dual_stack_listener();
@@ -86,32 +95,36 @@ fn ipv4_clients_of_a_dual_stack_server_are_ipv4() {
     drop(server);
     drop(listener);
 
-    let spans = rx.wait_for(WAIT, |s| {
-        trace_of(s, sp, cp).is_some() && trace_of(s, cp, sp).is_some()
-    });
     let me = i64::from(std::process::id());
-    for (local, peer, role) in [(sp, cp, "server"), (cp, sp, "client")] {
-        let (root, children) = trace_of(&spans, local, peer)
-            .unwrap_or_else(|| panic!("-4: no {role} trace {local}->{peer} in {spans:#?}"));
-        let attr = |key| root.str_attr(key).unwrap_or_default().to_owned();
-        assert_eq!(
-            (
-                attr("network.type"),
-                attr("network.local.address"),
-                attr("network.peer.address")
-            ),
-            ("ipv4".into(), "127.0.0.1".into(), "127.0.0.1".into()),
-            "{role}: {root:#?}"
-        );
-        assert!(!children.is_empty(), "{role}");
-        // The server's owner came from the dual-stack listener, which -4 follows.
-        assert_eq!(root.int_attr("process.pid"), Some(me), "{role}");
-        if role == "server" {
-            assert_eq!(root.kind, KIND_SERVER);
+    for (rx, filter) in [(&rx_all, "no filter"), (&rx_v4, "-4")] {
+        let spans = rx.wait_for(WAIT, |s| {
+            trace_of(s, sp, cp).is_some() && trace_of(s, cp, sp).is_some()
+        });
+        for (local, peer, role) in [(sp, cp, "server"), (cp, sp, "client")] {
+            let (root, children) = trace_of(&spans, local, peer).unwrap_or_else(|| {
+                panic!("{filter}: no {role} trace {local}->{peer} in {spans:#?}")
+            });
+            let attr = |key| root.str_attr(key).unwrap_or_default().to_owned();
+            assert_eq!(
+                (
+                    attr("network.type"),
+                    attr("network.local.address"),
+                    attr("network.peer.address")
+                ),
+                ("ipv4".into(), "127.0.0.1".into(), "127.0.0.1".into()),
+                "{filter}, {role}: {root:#?}"
+            );
+            assert!(!children.is_empty(), "{filter}, {role}");
+            // The server's owner came from the dual-stack listener.
+            assert_eq!(root.int_attr("process.pid"), Some(me), "{filter}, {role}");
+            if role == "server" {
+                assert_eq!(root.kind, KIND_SERVER);
+            }
         }
     }
 
     // The connection metrics: one server connection on the port, IPv4, dotted.
+    let rx = &rx_all;
     let port = sp.to_string();
     let deadline = Instant::now() + WAIT;
     let server_points = |network: &str| {
@@ -150,46 +163,48 @@ fn ipv4_clients_of_a_dual_stack_server_are_ipv4() {
         rx.series(DURATION)
     );
 
-    // Text: -4 shows the accepted socket with bcc's columns (the family and the
-    // address as the kernel gives them), and the dual-stack listener it came from.
-    let done = tracer.stop();
-    assert!(done.status.success(), "{:?}", done.stderr);
-    let text = rows(&done.lines, false);
-    let accepted = socket_rows(&text, |r| {
-        r.lport == sp && r.rport == cp && r.transition() == ("LISTEN", "SYN_RECV")
-    });
-    assert!(!accepted.is_empty(), "-4 showed no server rows: {text:#?}");
-    for row in &accepted {
+    // Text, with no filter and with -4: the accepted socket with bcc's columns
+    // (the family and the address as the kernel gives them), the dual-stack
+    // listener it came from, and the IPv4 client.
+    for (daemon, filter) in [(all, "no filter"), (only_v4, "-4")] {
+        let done = daemon.stop();
+        assert!(done.status.success(), "{:?}", done.stderr);
+        let text = rows(&done.lines, false);
+        let accepted = socket_rows(&text, |r| {
+            r.lport == sp && r.rport == cp && r.transition() == ("LISTEN", "SYN_RECV")
+        });
+        assert!(!accepted.is_empty(), "{filter}: no server rows: {text:#?}");
+        for row in &accepted {
+            assert_eq!(
+                (row.ip, row.laddr.as_str(), row.raddr.as_str()),
+                (6, "::ffff:127.0.0.1", "::ffff:127.0.0.1"),
+                "{filter}: {row:?}"
+            );
+        }
         assert_eq!(
-            (row.ip, row.laddr.as_str(), row.raddr.as_str()),
-            (6, "::ffff:127.0.0.1", "::ffff:127.0.0.1"),
-            "{row:?}"
+            accepted.last().unwrap().transition(),
+            ("LAST_ACK", "CLOSE"),
+            "{filter}: {accepted:#?}"
+        );
+        let listener_rows: Vec<(&str, &str)> = text
+            .iter()
+            .filter(|r| r.lport == sp && r.laddr == "::" && r.raddr == "::")
+            .map(Row::transition)
+            .collect();
+        assert_eq!(
+            listener_rows,
+            [("CLOSE", "LISTEN"), ("LISTEN", "CLOSE")],
+            "{filter}: the dual-stack listener"
+        );
+        let client_rows = socket_rows(&text, |r| r.lport == cp && r.rport == sp);
+        assert!(
+            !client_rows.is_empty()
+                && client_rows
+                    .iter()
+                    .all(|r| r.ip == 4 && r.laddr == "127.0.0.1"),
+            "{filter}: {client_rows:#?}"
         );
     }
-    assert_eq!(
-        accepted.last().unwrap().transition(),
-        ("LAST_ACK", "CLOSE"),
-        "{accepted:#?}"
-    );
-    let listener_rows: Vec<&Row> = text
-        .iter()
-        .filter(|r| r.lport == sp && r.laddr == "::" && r.raddr == "::")
-        .collect();
-    assert_eq!(
-        listener_rows
-            .iter()
-            .map(|r| r.transition())
-            .collect::<Vec<_>>(),
-        [("CLOSE", "LISTEN"), ("LISTEN", "CLOSE")],
-        "-4: the dual-stack listener"
-    );
-    let client_rows = socket_rows(&text, |r| r.lport == cp && r.rport == sp);
-    assert!(
-        client_rows
-            .iter()
-            .all(|r| r.ip == 4 && r.laddr == "127.0.0.1"),
-        "{client_rows:#?}"
-    );
 
     // -6: the listener (it is IPv6), not the IPv4 connection it accepted.
     let done = only_v6.stop();
