@@ -361,6 +361,9 @@ mod tests {
         let offsets = netns_offsets_from(path).unwrap();
         assert_ne!(offsets.sk_net, 0);
         assert_ne!(offsets.ns_inum, 0);
+        // Without BTF, listeners are keyed as before: offsets of 0.
+        let err = netns_offsets_from(std::path::Path::new("/nonexistent/vmlinux")).unwrap_err();
+        assert!(err.to_string().contains("/nonexistent/vmlinux"), "{err}");
     }
 
     #[test]
