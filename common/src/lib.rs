@@ -46,6 +46,11 @@ pub struct Event {
     pub family: u16,
     pub oldstate: u8,
     pub newstate: u8,
+    /// Inode number of the socket's network namespace (what `/proc/PID/ns/net`
+    /// names), on transitions to and from LISTEN: the listener's key, with the
+    /// family and port. 0 on other transitions, or when BTF did not say where it is.
+    pub netns: u32,
+    pub _pad: u32,
 }
 
 /// Connection facts read from `struct tcp_sock` when the socket reaches CLOSE.
@@ -85,6 +90,26 @@ pub struct TcpOffsets {
     pub segs_out: u32,
     /// `struct sock`'s `sk_err` (read at CLOSE, and by the error report program).
     pub sk_err: u32,
+}
+
+/// Where a socket's network namespace is, resolved from the kernel's BTF by
+/// userspace: `struct sock`'s `__sk_common.skc_net` (a `struct net *`), and in
+/// `struct net` its `ns.inum`. 0: unknown (listeners are then keyed by family
+/// and port alone).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct NetnsOffsets {
+    pub sk_net: u32,
+    pub ns_inum: u32,
+}
+
+/// Whether an IPv6 address, as two native-order words of its bytes, is
+/// IPv4-mapped (`::ffff:a.b.c.d`): an IPv6 socket talking to an IPv4 peer.
+#[inline(always)]
+pub const fn is_v4_mapped(words: [u64; 2]) -> bool {
+    const MASK: u64 = u64::from_ne_bytes([0xff, 0xff, 0xff, 0xff, 0, 0, 0, 0]);
+    const MAPPED: u64 = u64::from_ne_bytes([0, 0, 0xff, 0xff, 0, 0, 0, 0]);
+    words[0] == 0 && words[1] & MASK == MAPPED
 }
 
 /// Scalar filters, set by userspace before the program is loaded.
@@ -218,6 +243,7 @@ pub mod names {
     pub const PROGRAM: &str = "inet_sock_set_state";
     pub const CONFIG: &str = "CONFIG";
     pub const TCP_OFFSETS: &str = "TCP_OFFSETS";
+    pub const NETNS_OFFSETS: &str = "NETNS_OFFSETS";
     pub const LOCAL_PORTS: &str = "LOCAL_PORTS";
     pub const REMOTE_PORTS: &str = "REMOTE_PORTS";
     pub const EVENTS: &str = "EVENTS";
@@ -293,6 +319,7 @@ mod pod {
     unsafe impl aya::Pod for super::Config {}
     unsafe impl aya::Pod for super::SocketState {}
     unsafe impl aya::Pod for super::TcpOffsets {}
+    unsafe impl aya::Pod for super::NetnsOffsets {}
     unsafe impl aya::Pod for super::LinkEvent {}
     unsafe impl aya::Pod for super::IncidentEvent {}
 }
@@ -306,11 +333,13 @@ mod tests {
     #[test]
     fn event_layout_has_no_padding() {
         // Userspace decodes these exact bytes; padding would hold garbage.
-        assert_eq!(size_of::<Event>(), 136);
+        assert_eq!(size_of::<Event>(), 144);
         assert_eq!(size_of::<TcpFacts>(), 40);
         assert_eq!(offset_of!(Event, saddr), 72);
         assert_eq!(offset_of!(Event, comm), 112);
         assert_eq!(offset_of!(Event, newstate), 135);
+        assert_eq!(offset_of!(Event, netns), 136);
+        assert_eq!(size_of::<NetnsOffsets>(), 8);
         assert_eq!(size_of::<TcpOffsets>(), 32);
         assert_eq!(size_of::<Config>(), 12);
         assert_eq!(size_of::<SocketState>(), 16);
@@ -319,6 +348,27 @@ mod tests {
         assert_ne!(size_of::<LinkEvent>(), size_of::<Event>());
         assert_eq!(size_of::<IncidentEvent>(), 64);
         assert_eq!(offset_of!(IncidentEvent, saddr), 32);
+    }
+
+    #[test]
+    fn v4_mapped_addresses_are_told() {
+        let words = |bytes: [u8; 16]| {
+            let (a, b) = bytes.split_at(8);
+            [
+                u64::from_ne_bytes(a.try_into().unwrap()),
+                u64::from_ne_bytes(b.try_into().unwrap()),
+            ]
+        };
+        let mut mapped = [0u8; 16];
+        mapped[10..].copy_from_slice(&[0xff, 0xff, 127, 0, 0, 1]);
+        assert!(is_v4_mapped(words(mapped)));
+        let mut compatible = mapped;
+        compatible[10..12].copy_from_slice(&[0, 0]);
+        assert!(!is_v4_mapped(words(compatible)), "::127.0.0.1");
+        let mut global = mapped;
+        global[0] = 0x20;
+        assert!(!is_v4_mapped(words(global)));
+        assert!(!is_v4_mapped(words([0; 16])), "::");
     }
 
     #[test]

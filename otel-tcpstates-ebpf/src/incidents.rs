@@ -15,7 +15,7 @@ use aya_ebpf::{
     macros::{raw_tracepoint, tracepoint},
     programs::{RawTracePointContext, TracePointContext},
 };
-use otel_tcpstates_common::{AF_INET, Config, IncidentEvent, incident, tcp_state};
+use otel_tcpstates_common::{AF_INET, AF_INET6, Config, IncidentEvent, incident, tcp_state};
 
 /// Offset in `struct sk_buff` of its segment count (`tcp_skb_cb.tcp_gso_segs`
 /// in `cb`), from BTF; 0: unknown.
@@ -24,7 +24,7 @@ static SKB_GSO_SEGS: Global<u32> = Global::new(0);
 
 use crate::{
     CONFIG, EVENTS, LISTENERS, LOCAL_PORTS, REMOTE_PORTS, SOCKETS, TCP_OFFSETS, count_lost,
-    port_in, read_field, wakeup_flags,
+    family_wanted, listener_key, netns_of, port_in, read_field, wakeup_flags,
 };
 
 /// A field of a tracepoint record at a constant, naturally aligned offset: one
@@ -61,13 +61,27 @@ fn followed(skaddr: u64) -> bool {
     }
 }
 
-/// Whether a socket the state program cannot vouch for passes the family and
-/// port filters.
+/// Whether a socket the state program cannot vouch for passes the port filters,
+/// and the family filter as the state program applies it (`v6`: its local IPv6
+/// address, as words, when `family` is IPv6).
 #[inline(always)]
-fn endpoints_wanted(config: &Config, family: u16, sport: u16, dport: u16) -> bool {
-    (config.family == 0 || family == config.family)
+fn endpoints_wanted(config: &Config, family: u16, v6: [u64; 2], sport: u16, dport: u16) -> bool {
+    // The local address tells: a mapped socket's is mapped, a connection's never `::`.
+    (config.family == 0 || family_wanted(config.family, family, v6, v6))
         && (config.filter_local_ports == 0 || port_in(&LOCAL_PORTS, sport))
         && (config.filter_remote_ports == 0 || port_in(&REMOTE_PORTS, dport))
+}
+
+/// 16 address bytes as the two words [`family_wanted`] takes.
+#[inline(always)]
+fn words(addr: &[u8; 16]) -> [u64; 2] {
+    let mut out = [0u64; 2];
+    // SAFETY: 16 bytes into two u64s; read_unaligned has no alignment needs.
+    unsafe {
+        out[0] = core::ptr::read_unaligned(addr.as_ptr().cast::<u64>());
+        out[1] = core::ptr::read_unaligned(addr.as_ptr().add(8).cast::<u64>());
+    }
+    out
 }
 
 /// The addresses and ports of a SYN-ACK's connection.
@@ -138,17 +152,6 @@ pub fn tcp_retransmit_synack(ctx: TracePointContext) -> u32 {
     let family: u16 = field(&ctx, 28);
     let sport: u16 = field(&ctx, 24);
     let dport: u16 = field(&ctx, 26);
-    if !endpoints_wanted(&config, family, sport, dport) {
-        return 0;
-    }
-    if config.pid != 0 || config.exclude_pid != 0 {
-        let key = (u32::from(family) << 16) | u32::from(sport);
-        // SAFETY: plain u32 value from a successful lookup.
-        let owner = unsafe { LISTENERS.get(&key) }.copied().unwrap_or(0);
-        if !owner_wanted(&config, owner) {
-            return 0;
-        }
-    }
     let mut tuple = Tuple {
         family,
         sport,
@@ -164,7 +167,18 @@ pub fn tcp_retransmit_synack(ctx: TracePointContext) -> u32 {
         tuple.saddr = copied(&ctx, 38);
         tuple.daddr = copied(&ctx, 54);
     }
+    if !endpoints_wanted(&config, family, words(&tuple.saddr), sport, dport) {
+        return 0;
+    }
     let listener: u64 = field(&ctx, 8);
+    if config.pid != 0 || config.exclude_pid != 0 {
+        let key = listener_key(netns_of(listener), family, sport);
+        // SAFETY: plain u32 value from a successful lookup.
+        let owner = unsafe { LISTENERS.get(&key) }.copied().unwrap_or(0);
+        if !owner_wanted(&config, owner) {
+            return 0;
+        }
+    }
     emit(
         listener,
         incident::RETRANSMIT_SYNACK,
@@ -195,7 +209,13 @@ pub fn tcp_send_reset(ctx: TracePointContext) -> u32 {
         let family: u16 = field(&ctx, 32);
         let sport = u16::from_be(field(&ctx, 34));
         let dport = u16::from_be(field(&ctx, 62));
-        if !endpoints_wanted(&CONFIG.load(), family, sport, dport) {
+        // The source's sin6_addr, at 40 (a sockaddr_in6's family, port, flowinfo first).
+        let v6 = if family == AF_INET6 {
+            [field(&ctx, 40), field(&ctx, 48)]
+        } else {
+            [0; 2]
+        };
+        if !endpoints_wanted(&CONFIG.load(), family, v6, sport, dport) {
             return 0;
         }
     }

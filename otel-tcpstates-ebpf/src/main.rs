@@ -18,8 +18,9 @@ use aya_ebpf::{
     programs::TracePointContext,
 };
 use otel_tcpstates_common::{
-    Config, DEFAULT_RING_BUFFER_BYTES, DEFAULT_SOCKET_MAP_ENTRIES, Event, IPPROTO_TCP,
-    PORT_BITMAP_WORDS, SocketState, TASK_COMM_LEN, TcpFacts, TcpOffsets, tcp_state,
+    AF_INET, AF_INET6, Config, DEFAULT_RING_BUFFER_BYTES, DEFAULT_SOCKET_MAP_ENTRIES, Event,
+    IPPROTO_TCP, NetnsOffsets, PORT_BITMAP_WORDS, SocketState, TASK_COMM_LEN, TcpFacts, TcpOffsets,
+    is_v4_mapped, tcp_state,
 };
 
 /// The tracepoint's record (stable since Linux 4.16). Userspace checks it against
@@ -62,6 +63,12 @@ static TCP_OFFSETS: Global<TcpOffsets> = Global::new(TcpOffsets {
     sk_err: 0,
 });
 
+#[unsafe(no_mangle)]
+static NETNS_OFFSETS: Global<NetnsOffsets> = Global::new(NetnsOffsets {
+    sk_net: 0,
+    ns_inum: 0,
+});
+
 // Port filters as bitmaps: one bit test per event instead of a map lookup.
 #[unsafe(no_mangle)]
 static LOCAL_PORTS: [u64; PORT_BITMAP_WORDS] = [0; PORT_BITMAP_WORDS];
@@ -82,10 +89,10 @@ static EVENTS: RingBuf = RingBuf::with_byte_size(DEFAULT_RING_BUFFER_BYTES, 0);
 static SOCKETS: LruHashMap<u64, SocketState> =
     LruHashMap::with_max_entries(DEFAULT_SOCKET_MAP_ENTRIES, 0);
 
-/// (family << 16 | port) → pid of the process that made a socket listen there:
-/// the owner of the connections accepted from it.
+/// [`listener_key`] → pid of the process that made a socket listen there: the
+/// owner of the connections accepted from it.
 #[map]
-static LISTENERS: HashMap<u32, u32> = HashMap::with_max_entries(4096, 0);
+static LISTENERS: HashMap<u64, u32> = HashMap::with_max_entries(4096, 0);
 
 /// Events the ring buffer had no room for, per CPU.
 #[map]
@@ -131,6 +138,42 @@ fn address(v4: Option<u32>, v6: [u64; 2]) -> [u8; 16] {
     out
 }
 
+/// The inode number of the network namespace of socket `skaddr`, or 0 when BTF
+/// did not say where it is.
+#[inline(always)]
+pub(crate) fn netns_of(skaddr: u64) -> u32 {
+    let offsets = NETNS_OFFSETS.load();
+    if offsets.sk_net == 0 {
+        return 0;
+    }
+    match read_field::<u64>(skaddr, offsets.sk_net) {
+        0 => 0,
+        net => read_field(net, offsets.ns_inum),
+    }
+}
+
+/// A listener's key: sockets in different network namespaces (pods) may listen
+/// on one port, each for its own connections.
+#[inline(always)]
+pub(crate) fn listener_key(netns: u32, family: u16, port: u16) -> u64 {
+    (u64::from(netns) << 32) | (u64::from(family) << 16) | u64::from(port)
+}
+
+/// Whether an `-4` or `-6` filter (`wanted`, non-zero) keeps a socket of
+/// `family` with these IPv6 addresses (as words): an IPv6 socket with
+/// IPv4-mapped addresses (a dual-stack server's IPv4 client) speaks IPv4, and
+/// one on `::` without a peer (a listener on any address) may serve both.
+#[inline(always)]
+pub(crate) fn family_wanted(wanted: u16, family: u16, saddr: [u64; 2], daddr: [u64; 2]) -> bool {
+    if family != AF_INET6 {
+        return family == wanted;
+    }
+    if is_v4_mapped(saddr) || is_v4_mapped(daddr) {
+        return wanted == AF_INET;
+    }
+    wanted == AF_INET6 || (saddr == [0; 2] && daddr == [0; 2])
+}
+
 #[inline(always)]
 fn handle(args: &Args) {
     if args.protocol != IPPROTO_TCP {
@@ -138,7 +181,14 @@ fn handle(args: &Args) {
     }
     let config = CONFIG.load();
     let family = args.family;
-    if config.family != 0 && family != config.family {
+    if config.family != 0
+        && !family_wanted(
+            config.family,
+            family,
+            [load(&args.saddr_v6[0]), load(&args.saddr_v6[1])],
+            [load(&args.daddr_v6[0]), load(&args.daddr_v6[1])],
+        )
+    {
         return;
     }
     let sport = args.sport;
@@ -166,7 +216,13 @@ fn handle(args: &Args) {
         None => (0, 0),
     };
     let by_owner = tcp_state::entered_by_owner(newstate);
-    let listener_key = (u32::from(family) << 16) | u32::from(sport);
+    // Only listeners and what they clone need the namespace (two reads).
+    let netns = if newstate == tcp_state::LISTEN || oldstate == tcp_state::LISTEN {
+        netns_of(skaddr)
+    } else {
+        0
+    };
+    let listener_key = listener_key(netns, family, sport);
     if by_owner {
         owner_pid = pid;
         if newstate == tcp_state::LISTEN {
@@ -174,7 +230,8 @@ fn handle(args: &Args) {
         }
     } else if oldstate == tcp_state::LISTEN {
         if newstate == tcp_state::SYN_RECV {
-            // A connection cloned from a listener belongs to the listener's process.
+            // A connection cloned from a listener belongs to the listener's process
+            // (the clone shares its namespace).
             // SAFETY: plain u32 value from a successful lookup.
             if let Some(listener) = unsafe { LISTENERS.get(&listener_key) } {
                 owner_pid = *listener;
@@ -230,7 +287,7 @@ fn handle(args: &Args) {
         (*event).delta_ns = delta_ns;
         (*event).cgroup_id = cgroup_id;
         (*event).facts = facts;
-        if family == otel_tcpstates_common::AF_INET {
+        if family == AF_INET {
             (*event).saddr = address(Some(load(&args.saddr)), [0; 2]);
             (*event).daddr = address(Some(load(&args.daddr)), [0; 2]);
         } else {
@@ -249,6 +306,8 @@ fn handle(args: &Args) {
         (*event).family = family;
         (*event).oldstate = oldstate;
         (*event).newstate = newstate;
+        (*event).netns = netns;
+        (*event)._pad = 0;
     }
     entry.submit(wakeup_flags());
 }

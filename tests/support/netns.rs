@@ -99,3 +99,44 @@ impl Drop for LossyLink {
         }
     }
 }
+
+/// A network namespace of the test's own with only its loopback up: a pod's
+/// view of the network. Dropping it deletes the namespace.
+pub struct Netns {
+    pub name: String,
+}
+
+impl Netns {
+    /// Namespace `otcs-<tag>-<pid>`.
+    pub fn new(tag: &str) -> Netns {
+        let name = format!("otcs-{tag}-{}", std::process::id());
+        let _ = Command::new("ip")
+            .args(["netns", "del", &name])
+            .stderr(std::process::Stdio::null())
+            .status();
+        ip(&["netns", "add", &name]);
+        ip(&["-n", &name, "link", "set", "lo", "up"]);
+        Netns { name }
+    }
+
+    /// Runs `f` on a thread inside the namespace: the sockets it makes live there.
+    pub fn run<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> T {
+        in_namespace(&self.name, f)
+    }
+
+    /// `program` to be run inside the namespace (`ip netns exec` execs it: the
+    /// child's pid is the program's).
+    pub fn command(&self, program: &str) -> Command {
+        let mut command = Command::new("ip");
+        command.args(["netns", "exec", &self.name, program]);
+        command
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .status();
+    }
+}

@@ -55,6 +55,63 @@ impl fmt::Debug for Comm {
     }
 }
 
+/// A socket's address family, as the kernel names it: bcc's IP column.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Family {
+    V4,
+    V6,
+}
+
+impl Family {
+    /// The IP version tcpstates prints.
+    pub fn version(self) -> u8 {
+        match self {
+            Self::V4 => 4,
+            Self::V6 => 6,
+        }
+    }
+
+    /// `addr` (as [`TcpEvent`] holds it) as the kernel gave it for a socket of
+    /// this family: on an IPv6 socket, an IPv4 address is IPv4-mapped (and an
+    /// unspecified one was `::`).
+    pub fn as_kernel_gave(self, addr: IpAddr) -> IpAddr {
+        match (self, addr) {
+            (Self::V6, IpAddr::V4(v4)) if v4.is_unspecified() => Ipv6Addr::UNSPECIFIED.into(),
+            (Self::V6, IpAddr::V4(v4)) => v4.to_ipv6_mapped().into(),
+            _ => addr,
+        }
+    }
+}
+
+/// A connection's two addresses as the kernel gives them for a socket of
+/// `family`, turned into the addresses the connection uses: an IPv6 socket whose
+/// addresses are IPv4-mapped (`::ffff:a.b.c.d`: a dual-stack server's IPv4
+/// client) speaks IPv4, so both are IPv4 (`::`, not yet known, `0.0.0.0`). The
+/// one place this is decided: spans, metrics and links see what it returns.
+fn addresses(
+    family: u16,
+    saddr: &[u8; 16],
+    daddr: &[u8; 16],
+) -> Result<(IpAddr, IpAddr), DecodeError> {
+    match family {
+        AF_INET => Ok((ipv4(saddr), ipv4(daddr))),
+        AF_INET6 => {
+            let (s, d) = (Ipv6Addr::from(*saddr), Ipv6Addr::from(*daddr));
+            let v4 = |a: Ipv6Addr| match a.is_unspecified() {
+                true => Some(Ipv4Addr::UNSPECIFIED),
+                false => a.to_ipv4_mapped(),
+            };
+            Ok(match (v4(s), v4(d)) {
+                (Some(ls), Some(ld)) if !(s.is_unspecified() && d.is_unspecified()) => {
+                    (ls.into(), ld.into())
+                }
+                _ => (s.into(), d.into()),
+            })
+        }
+        other => Err(DecodeError::Family(other)),
+    }
+}
+
 /// One TCP state change of one socket.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct TcpEvent {
@@ -68,10 +125,16 @@ pub struct TcpEvent {
     pub cgroup_id: u64,
     /// On CLOSE: bytes, RTT, retransmits, segments (zero without BTF).
     pub facts: TcpFacts,
+    /// The socket's family (an IPv6 socket may carry an IPv4 connection).
+    pub family: Family,
+    /// The connection's addresses: IPv4 for an IPv6 socket's IPv4-mapped ones.
     pub local_addr: IpAddr,
     pub local_port: u16,
     pub remote_addr: IpAddr,
     pub remote_port: u16,
+    /// Inode number of the socket's network namespace, on transitions to and
+    /// from LISTEN (0 otherwise, or without BTF).
+    pub netns: u32,
     /// Process on the CPU at the transition (bcc's C-PID).
     pub pid: u32,
     /// Owner of the socket as far as the kernel has seen (0: not yet known).
@@ -83,8 +146,17 @@ pub struct TcpEvent {
 }
 
 impl TcpEvent {
+    /// Whether the connection is IPv4 (whatever the socket's family).
     pub fn is_ipv4(&self) -> bool {
         self.local_addr.is_ipv4()
+    }
+
+    /// The local and remote addresses as the kernel gave them (bcc's columns).
+    pub fn kernel_addrs(&self) -> (IpAddr, IpAddr) {
+        (
+            self.family.as_kernel_gave(self.local_addr),
+            self.family.as_kernel_gave(self.remote_addr),
+        )
     }
 }
 
@@ -193,24 +265,23 @@ pub fn decode(record: &[u8]) -> Result<TcpEvent, DecodeError> {
     // SAFETY: the slice holds at least size_of::<Event>() bytes, Event is plain
     // data valid for any bit pattern, and read_unaligned has no alignment needs.
     let raw: Event = unsafe { record.as_ptr().cast::<Event>().read_unaligned() };
-    let (local_addr, remote_addr) = match raw.family {
-        AF_INET => (ipv4(&raw.saddr), ipv4(&raw.daddr)),
-        AF_INET6 => (
-            IpAddr::V6(Ipv6Addr::from(raw.saddr)),
-            IpAddr::V6(Ipv6Addr::from(raw.daddr)),
-        ),
-        other => return Err(DecodeError::Family(other)),
-    };
+    let (local_addr, remote_addr) = addresses(raw.family, &raw.saddr, &raw.daddr)?;
     Ok(TcpEvent {
         skaddr: raw.skaddr,
         ts_ns: raw.ts_ns,
         delta_ns: raw.delta_ns,
         cgroup_id: raw.cgroup_id,
         facts: raw.facts,
+        family: if raw.family == AF_INET {
+            Family::V4
+        } else {
+            Family::V6
+        },
         local_addr,
         local_port: raw.sport,
         remote_addr,
         remote_port: raw.dport,
+        netns: raw.netns,
         pid: raw.pid,
         owner_pid: raw.owner_pid,
         comm: Comm(raw.comm),
@@ -230,14 +301,8 @@ fn decode_incident(record: &[u8]) -> Result<Record, DecodeError> {
             segs: raw.segs,
         },
         incident::RETRANSMIT_SYNACK => {
-            let (local, remote) = match raw.family {
-                AF_INET => (ipv4(&raw.saddr), ipv4(&raw.daddr)),
-                AF_INET6 => (
-                    IpAddr::V6(Ipv6Addr::from(raw.saddr)),
-                    IpAddr::V6(Ipv6Addr::from(raw.daddr)),
-                ),
-                other => return Err(DecodeError::Family(other)),
-            };
+            // As the connection's own socket will name them.
+            let (local, remote) = addresses(raw.family, &raw.saddr, &raw.daddr)?;
             Happened::SynAckRetransmit {
                 local: (local, raw.sport),
                 remote: (remote, raw.dport),
@@ -299,6 +364,8 @@ pub(crate) mod tests {
             family: AF_INET,
             oldstate: tcp_state::SYN_SENT,
             newstate: tcp_state::ESTABLISHED,
+            netns: 0,
+            _pad: 0,
         }
     }
 
@@ -327,6 +394,38 @@ pub(crate) mod tests {
         assert_eq!(event.local_addr.to_string(), "::1");
         assert_eq!(event.remote_addr.to_string(), "2001:db8::7");
         assert!(!event.is_ipv4());
+    }
+
+    #[test]
+    fn ipv4_mapped_addresses_are_ipv4_but_print_as_given() {
+        let mut raw = raw_v4();
+        raw.family = AF_INET6;
+        raw.saddr = "::ffff:10.0.0.1".parse::<Ipv6Addr>().unwrap().octets();
+        raw.daddr = "::ffff:93.184.216.34".parse::<Ipv6Addr>().unwrap().octets();
+        raw.netns = 4026531840;
+        let event = decode(&record(&raw)).unwrap();
+        assert_eq!(event.local_addr.to_string(), "10.0.0.1");
+        assert_eq!(event.remote_addr.to_string(), "93.184.216.34");
+        assert!(event.is_ipv4());
+        assert_eq!((event.family, event.family.version()), (Family::V6, 6));
+        assert_eq!(event.netns, 4026531840);
+        let (local, remote) = event.kernel_addrs();
+        assert_eq!(
+            (local.to_string(), remote.to_string()),
+            ("::ffff:10.0.0.1".into(), "::ffff:93.184.216.34".into())
+        );
+        // Before its local address is known, a mapped connect's is `::`: IPv4
+        // too, so both ends agree, and printed as given.
+        raw.saddr = [0; 16];
+        let event = decode(&record(&raw)).unwrap();
+        assert_eq!(event.local_addr.to_string(), "0.0.0.0");
+        assert_eq!(event.kernel_addrs().0.to_string(), "::");
+        // A listener on `::` is IPv6; so are IPv4-compatible addresses.
+        raw.daddr = [0; 16];
+        let event = decode(&record(&raw)).unwrap();
+        assert!(!event.is_ipv4());
+        raw.saddr = "::10.0.0.1".parse::<Ipv6Addr>().unwrap().octets();
+        assert!(!decode(&record(&raw)).unwrap().is_ipv4());
     }
 
     #[test]
@@ -400,7 +499,7 @@ pub(crate) mod tests {
             (raw.skaddr, raw.ts_ns, raw.delta_ns, raw.pid) = (skaddr, ts, delta, pid);
             (raw.sport, raw.dport, raw.oldstate, raw.newstate) = (sport, dport, old, new);
             raw.family = if v6 { AF_INET6 } else { AF_INET };
-            raw.saddr = addr;
+            (raw.saddr, raw.daddr) = (addr, addr);
             let mut bytes = record(&raw);
             bytes.extend(std::iter::repeat_n(0xAA, extra));
             let event = decode(&bytes).unwrap();
@@ -412,7 +511,10 @@ pub(crate) mod tests {
             } else {
                 IpAddr::V4(Ipv4Addr::new(addr[0], addr[1], addr[2], addr[3]))
             };
-            proptest::prop_assert_eq!(event.local_addr, expected);
+            // As printed, the address the kernel gave; as the connection's, the
+            // same but IPv4 where it was IPv4-mapped.
+            proptest::prop_assert_eq!(event.kernel_addrs().0, expected);
+            proptest::prop_assert_eq!(event.local_addr, expected.to_canonical());
         }
     }
 }

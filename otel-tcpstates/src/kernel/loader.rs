@@ -9,7 +9,8 @@ use aya::{
     programs::{CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, TracePoint},
 };
 use otel_tcpstates_common::{
-    AF_INET, AF_INET6, Config, DEFAULT_SOCKET_MAP_ENTRIES, PORT_BITMAP_WORDS, TcpOffsets, names,
+    AF_INET, AF_INET6, Config, DEFAULT_SOCKET_MAP_ENTRIES, NetnsOffsets, PORT_BITMAP_WORDS,
+    TcpOffsets, names,
 };
 
 use crate::kernel::{
@@ -107,6 +108,40 @@ fn tcp_offsets_from(path: &std::path::Path) -> Result<TcpOffsets, btf::BtfError>
     })
 }
 
+/// Where a socket's network namespace is, from the kernel's BTF, so listeners are
+/// told apart by namespace (pods sharing a port). Without BTF says so once and
+/// returns offsets that key listeners by family and port alone.
+fn netns_offsets() -> NetnsOffsets {
+    match netns_offsets_from(std::path::Path::new(KERNEL_BTF)) {
+        Ok(offsets) => offsets,
+        Err(err) => {
+            tracing::warn!(
+                "listeners in different network namespaces on one port will share an owner: {err} (needs a kernel with CONFIG_DEBUG_INFO_BTF)"
+            );
+            NetnsOffsets::default()
+        }
+    }
+}
+
+fn netns_offsets_from(path: &std::path::Path) -> Result<NetnsOffsets, btf::BtfError> {
+    let btf = Btf::from_file(path)?;
+    // possible_net_t is one `struct net *` (nothing without CONFIG_NET_NS).
+    let common = btf.field("sock", "__sk_common")?;
+    let net = btf.field("sock_common", "skc_net")?;
+    let ns = btf.field("net", "ns")?;
+    let inum = btf.field("ns_common", "inum")?;
+    if net.size != 8 || inum.size != 4 {
+        return Err(btf::BtfError::Malformed(format!(
+            "sock_common.skc_net is {} bytes and ns_common.inum {}, expected 8 and 4",
+            net.size, inum.size
+        )));
+    }
+    Ok(NetnsOffsets {
+        sk_net: common.offset + net.offset,
+        ns_inum: ns.offset + inum.offset,
+    })
+}
+
 /// Where `struct sk_buff` keeps a TCP segment's count: `tcp_skb_cb.tcp_gso_segs`
 /// inside `cb`. 0 when BTF does not say (retransmissions then count one each).
 fn skb_gso_segs_offset() -> u32 {
@@ -191,6 +226,8 @@ impl Probe {
         }
         let socket_entries = socket_map_entries(max_sockets);
         let gso_segs = if incidents { skb_gso_segs_offset() } else { 0 };
+        // Whatever the output: the kernel's listener owners serve `-p` too.
+        let netns = netns_offsets();
         let loaded = EbpfLoader::new()
             .override_global(names::SKB_GSO_SEGS, &gso_segs, true)
             .override_global(names::CONFIG, &config, true)
@@ -198,6 +235,7 @@ impl Probe {
             .override_global(names::REMOTE_PORTS, &remote, true)
             .override_global(names::WAKEUP_BYTES, &wakeup_bytes, true)
             .override_global(names::TCP_OFFSETS, offsets, true)
+            .override_global(names::NETNS_OFFSETS, &netns, true)
             .map_max_entries(names::EVENTS, ring_buffer_bytes)
             .map_max_entries(names::SOCKETS, socket_entries)
             .load(PROGRAM);
@@ -310,6 +348,21 @@ mod tests {
         let offsets = tcp_offsets_from(path).unwrap();
         assert_eq!(offsets.enabled, 1);
         let err = tcp_offsets_from(std::path::Path::new("/nonexistent/vmlinux")).unwrap_err();
+        assert!(err.to_string().contains("/nonexistent/vmlinux"), "{err}");
+    }
+
+    #[test]
+    fn netns_offsets_resolve_on_this_kernel() {
+        let path = std::path::Path::new(KERNEL_BTF);
+        if !path.exists() {
+            eprintln!("skipping: no {KERNEL_BTF}");
+            return;
+        }
+        let offsets = netns_offsets_from(path).unwrap();
+        assert_ne!(offsets.sk_net, 0);
+        assert_ne!(offsets.ns_inum, 0);
+        // Without BTF, listeners are keyed as before: offsets of 0.
+        let err = netns_offsets_from(std::path::Path::new("/nonexistent/vmlinux")).unwrap_err();
         assert!(err.to_string().contains("/nonexistent/vmlinux"), "{err}");
     }
 

@@ -11,7 +11,7 @@ use std::{
 use anyhow::{Context as _, Result, anyhow};
 
 use crate::{
-    kernel::event::TcpEvent,
+    kernel::event::{Family, TcpEvent},
     sessions::outcome::{CloseFacts, ErrorType},
 };
 
@@ -142,7 +142,9 @@ pub fn encode(event: &TcpEvent, out: &mut Vec<u8>) {
     let e = event;
     // As text output and bcc print it: not necessarily UTF-8, made so.
     let comm = e.comm.to_string();
-    let (source, destination) = if e.is_ipv4() {
+    // As text output: the socket's family, the addresses as the kernel gave them.
+    let (local, remote) = e.kernel_addrs();
+    let (source, destination) = if e.family == Family::V4 {
         (
             "OBJECT_IPV4_SOURCE_ADDRESS",
             "OBJECT_IPV4_DESTINATION_ADDRESS",
@@ -158,16 +160,16 @@ pub fn encode(event: &TcpEvent, out: &mut Vec<u8>) {
         "MESSAGE",
         format_args!(
             "{comm} {} {} → {} {} {} → {}",
-            e.local_addr, e.local_port, e.remote_addr, e.remote_port, e.oldstate, e.newstate
+            local, e.local_port, remote, e.remote_port, e.oldstate, e.newstate
         ),
     );
     field(out, "PRIORITY", PRIORITY);
     field(out, "SYSLOG_IDENTIFIER", IDENTIFIER);
     field(out, "OBJECT_PID", e.pid);
     field(out, "OBJECT_COMM", &comm);
-    field(out, source, e.local_addr);
+    field(out, source, local);
     field(out, "OBJECT_TCP_SOURCE_PORT", e.local_port);
-    field(out, destination, e.remote_addr);
+    field(out, destination, remote);
     field(out, "OBJECT_TCP_DESTINATION_PORT", e.remote_port);
     field(out, "OBJECT_TCP_OLD_STATE", e.oldstate);
     field(out, "OBJECT_TCP_NEW_STATE", e.newstate);
@@ -180,7 +182,7 @@ pub fn encode(event: &TcpEvent, out: &mut Vec<u8>) {
         format_args!("{:.3}", e.delta_ns as f64 / 1e6),
     );
     field(out, "TCP_SKADDR", format_args!("{:x}", e.skaddr));
-    field(out, "TCP_IP_VERSION", if e.is_ipv4() { 4 } else { 6 });
+    field(out, "TCP_IP_VERSION", e.family.version());
     if e.owner_pid != 0 {
         field(out, "TCP_OWNER_PID", e.owner_pid);
     }

@@ -65,7 +65,12 @@ impl<W: Write> LifeWriter<W> {
         let facts = s.facts.unwrap_or_default();
         let (tx_kb, rx_kb) = (facts.bytes_acked / 1024, facts.bytes_received / 1024);
         let ms = end_ns.saturating_sub(s.birth_ns) as f64 / 1e6;
-        let ip = if s.is_ipv4() { 4 } else { 6 };
+        // bcc's columns: the socket's family, its addresses as the kernel gave them.
+        let ip = s.family.version();
+        let (laddr, raddr) = (
+            s.family.as_kernel_gave(s.local_addr),
+            s.family.as_kernel_gave(s.remote_addr),
+        );
         let Layout { wide, csv, .. } = self.layout;
         let out = &mut self.out;
         if csv {
@@ -74,19 +79,19 @@ impl<W: Write> LifeWriter<W> {
             writeln!(
                 out,
                 ",{ip},{},{},{},{},{tx_kb},{rx_kb},{ms:.2}",
-                s.local_addr, s.local_port, s.remote_addr, s.remote_port
+                laddr, s.local_port, raddr, s.remote_port
             )
         } else if wide {
             writeln!(
                 out,
                 "{pid:<5} {comm:<16.16} {ip:<2} {:<26} {:<5} {:<26} {:<5} {tx_kb:>6} {rx_kb:>6} {ms:.2}",
-                s.local_addr, s.local_port, s.remote_addr, s.remote_port
+                laddr, s.local_port, raddr, s.remote_port
             )
         } else {
             writeln!(
                 out,
                 "{pid:<5} {comm:<10.10} {:<15} {:<5} {:<15} {:<5} {tx_kb:>5} {rx_kb:>5} {ms:.2}",
-                s.local_addr, s.local_port, s.remote_addr, s.remote_port
+                laddr, s.local_port, raddr, s.remote_port
             )
         }
     }

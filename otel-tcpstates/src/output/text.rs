@@ -63,7 +63,10 @@ impl<W: Write> TextWriter<W> {
     pub fn event(&mut self, event: &TcpEvent) -> io::Result<()> {
         let Layout { wide, csv, .. } = self.layout;
         self.times.write(&mut self.out, event.ts_ns)?;
-        let ip = if event.is_ipv4() { 4 } else { 6 };
+        // bcc's columns: the socket's family, the addresses as the kernel gave them
+        // (a dual-stack server's IPv4 client as `::ffff:a.b.c.d`).
+        let ip = event.family.version();
+        let (laddr, raddr) = event.kernel_addrs();
         let ms = event.delta_ns as f64 / 1e6;
         let e = event;
         if csv {
@@ -72,7 +75,7 @@ impl<W: Write> TextWriter<W> {
             writeln!(
                 self.out,
                 ",{ip},{},{},{},{},{},{},{ms:.3}",
-                e.local_addr, e.local_port, e.remote_addr, e.remote_port, e.oldstate, e.newstate
+                laddr, e.local_port, raddr, e.remote_port, e.oldstate, e.newstate
             )
         } else if wide {
             writeln!(
@@ -82,9 +85,9 @@ impl<W: Write> TextWriter<W> {
                 e.pid,
                 e.comm,
                 ip,
-                e.local_addr,
+                laddr,
                 e.local_port,
-                e.remote_addr,
+                raddr,
                 e.remote_port,
                 e.oldstate,
                 e.newstate
@@ -96,9 +99,9 @@ impl<W: Write> TextWriter<W> {
                 e.skaddr,
                 e.pid,
                 e.comm,
-                e.local_addr,
+                laddr,
                 e.local_port,
-                e.remote_addr,
+                raddr,
                 e.remote_port,
                 e.oldstate,
                 e.newstate

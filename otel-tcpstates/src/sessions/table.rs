@@ -14,7 +14,7 @@ use lru::LruCache;
 use otel_tcpstates_common::tcp_state;
 
 use crate::{
-    kernel::event::{Comm, Happened, Incident, TcpEvent, TcpFacts, TcpState},
+    kernel::event::{Comm, Family, Happened, Incident, TcpEvent, TcpFacts, TcpState},
     kernel::traceparent::Link,
     sessions::incidents::{IncidentCounts, RetransmitKind, SpanEvent, SpanEvents, What},
     sessions::links::Links,
@@ -106,6 +106,9 @@ pub struct Session {
     /// Whether the socket's creation (connect, listen, accept) was seen.
     pub begin_seen: bool,
     pub role: Role,
+    /// The socket's family (an IPv6 socket may carry an IPv4 connection).
+    pub family: Family,
+    /// The connection's addresses (see [`TcpEvent::local_addr`]).
     pub local_addr: IpAddr,
     pub local_port: u16,
     pub remote_addr: IpAddr,
@@ -149,9 +152,19 @@ pub struct Closing {
 }
 
 impl Session {
+    /// Whether the connection is IPv4 (whatever the socket's family).
     pub fn is_ipv4(&self) -> bool {
         self.local_addr.is_ipv4()
     }
+}
+
+/// Where a socket listens: its network namespace (pods on one node may each
+/// listen on a port), its family (a dual-stack listener's IPv4 connections are
+/// IPv6 sockets), its port.
+type ListenerKey = (u32, Family, u16);
+
+fn listener_key(event: &TcpEvent) -> ListenerKey {
+    (event.netns, event.family, event.local_port)
 }
 
 /// A state the socket left: one child span.
@@ -193,9 +206,9 @@ pub struct TableStats {
 
 pub struct SessionTable {
     sessions: LruCache<u64, Session>,
-    /// (IPv4?, port) → owner of the socket listening there: accepted sockets
-    /// belong to it until their own owner acts on them.
-    listeners: HashMap<(bool, u16), Owner>,
+    /// Owner of the socket listening there: accepted sockets belong to it until
+    /// their own owner acts on them.
+    listeners: HashMap<ListenerKey, Owner>,
     stats: TableStats,
     /// Keys the trace ids.
     ids: RandomState,
@@ -340,13 +353,11 @@ impl SessionTable {
             };
             session.owner = Some(owner);
             if event.newstate.0 == tcp_state::LISTEN {
-                self.listeners
-                    .insert((event.local_addr.is_ipv4(), event.local_port), owner);
+                self.listeners.insert(listener_key(event), owner);
             }
         }
         if event.oldstate.0 == tcp_state::LISTEN && event.newstate.0 == tcp_state::CLOSE {
-            self.listeners
-                .remove(&(event.local_addr.is_ipv4(), event.local_port));
+            self.listeners.remove(&listener_key(event));
         }
         let closes = event.newstate.0 == tcp_state::CLOSE;
         let close = CloseFacts {
@@ -418,17 +429,14 @@ impl SessionTable {
             birth_ns,
             begin_seen,
             role: role_of(event),
+            family: event.family,
             local_addr: event.local_addr,
             local_port: event.local_port,
             remote_addr: event.remote_addr,
             remote_port: event.remote_port,
             // An accepted socket starts out owned by its listener's process.
             owner: (event.oldstate.0 == tcp_state::LISTEN)
-                .then(|| {
-                    self.listeners
-                        .get(&(event.local_addr.is_ipv4(), event.local_port))
-                        .copied()
-                })
+                .then(|| self.listeners.get(&listener_key(event)).copied())
                 .flatten(),
             error: None,
             facts: None,
@@ -753,6 +761,8 @@ pub(crate) mod tests {
             family: otel_tcpstates_common::AF_INET,
             oldstate: old,
             newstate: new,
+            netns: 0,
+            _pad: 0,
         };
         crate::kernel::event::decode(&crate::kernel::event::tests::record(&raw)).unwrap()
     }
@@ -1146,6 +1156,49 @@ pub(crate) mod tests {
         assert_eq!(owner(1), Some((100, "nginx".into())), "the listener");
         assert_eq!(session(2).facts, Some(TcpFacts::default()), "read at CLOSE");
         assert!(t.listeners.is_empty(), "forgotten at the listener's CLOSE");
+    }
+
+    #[test]
+    fn listeners_are_told_apart_by_namespace_and_family() {
+        let mut t = table(16);
+        // (socket, time, old, new, port, pid, netns)
+        let at = |sk, ts, old, new, port, pid, netns| {
+            let mut e = ev_as(sk, ts, 0, old, new, port, pid, [0; 16]);
+            e.netns = netns;
+            e
+        };
+        // A dual-stack listener on `::`, and its IPv4 client's socket.
+        let v6 = |mut e: TcpEvent, mapped: bool| {
+            e.family = Family::V6;
+            if !mapped {
+                (e.local_addr, e.remote_addr) = (IpAddr::from([0u16; 8]), IpAddr::from([0u16; 8]));
+            }
+            e
+        };
+        let (_, sessions) = run_settled(
+            &mut t,
+            &[
+                at(1, 10, CLOSE, LISTEN, 8080, 100, 1),
+                at(2, 20, CLOSE, LISTEN, 8080, 200, 2),
+                v6(at(3, 30, CLOSE, LISTEN, 8080, 300, 1), false),
+                at(11, 40, LISTEN, SYN_RECV, 8080, 0, 1),
+                at(12, 50, LISTEN, SYN_RECV, 8080, 0, 2),
+                v6(at(13, 60, LISTEN, SYN_RECV, 8080, 0, 1), true),
+                // Namespace 2's server goes away; namespace 1's keep theirs.
+                at(2, 70, LISTEN, CLOSE, 8080, 200, 2),
+                at(14, 80, LISTEN, SYN_RECV, 8080, 0, 1),
+                at(15, 90, LISTEN, SYN_RECV, 8080, 0, 2),
+            ],
+        );
+        assert_eq!(sessions.len(), 1, "only the closed listener ended");
+        let owner = |sk: u64| t.sessions.peek(&sk).unwrap().owner.map(|o| o.pid);
+        assert_eq!(
+            [11, 12, 13, 14, 15].map(owner),
+            [Some(100), Some(200), Some(300), Some(100), None]
+        );
+        let mapped = t.sessions.peek(&13).unwrap();
+        assert!(mapped.is_ipv4() && mapped.family == Family::V6);
+        assert!(!t.sessions.peek(&3).unwrap().is_ipv4(), "`::` is IPv6");
     }
 
     #[test]
