@@ -11,7 +11,7 @@ use otel_tcpstates_common::TcpOffsets;
 
 use crate::{
     cli::Cli,
-    kernel::clock::{self, WallClock},
+    kernel::clock::{self, ClockSync},
     kernel::event::{Record, TcpEvent},
     kernel::loader::{self, Filters, Probe},
     kernel::preflight,
@@ -41,8 +41,6 @@ use crate::{
 /// How often a growing lost-event count is reported while running.
 const LOST_REPORT_EVERY: Duration = Duration::from_secs(1);
 const LOST_ADVICE: &str = "raise --ring-buffer-mib or lower --poll-ms";
-/// How often the kernel-to-wall-clock offset is measured again (NTP may step it).
-const CLOCK_RESYNC_EVERY: Duration = Duration::from_secs(60);
 
 type Stdout = BufWriter<StdoutLock<'static>>;
 
@@ -51,6 +49,8 @@ type Stdout = BufWriter<StdoutLock<'static>>;
 struct Sinks {
     /// Events decoded so far.
     seen: u64,
+    /// The kernel-to-wall-clock offset every output uses, checked before each drain.
+    clock: ClockSync,
     text: Option<TextWriter<Stdout>>,
     journal: Option<JournalWriter>,
     table: Option<SessionTable>,
@@ -107,6 +107,30 @@ impl Sinks {
             pipeline.traces.observe(event);
         }
         self.with_table(|table, out| table.apply(event, &mut &mut *out))
+    }
+
+    /// Measures the kernel-to-wall-clock offset again and, when the wall clock
+    /// was stepped (NTP, a resume from suspend), hands every output the new one.
+    fn resync_clock(&mut self) {
+        let was = self.clock.current();
+        let Some(clock) = self.clock.resync() else {
+            return;
+        };
+        tracing::info!(
+            "the wall clock was stepped by {:+.3} s: times from now on follow it",
+            clock.seconds_after(&was)
+        );
+        if let Some(text) = &mut self.text {
+            text.set_clock(clock);
+        }
+        if let Some(life) = &mut self.life {
+            life.set_clock(clock);
+        }
+        if let Some(pipeline) = &mut self.traces {
+            pipeline
+                .traces
+                .clock_stepped(clock::monotonic_now_ns(), clock);
+        }
     }
 
     /// Ends the aborted sockets whose RST is overdue.
@@ -286,7 +310,7 @@ pub async fn run(cli: Cli) -> Result<()> {
     let shutdown_timeout = Duration::from_secs(cli.shutdown_timeout);
     let mut stop = Stop::install(shutdown_timeout)?;
 
-    let clock = WallClock::measure();
+    let clock = ClockSync::new();
     // Only sessions (traces, --life) report the facts read at CLOSE: plain tcpstates
     // output skips the BTF parse, and the kernel skips the reads.
     let sessions = export.is_some() || cli.life;
@@ -319,7 +343,7 @@ pub async fn run(cli: Cli) -> Result<()> {
             };
             Some(TracePipeline {
                 sampling: Sampling::new(sampler, cli.keep_rules()),
-                traces: Traces::start(settings, &resource, clock, options)?,
+                traces: Traces::start(settings, &resource, clock.current(), options)?,
             })
         }
         _ => None,
@@ -348,9 +372,9 @@ pub async fn run(cli: Cli) -> Result<()> {
     let holds = traces.as_ref().is_some_and(|t| t.sampling.holds_states());
     let mut sinks = Sinks {
         seen: 0,
-        text: (printing && !cli.life).then(|| TextWriter::new(layout, clock, stdout())),
+        text: (printing && !cli.life).then(|| TextWriter::new(layout, clock.current(), stdout())),
         journal,
-        life: (printing && cli.life).then(|| LifeWriter::new(layout, clock, stdout())),
+        life: (printing && cli.life).then(|| LifeWriter::new(layout, clock.current(), stdout())),
         metrics: connection_metrics,
         table: sessions.then(|| {
             let table =
@@ -358,6 +382,7 @@ pub async fn run(cli: Cli) -> Result<()> {
             if holds { table.holding_states() } else { table }
         }),
         traces,
+        clock,
     };
     // Logged once attached, like the header below.
     if let Some(settings) = &export {
@@ -398,6 +423,7 @@ pub async fn run(cli: Cli) -> Result<()> {
     let last = if broken_pipe {
         Ok(())
     } else {
+        sinks.resync_clock();
         reader
             .drain_until(deadline.for_events(), |record| sinks.record(record))
             .and_then(|_| sinks.flush())
@@ -471,7 +497,6 @@ impl Watch<'_> {
         let mut lost_report = Every::starting(started, LOST_REPORT_EVERY);
         let mut stats_line =
             (stats_every > 0).then(|| Every::starting(started, Duration::from_secs(stats_every)));
-        let mut clock_resync = Every::starting(started, CLOCK_RESYNC_EVERY);
         // Wakes an idle loop when the next periodic work is due; a busy loop finds it
         // due on its own (see `periodic`).
         let wake = tokio::time::sleep_until(started.into());
@@ -479,7 +504,7 @@ impl Watch<'_> {
         let mut reports = Reports::default();
         loop {
             // The lost-event report is due every second, so there always is a next.
-            let next = [Some(&lost_report), stats_line.as_ref(), Some(&clock_resync)]
+            let next = [Some(&lost_report), stats_line.as_ref()]
                 .into_iter()
                 .flatten()
                 .filter_map(Every::next)
@@ -512,11 +537,7 @@ impl Watch<'_> {
                     tracing::info!("{stats}");
                 }
             }
-            if clock_resync.due(now)
-                && let Some(pipeline) = &mut self.sinks.traces
-            {
-                pipeline.traces.resync_clock();
-            }
+            self.sinks.resync_clock();
             // Flush once per drained batch: prompt for pipes, no write(2) per line. A
             // signal cuts the batch short: the shutdown deadline runs from its arrival.
             let sinks = &mut *self.sinks;

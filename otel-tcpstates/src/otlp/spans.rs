@@ -7,7 +7,7 @@ use foldhash::fast::RandomState;
 use otel_tcpstates_common::tcp_state;
 
 use crate::{
-    kernel::clock::WallClock,
+    kernel::clock::{ClockHistory, WallClock},
     kernel::event::{Comm, TcpEvent, TcpFacts, TcpState},
     sampling::{decision::Verdict, rules::KeptBy, threshold::Threshold},
     sessions::container::{ContainerId, ContainerResolver},
@@ -18,9 +18,6 @@ use crate::{
 };
 
 pub const ROOT_NAME: &str = "tcp.session";
-
-/// A wall-clock change smaller than this is measurement noise, not a step.
-const STEP_NS: i128 = 1_000_000;
 
 /// Attribute keys: OpenTelemetry semantic conventions, plus our own under `tcpstates.`.
 pub mod attr {
@@ -233,7 +230,12 @@ pub fn state_name(state: TcpState) -> Cow<'static, str> {
 
 /// Builds span records from session table updates.
 pub struct SpanMapper {
-    clock: WallClock,
+    /// A session's spans all use the offset in use at its birth, for its whole
+    /// life: its children are exported as its states end, so the offset they were
+    /// sent with cannot be changed later, and one offset for all keeps every child
+    /// inside its root (the kernel's durations are the truth; a step moves the
+    /// whole session, never stretches it).
+    clocks: ClockHistory,
     /// Keyed hash that turns (socket address, birth, child) into span ids: random
     /// per run, nothing to store per session (the table keys the trace ids).
     ids: RandomState,
@@ -244,7 +246,7 @@ pub struct SpanMapper {
 impl SpanMapper {
     pub fn new(clock: WallClock, options: MapperOptions) -> Self {
         Self {
-            clock,
+            clocks: ClockHistory::new(clock),
             options,
             containers: ContainerResolver::new(),
             ids: RandomState::default(),
@@ -259,14 +261,10 @@ impl SpanMapper {
         }
     }
 
-    /// Re-measures the kernel-to-wall-clock offset, and adopts it only when the wall
-    /// clock was stepped: the measurement's own jitter (a few hundred ns) would
-    /// otherwise open gaps between consecutive state spans.
-    pub fn resync_clock(&mut self) {
-        let now = WallClock::measure();
-        if now.offset_differs(&self.clock, STEP_NS) {
-            self.clock = now;
-        }
+    /// The wall clock was stepped: sessions born from kernel time `at_ns` on use
+    /// `clock`.
+    pub fn clock_stepped(&mut self, at_ns: u64, clock: WallClock) {
+        self.clocks.stepped(at_ns, clock);
     }
 
     fn span_id(&self, session: &Session, child: Option<u32>) -> [u8; 8] {
@@ -276,13 +274,13 @@ impl SpanMapper {
         id.max(1).to_be_bytes()
     }
 
-    fn events(&self, events: &SpanEvents) -> Box<EventRecords> {
+    fn events(&self, session: &Session, events: &SpanEvents) -> Box<EventRecords> {
         Box::new(EventRecords {
             kept: events
                 .kept
                 .iter()
                 .map(|e| EventRecord {
-                    unix_ns: self.unix_ns(e.ts_ns),
+                    unix_ns: self.unix_ns(session, e.ts_ns),
                     what: e.what,
                 })
                 .collect(),
@@ -290,8 +288,9 @@ impl SpanMapper {
         })
     }
 
-    fn unix_ns(&self, monotonic_ns: u64) -> u64 {
-        u64::try_from(self.clock.unix_ns(monotonic_ns).max(0)).unwrap_or(u64::MAX)
+    fn unix_ns(&self, session: &Session, monotonic_ns: u64) -> u64 {
+        let clock = self.clocks.at(session.birth_ns);
+        u64::try_from(clock.unix_ns(monotonic_ns).max(0)).unwrap_or(u64::MAX)
     }
 
     fn resource(&self, session: &Session) -> ResourceKey {
@@ -316,8 +315,8 @@ impl SpanMapper {
             trace_id: session.trace_id,
             span_id: self.span_id(session, child),
             parent_span_id: child.map(|_| self.span_id(session, None)),
-            start_unix_ns: self.unix_ns(times.0),
-            end_unix_ns: self.unix_ns(times.1),
+            start_unix_ns: self.unix_ns(session, times.0),
+            end_unix_ns: self.unix_ns(session, times.1),
             resource: self.resource(session),
             local: (session.local_addr, session.local_port),
             peer: (session.remote_addr, session.remote_port),
@@ -338,7 +337,10 @@ impl SpanMapper {
             state: ended.state,
             next: ended.next.map(|next| (next, ended.pid, ended.comm)),
             cut_short: ended.cut_short,
-            events: ended.events.as_deref().map(|events| self.events(events)),
+            events: ended
+                .events
+                .as_deref()
+                .map(|events| self.events(session, events)),
         };
         SpanRecord {
             error: ended.error,

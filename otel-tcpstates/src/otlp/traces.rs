@@ -75,8 +75,9 @@ impl Traces {
         self.exporter.not_sent(spans);
     }
 
-    pub fn resync_clock(&mut self) {
-        self.mapper.resync_clock();
+    /// See [`SpanMapper::clock_stepped`].
+    pub fn clock_stepped(&mut self, at_ns: u64, clock: WallClock) {
+        self.mapper.clock_stepped(at_ns, clock);
     }
 
     /// Flushes, waiting at most `timeout` for the collector; the table's sessions
