@@ -10,7 +10,8 @@ use crate::{
     kernel::clock::{ClockHistory, WallClock},
     kernel::event::{Comm, TcpEvent, TcpFacts, TcpState},
     sampling::{decision::Verdict, rules::KeptBy, threshold::Threshold},
-    sessions::container::{ContainerId, ContainerResolver},
+    sessions::container::ContainerId,
+    sessions::container_lookups::ContainerLookups,
     sessions::incidents::{IncidentCounts, SpanEvents, What},
     sessions::links::Links,
     sessions::outcome::ErrorType,
@@ -240,7 +241,7 @@ pub struct SpanMapper {
     /// per run, nothing to store per session (the table keys the trace ids).
     ids: RandomState,
     options: MapperOptions,
-    containers: ContainerResolver,
+    containers: ContainerLookups,
 }
 
 impl SpanMapper {
@@ -248,7 +249,7 @@ impl SpanMapper {
         Self {
             clocks: ClockHistory::new(clock),
             options,
-            containers: ContainerResolver::new(),
+            containers: ContainerLookups::new(),
             ids: RandomState::default(),
         }
     }
@@ -256,8 +257,9 @@ impl SpanMapper {
     /// Looks at an event before the session table does: a transition made by the
     /// socket's owner is the moment to find its container, while it surely lives.
     pub fn observe(&mut self, event: &TcpEvent) {
-        if event.cgroup_id != 0 {
-            self.containers.resolve(event.pid, event.cgroup_id);
+        // Only owners' containers go on spans; a softirq's victim is anyone.
+        if event.cgroup_id != 0 && tcp_state::entered_by_owner(event.newstate.0) {
+            self.containers.request(event.pid, event.cgroup_id);
         }
     }
 
@@ -265,6 +267,23 @@ impl SpanMapper {
     /// `clock`.
     pub fn clock_stepped(&mut self, at_ns: u64, clock: WallClock) {
         self.clocks.stepped(at_ns, clock);
+    }
+
+    /// Whether the container of the session's owner is still being looked up.
+    pub fn container_pending(&self, session: &Session) -> bool {
+        session
+            .owner
+            .is_some_and(|owner| self.container_pending_for((owner.pid, owner.cgroup_id)))
+    }
+
+    /// The same, by the owner's (pid, cgroup id).
+    pub fn container_pending_for(&self, (pid, cgroup_id): (u32, u64)) -> bool {
+        self.containers.is_out(pid, cgroup_id)
+    }
+
+    /// Puts on a span of `session` made earlier the owner's container, if known now.
+    pub fn add_container(&self, (pid, cgroup_id): (u32, u64), record: &mut SpanRecord) {
+        record.resource.container = self.containers.cached(pid, cgroup_id);
     }
 
     fn span_id(&self, session: &Session, child: Option<u32>) -> [u8; 8] {
