@@ -88,7 +88,7 @@ impl ContainerResolver {
         Self::with_proc_root("/proc")
     }
 
-    fn with_proc_root(proc_root: &str) -> Self {
+    pub(super) fn with_proc_root(proc_root: &str) -> Self {
         let mountinfo =
             fs::read_to_string(format!("{proc_root}/self/mountinfo")).unwrap_or_default();
         Self {
@@ -260,10 +260,11 @@ fn segment_id(segment: &str) -> Option<String> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use super::*;
 
-    const ID: &str = "3f4e1c9a7b2d5e8f0a1b2c3d4e5f60718293a4b5c6d7e8f90a1b2c3d4e5f6071";
+    pub(in crate::sessions) const ID: &str =
+        "3f4e1c9a7b2d5e8f0a1b2c3d4e5f60718293a4b5c6d7e8f90a1b2c3d4e5f6071";
 
     #[test]
     fn finds_ids_in_the_usual_layouts() {
@@ -317,7 +318,11 @@ mod tests {
     }
 
     /// A fake /proc and cgroup v2 mount: `root/proc/42/cgroup` names `path`.
-    fn fake_host(tag: &str, path: &str, v1: bool) -> (PathBuf, ContainerResolver, u64) {
+    pub(in crate::sessions) fn fake_host(
+        tag: &str,
+        path: &str,
+        v1: bool,
+    ) -> (PathBuf, ContainerResolver, u64) {
         let root =
             std::env::temp_dir().join(format!("otel-tcpstates-{tag}-{}", std::process::id()));
         let cgroup2 = root.join("cgroup");

@@ -241,3 +241,52 @@ fn serve(
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::fs;
+
+    use super::*;
+    use crate::sessions::container::tests::{ID, fake_host};
+
+    fn answered(lookups: &ContainerLookups, pid: u32, cgroup_id: u64) -> Option<ContainerId> {
+        let until = Instant::now() + Duration::from_secs(10);
+        while lookups.is_out(pid, cgroup_id) && Instant::now() < until {
+            thread::sleep(Duration::from_millis(5));
+        }
+        lookups.cached(pid, cgroup_id)
+    }
+
+    #[test]
+    fn answers_come_from_the_worker_and_are_kept_per_cgroup() {
+        let (root, resolver, ino) =
+            fake_host("lookups", &format!("/system.slice/docker-{ID}.scope"), true);
+        let mut lookups = ContainerLookups::with_resolver(resolver);
+        assert_eq!(lookups.cached(42, ino), None, "not asked: not known");
+        lookups.request(42, ino);
+        let found = answered(&lookups, 42, ino);
+        fs::remove_dir_all(&root).unwrap();
+        assert_eq!(found, ContainerId::parse(ID));
+        // Another process of the same cgroup: known without asking.
+        lookups.request(43, ino);
+        assert!(!lookups.is_out(43, ino));
+        assert_eq!(lookups.cached(43, ino), ContainerId::parse(ID));
+        lookups.request(0, ino);
+        assert!(!lookups.is_out(0, ino));
+    }
+
+    #[test]
+    fn a_gone_process_is_answered_after_a_walk() {
+        let (root, resolver, ino) = fake_host(
+            "lookups-gone",
+            &format!("/system.slice/docker-{ID}.scope"),
+            false,
+        );
+        fs::remove_dir_all(root.join("proc/42")).unwrap();
+        let mut lookups = ContainerLookups::with_resolver(resolver);
+        lookups.request(42, ino);
+        let found = answered(&lookups, 42, ino);
+        fs::remove_dir_all(&root).unwrap();
+        assert_eq!(found, ContainerId::parse(ID));
+    }
+}
