@@ -129,11 +129,17 @@ impl ContainerResolver {
             };
         };
         let v2_path = text.lines().find_map(|line| line.strip_prefix("0::"));
-        let in_this_cgroup = match (&self.cgroup2, v2_path) {
-            (Some(root), Some(path)) => fs::metadata(root.join(path.trim_start_matches('/')))
-                .is_ok_and(|meta| meta.ino() == cgroup_id),
-            _ => false,
+        // The inode of the directory the v2 path names, where this process sees it
+        // (in a cgroup namespace of its own, a path such as `/../..` is not).
+        let v2_ino = match (&self.cgroup2, v2_path) {
+            (Some(root), Some(path)) if !path.starts_with("/..") => {
+                fs::metadata(root.join(path.trim_start_matches('/')))
+                    .ok()
+                    .map(|meta| meta.ino())
+            }
+            _ => None,
         };
+        let in_this_cgroup = v2_ino == Some(cgroup_id);
         if in_this_cgroup {
             let container = v2_path.and_then(path_id);
             if container.is_some() || self.unified {
@@ -143,16 +149,18 @@ impl ContainerResolver {
                 });
             }
         }
-        // The v1 hierarchies' paths; the v2 one only when it is about this cgroup.
+        // The v1 hierarchies' paths, and the v2 one unless it is known to be
+        // another cgroup's (the process moved since).
+        let moved = v2_ino.is_some() && !in_this_cgroup;
         let v1_text: String = text
             .lines()
-            .filter(|line| self.cgroup2.is_none() || !line.starts_with("0::"))
+            .filter(|line| !(moved && line.starts_with("0::")))
             .flat_map(|line| [line, "\n"])
             .collect();
         let container = container_id(&v1_text)
             .as_deref()
             .and_then(ContainerId::parse);
-        if container.is_some() || in_this_cgroup || self.cgroup2.is_none() {
+        if container.is_some() || !moved {
             return Some(Answer {
                 container,
                 per_cgroup: false,
@@ -367,6 +375,25 @@ pub(super) mod tests {
         );
         assert_eq!(other_cgroup, None, "moved since: it takes a walk");
         assert_eq!(resolver.quick(0, ino), Some(Answer::NONE));
+    }
+
+    #[test]
+    fn a_path_outside_this_cgroup_namespace_still_names_the_container() {
+        let (root, resolver, ino) = fake_host("ns", "/user.slice", false);
+        fs::write(
+            root.join("proc/42/cgroup"),
+            format!("0::/../../system.slice/docker-{ID}.scope\n"),
+        )
+        .unwrap();
+        let answer = resolver.quick(42, ino + 1_000_000);
+        fs::remove_dir_all(&root).unwrap();
+        assert_eq!(
+            answer,
+            Some(Answer {
+                container: ContainerId::parse(ID),
+                per_cgroup: false
+            })
+        );
     }
 
     #[test]
