@@ -11,7 +11,7 @@ use otel_tcpstates_common::TcpOffsets;
 
 use crate::{
     cli::Cli,
-    kernel::clock::{self, WallClock},
+    kernel::clock::{self, ClockSync},
     kernel::event::{Record, TcpEvent},
     kernel::loader::{self, Filters, Probe},
     kernel::preflight,
@@ -31,9 +31,12 @@ use crate::{
         text::TextWriter,
     },
     periodic::Every,
-    sampling::{decision::Sampling, settings::sampler_from},
+    sampling::{
+        decision::Sampling,
+        settings::{Sampler, sampler_from},
+    },
     sessions::table::{EndReason, SessionTable, Update},
-    shutdown::{self, Stop},
+    shutdown::{self, Deadline, Stop},
     telemetry::self_metrics::SelfMetrics,
     telemetry::stats::{SessionStats, Stats},
 };
@@ -41,8 +44,6 @@ use crate::{
 /// How often a growing lost-event count is reported while running.
 const LOST_REPORT_EVERY: Duration = Duration::from_secs(1);
 const LOST_ADVICE: &str = "raise --ring-buffer-mib or lower --poll-ms";
-/// How often the kernel-to-wall-clock offset is measured again (NTP may step it).
-const CLOCK_RESYNC_EVERY: Duration = Duration::from_secs(60);
 
 type Stdout = BufWriter<StdoutLock<'static>>;
 
@@ -51,6 +52,8 @@ type Stdout = BufWriter<StdoutLock<'static>>;
 struct Sinks {
     /// Events decoded so far.
     seen: u64,
+    /// The kernel-to-wall-clock offset every output uses, checked before each drain.
+    clock: ClockSync,
     text: Option<TextWriter<Stdout>>,
     journal: Option<JournalWriter>,
     table: Option<SessionTable>,
@@ -107,6 +110,30 @@ impl Sinks {
             pipeline.traces.observe(event);
         }
         self.with_table(|table, out| table.apply(event, &mut &mut *out))
+    }
+
+    /// Measures the kernel-to-wall-clock offset again and, when the wall clock
+    /// was stepped (NTP, a resume from suspend), hands every output the new one.
+    fn resync_clock(&mut self) {
+        let was = self.clock.current();
+        let Some(clock) = self.clock.resync() else {
+            return;
+        };
+        tracing::info!(
+            "the wall clock was stepped by {:+.3} s: times from now on follow it",
+            clock.seconds_after(&was)
+        );
+        if let Some(text) = &mut self.text {
+            text.set_clock(clock);
+        }
+        if let Some(life) = &mut self.life {
+            life.set_clock(clock);
+        }
+        if let Some(pipeline) = &mut self.traces {
+            pipeline
+                .traces
+                .clock_stepped(clock::monotonic_now_ns(), clock);
+        }
     }
 
     /// Ends the aborted sockets whose RST is overdue.
@@ -286,7 +313,7 @@ pub async fn run(cli: Cli) -> Result<()> {
     let shutdown_timeout = Duration::from_secs(cli.shutdown_timeout);
     let mut stop = Stop::install(shutdown_timeout)?;
 
-    let clock = WallClock::measure();
+    let clock = ClockSync::new();
     // Only sessions (traces, --life) report the facts read at CLOSE: plain tcpstates
     // output skips the BTF parse, and the kernel skips the reads.
     let sessions = export.is_some() || cli.life;
@@ -296,69 +323,14 @@ pub async fn run(cli: Cli) -> Result<()> {
     } else {
         TcpOffsets::default()
     };
-    let (mut self_metrics, mut connection_metrics) = (None, None);
-    let traces = match (&export, sampler) {
+    let exporting = match (&export, sampler) {
         (Some(settings), Some(sampler)) => {
-            let resource = resource::resource();
-            if settings.metrics {
-                let options = MetricsOptions {
-                    max_series: cli.metrics_max_series as usize,
-                    peer_address: cli.metrics_peer_address,
-                };
-                let provider = meter_provider(settings, &resource, options.max_series)?;
-                connection_metrics = Some(ConnectionMetrics::new(
-                    &provider.meter("otel-tcpstates"),
-                    options,
-                ));
-                self_metrics = Some(SelfMetrics::start(provider));
-            }
-            let options = MapperOptions {
-                service_per_process: cli.service_per_process,
-                facts: offsets.enabled != 0,
-                incidents: !cli.no_incidents,
-            };
-            Some(TracePipeline {
-                sampling: Sampling::new(sampler, cli.keep_rules()),
-                traces: Traces::start(settings, &resource, clock, options)?,
-            })
+            Some(Exporting::start(&cli, settings, sampler, &offsets, &clock)?)
         }
         _ => None,
     };
-    let (mut probe, ring) = Probe::load(
-        &filters(&cli),
-        &offsets,
-        cli.ring_buffer_mib << 20,
-        cli.max_sockets,
-        // Links and incidents go on the spans of sockets: only traces have a use
-        // for them.
-        export.is_some() && cli.links,
-        export.is_some() && !cli.no_incidents,
-    )?;
-    let mut reader = EventReader::new(ring, Duration::from_millis(cli.poll_ms))
-        .context("watching the ring buffer")?;
-
-    let layout = Layout {
-        time: cli.time,
-        timestamp: cli.timestamp,
-        wide: cli.wide,
-        csv: cli.csv,
-    };
-    let printing = export.is_none() || cli.print;
-    let stdout = || BufWriter::with_capacity(64 << 10, io::stdout().lock());
-    let holds = traces.as_ref().is_some_and(|t| t.sampling.holds_states());
-    let mut sinks = Sinks {
-        seen: 0,
-        text: (printing && !cli.life).then(|| TextWriter::new(layout, clock, stdout())),
-        journal,
-        life: (printing && cli.life).then(|| LifeWriter::new(layout, clock, stdout())),
-        metrics: connection_metrics,
-        table: sessions.then(|| {
-            let table =
-                SessionTable::new(cli.max_sockets).congestion_known(probe.congestion_known());
-            if holds { table.holding_states() } else { table }
-        }),
-        traces,
-    };
+    let (mut probe, mut reader) = attach(&cli, &offsets, export.is_some())?;
+    let (mut sinks, self_metrics) = Sinks::new(&cli, exporting, journal, &probe, clock);
     // Logged once attached, like the header below.
     if let Some(settings) = &export {
         tracing::info!(
@@ -392,12 +364,150 @@ pub async fn run(cli: Cli) -> Result<()> {
         sinks.traces.is_some(),
         self_metrics.is_some(),
     );
+    let Finished { last, lost } =
+        finish_reading(probe, &mut reader, &mut sinks, &deadline, broken_pipe)?;
+    sinks.end_sessions(deadline.for_spans());
+    // The final values: every session ended, the span counts exact.
+    if let Some(metrics) = self_metrics {
+        sinks.publish_open_connections();
+        metrics.publish(&stats(&sinks, lost));
+        if let Err(err) = metrics.shutdown(shutdown::left(deadline.end())) {
+            tracing::warn!("{err:#}");
+        }
+    }
+    last.or_else(quiet_on_broken_pipe)
+}
+
+/// What exporting adds to the pipeline: the trace pipeline, and with OTLP metrics
+/// the connection metrics and the tracer's own.
+struct Exporting {
+    traces: TracePipeline,
+    connection_metrics: Option<ConnectionMetrics>,
+    self_metrics: Option<SelfMetrics>,
+}
+
+impl Exporting {
+    /// Must run inside the tokio runtime: the export workers are spawned on it.
+    fn start(
+        cli: &Cli,
+        settings: &settings::Settings,
+        sampler: Sampler,
+        offsets: &TcpOffsets,
+        clock: &ClockSync,
+    ) -> Result<Self> {
+        let resource = resource::resource();
+        let (mut self_metrics, mut connection_metrics) = (None, None);
+        if settings.metrics {
+            let options = MetricsOptions {
+                max_series: cli.metrics_max_series as usize,
+                peer_address: cli.metrics_peer_address,
+            };
+            let provider = meter_provider(settings, &resource, options.max_series)?;
+            connection_metrics = Some(ConnectionMetrics::new(
+                &provider.meter("otel-tcpstates"),
+                options,
+            ));
+            self_metrics = Some(SelfMetrics::start(provider));
+        }
+        let options = MapperOptions {
+            service_per_process: cli.service_per_process,
+            facts: offsets.enabled != 0,
+            incidents: !cli.no_incidents,
+        };
+        Ok(Self {
+            traces: TracePipeline {
+                sampling: Sampling::new(sampler, cli.keep_rules()),
+                traces: Traces::start(settings, &resource, clock.current(), options)?,
+            },
+            connection_metrics,
+            self_metrics,
+        })
+    }
+}
+
+/// Loads and attaches the programs, and watches their ring buffer.
+fn attach(cli: &Cli, offsets: &TcpOffsets, exporting: bool) -> Result<(Probe, EventReader)> {
+    let (probe, ring) = Probe::load(
+        &filters(cli),
+        offsets,
+        cli.ring_buffer_mib << 20,
+        cli.max_sockets,
+        // Links and incidents go on the spans of sockets: only traces have a use
+        // for them.
+        exporting && cli.links,
+        exporting && !cli.no_incidents,
+    )?;
+    let reader = EventReader::new(ring, Duration::from_millis(cli.poll_ms))
+        .context("watching the ring buffer")?;
+    Ok((probe, reader))
+}
+
+impl Sinks {
+    /// The sinks the flags ask for; the self-metrics go to the main loop.
+    fn new(
+        cli: &Cli,
+        exporting: Option<Exporting>,
+        journal: Option<JournalWriter>,
+        probe: &Probe,
+        clock: ClockSync,
+    ) -> (Self, Option<SelfMetrics>) {
+        let layout = Layout {
+            time: cli.time,
+            timestamp: cli.timestamp,
+            wide: cli.wide,
+            csv: cli.csv,
+        };
+        let printing = exporting.is_none() || cli.print;
+        let sessions = exporting.is_some() || cli.life;
+        let stdout = || BufWriter::with_capacity(64 << 10, io::stdout().lock());
+        let (traces, metrics, self_metrics) = match exporting {
+            Some(e) => (Some(e.traces), e.connection_metrics, e.self_metrics),
+            None => (None, None, None),
+        };
+        let holds = traces.as_ref().is_some_and(|t| t.sampling.holds_states());
+        let sinks = Sinks {
+            seen: 0,
+            text: (printing && !cli.life)
+                .then(|| TextWriter::new(layout, clock.current(), stdout())),
+            journal,
+            life: (printing && cli.life)
+                .then(|| LifeWriter::new(layout, clock.current(), stdout())),
+            metrics,
+            table: sessions.then(|| {
+                let table =
+                    SessionTable::new(cli.max_sockets).congestion_known(probe.congestion_known());
+                if holds { table.holding_states() } else { table }
+            }),
+            traces,
+            clock,
+        };
+        (sinks, self_metrics)
+    }
+}
+
+/// What the end of reading left: the last write's outcome (a broken pipe is
+/// quiet) and the events lost in all.
+struct Finished {
+    last: io::Result<()>,
+    lost: u64,
+}
+
+/// Detaches the programs, reads what they queued until the events' deadline and
+/// reports what was lost.
+fn finish_reading(
+    mut probe: Probe,
+    reader: &mut EventReader,
+    sinks: &mut Sinks,
+    deadline: &Deadline,
+    broken_pipe: bool,
+) -> Result<Finished> {
     // Nothing new is queued from here, so what is queued is all there is to read,
     // and the kernel's lost count is final.
     probe.detach();
     let last = if broken_pipe {
         Ok(())
     } else {
+        sinks.resync_clock();
         reader
             .drain_until(deadline.for_events(), |record| sinks.record(record))
             .and_then(|_| sinks.flush())
@@ -429,16 +539,7 @@ pub async fn run(cli: Cli) -> Result<()> {
     if reader.malformed > 0 {
         tracing::warn!("{} malformed event records skipped", reader.malformed);
     }
-    sinks.end_sessions(deadline.for_spans());
-    // The final values: every session ended, the span counts exact.
-    if let Some(metrics) = self_metrics {
-        sinks.publish_open_connections();
-        metrics.publish(&stats(&sinks, lost));
-        if let Err(err) = metrics.shutdown(shutdown::left(deadline.end())) {
-            tracing::warn!("{err:#}");
-        }
-    }
-    last.or_else(quiet_on_broken_pipe)
+    Ok(Finished { last, lost })
 }
 
 /// The kernel-side filters the flags ask for.
@@ -471,7 +572,6 @@ impl Watch<'_> {
         let mut lost_report = Every::starting(started, LOST_REPORT_EVERY);
         let mut stats_line =
             (stats_every > 0).then(|| Every::starting(started, Duration::from_secs(stats_every)));
-        let mut clock_resync = Every::starting(started, CLOCK_RESYNC_EVERY);
         // Wakes an idle loop when the next periodic work is due; a busy loop finds it
         // due on its own (see `periodic`).
         let wake = tokio::time::sleep_until(started.into());
@@ -479,7 +579,7 @@ impl Watch<'_> {
         let mut reports = Reports::default();
         loop {
             // The lost-event report is due every second, so there always is a next.
-            let next = [Some(&lost_report), stats_line.as_ref(), Some(&clock_resync)]
+            let next = [Some(&lost_report), stats_line.as_ref()]
                 .into_iter()
                 .flatten()
                 .filter_map(Every::next)
@@ -512,11 +612,7 @@ impl Watch<'_> {
                     tracing::info!("{stats}");
                 }
             }
-            if clock_resync.due(now)
-                && let Some(pipeline) = &mut self.sinks.traces
-            {
-                pipeline.traces.resync_clock();
-            }
+            self.sinks.resync_clock();
             // Flush once per drained batch: prompt for pipes, no write(2) per line. A
             // signal cuts the batch short: the shutdown deadline runs from its arrival.
             let sinks = &mut *self.sinks;

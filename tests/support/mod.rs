@@ -142,8 +142,8 @@ pub fn thread_comm() -> String {
 /// A running otel-tcpstates whose stdout is collected line by line.
 pub struct Tracer {
     child: Child,
-    lines: Arc<Mutex<Vec<String>>>,
-    stderr: Arc<Mutex<Vec<String>>>,
+    lines: Lines,
+    stderr: Lines,
 }
 
 pub struct Finished {
@@ -153,16 +153,28 @@ pub struct Finished {
     pub took: Duration,
 }
 
-fn collect(stream: impl std::io::Read + Send + 'static) -> Arc<Mutex<Vec<String>>> {
+/// A stream's lines so far, each with when it was read.
+type Lines = Arc<Mutex<Vec<(Instant, String)>>>;
+
+fn collect(stream: impl std::io::Read + Send + 'static) -> Lines {
     let lines = Arc::new(Mutex::new(Vec::new()));
     let sink = Arc::clone(&lines);
     thread::spawn(move || {
         for line in BufReader::new(stream).lines() {
             let Ok(line) = line else { break };
-            sink.lock().unwrap().push(line);
+            sink.lock().unwrap().push((Instant::now(), line));
         }
     });
     lines
+}
+
+fn texts(lines: &Lines) -> Vec<String> {
+    lines
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|(_, l)| l.clone())
+        .collect()
 }
 
 impl Tracer {
@@ -207,7 +219,7 @@ impl Tracer {
             if let Some(status) = tracer.child.try_wait().unwrap() {
                 panic!(
                     "otel-tcpstates {args:?} exited with {status} before attaching: {:?}",
-                    tracer.stderr.lock().unwrap()
+                    texts(&tracer.stderr)
                 );
             }
             assert!(
@@ -229,11 +241,16 @@ impl Tracer {
     }
 
     pub fn lines(&self) -> Vec<String> {
+        texts(&self.lines)
+    }
+
+    /// The output lines so far, each with when the test read it.
+    pub fn lines_read_at(&self) -> Vec<(Instant, String)> {
         self.lines.lock().unwrap().clone()
     }
 
     pub fn stderr(&self) -> Vec<String> {
-        self.stderr.lock().unwrap().clone()
+        texts(&self.stderr)
     }
 
     /// Waits until `done` holds for the output so far; returns that output.
@@ -274,7 +291,7 @@ impl Tracer {
         Finished {
             status,
             lines: self.lines(),
-            stderr: self.stderr.lock().unwrap().clone(),
+            stderr: texts(&self.stderr),
             took,
         }
     }

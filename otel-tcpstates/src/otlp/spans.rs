@@ -7,10 +7,11 @@ use foldhash::fast::RandomState;
 use otel_tcpstates_common::tcp_state;
 
 use crate::{
-    kernel::clock::WallClock,
+    kernel::clock::{ClockHistory, WallClock},
     kernel::event::{Comm, TcpEvent, TcpFacts, TcpState},
     sampling::{decision::Verdict, rules::KeptBy, threshold::Threshold},
-    sessions::container::{ContainerId, ContainerResolver},
+    sessions::container::ContainerId,
+    sessions::container_lookups::ContainerLookups,
     sessions::incidents::{IncidentCounts, SpanEvents, What},
     sessions::links::Links,
     sessions::outcome::ErrorType,
@@ -18,9 +19,6 @@ use crate::{
 };
 
 pub const ROOT_NAME: &str = "tcp.session";
-
-/// A wall-clock change smaller than this is measurement noise, not a step.
-const STEP_NS: i128 = 1_000_000;
 
 /// Attribute keys: OpenTelemetry semantic conventions, plus our own under `tcpstates.`.
 pub mod attr {
@@ -234,20 +232,25 @@ pub fn state_name(state: TcpState) -> Cow<'static, str> {
 
 /// Builds span records from session table updates.
 pub struct SpanMapper {
-    clock: WallClock,
+    /// A session's spans all use the offset in use at its birth, for its whole
+    /// life: its children are exported as its states end, so the offset they were
+    /// sent with cannot be changed later, and one offset for all keeps every child
+    /// inside its root (the kernel's durations are the truth; a step moves the
+    /// whole session, never stretches it).
+    clocks: ClockHistory,
     /// Keyed hash that turns (socket address, birth, child) into span ids: random
     /// per run, nothing to store per session (the table keys the trace ids).
     ids: RandomState,
     options: MapperOptions,
-    containers: ContainerResolver,
+    containers: ContainerLookups,
 }
 
 impl SpanMapper {
     pub fn new(clock: WallClock, options: MapperOptions) -> Self {
         Self {
-            clock,
+            clocks: ClockHistory::new(clock),
             options,
-            containers: ContainerResolver::new(),
+            containers: ContainerLookups::new(),
             ids: RandomState::default(),
         }
     }
@@ -255,19 +258,33 @@ impl SpanMapper {
     /// Looks at an event before the session table does: a transition made by the
     /// socket's owner is the moment to find its container, while it surely lives.
     pub fn observe(&mut self, event: &TcpEvent) {
-        if event.cgroup_id != 0 {
-            self.containers.resolve(event.pid, event.cgroup_id);
+        // Only owners' containers go on spans; a softirq's victim is anyone.
+        if event.cgroup_id != 0 && tcp_state::entered_by_owner(event.newstate.0) {
+            self.containers.request(event.pid, event.cgroup_id);
         }
     }
 
-    /// Re-measures the kernel-to-wall-clock offset, and adopts it only when the wall
-    /// clock was stepped: the measurement's own jitter (a few hundred ns) would
-    /// otherwise open gaps between consecutive state spans.
-    pub fn resync_clock(&mut self) {
-        let now = WallClock::measure();
-        if now.offset_differs(&self.clock, STEP_NS) {
-            self.clock = now;
-        }
+    /// The wall clock was stepped: sessions born from kernel time `at_ns` on use
+    /// `clock`.
+    pub fn clock_stepped(&mut self, at_ns: u64, clock: WallClock) {
+        self.clocks.stepped(at_ns, clock);
+    }
+
+    /// Whether the container of the session's owner is still being looked up.
+    pub fn container_pending(&self, session: &Session) -> bool {
+        session
+            .owner
+            .is_some_and(|owner| self.container_pending_for((owner.pid, owner.cgroup_id)))
+    }
+
+    /// The same, by the owner's (pid, cgroup id).
+    pub fn container_pending_for(&self, (pid, cgroup_id): (u32, u64)) -> bool {
+        self.containers.is_out(pid, cgroup_id)
+    }
+
+    /// Puts on a span of `session` made earlier the owner's container, if known now.
+    pub fn add_container(&self, (pid, cgroup_id): (u32, u64), record: &mut SpanRecord) {
+        record.resource.container = self.containers.cached(pid, cgroup_id);
     }
 
     fn span_id(&self, session: &Session, child: Option<u32>) -> [u8; 8] {
@@ -277,13 +294,13 @@ impl SpanMapper {
         id.max(1).to_be_bytes()
     }
 
-    fn events(&self, events: &SpanEvents) -> Box<EventRecords> {
+    fn events(&self, session: &Session, events: &SpanEvents) -> Box<EventRecords> {
         Box::new(EventRecords {
             kept: events
                 .kept
                 .iter()
                 .map(|e| EventRecord {
-                    unix_ns: self.unix_ns(e.ts_ns),
+                    unix_ns: self.unix_ns(session, e.ts_ns),
                     what: e.what,
                 })
                 .collect(),
@@ -291,8 +308,9 @@ impl SpanMapper {
         })
     }
 
-    fn unix_ns(&self, monotonic_ns: u64) -> u64 {
-        u64::try_from(self.clock.unix_ns(monotonic_ns).max(0)).unwrap_or(u64::MAX)
+    fn unix_ns(&self, session: &Session, monotonic_ns: u64) -> u64 {
+        let clock = self.clocks.at(session.birth_ns);
+        u64::try_from(clock.unix_ns(monotonic_ns).max(0)).unwrap_or(u64::MAX)
     }
 
     fn resource(&self, session: &Session) -> ResourceKey {
@@ -317,8 +335,8 @@ impl SpanMapper {
             trace_id: session.trace_id,
             span_id: self.span_id(session, child),
             parent_span_id: child.map(|_| self.span_id(session, None)),
-            start_unix_ns: self.unix_ns(times.0),
-            end_unix_ns: self.unix_ns(times.1),
+            start_unix_ns: self.unix_ns(session, times.0),
+            end_unix_ns: self.unix_ns(session, times.1),
             resource: self.resource(session),
             local: (session.local_addr, session.local_port),
             peer: (session.remote_addr, session.remote_port),
@@ -339,7 +357,10 @@ impl SpanMapper {
             state: ended.state,
             next: ended.next.map(|next| (next, ended.pid, ended.comm)),
             cut_short: ended.cut_short,
-            events: ended.events.as_deref().map(|events| self.events(events)),
+            events: ended
+                .events
+                .as_deref()
+                .map(|events| self.events(session, events)),
         };
         SpanRecord {
             error: ended.error,

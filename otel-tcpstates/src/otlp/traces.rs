@@ -1,6 +1,9 @@
 //! The trace pipeline's far end: the updates of kept traces mapped to span records,
 //! handed to the delivery queue.
-use std::time::{Duration, Instant};
+use std::{
+    collections::VecDeque,
+    time::{Duration, Instant},
+};
 
 use anyhow::Result;
 use opentelemetry_sdk::Resource;
@@ -14,9 +17,21 @@ use crate::{
     sampling::decision::Kept,
 };
 
+/// How long a root waits for its owner's container (a walk of a large cgroup
+/// tree, which runs at most once a second, can take a second or more).
+const ROOT_HOLD: Duration = Duration::from_secs(5);
+/// Roots held at once; more go without waiting.
+const ROOTS_HELD: usize = 1024;
+
+/// A root waiting for its owner's container: until when, the owner, the span.
+type Held = (Instant, (u32, u64), SpanRecord);
+
 pub struct Traces {
     mapper: SpanMapper,
     exporter: Exporter,
+    /// The root carries the owner's `container.id`: a root whose lookup is still
+    /// out waits here (a bounded time, a bounded number), in order.
+    held: VecDeque<Held>,
 }
 
 impl Traces {
@@ -35,6 +50,7 @@ impl Traces {
         Ok(Self {
             mapper: SpanMapper::new(clock, options),
             exporter,
+            held: VecDeque::new(),
         })
     }
 
@@ -45,11 +61,23 @@ impl Traces {
 
     pub fn send(&mut self, kept: &Kept<'_>) {
         let record = self.record(kept);
+        if let Kept::Root(session, ..) = *kept
+            && let Some(owner) = session.owner
+            && self.held.len() < ROOTS_HELD
+            && self.mapper.container_pending(session)
+        {
+            let owner = (owner.pid, owner.cgroup_id);
+            self.held
+                .push_back((Instant::now() + ROOT_HOLD, owner, record));
+            return;
+        }
         self.exporter.send(record);
     }
 
-    /// For shutdown: see [`Exporter::send_flushing`].
+    /// For shutdown: see [`Exporter::send_flushing`]. Held roots go first, as
+    /// they are.
     pub fn send_flushing(&mut self, kept: &Kept<'_>, deadline: Instant) {
+        self.release(true);
         let record = self.record(kept);
         self.exporter.send_flushing(record, deadline);
     }
@@ -57,7 +85,24 @@ impl Traces {
     /// Hands what was made since the last call to the export worker: once per
     /// drained batch of events.
     pub fn flush(&mut self) {
+        self.release(false);
         self.exporter.flush();
+    }
+
+    /// Sends the held roots whose container is known now or whose time is up;
+    /// `all`: every one.
+    fn release(&mut self, all: bool) {
+        let now = Instant::now();
+        let mut waiting = VecDeque::new();
+        while let Some((until, owner, mut record)) = self.held.pop_front() {
+            if all || now >= until || !self.mapper.container_pending_for(owner) {
+                self.mapper.add_container(owner, &mut record);
+                self.exporter.send(record);
+            } else {
+                waiting.push_back((until, owner, record));
+            }
+        }
+        self.held = waiting;
     }
 
     fn record(&self, kept: &Kept<'_>) -> SpanRecord {
@@ -75,13 +120,15 @@ impl Traces {
         self.exporter.not_sent(spans);
     }
 
-    pub fn resync_clock(&mut self) {
-        self.mapper.resync_clock();
+    /// See [`SpanMapper::clock_stepped`].
+    pub fn clock_stepped(&mut self, at_ns: u64, clock: WallClock) {
+        self.mapper.clock_stepped(at_ns, clock);
     }
 
     /// Flushes, waiting at most `timeout` for the collector; the table's sessions
     /// must have been ended (and sent) already.
     pub fn shutdown(&mut self, timeout: Duration) -> Result<()> {
+        self.release(true);
         self.exporter.shutdown(timeout)
     }
 

@@ -23,6 +23,11 @@ impl<W: Write> LifeWriter<W> {
         }
     }
 
+    /// The wall clock was stepped: the time column follows it from now on.
+    pub fn set_clock(&mut self, clock: WallClock) {
+        self.times.set_clock(clock);
+    }
+
     pub fn header(&mut self) -> io::Result<()> {
         self.times.header(&mut self.out)?;
         let out = &mut self.out;

@@ -40,6 +40,11 @@ impl TimeColumns {
         }
     }
 
+    /// The wall clock was stepped: rows from now on use `clock`.
+    pub fn set_clock(&mut self, clock: WallClock) {
+        self.clock = clock;
+    }
+
     pub fn header(&self, out: &mut impl Write) -> io::Result<()> {
         let csv = self.layout.csv;
         if self.layout.time {

@@ -19,6 +19,11 @@ impl<W: Write> TextWriter<W> {
         }
     }
 
+    /// The wall clock was stepped: the time column follows it from now on.
+    pub fn set_clock(&mut self, clock: WallClock) {
+        self.times.set_clock(clock);
+    }
+
     pub fn header(&mut self) -> io::Result<()> {
         let Layout { wide, csv, .. } = self.layout;
         let out = &mut self.out;

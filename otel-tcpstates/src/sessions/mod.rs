@@ -3,6 +3,7 @@
 //! incidents in each state and the reason a connection failed.
 //! It knows nothing of OpenTelemetry or of how updates are printed.
 pub mod container;
+pub mod container_lookups;
 pub mod incidents;
 pub mod links;
 pub mod outcome;
