@@ -4,6 +4,7 @@
 //! It never reaches back into the kernel side or the session table.
 pub mod delivery;
 pub mod encode;
+pub mod liveness;
 pub mod metrics;
 pub mod protocol;
 pub mod resource;

@@ -13,7 +13,10 @@ use rustls::{
     pki_types::{CertificateDer, PrivateKeyDer, pem::PemObject},
 };
 
-use crate::usage::UsageError;
+use crate::{
+    otlp::liveness::{CONNECT_TIMEOUT, UNACKNOWLEDGED_TIMEOUT},
+    usage::UsageError,
+};
 
 /// What to trust, and what to present, beyond the system's roots.
 #[derive(Clone, Default, PartialEq, Eq)]
@@ -185,7 +188,8 @@ impl Trust {
 
     /// For OTLP/HTTP: a blocking client (as opentelemetry-otlp's own) that trusts
     /// the system's roots and ours, presents the client certificate if there is
-    /// one, and gives up on a request after `timeout`.
+    /// one, gives up on a request after `timeout` and on a dead connection sooner
+    /// (see `otlp::liveness`).
     pub fn http_client(&self, timeout: Duration) -> Result<reqwest::blocking::Client> {
         let roots = self
             .roots
@@ -212,6 +216,8 @@ impl Trust {
                 .spawn(move || {
                     let mut builder = reqwest::blocking::Client::builder()
                         .timeout(timeout)
+                        .connect_timeout(CONNECT_TIMEOUT)
+                        .tcp_user_timeout(UNACKNOWLEDGED_TIMEOUT)
                         .tls_certs_merge(roots);
                     if let Some(identity) = identity {
                         builder = builder.identity(identity);

@@ -16,12 +16,13 @@ use http_body_util::{BodyExt as _, Full, Limited};
 use hyper_rustls::HttpsConnector;
 use hyper_util::{
     client::legacy::{Client, connect::HttpConnector},
-    rt::TokioExecutor,
+    rt::{TokioExecutor, TokioTimer},
 };
 use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceResponse;
 use prost::Message as _;
 
 use crate::{
+    otlp::liveness::{KEEPALIVE_INTERVAL, KEEPALIVE_TIMEOUT, tcp_connector},
     otlp::protocol::Protocol,
     otlp::tls::{self, Trust},
 };
@@ -84,18 +85,23 @@ impl Transport {
         } else {
             tls::unused_config()?
         };
-        let mut tcp = HttpConnector::new();
-        tcp.enforce_http(false);
-        tcp.set_nodelay(true);
+        let tcp = tcp_connector();
         let builder = hyper_rustls::HttpsConnectorBuilder::new()
             .with_tls_config(tls)
             .https_or_http();
         let mut client = Client::builder(TokioExecutor::new());
-        client.pool_idle_timeout(Duration::from_secs(60));
+        // The pool's timer is what closes connections idle for a minute.
+        client
+            .pool_idle_timeout(Duration::from_secs(60))
+            .pool_timer(TokioTimer::new());
         let client = match target.protocol {
             // gRPC is HTTP/2 only: h2 by ALPN over TLS, prior knowledge without.
             Protocol::Grpc => client
                 .http2_only(true)
+                .timer(TokioTimer::new())
+                .http2_keep_alive_interval(KEEPALIVE_INTERVAL)
+                .http2_keep_alive_timeout(KEEPALIVE_TIMEOUT)
+                .http2_keep_alive_while_idle(false)
                 .build(builder.enable_http2().wrap_connector(tcp)),
             Protocol::HttpProtobuf => client.build(builder.enable_http1().wrap_connector(tcp)),
         };
