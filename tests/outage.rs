@@ -152,7 +152,7 @@ fn export_resumes_after_silence(protocol: &str) {
     assert!(done.status.success(), "{protocol}: {:?}", done.stderr);
     summary.assert_every_span_accounted();
     assert_eq!(
-        (summary.exported, summary.failed, summary.not_sent),
+        (summary.exported, summary.failed, summary.not_sent()),
         (summary.spans, 0, 0),
         "{protocol}: a span queued during the outage was lost: {summary:?}"
     );
