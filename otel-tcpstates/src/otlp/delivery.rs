@@ -15,9 +15,10 @@ use anyhow::Result;
 use tokio::sync::{Semaphore, mpsc};
 
 use crate::{
+    otlp::config::{Batching, Target},
     otlp::encode::{BaseResource, Encoder},
     otlp::spans::SpanRecord,
-    otlp::transport::{Answer, Target, Transport},
+    otlp::transport::{Answer, Transport},
 };
 
 /// The exporter's counters.
@@ -52,16 +53,6 @@ const MIN_ATTEMPT: Duration = Duration::from_millis(100);
 const MESSAGE_EVERY: Duration = Duration::from_secs(10);
 /// How often a shutdown waiting for room in the queue looks again.
 const QUEUE_POLL: Duration = Duration::from_millis(1);
-
-/// Batching, from `OTEL_BSP_*` where set.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Batching {
-    pub max_queue: usize,
-    pub max_batch: usize,
-    pub delay: Duration,
-    /// A request's whole budget, retries included (`OTEL_EXPORTER_OTLP_[TRACES_]TIMEOUT`).
-    pub timeout: Duration,
-}
 
 enum Msg {
     Spans(Vec<SpanRecord>),

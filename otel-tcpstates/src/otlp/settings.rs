@@ -9,12 +9,10 @@ use tonic::transport::Endpoint;
 use url::Url;
 
 use crate::otlp::{
-    delivery::Batching,
+    config::{Batching, Target, Trust},
     liveness::{KEEPALIVE_INTERVAL, KEEPALIVE_TIMEOUT, tcp_connector},
-    tls::Trust,
-    transport::Target,
 };
-pub use crate::{otlp::protocol::Protocol, usage::UsageError};
+pub use crate::{otlp::config::Protocol, usage::UsageError};
 
 /// Where and how to export, once resolved from flags and environment.
 #[derive(Clone, Debug, PartialEq, Eq)]

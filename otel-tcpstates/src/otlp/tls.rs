@@ -3,7 +3,7 @@
 //! certificate for mutual TLS (`…_CLIENT_CERTIFICATE`, `…_CLIENT_KEY`). Files are
 //! read and checked once, at start-up, so a bad one is a usage error, not a
 //! stream of failed exports.
-use std::{fmt, path::Path, thread, time::Duration};
+use std::{path::Path, thread, time::Duration};
 
 use anyhow::{Context as _, Result, anyhow};
 use base64::Engine as _;
@@ -14,52 +14,12 @@ use rustls::{
 };
 
 use crate::{
-    otlp::liveness::{CONNECT_TIMEOUT, UNACKNOWLEDGED_TIMEOUT},
+    otlp::{
+        config::{ClientCert, KeyKind, Trust},
+        liveness::{CONNECT_TIMEOUT, UNACKNOWLEDGED_TIMEOUT},
+    },
     usage::UsageError,
 };
-
-/// What to trust, and what to present, beyond the system's roots.
-#[derive(Clone, Default, PartialEq, Eq)]
-pub struct Trust {
-    /// CA certificates to trust as well as the system's.
-    roots: Vec<CertificateDer<'static>>,
-    /// For mutual TLS.
-    client: Option<ClientCert>,
-}
-
-#[derive(Clone, PartialEq, Eq)]
-struct ClientCert {
-    chain: Vec<CertificateDer<'static>>,
-    /// The private key, PKCS#8, PKCS#1 or SEC1 DER, tagged by [`KeyKind`].
-    key: (KeyKind, Vec<u8>),
-}
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum KeyKind {
-    Pkcs8,
-    Pkcs1,
-    Sec1,
-}
-
-impl KeyKind {
-    fn pem_label(self) -> &'static str {
-        match self {
-            Self::Pkcs8 => "PRIVATE KEY",
-            Self::Pkcs1 => "RSA PRIVATE KEY",
-            Self::Sec1 => "EC PRIVATE KEY",
-        }
-    }
-}
-
-// By hand, so the private key can never end up in a log line.
-impl fmt::Debug for Trust {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Trust")
-            .field("extra_roots", &self.roots.len())
-            .field("client_certificate", &self.client.is_some())
-            .finish()
-    }
-}
 
 /// The variable that sets `what` for `signal` (`TRACES`, `METRICS`, `LOGS`): the
 /// signal's own, else the general one; with its value, trimmed.

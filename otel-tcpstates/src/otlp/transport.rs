@@ -11,7 +11,7 @@ use std::{
 use anyhow::{Context as _, Result};
 use base64::Engine as _;
 use bytes::Bytes;
-use http::{HeaderMap, HeaderName, HeaderValue, Method, Request, StatusCode, Uri, header};
+use http::{HeaderMap, HeaderValue, Method, Request, StatusCode, Uri, header};
 use http_body_util::{BodyExt as _, Full, Limited};
 use hyper_rustls::HttpsConnector;
 use hyper_util::{
@@ -22,9 +22,9 @@ use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceResponse
 use prost::Message as _;
 
 use crate::{
+    otlp::config::{Protocol, Target},
     otlp::liveness::{KEEPALIVE_INTERVAL, KEEPALIVE_TIMEOUT, tcp_connector},
-    otlp::protocol::Protocol,
-    otlp::tls::{self, Trust},
+    otlp::tls,
 };
 
 /// The largest reply read; a bigger one is refused (an OTLP response is a few bytes).
@@ -32,19 +32,6 @@ pub const MAX_REPLY: usize = 1 << 20;
 const GRPC_PATH: &str = "/opentelemetry.proto.collector.trace.v1.TraceService/Export";
 const GRPC_PREFIX: usize = 5;
 const RETRY_INFO_TYPE: &str = "type.googleapis.com/google.rpc.RetryInfo";
-
-/// Where the spans go and how.
-#[derive(Clone, Debug)]
-pub struct Target {
-    /// The full URL: for HTTP with `/v1/traces`, for gRPC the collector's base.
-    pub url: String,
-    pub protocol: Protocol,
-    /// From `OTEL_EXPORTER_OTLP_[TRACES_]HEADERS`, already checked.
-    pub headers: Vec<(HeaderName, HeaderValue)>,
-    pub gzip: bool,
-    /// `None`: the system's roots alone.
-    pub trust: Option<Trust>,
-}
 
 /// What an attempt came to.
 #[derive(Debug, PartialEq, Eq)]
