@@ -30,6 +30,8 @@ const RESUMED_WITHIN: Duration = Duration::from_secs(30);
 /// late it came (or that it never did).
 const WAIT: Duration = Duration::from_secs(45);
 const SHUTDOWN_SECS: u64 = 10;
+/// Idle for longer than the daemon's HTTP/2 keepalive interval (4 s).
+const IDLE: Duration = Duration::from_secs(6);
 
 /// Drops every packet of each of `pid`'s established connections to `port`,
 /// both ways, until dropped; returns the rules and the silenced local ports.
@@ -90,7 +92,10 @@ fn tracer(protocol: &str, endpoint: &str, server: &Server, metrics: bool) -> Tra
 /// One transport's silent outage: spans flowing, the connection silenced, the
 /// time until a span of a socket opened after that arrives (over a new
 /// connection: the old one passes nothing), then every span accounted for.
-fn export_resumes_after_silence(protocol: &str) {
+/// `idle`: the connection is silenced while nothing is being sent (longer
+/// than the daemon's keepalive interval), and the time counts from when
+/// connections are made again.
+fn export_resumes_after_silence(protocol: &str, idle: bool) {
     let rx = Receiver::start();
     let (endpoint, port) = match protocol {
         "grpc" => (rx.grpc_endpoint(), rx.grpc_addr().port()),
@@ -108,7 +113,15 @@ fn export_resumes_after_silence(protocol: &str) {
         tracer.stderr()
     );
 
+    let (churn, mut made) = if idle {
+        let made = churn.stop();
+        thread::sleep(IDLE);
+        (None, made)
+    } else {
+        (Some(churn), load::Made::default())
+    };
     let (faults, silenced) = silence(tracer.pid(), port);
+    let churn = churn.unwrap_or_else(|| Churn::start(server.addr(), 1, Some(20.0), None));
     let (cut, cut_ns) = (Instant::now(), now_ns());
     let after_cut = |spans: &[otlp::ReceivedSpan]| spans.iter().any(|s| s.start_ns > cut_ns);
     let spans = rx.wait_for(WAIT, after_cut);
@@ -140,7 +153,10 @@ fn export_resumes_after_silence(protocol: &str) {
 
     // A little more over the new connection, then every span accounted for.
     thread::sleep(Duration::from_secs(1));
-    let made = churn.stop();
+    let after = churn.stop();
+    made.connections += after.connections;
+    made.failed += after.failed;
+    made.took += after.took;
     let done = tracer.stop_with(Signal::SIGTERM);
     drop(faults);
     let summary = Summary::parse(&done.stderr);
@@ -185,7 +201,18 @@ fn grpc_export_resumes_after_its_connection_dies_silently() {
         return;
     }
     let _serial = load::serial();
-    export_resumes_after_silence("grpc");
+    export_resumes_after_silence("grpc", false);
+}
+
+/// OTLP/gRPC, the connection silenced while idle: the first request after it
+/// finds it dead (no pings are sent while idle: see `otlp::liveness`).
+#[test]
+fn grpc_export_resumes_after_its_idle_connection_died_silently() {
+    if !root_or_skip("grpc_export_resumes_after_its_idle_connection_died_silently") {
+        return;
+    }
+    let _serial = load::serial();
+    export_resumes_after_silence("grpc", true);
 }
 
 /// OTLP/HTTP: a request on a silenced connection must be sent again over a new
@@ -196,7 +223,7 @@ fn http_export_resumes_after_its_connections_die_silently() {
         return;
     }
     let _serial = load::serial();
-    export_resumes_after_silence("http/protobuf");
+    export_resumes_after_silence("http/protobuf", false);
 }
 
 /// The self-metrics' OTLP/gRPC exporter (its own tonic channel) next to the
