@@ -561,3 +561,92 @@ fn gzip_compresses_requests_on_both_transports() {
         assert_eq!(summary.failed, 0, "{protocol}: {summary:?}");
     }
 }
+
+/// A collector that takes connections and never answers, and a short shutdown
+/// deadline: at exit, the spans still queued or in flight (and those of sockets
+/// still open, ended at shutdown) are named as cut off by the deadline, apart
+/// from spans dropped with the queue full (none here) and failed ones (none: no
+/// request's budget ran out), and the identity holds with them.
+#[test]
+fn the_shutdown_deadline_cuts_off_spans_named_apart() {
+    if !root_or_skip("the_shutdown_deadline_cuts_off_spans_named_apart") {
+        return;
+    }
+    let _serial = load::serial();
+    const DEADLINE: Duration = Duration::from_secs(1);
+    let collector = load::hanging_collector();
+    for protocol in ["grpc", "http/protobuf"] {
+        let tracer = Tracer::start_with_env(
+            &[
+                "--otlp-endpoint",
+                &format!("http://{collector}"),
+                "--otlp-protocol",
+                protocol,
+                "--print",
+                "-s",
+                "--shutdown-timeout",
+                "1",
+            ],
+            &[
+                ("OTEL_BSP_SCHEDULE_DELAY", "50"),
+                // Longer than the test: no request fails before the deadline.
+                ("OTEL_EXPORTER_OTLP_TIMEOUT", "60000"),
+                ("OTEL_METRICS_EXPORTER", "none"),
+            ],
+        );
+        let (listener, server) = listen("127.0.0.1");
+        let mut closed = Vec::new();
+        for _ in 0..3 {
+            closed.push(connect_hold_close(&listener, Duration::ZERO).0.port());
+        }
+        // Still open at exit: ended by the shutdown, their spans made then.
+        let open = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        let _accepted = listener.accept().unwrap();
+        tracer.wait_for("the connections printed", |lines| {
+            let rows = rows(lines, false);
+            closed.iter().all(|&c| {
+                rows.iter()
+                    .any(|r| r.lport == c && r.rport == server.port() && r.new == "CLOSE")
+            }) && rows
+                .iter()
+                .any(|r| r.lport == open.local_addr().unwrap().port() && r.new == "ESTABLISHED")
+        });
+        // Sent, so in flight (the batch delay is 50 ms), never answered.
+        thread::sleep(Duration::from_millis(500));
+        let done = tracer.stop_with(Signal::SIGTERM);
+        assert!(done.status.success(), "{protocol}: {:?}", done.stderr);
+        assert!(
+            done.took < DEADLINE + EXIT_GRACE,
+            "{protocol}: exit took {:?}",
+            done.took
+        );
+        let line = done
+            .stderr
+            .iter()
+            .find(|l| l.contains("sockets traced"))
+            .unwrap_or_else(|| panic!("{protocol}: no exit summary: {:?}", done.stderr));
+        eprintln!("{protocol}: {line}");
+        assert!(
+            line.contains("cut off by the shutdown deadline")
+                && line.contains("dropped (export queue full)"),
+            "{protocol}: the summary does not name the deadline's spans apart: {line}"
+        );
+        let summary = load::Summary::parse(&done.stderr);
+        summary.assert_every_span_accounted();
+        // 3 closed client sockets (3 spans each), and the open one's 2 at exit
+        // (ESTABLISHED and its root): at least, as other loopback sockets may be
+        // traced too.
+        assert!(summary.spans >= 3 * 3 + 2, "{protocol}: {summary:?}");
+        assert_eq!(
+            (
+                summary.exported,
+                summary.failed,
+                summary.dropped,
+                summary.cut_off
+            ),
+            (0, 0, 0, summary.spans),
+            "{protocol}: {summary:?}"
+        );
+        drop(open);
+    }
+}

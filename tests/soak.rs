@@ -38,7 +38,7 @@ const SLACK_KIB: u64 = 8 * 1024;
 /// - events seen + lost == 3 N, and none lost at this rate;
 /// - sessions started == N, none evicted, none open at exit;
 /// - spans produced == 3 N;
-/// - exported + failed + not sent == produced;
+/// - exported + failed + dropped + cut off == produced;
 /// - exported <= spans the receivers got <= exported + failed (a request answered
 ///   is counted by the receiver first; one cut off by the receiver going away may
 ///   have been counted by it, and then failed).

@@ -85,7 +85,8 @@ fn self_metrics_agree_with_the_exit_summary() {
             ("spans.produced", count(summary.spans)),
             ("spans.exported", count(summary.exported)),
             ("spans.failed", count(summary.failed)),
-            ("spans.dropped", count(summary.not_sent)),
+            ("spans.dropped", count(summary.dropped)),
+            ("spans.cut_off", count(summary.cut_off)),
             ("export.errors", 0),
         ];
         for (name, want) in expect {

@@ -232,17 +232,19 @@ impl Sinks {
         );
         pipeline.traces.not_sent(unended);
         let flushed = pipeline.traces.shutdown(shutdown::left(until));
-        // Nothing is queued any more: whatever was not exported or failed was dropped.
+        // Nothing is queued any more: whatever was not exported, failed or dropped
+        // was cut off by the deadline.
         let spans = pipeline.traces.stats();
         let sessions = table.stats();
         tracing::info!(
-            "{} sockets traced ({} evicted, {in_flight} open at exit), {} spans: {} exported, {} failed, {} not sent",
+            "{} sockets traced ({} evicted, {in_flight} open at exit), {} spans: {} exported, {} failed, {} dropped (export queue full), {} cut off by the shutdown deadline",
             sessions.started,
             sessions.evicted,
             spans.produced,
             spans.exported,
             spans.failed,
-            spans.dropped
+            spans.dropped,
+            spans.cut_off
         );
         let kept = pipeline.sampling.stats();
         if kept.kept_by_rule + kept.sampled_out > 0 {

@@ -398,7 +398,8 @@ pub fn number_before(line: &str, label: &str) -> u64 {
 }
 
 /// The exit summary: "N sockets traced (E evicted, K open at exit), S spans:
-/// X exported, F failed, U not sent".
+/// X exported, F failed, D dropped (export queue full), C cut off by the shutdown
+/// deadline".
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct Summary {
     pub sessions: u64,
@@ -407,18 +408,26 @@ pub struct Summary {
     pub spans: u64,
     pub exported: u64,
     pub failed: u64,
-    pub not_sent: u64,
+    /// Dropped with the export queue full.
+    pub dropped: u64,
+    /// Cut off by the shutdown deadline: not made, queued or in flight.
+    pub cut_off: u64,
 }
 
 impl Summary {
-    /// Every span handed to the exporter is exported, failed, or counted as not
-    /// sent: nothing is lost silently.
+    /// Every span handed to the exporter is exported, failed, dropped or cut
+    /// off: nothing is lost silently.
     pub fn assert_every_span_accounted(&self) {
         assert_eq!(
-            self.exported + self.failed + self.not_sent,
+            self.exported + self.failed + self.not_sent(),
             self.spans,
             "{self:?}"
         );
+    }
+
+    /// Spans never sent, whichever way: dropped or cut off.
+    pub fn not_sent(&self) -> u64 {
+        self.dropped + self.cut_off
     }
 
     pub fn parse(stderr: &[String]) -> Summary {
@@ -433,14 +442,15 @@ impl Summary {
             spans: number_before(line, " spans:"),
             exported: number_before(line, " exported"),
             failed: number_before(line, " failed"),
-            not_sent: number_before(line, " not sent"),
+            dropped: number_before(line, " dropped"),
+            cut_off: number_before(line, " cut off"),
         }
     }
 }
 
 /// One "stats:" line: "stats: N events seen, L lost; sessions: I in flight,
-/// S started, E evicted; spans: P produced, X exported, F failed, at least D
-/// dropped; R export errors".
+/// S started, E evicted; spans: P produced, X exported, F failed, D dropped;
+/// R export errors".
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct Stats {
     pub seen: u64,

@@ -109,6 +109,16 @@ impl Fault {
         fault
     }
 
+    /// Drops every packet from port `from` to port `to`: with its mirror, one
+    /// connection silenced both ways (no FIN, no RST: a peer that vanished), while
+    /// new connections to the same port go through.
+    pub fn drop_flow(from: u16, to: u16) -> Fault {
+        let from = from.to_string();
+        let fault = Self::build_on(&["--sport", &from], to, &[], "DROP");
+        fault.add();
+        fault
+    }
+
     /// A rule whose `statistic` match (the last of `matches`) fires on the packet
     /// `packet` (from 0) only.
     fn insert(port: u16, matches: &[&str], packet: u32, target: &str) -> Fault {
@@ -121,6 +131,11 @@ impl Fault {
     }
 
     fn build(port: u16, matches: &[&str], target: &str) -> Fault {
+        Self::build_on(&[], port, matches, target)
+    }
+
+    /// [`Fault::build`] with `ports` (e.g. a source port) matched too.
+    fn build_on(ports: &[&str], port: u16, matches: &[&str], target: &str) -> Fault {
         static NEXT: AtomicU32 = AtomicU32::new(0);
         static SWEEP: Once = Once::new();
         SWEEP.call_once(sweep_rules_of_gone_processes);
@@ -139,10 +154,10 @@ impl Fault {
             "127.0.0.1",
             "-p",
             "tcp",
-            "--dport",
-            &port,
         ]
         .iter()
+        .chain(ports)
+        .chain(&["--dport", &port])
         .chain(matches)
         .chain(&["-m", "comment", "--comment", &comment, "-j", target])
         .map(|s| s.to_string())
@@ -222,4 +237,38 @@ fn sweep_rules_of_gone_processes() {
         let spec: Vec<String> = spec.split_whitespace().map(String::from).collect();
         iptables(&["-D", "INPUT"], &spec);
     }
+}
+
+/// The local ports of the established TCP connections that process `pid` holds
+/// to port `remote` (IPv4, this network namespace): its sockets' inodes matched
+/// against /proc/net/tcp.
+pub fn established_to(pid: u32, remote: u16) -> Vec<u16> {
+    let inodes: std::collections::HashSet<String> = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .map(|dir| {
+            dir.filter_map(|fd| std::fs::read_link(fd.ok()?.path()).ok())
+                .filter_map(|target| {
+                    let target = target.to_string_lossy().into_owned();
+                    Some(
+                        target
+                            .strip_prefix("socket:[")?
+                            .strip_suffix(']')?
+                            .to_owned(),
+                    )
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    let port = |addr: &str| u16::from_str_radix(addr.rsplit(':').next()?, 16).ok();
+    std::fs::read_to_string("/proc/net/tcp")
+        .unwrap()
+        .lines()
+        .skip(1)
+        .filter_map(|line| {
+            let f: Vec<&str> = line.split_whitespace().collect();
+            // st 01 is ESTABLISHED.
+            (f.len() > 9 && f[3] == "01" && port(f[2]) == Some(remote) && inodes.contains(f[9]))
+                .then(|| port(f[1]))
+                .flatten()
+        })
+        .collect()
 }

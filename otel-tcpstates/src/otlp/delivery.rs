@@ -1,7 +1,8 @@
 //! Span records from the event loop to the collector: a bounded queue the loop
 //! never waits on (what does not fit is counted dropped), a worker that batches and
 //! encodes them, several requests in flight, and OTLP's retries within each
-//! request's timeout. Counts every span: produced = exported + failed + not sent.
+//! request's timeout. Counts every span: produced = exported + failed + dropped
+//! (the queue full) + cut off (by the shutdown deadline).
 use std::{
     sync::{
         Arc, Mutex,
@@ -14,9 +15,10 @@ use anyhow::Result;
 use tokio::sync::{Semaphore, mpsc};
 
 use crate::{
+    otlp::config::{Batching, Target},
     otlp::encode::{BaseResource, Encoder},
     otlp::spans::SpanRecord,
-    otlp::transport::{Answer, Target, Transport},
+    otlp::transport::{Answer, Transport},
 };
 
 /// The exporter's counters.
@@ -28,9 +30,11 @@ pub struct SpanStats {
     pub exported: u64,
     /// In batches the collector did not accept.
     pub failed: u64,
-    /// Dropped because the export queue was full: a lower bound while running,
-    /// exact once the exporter is shut down.
+    /// Dropped because the export queue was full.
     pub dropped: u64,
+    /// Cut off by the shutdown deadline: not made in time, or still queued or in
+    /// flight when it passed. Exact once the exporter is shut down.
+    pub cut_off: u64,
     /// Export requests that failed.
     pub export_errors: u64,
 }
@@ -49,16 +53,6 @@ const MIN_ATTEMPT: Duration = Duration::from_millis(100);
 const MESSAGE_EVERY: Duration = Duration::from_secs(10);
 /// How often a shutdown waiting for room in the queue looks again.
 const QUEUE_POLL: Duration = Duration::from_millis(1);
-
-/// Batching, from `OTEL_BSP_*` where set.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Batching {
-    pub max_queue: usize,
-    pub max_batch: usize,
-    pub delay: Duration,
-    /// A request's whole budget, retries included (`OTEL_EXPORTER_OTLP_[TRACES_]TIMEOUT`).
-    pub timeout: Duration,
-}
 
 enum Msg {
     Spans(Vec<SpanRecord>),
@@ -157,6 +151,7 @@ pub struct Exporter {
     max_queue: u64,
     produced: u64,
     dropped: u64,
+    cut_off: u64,
     shut_down: bool,
 }
 
@@ -190,6 +185,7 @@ impl Exporter {
             max_queue: batching.max_queue as u64,
             produced: 0,
             dropped: 0,
+            cut_off: 0,
             shut_down: false,
         })
     }
@@ -204,13 +200,24 @@ impl Exporter {
 
     /// Hands what is pending to the worker; what the queue has no room for is dropped.
     pub fn flush(&mut self) {
+        self.hand_over(false);
+    }
+
+    /// [`Exporter::flush`]; what finds no room is counted as dropped, or as cut
+    /// off when `deadline_passed` (the shutdown waited for room until then).
+    fn hand_over(&mut self, deadline_passed: bool) {
         if self.pending.is_empty() {
             return;
         }
         let queued = self.shared.queued.load(Ordering::Relaxed);
         let room = self.max_queue.saturating_sub(queued) as usize;
         if room < self.pending.len() {
-            self.dropped += (self.pending.len() - room) as u64;
+            let lost = (self.pending.len() - room) as u64;
+            if deadline_passed {
+                self.cut_off += lost;
+            } else {
+                self.dropped += lost;
+            }
             self.pending.truncate(room);
         }
         if self.pending.is_empty() {
@@ -231,31 +238,38 @@ impl Exporter {
     /// once and nothing else competes for the time; while running, the event loop
     /// must never wait.
     pub fn send_flushing(&mut self, record: SpanRecord, deadline: Instant) {
-        // This record completes a chunk, which `send` then hands over: first room for it.
-        if self.pending.len() + 1 >= CHUNK {
-            while self.shared.queued.load(Ordering::Relaxed) + CHUNK as u64 > self.max_queue
-                && Instant::now() < deadline
-            {
-                std::thread::sleep(
-                    QUEUE_POLL.min(deadline.saturating_duration_since(Instant::now())),
-                );
-            }
+        self.produced += 1;
+        self.pending.push(record);
+        if self.pending.len() >= CHUNK {
+            self.hand_over_by(deadline);
         }
-        self.send(record);
     }
 
-    /// Spans that will never be handed over: produced, never queued, so counted
-    /// as not sent.
+    /// Hands what is pending over once the queue has room for it (or is empty,
+    /// if it is smaller), waiting until `deadline` at most: what finds no room
+    /// was cut off by the deadline if it passed, dropped by the small queue if not.
+    fn hand_over_by(&mut self, deadline: Instant) {
+        let wanted = (self.pending.len() as u64).min(self.max_queue);
+        while self.shared.queued.load(Ordering::Relaxed) + wanted > self.max_queue
+            && Instant::now() < deadline
+        {
+            std::thread::sleep(QUEUE_POLL.min(deadline.saturating_duration_since(Instant::now())));
+        }
+        self.hand_over(Instant::now() >= deadline);
+    }
+
+    /// Spans the shutdown deadline left no time to make: produced, never
+    /// queued, so counted as cut off.
     pub fn not_sent(&mut self, spans: u64) {
         self.produced += spans;
-        self.dropped += spans;
+        self.cut_off += spans;
     }
 
     /// Sends what is left and waits for it, at most `timeout`; whatever is not
-    /// settled by then counts as not sent.
+    /// settled by then was cut off by the deadline.
     pub fn shutdown(&mut self, timeout: Duration) -> Result<()> {
-        self.flush();
         let deadline = Instant::now() + timeout;
+        self.hand_over_by(deadline);
         let (done_tx, done_rx) = std::sync::mpsc::channel();
         let finished = self.tx.send(Msg::Shutdown(deadline, done_tx)).is_ok()
             && done_rx.recv_timeout(timeout).is_ok();
@@ -268,7 +282,7 @@ impl Exporter {
         self.shut_down = true;
         let unsettled = self
             .produced
-            .saturating_sub(self.dropped + settled.exported + settled.failed);
+            .saturating_sub(self.dropped + self.cut_off + settled.exported + settled.failed);
         if !finished && unsettled > 0 {
             anyhow::bail!(
                 "the last spans were not all sent by the shutdown deadline; \
@@ -278,25 +292,26 @@ impl Exporter {
         Ok(())
     }
 
-    /// The counters now; `dropped` is exact once shut down (everything unsettled
-    /// then was not sent), a count of what the queue turned away before.
+    /// The counters now; `cut_off` is exact once shut down (everything unsettled
+    /// then was cut off by the deadline).
     pub fn stats(&self) -> SpanStats {
         let settled = self
             .shared
             .settled
             .lock()
             .unwrap_or_else(|e| e.into_inner());
-        let dropped = if self.shut_down {
+        let cut_off = if self.shut_down {
             self.produced
-                .saturating_sub(settled.exported + settled.failed)
+                .saturating_sub(settled.exported + settled.failed + self.dropped)
         } else {
-            self.dropped
+            self.cut_off
         };
         SpanStats {
             produced: self.produced,
             exported: settled.exported,
             failed: settled.failed,
-            dropped,
+            dropped: self.dropped,
+            cut_off,
             export_errors: settled.errors,
         }
     }
@@ -371,7 +386,7 @@ impl Worker {
         let mut buf = self.transport.buffer();
         self.encoder.finish(&mut buf);
         let Some(slot) = slot else {
-            // Shutting down, and no slot came free in time: not sent.
+            // Shutting down, and no slot came free in time: cut off.
             return;
         };
         let body = self.transport.body(buf);

@@ -2,10 +2,11 @@
 //! in place, delivered over gRPC or HTTP with retries), and the counters of that;
 //! the meter provider the metrics go out through (`metrics`).
 //! It never reaches back into the kernel side or the session table.
+pub mod config;
 pub mod delivery;
 pub mod encode;
+pub mod liveness;
 pub mod metrics;
-pub mod protocol;
 pub mod resource;
 pub mod settings;
 pub mod spans;

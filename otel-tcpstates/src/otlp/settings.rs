@@ -5,10 +5,14 @@ use std::{env, fmt, time::Duration};
 use anyhow::{Context as _, Result};
 use http::{HeaderName, HeaderValue};
 use opentelemetry_otlp::{WithExportConfig, WithHttpConfig, WithTonicConfig};
+use tonic::transport::Endpoint;
 use url::Url;
 
-use crate::otlp::{delivery::Batching, tls::Trust, transport::Target};
-pub use crate::{otlp::protocol::Protocol, usage::UsageError};
+use crate::otlp::{
+    config::{Batching, Target, Trust},
+    liveness::{KEEPALIVE_INTERVAL, KEEPALIVE_TIMEOUT, tcp_connector},
+};
+pub use crate::{otlp::config::Protocol, usage::UsageError};
 
 /// Where and how to export, once resolved from flags and environment.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -37,6 +41,8 @@ pub struct Settings {
     pub trust: Option<Trust>,
     /// The same from `OTEL_EXPORTER_OTLP_[METRICS_]*`.
     pub metrics_trust: Option<Trust>,
+    /// The metrics endpoint in effect, whichever source it came from.
+    pub metrics_url: String,
     /// Whether the metrics endpoint in effect is https://.
     pub metrics_https: bool,
     /// `OTEL_BSP_*` and the traces' timeout.
@@ -61,6 +67,7 @@ impl Settings {
     pub fn metrics_transport(&self) -> MetricsTransport<'_> {
         MetricsTransport {
             endpoint: self.metrics_endpoint.as_deref(),
+            url: &self.metrics_url,
             https: self.metrics_https,
             trust: self.metrics_trust.as_ref(),
             timeout_var: opentelemetry_otlp::OTEL_EXPORTER_OTLP_METRICS_TIMEOUT,
@@ -72,6 +79,8 @@ impl Settings {
 /// variables), and the TLS trust to give it.
 pub struct MetricsTransport<'a> {
     endpoint: Option<&'a str>,
+    /// The endpoint in effect, whichever source it came from.
+    url: &'a str,
     https: bool,
     trust: Option<&'a Trust>,
     /// The signal's own timeout variable, e.g. OTEL_EXPORTER_OTLP_TRACES_TIMEOUT.
@@ -79,18 +88,31 @@ pub struct MetricsTransport<'a> {
 }
 
 impl MetricsTransport<'_> {
-    /// Configures the metrics exporter's gRPC builder.
-    pub fn grpc<B: WithExportConfig + WithTonicConfig>(&self, mut builder: B) -> Result<B> {
-        if let Some(url) = self.endpoint {
-            builder = builder.with_endpoint(url);
-        }
-        // Always for https://: left to itself, opentelemetry-otlp gives tonic no
-        // roots at all (its issue #2008), so nothing would verify.
+    /// Configures the metrics exporter's gRPC builder with a channel of our own:
+    /// left to itself, opentelemetry-otlp's has no keepalive, no connect timeout
+    /// and no user timeout, so a connection that died silently took every export
+    /// until TCP gave up on it (see `otlp::liveness`). Must run inside the tokio
+    /// runtime.
+    pub fn grpc<B: WithExportConfig + WithTonicConfig>(&self, builder: B) -> Result<B> {
+        let url = self.url.trim();
+        let timeout = export_timeout(self.timeout_var, env_nonempty);
+        let mut endpoint = Endpoint::from_shared(url.to_owned())
+            .with_context(|| format!("'{url}' is not a usable URL"))?
+            .timeout(timeout)
+            .http2_keep_alive_interval(KEEPALIVE_INTERVAL)
+            .keep_alive_timeout(KEEPALIVE_TIMEOUT)
+            .keep_alive_while_idle(false);
+        // Always for https://: tonic given no roots verifies nothing (as
+        // opentelemetry-otlp left it, its issue #2008).
         if self.https {
             let trust = self.trust.cloned().unwrap_or_default();
-            builder = builder.with_tls_config(trust.tonic_config().context("setting up TLS")?);
+            endpoint = endpoint
+                .tls_config(trust.tonic_config().context("setting up TLS")?)
+                .context("setting up TLS")?;
         }
-        Ok(builder)
+        let channel = endpoint.connect_with_connector_lazy(tcp_connector());
+        // The exporter bounds its retries by the same timeout as each call.
+        Ok(builder.with_timeout(timeout).with_channel(channel))
     }
 
     /// Configures the metrics exporter's HTTP builder.
@@ -98,14 +120,13 @@ impl MetricsTransport<'_> {
         if let Some(url) = self.endpoint {
             builder = builder.with_endpoint(url);
         }
-        if let Some(trust) = self.trust {
-            // Our own client replaces the exporter's, timeout included; the same
-            // value goes to both, as the exporter would resolve it.
-            let timeout = export_timeout(self.timeout_var, env_nonempty);
-            let client = trust.http_client(timeout).context("setting up TLS")?;
-            builder = builder.with_timeout(timeout).with_http_client(client);
-        }
-        Ok(builder)
+        // Our own client replaces the exporter's (for our trust and to find out a
+        // dead connection), timeout included; the same value goes to both, as the
+        // exporter would resolve it.
+        let timeout = export_timeout(self.timeout_var, env_nonempty);
+        let trust = self.trust.cloned().unwrap_or_default();
+        let client = trust.http_client(timeout).context("setting up TLS")?;
+        Ok(builder.with_timeout(timeout).with_http_client(client))
     }
 }
 
@@ -202,6 +223,7 @@ pub fn settings_from(
             .or_else(|| env("OTEL_EXPORTER_OTLP_ENDPOINT"))
             .unwrap_or_else(|| settings.endpoint.clone());
         settings.metrics_https = is_https(&metrics_url);
+        settings.metrics_url = metrics_url;
         if let Some(value) = env("OTEL_RESOURCE_ATTRIBUTES") {
             check_pairs("OTEL_RESOURCE_ATTRIBUTES", &value, true)?;
         }
@@ -264,6 +286,7 @@ fn resolve(
                 .then(|| metrics_next_to(url.as_str(), protocol)),
             trust: None,
             metrics_trust: None,
+            metrics_url: String::new(),
             metrics_https: false,
             batching: batching(env),
         }));
@@ -299,6 +322,7 @@ fn resolve(
                 metrics_endpoint,
                 trust: None,
                 metrics_trust: None,
+                metrics_url: String::new(),
                 metrics_https: false,
                 batching: batching(env),
             }));

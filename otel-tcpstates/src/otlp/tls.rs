@@ -3,7 +3,7 @@
 //! certificate for mutual TLS (`…_CLIENT_CERTIFICATE`, `…_CLIENT_KEY`). Files are
 //! read and checked once, at start-up, so a bad one is a usage error, not a
 //! stream of failed exports.
-use std::{fmt, path::Path, thread, time::Duration};
+use std::{path::Path, thread, time::Duration};
 
 use anyhow::{Context as _, Result, anyhow};
 use base64::Engine as _;
@@ -13,50 +13,13 @@ use rustls::{
     pki_types::{CertificateDer, PrivateKeyDer, pem::PemObject},
 };
 
-use crate::usage::UsageError;
-
-/// What to trust, and what to present, beyond the system's roots.
-#[derive(Clone, Default, PartialEq, Eq)]
-pub struct Trust {
-    /// CA certificates to trust as well as the system's.
-    roots: Vec<CertificateDer<'static>>,
-    /// For mutual TLS.
-    client: Option<ClientCert>,
-}
-
-#[derive(Clone, PartialEq, Eq)]
-struct ClientCert {
-    chain: Vec<CertificateDer<'static>>,
-    /// The private key, PKCS#8, PKCS#1 or SEC1 DER, tagged by [`KeyKind`].
-    key: (KeyKind, Vec<u8>),
-}
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum KeyKind {
-    Pkcs8,
-    Pkcs1,
-    Sec1,
-}
-
-impl KeyKind {
-    fn pem_label(self) -> &'static str {
-        match self {
-            Self::Pkcs8 => "PRIVATE KEY",
-            Self::Pkcs1 => "RSA PRIVATE KEY",
-            Self::Sec1 => "EC PRIVATE KEY",
-        }
-    }
-}
-
-// By hand, so the private key can never end up in a log line.
-impl fmt::Debug for Trust {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Trust")
-            .field("extra_roots", &self.roots.len())
-            .field("client_certificate", &self.client.is_some())
-            .finish()
-    }
-}
+use crate::{
+    otlp::{
+        config::{ClientCert, KeyKind, Trust},
+        liveness::{CONNECT_TIMEOUT, UNACKNOWLEDGED_TIMEOUT},
+    },
+    usage::UsageError,
+};
 
 /// The variable that sets `what` for `signal` (`TRACES`, `METRICS`, `LOGS`): the
 /// signal's own, else the general one; with its value, trimmed.
@@ -185,7 +148,8 @@ impl Trust {
 
     /// For OTLP/HTTP: a blocking client (as opentelemetry-otlp's own) that trusts
     /// the system's roots and ours, presents the client certificate if there is
-    /// one, and gives up on a request after `timeout`.
+    /// one, gives up on a request after `timeout` and on a dead connection sooner
+    /// (see `otlp::liveness`).
     pub fn http_client(&self, timeout: Duration) -> Result<reqwest::blocking::Client> {
         let roots = self
             .roots
@@ -212,6 +176,8 @@ impl Trust {
                 .spawn(move || {
                     let mut builder = reqwest::blocking::Client::builder()
                         .timeout(timeout)
+                        .connect_timeout(CONNECT_TIMEOUT)
+                        .tcp_user_timeout(UNACKNOWLEDGED_TIMEOUT)
                         .tls_certs_merge(roots);
                     if let Some(identity) = identity {
                         builder = builder.identity(identity);

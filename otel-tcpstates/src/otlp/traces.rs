@@ -115,7 +115,7 @@ impl Traces {
     }
 
     /// Spans the shutdown deadline left no time to make (their sessions not
-    /// ended): counted as produced and not sent.
+    /// ended): counted as produced and cut off.
     pub fn not_sent(&mut self, spans: u64) {
         self.exporter.not_sent(spans);
     }
@@ -132,7 +132,7 @@ impl Traces {
         self.exporter.shutdown(timeout)
     }
 
-    /// The exporter's counters; `dropped` is exact once shut down.
+    /// The exporter's counters; `cut_off` is exact once shut down.
     pub fn stats(&self) -> SpanStats {
         self.exporter.stats()
     }

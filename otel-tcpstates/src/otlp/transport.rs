@@ -11,19 +11,20 @@ use std::{
 use anyhow::{Context as _, Result};
 use base64::Engine as _;
 use bytes::Bytes;
-use http::{HeaderMap, HeaderName, HeaderValue, Method, Request, StatusCode, Uri, header};
+use http::{HeaderMap, HeaderValue, Method, Request, StatusCode, Uri, header};
 use http_body_util::{BodyExt as _, Full, Limited};
 use hyper_rustls::HttpsConnector;
 use hyper_util::{
     client::legacy::{Client, connect::HttpConnector},
-    rt::TokioExecutor,
+    rt::{TokioExecutor, TokioTimer},
 };
 use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceResponse;
 use prost::Message as _;
 
 use crate::{
-    otlp::protocol::Protocol,
-    otlp::tls::{self, Trust},
+    otlp::config::{Protocol, Target},
+    otlp::liveness::{KEEPALIVE_INTERVAL, KEEPALIVE_TIMEOUT, tcp_connector},
+    otlp::tls,
 };
 
 /// The largest reply read; a bigger one is refused (an OTLP response is a few bytes).
@@ -31,19 +32,6 @@ pub const MAX_REPLY: usize = 1 << 20;
 const GRPC_PATH: &str = "/opentelemetry.proto.collector.trace.v1.TraceService/Export";
 const GRPC_PREFIX: usize = 5;
 const RETRY_INFO_TYPE: &str = "type.googleapis.com/google.rpc.RetryInfo";
-
-/// Where the spans go and how.
-#[derive(Clone, Debug)]
-pub struct Target {
-    /// The full URL: for HTTP with `/v1/traces`, for gRPC the collector's base.
-    pub url: String,
-    pub protocol: Protocol,
-    /// From `OTEL_EXPORTER_OTLP_[TRACES_]HEADERS`, already checked.
-    pub headers: Vec<(HeaderName, HeaderValue)>,
-    pub gzip: bool,
-    /// `None`: the system's roots alone.
-    pub trust: Option<Trust>,
-}
 
 /// What an attempt came to.
 #[derive(Debug, PartialEq, Eq)]
@@ -84,18 +72,23 @@ impl Transport {
         } else {
             tls::unused_config()?
         };
-        let mut tcp = HttpConnector::new();
-        tcp.enforce_http(false);
-        tcp.set_nodelay(true);
+        let tcp = tcp_connector();
         let builder = hyper_rustls::HttpsConnectorBuilder::new()
             .with_tls_config(tls)
             .https_or_http();
         let mut client = Client::builder(TokioExecutor::new());
-        client.pool_idle_timeout(Duration::from_secs(60));
+        // The pool's timer is what closes connections idle for a minute.
+        client
+            .pool_idle_timeout(Duration::from_secs(60))
+            .pool_timer(TokioTimer::new());
         let client = match target.protocol {
             // gRPC is HTTP/2 only: h2 by ALPN over TLS, prior knowledge without.
             Protocol::Grpc => client
                 .http2_only(true)
+                .timer(TokioTimer::new())
+                .http2_keep_alive_interval(KEEPALIVE_INTERVAL)
+                .http2_keep_alive_timeout(KEEPALIVE_TIMEOUT)
+                .http2_keep_alive_while_idle(false)
                 .build(builder.enable_http2().wrap_connector(tcp)),
             Protocol::HttpProtobuf => client.build(builder.enable_http1().wrap_connector(tcp)),
         };

@@ -27,6 +27,7 @@ pub mod name {
     pub const SPANS_EXPORTED: &str = "otel_tcpstates.spans.exported";
     pub const SPANS_FAILED: &str = "otel_tcpstates.spans.failed";
     pub const SPANS_DROPPED: &str = "otel_tcpstates.spans.dropped";
+    pub const SPANS_CUT_OFF: &str = "otel_tcpstates.spans.cut_off";
     pub const EXPORT_ERRORS: &str = "otel_tcpstates.export.errors";
     pub const JOURNAL_UNSENT: &str = "otel_tcpstates.journal.unsent";
     pub const METRICS_OVERFLOW: &str = "otel_tcpstates.metrics.overflow";
@@ -49,6 +50,7 @@ struct Published {
     exported: AtomicU64,
     failed: AtomicU64,
     dropped: AtomicU64,
+    cut_off: AtomicU64,
     export_errors: AtomicU64,
     journal_unsent: AtomicU64,
     metrics_overflow: AtomicU64,
@@ -91,6 +93,7 @@ impl SelfMetrics {
             set(&p.exported, s.exported);
             set(&p.failed, s.failed);
             set(&p.dropped, s.dropped);
+            set(&p.cut_off, s.cut_off);
             set(&p.export_errors, s.export_errors);
         }
         if let Some(unsent) = stats.journal_unsent {
@@ -133,7 +136,7 @@ impl SelfMetrics {
 fn register(provider: &SdkMeterProvider, published: &Arc<Published>) {
     let meter = provider.meter("otel-tcpstates");
     type Pick = fn(&Published) -> &AtomicU64;
-    let counters: [(&'static str, &'static str, &'static str, Pick); 15] = [
+    let counters: [(&'static str, &'static str, &'static str, Pick); 16] = [
         (
             name::EVENTS_SEEN,
             "{event}",
@@ -181,6 +184,13 @@ fn register(provider: &SdkMeterProvider, published: &Arc<Published>) {
             "{span}",
             "Spans dropped because the export queue was full",
             |p| &p.dropped,
+        ),
+        (
+            name::SPANS_CUT_OFF,
+            "{span}",
+            "Spans the shutdown deadline cut off: not made in time, or still queued \
+             or in flight when it passed (--shutdown-timeout)",
+            |p| &p.cut_off,
         ),
         (
             name::EXPORT_ERRORS,

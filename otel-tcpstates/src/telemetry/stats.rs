@@ -46,9 +46,14 @@ impl fmt::Display for Stats {
         if let Some(s) = &self.spans {
             write!(
                 f,
-                "; spans: {} produced, {} exported, {} failed, at least {} dropped; {} export errors",
-                s.produced, s.exported, s.failed, s.dropped, s.export_errors
+                "; spans: {} produced, {} exported, {} failed, {} dropped",
+                s.produced, s.exported, s.failed, s.dropped
             )?;
+            // Only once the shutdown deadline has cut some off.
+            if s.cut_off > 0 {
+                write!(f, ", {} cut off by the shutdown deadline", s.cut_off)?;
+            }
+            write!(f, "; {} export errors", s.export_errors)?;
         }
         // Silent while every trace is kept: nothing to say.
         if let Some(s) = self.sampling.filter(|s| s.kept_by_rule + s.sampled_out > 0) {
@@ -96,12 +101,21 @@ mod tests {
             exported: 5,
             failed: 2,
             dropped: 1,
+            cut_off: 0,
             export_errors: 1,
         });
         assert_eq!(
             stats.to_string(),
             "stats: 12 events seen, 3 lost; sessions: 1 in flight, 4 started, 2 evicted; \
-             spans: 9 produced, 5 exported, 2 failed, at least 1 dropped; 1 export errors"
+             spans: 9 produced, 5 exported, 2 failed, 1 dropped; 1 export errors"
+        );
+        if let Some(spans) = &mut stats.spans {
+            spans.cut_off = 4;
+        }
+        assert!(
+            stats
+                .to_string()
+                .ends_with("1 dropped, 4 cut off by the shutdown deadline; 1 export errors")
         );
         stats.journal_unsent = Some(7);
         assert!(stats.to_string().ends_with("; journal: 7 not logged"));
