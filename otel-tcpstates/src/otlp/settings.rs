@@ -17,9 +17,6 @@ pub use crate::{otlp::config::Protocol, usage::UsageError};
 /// Where and how to export, once resolved from flags and environment.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Settings {
-    /// The endpoint given with `--otlp-endpoint` (already a full URL for HTTP); `None`
-    /// leaves it to `OTEL_EXPORTER_OTLP_[TRACES_]ENDPOINT`.
-    pub flag_endpoint: Option<String>,
     /// For messages: the endpoint in effect, whichever source it came from.
     pub endpoint: String,
     /// Where the spans are sent: for HTTP the full URL (`/v1/traces` added to a
@@ -274,7 +271,6 @@ fn resolve(
             url.set_path(&path);
         }
         return Ok(Some(Settings {
-            flag_endpoint: Some(url.to_string()),
             endpoint: url.to_string(),
             traces_url: url.to_string(),
             protocol,
@@ -312,7 +308,6 @@ fn resolve(
                     value.trim().to_owned()
                 };
             return Ok(Some(Settings {
-                flag_endpoint: None,
                 endpoint: value,
                 traces_url,
                 protocol,
@@ -468,10 +463,7 @@ mod tests {
             .unwrap()
             .unwrap();
         assert_eq!(s.protocol, Protocol::HttpProtobuf);
-        assert_eq!(
-            s.flag_endpoint.as_deref(),
-            Some("http://collector:4318/v1/traces")
-        );
+        assert_eq!(s.traces_url, "http://collector:4318/v1/traces");
         let s = resolve(Some("https://c.example/otlp/"), None, &[])
             .unwrap()
             .unwrap();
@@ -479,7 +471,7 @@ mod tests {
         let s = resolve(Some("http://c:4317"), Some(Protocol::Grpc), &[])
             .unwrap()
             .unwrap();
-        assert_eq!(s.flag_endpoint.as_deref(), Some("http://c:4317/"));
+        assert_eq!(s.traces_url, "http://c:4317/");
     }
 
     #[test]
@@ -490,8 +482,8 @@ mod tests {
         ];
         let s = resolve(None, None, &vars).unwrap().unwrap();
         assert_eq!(
-            (s.protocol, s.flag_endpoint, s.endpoint.as_str()),
-            (Protocol::Grpc, None, "http://a:4317")
+            (s.protocol, s.endpoint.as_str()),
+            (Protocol::Grpc, "http://a:4317")
         );
         let s = resolve(None, Some(Protocol::HttpProtobuf), &vars)
             .unwrap()
