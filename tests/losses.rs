@@ -25,7 +25,7 @@ use nix::{
     },
     unistd::Pid,
 };
-use support::{load, netfault::Fault, spinner::Spinner, *};
+use support::{load, netfault::Fault, otlp::Receiver, spinner::Spinner, *};
 
 /// The foreign program's clock reads per system call: a few milliseconds, so the CPU is inside it nearly all the time the spinning
 /// thread runs, and other system calls of this process are not slowed much.
@@ -155,17 +155,15 @@ impl Drop for Spinning {
 /// kernel skips the daemon's program for the connections those timers close.
 /// The daemon counts the skips as their own loss (the programs'
 /// `recursion_misses`, exactly as bpftool shows them), and every state change
-/// caused is printed, lost or skipped. New sockets at the addresses of those
-/// whose CLOSE was skipped start afresh: no time in a previous state (the
-/// kernel's entry of the old socket), as for any new socket.
+/// caused is printed, lost or skipped.
 #[test]
 fn state_changes_the_kernel_skipped_are_counted() {
     if !root_or_skip("state_changes_the_kernel_skipped_are_counted") {
         return;
     }
     let _serial = load::serial();
-    let (port, refusing) = (closed_port(), closed_port());
-    let tracer = Tracer::start(&["-s", "-D", &format!("{port},{refusing}")]);
+    let port = closed_port();
+    let tracer = Tracer::start(&["-s", "-D", &port.to_string()]);
     let _dropped = Fault::drop_syns(port);
     let cpu = some_cpu();
     // On one CPU: each connect arms its retransmission timer where it runs.
@@ -193,52 +191,20 @@ fn state_changes_the_kernel_skipped_are_counted() {
         },
     );
     let calls = spinning.stop();
+    sched_setaffinity(Pid::from_raw(0), &before).unwrap();
     let programs = program_ids(tracer.pid());
     assert!(!programs.is_empty(), "the daemon holds no BPF program");
     let misses = bpftool_recursion_misses(&programs);
-    // Freed on this CPU, their memory is what the next sockets made here get.
     drop(sockets);
-    for _ in 0..CONNECTIONS {
-        let refused = std::net::TcpStream::connect(("127.0.0.1", refusing));
-        assert!(refused.is_err(), "{refused:?}");
-    }
-    sched_setaffinity(Pid::from_raw(0), &before).unwrap();
-    // Every transition of the refused connects is seen: CLOSE -> SYN_SENT ->
-    // CLOSE each.
-    tracer.wait_for("the refused connects", |lines| {
-        let refused = format!(",{refusing},SYN_SENT,CLOSE,");
-        lines.iter().filter(|l| l.contains(&refused)).count() >= CONNECTIONS
-    });
     let done = tracer.stop_with(Signal::SIGTERM);
     assert!(done.status.success(), "{:?}", done.stderr);
     let rows = rows(&done.lines, false);
-    let (doomed, later): (Vec<&Row>, Vec<&Row>) = rows.iter().partition(|r| r.rport == port);
-    let opened = doomed
-        .iter()
-        .filter(|r| r.transition() == ("CLOSE", "SYN_SENT"))
-        .count();
-    let closed = doomed
-        .iter()
-        .filter(|r| r.transition() == ("SYN_SENT", "CLOSE"))
-        .count();
-    let unclosed: std::collections::HashSet<&str> =
-        doomed.iter().map(|r| r.skaddr.as_str()).collect();
-    let reborn: Vec<&&Row> = later
-        .iter()
-        .filter(|r| r.transition() == ("CLOSE", "SYN_SENT") && unclosed.contains(r.skaddr.as_str()))
-        .collect();
-    let stale: Vec<f64> = reborn
-        .iter()
-        .map(|r| r.ms)
-        .filter(|&ms| ms != 0.0)
-        .collect();
+    let count = |t: (&str, &str)| rows.iter().filter(|r| r.transition() == t).count();
+    let (opened, closed) = (count(("CLOSE", "SYN_SENT")), count(("SYN_SENT", "CLOSE")));
     eprintln!(
-        "{CONNECTIONS} connects on CPU {cpu}, timed out after {:.2?}; {calls} spinning system calls; \
-         printed {opened} SYN_SENT, {closed} CLOSE; bpftool: {misses} recursion misses; \
-         {} new sockets at their addresses, {} of them with a time in CLOSE from the old one: {stale:?}; {:?}",
+        "{CONNECTIONS} connects on CPU {cpu}, timed out after {:.2?}; {calls} spinning system \
+         calls; printed {opened} SYN_SENT, {closed} CLOSE; bpftool: {misses} recursion misses; {:?}",
         started.elapsed(),
-        reborn.len(),
-        stale.len(),
         done.stderr
     );
     assert!(
@@ -264,13 +230,349 @@ fn state_changes_the_kernel_skipped_are_counted() {
         "{opened} + {closed} printed, {lost} lost, {skipped} skipped"
     );
     assert!(closed < CONNECTIONS, "no CLOSE was skipped");
+}
+
+/// Sockets in /proc/net/tcp with remote port `port` in state `state` (hex, as
+/// the file has it: "04" is FIN_WAIT1).
+fn sockets_in_state(port: u16, state: &str) -> usize {
+    let table = std::fs::read_to_string("/proc/net/tcp").unwrap();
+    let remote = format!(":{port:04X}");
+    table
+        .lines()
+        .skip(1)
+        .filter(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            f.len() > 3 && f[2].ends_with(&remote) && f[3] == state
+        })
+        .count()
+}
+
+/// Of the CSV `lines`: how many sockets to `port` were not seen closing, and
+/// the connects to `refusing` that began at one of their addresses.
+fn reborn_rows(lines: &[String], port: u16, refusing: u16) -> (usize, Vec<Row>) {
+    let rows = rows(lines, false);
+    let closed: std::collections::HashSet<&str> = rows
+        .iter()
+        .filter(|r| r.rport == port && r.new == "CLOSE")
+        .map(|r| r.skaddr.as_str())
+        .collect();
+    let unclosed: std::collections::HashSet<&str> = rows
+        .iter()
+        .filter(|r| r.rport == port && !closed.contains(r.skaddr.as_str()))
+        .map(|r| r.skaddr.as_str())
+        .collect();
+    let reborn = rows
+        .iter()
+        .filter(|r| r.rport == refusing && r.transition() == ("CLOSE", "SYN_SENT"))
+        .filter(|r| unclosed.contains(r.skaddr.as_str()))
+        .cloned()
+        .collect();
+    (unclosed.len(), reborn)
+}
+
+/// A socket whose CLOSE the kernel skipped leaves its entry in the kernel's
+/// socket map; a new socket at its address starts afresh (no time in CLOSE, the
+/// owner and packet verdicts its own), as any new socket does. The old ones
+/// here are closed connections whose unacknowledged data (dropped) makes TCP
+/// give up from the retransmission timer (TCP_USER_TIMEOUT) after their owner
+/// let them go: their memory is then free for the next sockets on that CPU.
+#[test]
+fn a_socket_at_a_skipped_sockets_address_starts_afresh() {
+    if !root_or_skip("a_socket_at_a_skipped_sockets_address_starts_afresh") {
+        return;
+    }
+    use std::io::Write as _;
+    let _serial = load::serial();
+    let (listener, server) = listen("127.0.0.1");
+    let (port, refusing) = (server.port(), closed_port());
+    let tracer = Tracer::start(&["-s", "-D", &format!("{port},{refusing}")]);
+    let _dropped = Fault::drop_data(port);
+    let cpu = some_cpu();
+    let before = pin_to(cpu);
+    let spinning = Spinning::start(cpu);
+    let mut held = Vec::new();
+    for _ in 0..ROUNDS {
+        for _ in 0..CONNECTIONS / ROUNDS {
+            let mut client = std::net::TcpStream::connect(server).unwrap();
+            held.push(listener.accept().unwrap().0);
+            let timeout: libc::c_uint = 500;
+            // SAFETY: setsockopt with an unsigned int on our own socket.
+            unsafe {
+                libc::setsockopt(
+                    client.as_raw_fd(),
+                    libc::IPPROTO_TCP,
+                    libc::TCP_USER_TIMEOUT,
+                    (&raw const timeout).cast(),
+                    size_of::<libc::c_uint>() as u32,
+                )
+            };
+            client.write_all(&[b'x'; 200]).unwrap();
+        }
+        thread::sleep(Duration::from_millis(100));
+    }
+    // Orphans in FIN_WAIT1 until TCP gives up, each from its timer.
+    load::wait_until("the orphans to time out", Duration::from_secs(60), || {
+        sockets_in_state(port, "04") == 0
+    });
+    let calls = spinning.stop();
+    let programs = program_ids(tracer.pid());
+    let misses = bpftool_recursion_misses(&programs);
+    // Kept open, so that each takes the memory of another freed socket; in
+    // batches until some got the memory of a socket whose CLOSE was skipped.
+    let mut refused: Vec<OwnedFd> = Vec::new();
+    let (mut unclosed, mut reborn) = (0, Vec::new());
+    for _ in 0..5 {
+        refused.extend((0..CONNECTIONS).map(|_| {
+            let fd = socket(
+                AddressFamily::Inet,
+                SockType::Stream,
+                SockFlag::empty(),
+                None,
+            )
+            .unwrap();
+            let to = SockaddrIn::new(127, 0, 0, 1, refusing);
+            assert!(connect(fd.as_raw_fd(), &to).is_err());
+            fd
+        }));
+        let lines = tracer.wait_for("the refused connects", |lines| {
+            let refused_row = format!(",{refusing},SYN_SENT,CLOSE,");
+            lines.iter().filter(|l| l.contains(&refused_row)).count() >= refused.len()
+        });
+        (unclosed, reborn) = reborn_rows(&lines, port, refusing);
+        if !reborn.is_empty() {
+            break;
+        }
+    }
+    sched_setaffinity(Pid::from_raw(0), &before).unwrap();
+    drop((held, refused));
+    let done = tracer.stop_with(Signal::SIGTERM);
+    assert!(done.status.success(), "{:?}", done.stderr);
+    let stale: Vec<f64> = reborn
+        .iter()
+        .map(|r| r.ms)
+        .filter(|&ms| ms != 0.0)
+        .collect();
+    eprintln!(
+        "{CONNECTIONS} orphans on CPU {cpu} ({calls} spinning system calls), {misses} \
+         recursion misses, {} closes not seen; {} new sockets at their addresses, {} with a \
+         time in CLOSE from the old socket: {stale:?}",
+        unclosed,
+        reborn.len(),
+        stale.len()
+    );
     assert!(
         !reborn.is_empty(),
-        "no new socket at an old one's address: nothing tested"
+        "no new socket at a skipped one's address: nothing tested"
     );
     assert_eq!(
         stale,
         Vec::<f64>::new(),
         "new sockets inherited the old ones' state"
+    );
+}
+
+/// A valid traceparent (the W3C spec's example).
+const TRACEPARENT: &str = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+
+/// An HTTP/1.1 server on loopback that answers every request on a keep-alive
+/// connection with an empty 200, until the test process exits.
+fn http_server() -> u16 {
+    use std::io::{BufRead as _, BufReader, Write as _};
+    let (listener, addr) = listen("127.0.0.1");
+    thread::spawn(move || {
+        for stream in listener.incoming() {
+            let Ok(stream) = stream else { break };
+            thread::spawn(move || {
+                let mut reader = BufReader::new(stream.try_clone().unwrap());
+                let mut writer = stream;
+                let mut line = String::new();
+                loop {
+                    line.clear();
+                    match reader.read_line(&mut line) {
+                        Ok(0) | Err(_) => return,
+                        Ok(_) if line == "\r\n" => {
+                            let reply = b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n";
+                            if writer.write_all(reply).is_err() {
+                                return;
+                            }
+                        }
+                        Ok(_) => {}
+                    }
+                }
+            });
+        }
+    });
+    addr.port()
+}
+
+/// Sends `n` requests, each with `traceparent`, one after another on one
+/// keep-alive connection to `port`, each answered before the next; returns the
+/// connection, still open.
+fn requests(port: u16, n: usize, traceparent: &str) -> std::net::TcpStream {
+    use std::io::{BufRead as _, BufReader, Write as _};
+    let stream = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    stream.set_nodelay(true).unwrap();
+    let mut reader = BufReader::new(stream.try_clone().unwrap());
+    let mut writer = stream;
+    let request = format!("GET / HTTP/1.1\r\nhost: x\r\ntraceparent: {traceparent}\r\n\r\n");
+    let mut line = String::new();
+    for _ in 0..n {
+        writer.write_all(request.as_bytes()).unwrap();
+        // The reply: its status line, one header, the blank line.
+        for _ in 0..3 {
+            line.clear();
+            reader.read_line(&mut line).unwrap();
+        }
+    }
+    writer
+}
+
+/// The daemon's final self-metrics: `name` (without the prefix) -> value.
+fn final_metric(rx: &Receiver, name: &str) -> i64 {
+    rx.metrics()
+        .get(&format!("otel_tcpstates.{name}"))
+        .unwrap_or_else(|| panic!("no {name} in {:#?}", rx.metrics()))
+        .value
+}
+
+/// The daemon with `--links`, exporting to `rx`, following only the sockets of
+/// local port `port` (the server's end: one link record per request, as it
+/// receives it).
+fn links_daemon(rx: &Receiver, port: u16, extra: &[&str]) -> Tracer {
+    let endpoint = rx.grpc_endpoint();
+    let port = port.to_string();
+    let mut args = vec![
+        "--otlp-endpoint",
+        &endpoint,
+        "--otlp-protocol",
+        "grpc",
+        "--links",
+        "-L",
+        &port,
+    ];
+    args.extend_from_slice(extra);
+    Tracer::start_with_env(
+        &args,
+        &[
+            ("OTEL_METRIC_EXPORT_INTERVAL", "200"),
+            ("OTEL_BSP_SCHEDULE_DELAY", "50"),
+        ],
+    )
+}
+
+/// Link records that find the ring buffer full are counted as link records
+/// lost, not as state changes: while the daemon is stopped, a 1 MiB ring
+/// (about 13,000 link records) meets 20,000 requests. Every request's record is
+/// read or counted lost, exactly.
+#[test]
+fn link_records_lost_are_not_state_changes_lost() {
+    if !root_or_skip("link_records_lost_are_not_state_changes_lost") {
+        return;
+    }
+    const REQUESTS: usize = 20_000;
+    let _serial = load::serial();
+    let rx = Receiver::start();
+    let port = http_server();
+    let tracer = links_daemon(&rx, port, &["--ring-buffer-mib", "1", "--no-incidents"]);
+    let daemon = Pid::from_raw(tracer.pid() as i32);
+    nix::sys::signal::kill(daemon, Signal::SIGSTOP).unwrap();
+    let connection = requests(port, REQUESTS, TRACEPARENT);
+    nix::sys::signal::kill(daemon, Signal::SIGCONT).unwrap();
+    // Its closing state changes come once the daemon has read the ring (every
+    // record read or counted): none are lost.
+    let metric = |name: &str| {
+        rx.metrics()
+            .get(&format!("otel_tcpstates.{name}"))
+            .map_or(0, |m| m.value)
+    };
+    load::wait_until(
+        "the daemon to read the ring",
+        Duration::from_secs(60),
+        || metric("links.seen") + metric("links.lost") >= REQUESTS as i64,
+    );
+    drop(connection);
+    rx.wait_for(Duration::from_secs(30), |spans| {
+        spans.iter().any(|s| s.name == "tcp.session")
+    });
+    let done = tracer.stop_with(Signal::SIGTERM);
+    assert!(done.status.success(), "{:?}", done.stderr);
+    eprintln!("{REQUESTS} requests; {:?}", done.stderr);
+    let (seen, lost) = (
+        final_metric(&rx, "links.seen"),
+        final_metric(&rx, "links.lost"),
+    );
+    let events_lost = final_metric(&rx, "events.lost");
+    eprintln!("{seen} link records seen, {lost} lost; {events_lost} state changes lost");
+    assert!(lost > 0, "the ring never filled: nothing tested");
+    assert_eq!(events_lost, 0, "link records counted as state changes");
+    assert_eq!(seen + lost, REQUESTS as i64);
+    let line = done
+        .stderr
+        .iter()
+        .find(|l| l.contains("link records lost in total"))
+        .unwrap_or_else(|| panic!("no link records lost at exit: {:?}", done.stderr));
+    assert_eq!(
+        load::number_before(line, " link records lost in total"),
+        lost as u64,
+        "{line}"
+    );
+    assert!(
+        !done.stderr.iter().any(|l| l.contains("events lost")),
+        "{:?}",
+        done.stderr
+    );
+}
+
+/// A traceparent value W3C Trace Context rejects (uppercase hex), sent by curl,
+/// makes no link and is counted as invalid, one per request, beside the valid
+/// ones.
+#[test]
+fn invalid_traceparents_are_counted() {
+    if !root_or_skip("invalid_traceparents_are_counted") {
+        return;
+    }
+    const INVALID: usize = 3;
+    let rx = Receiver::start();
+    let port = http_server();
+    let tracer = links_daemon(&rx, port, &[]);
+    let invalid = TRACEPARENT.to_uppercase().replacen("00-", "00-", 1);
+    let url = format!("http://127.0.0.1:{port}/");
+    for _ in 0..INVALID {
+        let status = std::process::Command::new("curl")
+            .args(["-sS", "-o", "/dev/null", "-H"])
+            .arg(format!("traceparent: {invalid}"))
+            .arg(&url)
+            .status()
+            .expect("curl");
+        assert!(status.success(), "curl {url}: {status}");
+    }
+    let status = std::process::Command::new("curl")
+        .args(["-sS", "-o", "/dev/null", "-H"])
+        .arg(format!("traceparent: {TRACEPARENT}"))
+        .arg(&url)
+        .status()
+        .expect("curl");
+    assert!(status.success(), "curl {url}: {status}");
+    // Read once the server's sockets close: wait for their roots.
+    rx.wait_for(Duration::from_secs(30), |spans| {
+        spans.iter().filter(|s| s.name == "tcp.session").count() > INVALID
+    });
+    let done = tracer.stop_with(Signal::SIGTERM);
+    assert!(done.status.success(), "{:?}", done.stderr);
+    eprintln!("{:?}", done.stderr);
+    let (seen, invalid) = (
+        final_metric(&rx, "links.seen"),
+        final_metric(&rx, "links.invalid"),
+    );
+    eprintln!("{seen} link records seen, {invalid} invalid");
+    assert_eq!((seen, invalid), (INVALID as i64 + 1, INVALID as i64));
+    let line = done
+        .stderr
+        .iter()
+        .find(|l| l.contains("traceparent headers were not valid"))
+        .unwrap_or_else(|| panic!("no invalid count at exit: {:?}", done.stderr));
+    assert_eq!(
+        load::number_before(line, " traceparent headers"),
+        INVALID as u64
     );
 }
