@@ -535,7 +535,8 @@ fn invalid_traceparents_are_counted() {
     let rx = Receiver::start();
     let port = http_server();
     let tracer = links_daemon(&rx, port, &[]);
-    let invalid = TRACEPARENT.to_uppercase().replacen("00-", "00-", 1);
+    // Uppercase hex: W3C allows only lowercase.
+    let invalid = TRACEPARENT.to_uppercase();
     let url = format!("http://127.0.0.1:{port}/");
     for _ in 0..INVALID {
         let status = std::process::Command::new("curl")
