@@ -577,3 +577,132 @@ fn invalid_traceparents_are_counted() {
         INVALID as u64
     );
 }
+
+/// Both packet programs busy on both CPUs at once: clients send requests (each
+/// with a traceparent of its own) while the server's replies and the receive
+/// softirqs interleave, so `http_ingress` runs in the middle of `http_egress`
+/// on one CPU as often as the kernel makes it. Every request's two link records
+/// (the client's sent, the server's received) are read or counted lost,
+/// exactly; none is invalid; and every socket's root links to exactly the
+/// requests made on that connection: a record scanned in scratch space another
+/// program overwrote would carry another connection's value.
+#[test]
+fn link_records_stay_exact_when_the_packet_programs_nest() {
+    if !root_or_skip("link_records_stay_exact_when_the_packet_programs_nest") {
+        return;
+    }
+    use std::collections::{BTreeMap, BTreeSet};
+    const THREADS: u64 = 4;
+    const CONNECTIONS: u64 = 100;
+    // Under the daemon's 64 links per socket: each root holds them all.
+    const REQUESTS: u64 = 60;
+    let _serial = load::serial();
+    let rx = Receiver::start();
+    let endpoint = rx.grpc_endpoint();
+    let me = std::process::id().to_string();
+    let tracer = Tracer::start_with_env(
+        &[
+            "--otlp-endpoint",
+            &endpoint,
+            "--otlp-protocol",
+            "grpc",
+            "--links",
+            "--no-incidents",
+            "-p",
+            &me,
+        ],
+        &[
+            ("OTEL_METRIC_EXPORT_INTERVAL", "200"),
+            ("OTEL_BSP_SCHEDULE_DELAY", "50"),
+        ],
+    );
+    // Listening once the daemon is attached: the server's sockets are then known
+    // as this process's, for -p.
+    let port = http_server();
+    let started = Instant::now();
+    // Each connection's client port -> the span ids its requests carried.
+    let sent: BTreeMap<u16, BTreeSet<String>> = (0..THREADS)
+        .map(|t| {
+            thread::spawn(move || {
+                use std::io::{BufRead as _, BufReader, Write as _};
+                let mut sent = BTreeMap::new();
+                for c in 0..CONNECTIONS {
+                    let stream = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+                    stream.set_nodelay(true).unwrap();
+                    let local = stream.local_addr().unwrap().port();
+                    let mut reader = BufReader::new(stream.try_clone().unwrap());
+                    let mut writer = stream;
+                    let mut ids = BTreeSet::new();
+                    let mut line = String::new();
+                    for r in 0..REQUESTS {
+                        let span = format!("{:016x}", (t << 40) | (c << 20) | (r + 1));
+                        let request = format!(
+                            "GET / HTTP/1.1\r\nhost: x\r\ntraceparent: \
+                             00-{:032x}-{span}-01\r\n\r\n",
+                            (t << 20) | (c + 1)
+                        );
+                        writer.write_all(request.as_bytes()).unwrap();
+                        for _ in 0..3 {
+                            line.clear();
+                            reader.read_line(&mut line).unwrap();
+                        }
+                        ids.insert(span);
+                    }
+                    sent.insert(local, ids);
+                }
+                sent
+            })
+        })
+        .collect::<Vec<_>>()
+        .into_iter()
+        .flat_map(|h| h.join().unwrap())
+        .collect();
+    let made = started.elapsed();
+    let total = (THREADS * CONNECTIONS * REQUESTS) as i64;
+    let expected_roots = 2 * sent.len();
+    let spans = rx.wait_for(Duration::from_secs(120), |spans| {
+        spans
+            .iter()
+            .filter(|s| s.name == "tcp.session" && !s.links.is_empty())
+            .count()
+            >= expected_roots
+    });
+    let done = tracer.stop_with(Signal::SIGTERM);
+    assert!(done.status.success(), "{:?}", done.stderr);
+    let (seen, lost, invalid) = (
+        final_metric(&rx, "links.seen"),
+        final_metric(&rx, "links.lost"),
+        final_metric(&rx, "links.invalid"),
+    );
+    eprintln!(
+        "{total} requests on {} connections in {made:.2?}: {seen} link records seen, {lost} \
+         lost, {invalid} invalid; {:?}",
+        sent.len(),
+        done.stderr
+    );
+    assert_eq!(seen + lost, 2 * total, "every request's two records");
+    assert_eq!(invalid, 0);
+    let mut wrong = Vec::new();
+    for (client, ids) in &sent {
+        for (local, peer) in [(*client, port), (port, *client)] {
+            let (root, _) = support::otlp::trace_of(&spans, local, peer)
+                .unwrap_or_else(|| panic!("no root for {local} -> {peer}"));
+            let linked: BTreeSet<String> = root.links.iter().map(|l| l.span_id.clone()).collect();
+            if &linked != ids && lost == 0 {
+                wrong.push((
+                    local,
+                    peer,
+                    linked.difference(ids).count(),
+                    ids.difference(&linked).count(),
+                ));
+            } else if !linked.is_subset(ids) {
+                wrong.push((local, peer, linked.difference(ids).count(), 0));
+            }
+        }
+    }
+    assert_eq!(
+        wrong,
+        Vec::new(),
+        "(local, peer, links not sent there, sent and not linked)"
+    );
+}
