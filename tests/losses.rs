@@ -201,6 +201,11 @@ fn state_changes_the_kernel_skipped_are_counted() {
     let rows = rows(&done.lines, false);
     let count = |t: (&str, &str)| rows.iter().filter(|r| r.transition() == t).count();
     let (opened, closed) = (count(("CLOSE", "SYN_SENT")), count(("SYN_SENT", "CLOSE")));
+    let mut kinds = std::collections::BTreeMap::new();
+    for r in &rows {
+        *kinds.entry(r.transition()).or_insert(0) += 1;
+    }
+    eprintln!("transitions: {kinds:?}");
     eprintln!(
         "{CONNECTIONS} connects on CPU {cpu}, timed out after {:.2?}; {calls} spinning system \
          calls; printed {opened} SYN_SENT, {closed} CLOSE; bpftool: {misses} recursion misses; {:?}",
