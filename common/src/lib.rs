@@ -238,6 +238,20 @@ pub mod incident {
     pub const CONGESTION: u8 = 6;
 }
 
+/// Slots of the `LOST` per-CPU counters: what the kernel programs could not
+/// queue, by kind of record, so each loss is reported as what it is.
+pub mod lost {
+    /// State changes ([`super::Event`]) the ring buffer had no room for.
+    pub const STATE_CHANGES: u32 = 0;
+    /// Link records ([`super::LinkEvent`]) the ring buffer had no room for, or
+    /// whose scratch space a program that interrupted them on the CPU took.
+    pub const LINKS: u32 = 1;
+    /// Incident records ([`super::IncidentEvent`]) the ring buffer had no room for.
+    pub const INCIDENTS: u32 = 2;
+    /// Number of slots.
+    pub const KINDS: u32 = 3;
+}
+
 /// Names of the global variables and maps in the eBPF object, used by both sides.
 pub mod names {
     pub const PROGRAM: &str = "inet_sock_set_state";
@@ -301,6 +315,16 @@ pub mod tcp_state {
             NEW_SYN_RECV => "NEW_SYN_RECV",
             _ => return None,
         })
+    }
+
+    /// Transitions that begin a socket's life: connect, listen, and a connection
+    /// cloned from its listener. Nothing the kernel remembers of an earlier
+    /// socket at the same address applies to it.
+    pub const fn begins(oldstate: u8, newstate: u8) -> bool {
+        matches!(
+            (oldstate, newstate),
+            (CLOSE, SYN_SENT) | (CLOSE, LISTEN) | (LISTEN, SYN_RECV)
+        )
     }
 
     /// Transitions only a system call on the socket makes (connect, listen, close,
@@ -380,6 +404,14 @@ mod tests {
         );
         assert_eq!(tcp_state::name(0), None);
         assert_eq!(tcp_state::name(13), None);
+    }
+
+    #[test]
+    fn a_socket_begins_at_connect_listen_or_clone() {
+        use tcp_state::*;
+        assert!(begins(CLOSE, SYN_SENT) && begins(CLOSE, LISTEN) && begins(LISTEN, SYN_RECV));
+        assert!(!begins(SYN_SENT, ESTABLISHED) && !begins(LISTEN, CLOSE));
+        assert!(!begins(SYN_RECV, ESTABLISHED) && !begins(ESTABLISHED, CLOSE));
     }
 
     #[test]

@@ -12,14 +12,17 @@ use core::ffi::c_void;
 use aya_ebpf::{
     EbpfContext as _,
     bindings::__sk_buff,
-    helpers::generated::{bpf_loop, bpf_skb_load_bytes},
+    helpers::{
+        bpf_ktime_get_ns,
+        generated::{bpf_loop, bpf_skb_load_bytes},
+    },
     macros::{cgroup_skb, map},
     maps::PerCpuArray,
     programs::SkBuffContext,
 };
-use otel_tcpstates_common::{HTTP_METHODS, LinkEvent, TRACEPARENT_COPY, direction, inspect};
+use otel_tcpstates_common::{HTTP_METHODS, LinkEvent, TRACEPARENT_COPY, direction, inspect, lost};
 
-use crate::{CONFIG, EVENTS, SOCKETS, count_lost, wakeup_flags};
+use crate::{CONFIG, EVENTS, SOCKETS, atomic_add, count_lost, wakeup_flags};
 
 /// How much of a request's headers is scanned for `traceparent:`.
 const SCAN_BYTES: usize = 1024;
@@ -31,14 +34,28 @@ const MAX_OWS: usize = 4;
 /// whatever the offset (the verifier checks the largest one).
 const SLACK: usize = NEEDLE + MAX_OWS + TRACEPARENT_COPY;
 
+/// Nesting levels with a scratch slot each: these programs nest on a CPU (a
+/// packet's receive softirq runs `http_ingress` in the middle of an
+/// `http_egress` in process context; a softirq's own transmit runs
+/// `http_egress`), one per level as the kernel's own `bpf_trace` buffers are.
+const LEVELS: u32 = 4;
+
 #[repr(C)]
 pub struct Scan {
+    /// The claim of the program using the slot (see [`find_traceparent`]).
+    claim: u64,
     bytes: [u8; SCAN_BYTES + SLACK],
 }
 
-/// Scratch for the bytes scanned: one per CPU, too large for the stack.
+/// Scratch for the bytes scanned, too large for the stack: per CPU, one per
+/// nesting level.
 #[map]
-static SCAN: PerCpuArray<Scan> = PerCpuArray::with_max_entries(1, 0);
+static SCAN: PerCpuArray<Scan> = PerCpuArray::with_max_entries(LEVELS, 0);
+
+/// How many of these programs are inside [`find_traceparent`] on this CPU now:
+/// the level, and so the slot, of the next one.
+#[map]
+static SCAN_DEPTH: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
 
 #[cgroup_skb(egress)]
 pub fn http_egress(ctx: SkBuffContext) -> i32 {
@@ -146,6 +163,7 @@ fn inspect(ctx: &SkBuffContext, dir: u8) -> Option<()> {
     find_traceparent(ctx, payload, sk, method, dir)
 }
 
+/// Scans the request's headers in this nesting level's scratch slot.
 #[inline(always)]
 fn find_traceparent(
     ctx: &SkBuffContext,
@@ -154,9 +172,49 @@ fn find_traceparent(
     method: u8,
     dir: u8,
 ) -> Option<()> {
-    let scan = SCAN.get_ptr_mut(0)?;
-    // SAFETY: the per-CPU slot is ours while this program runs on this CPU.
+    let depth = SCAN_DEPTH.get_ptr_mut(0)?;
+    // SAFETY: a valid, aligned u64 of this CPU's entry, only written atomically:
+    // a program that interrupts this one between a load and a store must not
+    // undo its count. One that nests between the read and the add leaves the
+    // depth as it found it; two that interleave on a preemptible kernel may read
+    // the same level, and the slot's claim catches that.
+    let level = unsafe {
+        let level = core::ptr::read_volatile(depth);
+        atomic_add(depth, 1);
+        level
+    };
+    let found = scan_in(ctx, payload, sk, method, dir, level);
+    // SAFETY: as above; adding 2^64 - 1 takes the one back.
+    unsafe { atomic_add(depth, u64::MAX) };
+    found
+}
+
+#[inline(always)]
+fn scan_in(
+    ctx: &SkBuffContext,
+    payload: usize,
+    sk: u64,
+    method: u8,
+    dir: u8,
+    level: u64,
+) -> Option<()> {
+    if level >= u64::from(LEVELS) {
+        // Deeper than any nesting the kernel does: no slot is free.
+        count_lost(lost::LINKS);
+        return None;
+    }
+    let scan = SCAN.get_ptr_mut(level as u32)?;
+    // SAFETY: this level's slot of this CPU. Programs that nest use the levels
+    // above; one that takes this slot anyway (a preempted program's level reused
+    // on a preemptible kernel) is caught by the claim below.
     let scan = unsafe { &mut *scan };
+    // The claim: whoever writes the slot after this writes its own claim first,
+    // so an unchanged claim at the end means the bytes are still ours. Two
+    // programs on one CPU never read the clock at the same nanosecond.
+    // SAFETY: helper without arguments.
+    let claim = unsafe { bpf_ktime_get_ns() };
+    // SAFETY: a field of the slot; volatile so the write is not moved or elided.
+    unsafe { core::ptr::write_volatile(&raw mut scan.claim, claim) };
     let len = ctx.len() as usize;
     let n = if len - payload > SCAN_BYTES {
         SCAN_BYTES
@@ -217,7 +275,7 @@ fn find_traceparent(
     }
 
     let Some(mut entry) = EVENTS.reserve::<LinkEvent>(0) else {
-        count_lost();
+        count_lost(lost::LINKS);
         return None;
     };
     let event = entry.as_mut_ptr();
@@ -233,6 +291,13 @@ fn find_traceparent(
         (*event).method = method;
         (*event).direction = dir;
         (*event)._pad = [0; 6];
+    }
+    // SAFETY: a field of the slot, read after the copy.
+    if unsafe { core::ptr::read_volatile(&raw const scan.claim) } != claim {
+        // Another program wrote the slot meanwhile: the value may be its bytes.
+        entry.discard(0);
+        count_lost(lost::LINKS);
+        return None;
     }
     entry.submit(wakeup_flags());
     Some(())

@@ -3,7 +3,8 @@
 //! [`IncidentEvent`] on the shared ring for the span of the state it happened in.
 //!
 //! As careful as the state program: they never wait (a full ring drops the event
-//! and counts it in `LOST`), and they keep to the sockets it follows. A socket
+//! and counts it in `LOST`, as an incident), and they keep to the sockets it
+//! follows. A socket
 //! is in `SOCKETS` only when it passed the port and family filters, so one lookup
 //! there decides, with the owner filter on what it stored. Two kinds happen where
 //! that lookup cannot tell: a SYN-ACK (the connection has no socket yet) and the
@@ -15,7 +16,7 @@ use aya_ebpf::{
     macros::{raw_tracepoint, tracepoint},
     programs::{RawTracePointContext, TracePointContext},
 };
-use otel_tcpstates_common::{AF_INET, AF_INET6, Config, IncidentEvent, incident, tcp_state};
+use otel_tcpstates_common::{AF_INET, AF_INET6, Config, IncidentEvent, incident, lost, tcp_state};
 
 /// Offset in `struct sk_buff` of its segment count (`tcp_skb_cb.tcp_gso_segs`
 /// in `cb`), from BTF; 0: unknown.
@@ -97,7 +98,7 @@ struct Tuple {
 #[inline(always)]
 fn emit(skaddr: u64, kind: u8, state: u8, value: i32, segs: u32, tuple: &Tuple) {
     let Some(mut entry) = EVENTS.reserve::<IncidentEvent>(0) else {
-        count_lost();
+        count_lost(lost::INCIDENTS);
         return;
     };
     let event = entry.as_mut_ptr();

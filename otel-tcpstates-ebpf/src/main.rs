@@ -2,6 +2,10 @@
 //! filters, measures the time spent in the previous state, and queues an [`Event`].
 #![no_std]
 #![no_main]
+// The BPF target has no compare-and-swap, so core's atomics have no
+// read-modify-write methods; the intrinsic compiles to the BPF atomic add.
+#![feature(core_intrinsics)]
+#![allow(internal_features)]
 
 mod http;
 mod incidents;
@@ -20,7 +24,7 @@ use aya_ebpf::{
 use otel_tcpstates_common::{
     AF_INET, AF_INET6, Config, DEFAULT_RING_BUFFER_BYTES, DEFAULT_SOCKET_MAP_ENTRIES, Event,
     IPPROTO_TCP, NetnsOffsets, PORT_BITMAP_WORDS, SocketState, TASK_COMM_LEN, TcpFacts, TcpOffsets,
-    is_v4_mapped, tcp_state,
+    is_v4_mapped, lost, tcp_state,
 };
 
 /// The tracepoint's record (stable since Linux 4.16). Userspace checks it against
@@ -94,9 +98,10 @@ static SOCKETS: LruHashMap<u64, SocketState> =
 #[map]
 static LISTENERS: HashMap<u64, u32> = HashMap::with_max_entries(4096, 0);
 
-/// Events the ring buffer had no room for, per CPU.
+/// Records the ring buffer had no room for, per CPU, one slot per kind
+/// ([`otel_tcpstates_common::lost`]).
 #[map]
-static LOST: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
+static LOST: PerCpuArray<u64> = PerCpuArray::with_max_entries(lost::KINDS, 0);
 
 #[tracepoint]
 pub fn inet_sock_set_state(ctx: TracePointContext) -> u32 {
@@ -209,11 +214,16 @@ fn handle(args: &Args) {
     let pid = (bpf_get_current_pid_tgid() >> 32) as u32;
 
     let known = SOCKETS.get_ptr_mut(&skaddr);
+    // A socket that begins now owes nothing to an entry at its address: that is
+    // a previous socket's whose CLOSE the kernel skipped (see `recursion_misses`).
+    let begins = tcp_state::begins(oldstate, newstate);
     let (delta_ns, mut owner_pid) = match known {
         // SAFETY: the pointer comes from a successful lookup; the socket lock
         // serialises transitions of one socket, so no one else writes it now.
-        Some(state) => unsafe { (now.wrapping_sub((*state).since_ns), (*state).owner_pid) },
-        None => (0, 0),
+        Some(state) if !begins => unsafe {
+            (now.wrapping_sub((*state).since_ns), (*state).owner_pid)
+        },
+        _ => (0, 0),
     };
     let by_owner = tcp_state::entered_by_owner(newstate);
     // Only listeners and what they clone need the namespace (two reads).
@@ -243,8 +253,12 @@ fn handle(args: &Args) {
     if newstate == tcp_state::CLOSE {
         let _ = SOCKETS.remove(&skaddr);
     } else if let Some(state) = known {
-        // SAFETY: as above.
+        // SAFETY: as above. No packet of a socket that begins has been seen yet.
         unsafe {
+            if begins {
+                // Nor its verdicts or congestion state.
+                *state = SocketState::default();
+            }
             (*state).since_ns = now;
             (*state).owner_pid = owner_pid;
         }
@@ -264,7 +278,7 @@ fn handle(args: &Args) {
     }
 
     let Some(mut entry) = EVENTS.reserve::<Event>(0) else {
-        count_lost();
+        count_lost(lost::STATE_CHANGES);
         return;
     };
     let facts = if newstate == tcp_state::CLOSE {
@@ -312,16 +326,30 @@ fn handle(args: &Args) {
     entry.submit(wakeup_flags());
 }
 
-/// Counts an event the ring buffer had no room for, in this CPU's slot.
+/// Counts a record of `kind` ([`otel_tcpstates_common::lost`]) that could not be
+/// queued, in this CPU's slot.
 #[inline(always)]
-pub(crate) fn count_lost() {
-    if let Some(lost) = LOST.get_ptr_mut(0) {
-        // SAFETY: a valid, aligned u64 slot of this CPU's array entry. Not atomic
-        // (the BPF target has no atomic read-modify-write in core): a program
-        // interrupting another on this CPU at this very instruction could lose a
-        // count.
-        unsafe { *lost += 1 };
+pub(crate) fn count_lost(kind: u32) {
+    if let Some(lost) = LOST.get_ptr_mut(kind) {
+        // SAFETY: a valid, aligned u64 slot of this CPU's array entry, only ever
+        // accessed atomically. Atomic because programs nest on a CPU (a packet's
+        // softirq interrupting another program, or a preempted one): a plain
+        // `+= 1` interrupted between its load and store would lose a count.
+        unsafe { atomic_add(lost, 1) };
     }
+}
+
+/// `*at += n` as one atomic instruction. The value before is not returned: that
+/// needs the fetching form, which the generic BPF CPU the object is built for
+/// (for older kernels) does not have.
+///
+/// # Safety
+/// `at` is a valid, aligned u64 that is only ever written atomically.
+#[inline(always)]
+pub(crate) unsafe fn atomic_add(at: *mut u64, n: u64) {
+    use core::intrinsics::{AtomicOrdering, atomic_xadd};
+    // SAFETY: as the caller promises.
+    unsafe { atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(at, n) };
 }
 
 /// Submit flags: wake the reader only once enough bytes are queued.

@@ -13,7 +13,7 @@ use crate::{
     cli::Cli,
     kernel::clock::{self, ClockSync},
     kernel::event::{Record, TcpEvent},
-    kernel::loader::{self, Filters, Probe},
+    kernel::loader::{self, Filters, Losses, Probe},
     kernel::preflight,
     kernel::reader::EventReader,
     metrics::{ConnectionMetrics, MetricsOptions},
@@ -38,12 +38,15 @@ use crate::{
     sessions::table::{EndReason, SessionTable, Update},
     shutdown::{self, Deadline, Stop},
     telemetry::self_metrics::SelfMetrics,
-    telemetry::stats::{SessionStats, Stats},
+    telemetry::stats::{IncidentStats, LinkStats, SessionStats, Stats},
 };
 
 /// How often a growing lost-event count is reported while running.
 const LOST_REPORT_EVERY: Duration = Duration::from_secs(1);
 const LOST_ADVICE: &str = "raise --ring-buffer-mib or lower --poll-ms";
+/// Why the kernel skips a program, and where to look.
+const SKIPPED_WHY: &str = "another BPF program was running on the CPU, and tracepoint programs \
+    do not interrupt one another; bpftool prog show lists each program's recursion_misses";
 
 type Stdout = BufWriter<StdoutLock<'static>>;
 
@@ -267,6 +270,30 @@ impl Sinks {
 struct Reports {
     lost: u64,
     dropped: u64,
+    /// The other losses, in the order of [`other_losses`].
+    others: [u64; 4],
+}
+
+/// The losses besides state changes lost to a full ring: each count, what it
+/// counts, and why (with what to do).
+fn other_losses(stats: &Stats) -> [(u64, &'static str, String); 4] {
+    let links = stats.links.unwrap_or_default();
+    let incidents = stats.incidents.unwrap_or_default();
+    let full = || format!("ring buffer full; {LOST_ADVICE}");
+    [
+        (
+            stats.events_skipped,
+            "state changes skipped by the kernel",
+            SKIPPED_WHY.to_owned(),
+        ),
+        (links.lost, "link records lost", full()),
+        (incidents.lost, "incident records lost", full()),
+        (
+            incidents.skipped,
+            "incident records skipped by the kernel",
+            SKIPPED_WHY.to_owned(),
+        ),
+    ]
 }
 
 impl Reports {
@@ -278,13 +305,19 @@ impl Reports {
             );
             self.lost = stats.events_lost;
         }
+        for ((count, what, why), reported) in other_losses(stats).iter().zip(&mut self.others) {
+            if *count > *reported {
+                tracing::warn!("{} {what} ({why})", count - *reported);
+                *reported = *count;
+            }
+        }
         if let Some(unsent) = journal.and_then(JournalWriter::take_unsent) {
             tracing::warn!("{unsent}");
         }
         let dropped = stats.spans.map_or(0, |s| s.dropped);
         if dropped > self.dropped {
             tracing::warn!(
-                "at least {} spans dropped (export queue full): the collector, or the export path, cannot keep up",
+                "{} spans dropped (export queue full): the collector, or the export path, cannot keep up",
                 dropped - self.dropped
             );
             self.dropped = dropped;
@@ -366,13 +399,16 @@ pub async fn run(cli: Cli) -> Result<()> {
         sinks.traces.is_some(),
         self_metrics.is_some(),
     );
-    let Finished { last, lost } =
-        finish_reading(probe, &mut reader, &mut sinks, &deadline, broken_pipe)?;
+    let Finished {
+        last,
+        losses,
+        cut_off,
+    } = finish_reading(probe, &mut reader, &mut sinks, &deadline, broken_pipe)?;
     sinks.end_sessions(deadline.for_spans());
     // The final values: every session ended, the span counts exact.
     if let Some(metrics) = self_metrics {
         sinks.publish_open_connections();
-        metrics.publish(&stats(&sinks, lost));
+        metrics.publish(&stats(&sinks, &reader, &losses, cut_off));
         if let Err(err) = metrics.shutdown(shutdown::left(deadline.end())) {
             tracing::warn!("{err:#}");
         }
@@ -488,10 +524,12 @@ impl Sinks {
 }
 
 /// What the end of reading left: the last write's outcome (a broken pipe is
-/// quiet) and the events lost in all.
+/// quiet), the kernel's final loss counts and the state changes the deadline left
+/// unread.
 struct Finished {
     last: io::Result<()>,
-    lost: u64,
+    losses: Losses,
+    cut_off: u64,
 }
 
 /// Detaches the programs, reads what they queued until the events' deadline and
@@ -528,9 +566,21 @@ fn finish_reading(
         );
     }
     let cut_off = cut_off.transitions;
-    let lost = probe.lost_events()? + cut_off;
+    let losses = probe.losses()?;
     drop(probe);
-    report_lost_in_total(lost, cut_off);
+    report_lost_in_total(losses.state_changes + cut_off, cut_off);
+    let at_exit = stats(sinks, reader, &losses, cut_off);
+    for (count, what, why) in other_losses(&at_exit) {
+        if count > 0 {
+            tracing::warn!("{count} {what} in total ({why})");
+        }
+    }
+    if reader.invalid_traceparents > 0 {
+        tracing::info!(
+            "{} traceparent headers were not valid W3C trace context: no link made of them",
+            reader.invalid_traceparents
+        );
+    }
     if let Some(unsent) = sinks
         .journal
         .as_ref()
@@ -541,7 +591,11 @@ fn finish_reading(
     if reader.malformed > 0 {
         tracing::warn!("{} malformed event records skipped", reader.malformed);
     }
-    Ok(Finished { last, lost })
+    Ok(Finished {
+        last,
+        losses,
+        cut_off,
+    })
 }
 
 /// The kernel-side filters the flags ask for.
@@ -603,7 +657,7 @@ impl Watch<'_> {
                     self.sinks.publish_open_connections();
                 }
                 // One reading of the counters serves both when they fall due together.
-                let stats = stats(self.sinks, self.probe.lost_events()?);
+                let stats = stats(self.sinks, self.reader, &self.probe.losses()?, 0);
                 if report_due {
                     reports.running(&stats, self.sinks.journal.as_mut());
                     if let Some(metrics) = self.self_metrics {
@@ -639,11 +693,21 @@ impl Watch<'_> {
 /// How often the one-line counters are logged when exporting, unless set.
 const DEFAULT_STATS_EVERY_SECS: u64 = 60;
 
-/// The tracer's own counters now.
-fn stats(sinks: &Sinks, lost: u64) -> Stats {
+/// The tracer's own counters now; `cut_off`: state changes the shutdown
+/// deadline left unread, lost too.
+fn stats(sinks: &Sinks, reader: &EventReader, losses: &Losses, cut_off: u64) -> Stats {
     Stats {
         events_seen: sinks.seen,
-        events_lost: lost,
+        events_lost: losses.state_changes + cut_off,
+        events_skipped: losses.state_changes_skipped,
+        links: losses.links.map(|lost| LinkStats {
+            seen: reader.links_seen,
+            lost,
+            invalid: reader.invalid_traceparents,
+        }),
+        incidents: losses
+            .incidents
+            .map(|(lost, skipped)| IncidentStats { lost, skipped }),
         sessions: sinks.table.as_ref().map(|table| {
             let s = table.stats();
             SessionStats {

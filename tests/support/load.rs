@@ -448,9 +448,10 @@ impl Summary {
     }
 }
 
-/// One "stats:" line: "stats: N events seen, L lost; sessions: I in flight,
-/// S started, E evicted; spans: P produced, X exported, F failed, D dropped;
-/// R export errors".
+/// One "stats:" line: "stats: N events seen, L lost, K skipped; [links: …;
+/// incidents: …;] sessions: I in flight, S started, E evicted; spans: P
+/// produced, X exported, F failed, D dropped[, C cut off by the shutdown
+/// deadline]; R export errors".
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct Stats {
     pub seen: u64,

@@ -9,6 +9,7 @@ pub mod netfault;
 pub mod netns;
 pub mod otlp;
 pub mod rotel;
+pub mod spinner;
 pub mod tls;
 
 use std::{

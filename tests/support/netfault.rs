@@ -97,6 +97,15 @@ impl Fault {
         )
     }
 
+    /// Drops every data segment to `port`: the sender retransmits until its
+    /// retries (or TCP_USER_TIMEOUT) run out.
+    pub fn drop_data(port: u16) -> Fault {
+        let length = format!("{MIN_DATA_PACKET}:65535");
+        let fault = Self::build(port, &["-m", "length", "--length", &length], "DROP");
+        fault.add();
+        fault
+    }
+
     /// Answers every data segment to `port` with a reset (REJECT with
     /// tcp-reset): the sender's connection is reset, the receiver's is not told.
     pub fn reset_data(port: u16) -> Fault {

@@ -1,6 +1,6 @@
 //! Loading the embedded eBPF program with the user's filters and attaching it to
 //! `sock:inet_sock_set_state` (and, when wanted, the incident and packet programs).
-use std::num::NonZeroUsize;
+use std::{num::NonZeroUsize, os::fd::AsFd as _};
 
 use anyhow::{Context as _, Result, anyhow, bail};
 use aya::{
@@ -10,12 +10,12 @@ use aya::{
 };
 use otel_tcpstates_common::{
     AF_INET, AF_INET6, Config, DEFAULT_SOCKET_MAP_ENTRIES, NetnsOffsets, PORT_BITMAP_WORDS,
-    TcpOffsets, names,
+    TcpOffsets, lost, names,
 };
 
 use crate::kernel::{
     btf::{self, Btf},
-    cgroup, incident_programs,
+    cgroup, incident_programs, program_stats,
 };
 
 const KERNEL_BTF: &str = "/sys/kernel/btf/vmlinux";
@@ -48,6 +48,35 @@ pub struct Probe {
     links: Vec<Link>,
     lost: PerCpuArray<MapData, u64>,
     congestion_known: bool,
+    /// The packet programs are attached: link records can be lost.
+    links_attached: bool,
+    /// The incident programs were wanted: incident records can be lost.
+    incidents: bool,
+    /// The programs' skips when they were detached (they are gone after).
+    final_skips: Option<Skips>,
+}
+
+/// What the kernel programs could not hand over so far, by kind of record and
+/// cause.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Losses {
+    /// State changes the ring buffer had no room for.
+    pub state_changes: u64,
+    /// State changes the kernel skipped: see [`program_stats`].
+    pub state_changes_skipped: u64,
+    /// Link records the ring buffer had no room for (or whose scratch space a
+    /// nested program took); `None` without the packet programs.
+    pub links: Option<u64>,
+    /// Incident records the ring buffer had no room for, and those the kernel
+    /// skipped; `None` without the incident programs.
+    pub incidents: Option<(u64, u64)>,
+}
+
+/// The programs' `recursion_misses`, summed by what they queue.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+struct Skips {
+    state_changes: u64,
+    incidents: u64,
 }
 
 fn bitmap(ports: Option<&[u16]>) -> [u64; PORT_BITMAP_WORDS] {
@@ -270,7 +299,9 @@ impl Probe {
 
         let congestion_known =
             incidents && incident_programs::attach(&mut ebpf, offsets.enabled != 0, &mut attached);
-        if links && let Err(err) = attach_packet_programs(&mut ebpf, &mut attached) {
+        let packet_programs = links.then(|| attach_packet_programs(&mut ebpf, &mut attached));
+        let links_attached = matches!(packet_programs, Some(Ok(())));
+        if let Some(Err(err)) = packet_programs {
             // One line: the cause's first (a verifier log follows it).
             let why = if err.chain().nth(1).is_some() {
                 let cause = err.root_cause().to_string();
@@ -300,6 +331,9 @@ impl Probe {
                 links: attached,
                 lost,
                 congestion_known,
+                links_attached,
+                incidents,
+                final_skips: None,
             },
             events,
         ))
@@ -321,16 +355,57 @@ impl Probe {
                 scope.spawn(move || drop(link));
             }
         });
+        // Final now that nothing runs; unreadable once the programs are unloaded.
+        self.final_skips = Some(self.skips());
         self.ebpf = None;
     }
 
-    /// Events the kernel could not queue because the ring buffer was full, so far.
-    pub fn lost_events(&self) -> Result<u64> {
-        let per_cpu = self
-            .lost
-            .get(&0, 0)
-            .context("reading the lost-event counter")?;
-        Ok(per_cpu.iter().sum())
+    /// What the kernel could not queue so far: the ring buffer was full, or the
+    /// kernel skipped a program.
+    pub fn losses(&self) -> Result<Losses> {
+        let lost = |kind: u32| -> Result<u64> {
+            let per_cpu = self
+                .lost
+                .get(&kind, 0)
+                .context("reading the lost-event counters")?;
+            Ok(per_cpu.iter().sum())
+        };
+        let skips = self.final_skips.unwrap_or_else(|| self.skips());
+        Ok(Losses {
+            state_changes: lost(lost::STATE_CHANGES)?,
+            state_changes_skipped: skips.state_changes,
+            links: self.links_attached.then(|| lost(lost::LINKS)).transpose()?,
+            incidents: self
+                .incidents
+                .then(|| Ok::<_, anyhow::Error>((lost(lost::INCIDENTS)?, skips.incidents)))
+                .transpose()?,
+        })
+    }
+
+    /// The loaded programs' skips, by what they queue. The packet programs are
+    /// never skipped (the kernel keeps no such count for them).
+    fn skips(&self) -> Skips {
+        let mut skips = Skips::default();
+        let Some(ebpf) = &self.ebpf else {
+            return skips;
+        };
+        for (name, program) in ebpf.programs() {
+            // Not loaded (its tracepoint is missing here): it never ran.
+            let Ok(fd) = program.fd() else { continue };
+            let misses = match program_stats::recursion_misses(fd.as_fd()) {
+                Ok(misses) => misses,
+                Err(err) => {
+                    tracing::debug!("reading {name}'s recursion_misses: {err}");
+                    continue;
+                }
+            };
+            match name {
+                names::PROGRAM => skips.state_changes += misses,
+                names::HTTP_EGRESS | names::HTTP_INGRESS => {}
+                _ => skips.incidents += misses,
+            }
+        }
+        skips
     }
 }
 

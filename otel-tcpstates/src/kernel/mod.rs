@@ -9,5 +9,6 @@ pub mod event;
 pub mod incident_programs;
 pub mod loader;
 pub mod preflight;
+pub mod program_stats;
 pub mod reader;
 pub mod traceparent;

@@ -31,6 +31,10 @@ pub struct EventReader {
     more: bool,
     /// Records that did not decode (never expected; counted, not fatal).
     pub malformed: u64,
+    /// Link records read, with a valid `traceparent` value or not.
+    pub links_seen: u64,
+    /// Of those, the ones whose value was not a valid `traceparent`: no link.
+    pub invalid_traceparents: u64,
 }
 
 impl EventReader {
@@ -47,6 +51,8 @@ impl EventReader {
             poll,
             more: false,
             malformed: 0,
+            links_seen: 0,
+            invalid_traceparents: 0,
         })
     }
 
@@ -131,6 +137,14 @@ impl EventReader {
             match event::decode_record(&record) {
                 Ok(event) => {
                     count += 1;
+                    match event {
+                        Record::Link { .. } => self.links_seen += 1,
+                        Record::InvalidTraceparent => {
+                            self.links_seen += 1;
+                            self.invalid_traceparents += 1;
+                        }
+                        _ => {}
+                    }
                     sink(&event)?;
                 }
                 Err(err) => {

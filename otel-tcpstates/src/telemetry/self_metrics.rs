@@ -20,6 +20,12 @@ use crate::telemetry::stats::Stats;
 pub mod name {
     pub const EVENTS_SEEN: &str = "otel_tcpstates.events.seen";
     pub const EVENTS_LOST: &str = "otel_tcpstates.events.lost";
+    pub const EVENTS_SKIPPED: &str = "otel_tcpstates.events.skipped";
+    pub const LINKS_SEEN: &str = "otel_tcpstates.links.seen";
+    pub const LINKS_LOST: &str = "otel_tcpstates.links.lost";
+    pub const LINKS_INVALID: &str = "otel_tcpstates.links.invalid";
+    pub const INCIDENTS_LOST: &str = "otel_tcpstates.incidents.lost";
+    pub const INCIDENTS_SKIPPED: &str = "otel_tcpstates.incidents.skipped";
     pub const SESSIONS_IN_FLIGHT: &str = "otel_tcpstates.sessions.in_flight";
     pub const SESSIONS_STARTED: &str = "otel_tcpstates.sessions.started";
     pub const SESSIONS_EVICTED: &str = "otel_tcpstates.sessions.evicted";
@@ -43,6 +49,12 @@ pub mod name {
 struct Published {
     events_seen: AtomicU64,
     events_lost: AtomicU64,
+    events_skipped: AtomicU64,
+    links_seen: AtomicU64,
+    links_lost: AtomicU64,
+    links_invalid: AtomicU64,
+    incidents_lost: AtomicU64,
+    incidents_skipped: AtomicU64,
     in_flight: AtomicU64,
     started: AtomicU64,
     evicted: AtomicU64,
@@ -83,6 +95,16 @@ impl SelfMetrics {
         let set = |cell: &AtomicU64, value: u64| cell.store(value, Ordering::Relaxed);
         set(&p.events_seen, stats.events_seen);
         set(&p.events_lost, stats.events_lost);
+        set(&p.events_skipped, stats.events_skipped);
+        if let Some(s) = &stats.links {
+            set(&p.links_seen, s.seen);
+            set(&p.links_lost, s.lost);
+            set(&p.links_invalid, s.invalid);
+        }
+        if let Some(s) = &stats.incidents {
+            set(&p.incidents_lost, s.lost);
+            set(&p.incidents_skipped, s.skipped);
+        }
         if let Some(s) = &stats.sessions {
             set(&p.in_flight, s.in_flight);
             set(&p.started, s.started);
@@ -136,7 +158,7 @@ impl SelfMetrics {
 fn register(provider: &SdkMeterProvider, published: &Arc<Published>) {
     let meter = provider.meter("otel-tcpstates");
     type Pick = fn(&Published) -> &AtomicU64;
-    let counters: [(&'static str, &'static str, &'static str, Pick); 16] = [
+    let counters: [(&'static str, &'static str, &'static str, Pick); 22] = [
         (
             name::EVENTS_SEEN,
             "{event}",
@@ -146,8 +168,45 @@ fn register(provider: &SdkMeterProvider, published: &Arc<Published>) {
         (
             name::EVENTS_LOST,
             "{event}",
-            "State changes lost because the ring buffer was full",
+            "State changes lost because the ring buffer was full (or still queued at the \
+             shutdown deadline)",
             |p| &p.events_lost,
+        ),
+        (
+            name::EVENTS_SKIPPED,
+            "{event}",
+            "State changes the kernel skipped: another BPF program was running on the CPU",
+            |p| &p.events_skipped,
+        ),
+        (
+            name::LINKS_SEEN,
+            "{record}",
+            "Link records (traceparent headers) read from the kernel (--links)",
+            |p| &p.links_seen,
+        ),
+        (
+            name::LINKS_LOST,
+            "{record}",
+            "Link records lost because the ring buffer was full (--links)",
+            |p| &p.links_lost,
+        ),
+        (
+            name::LINKS_INVALID,
+            "{record}",
+            "Link records whose traceparent value was not valid: no link (--links)",
+            |p| &p.links_invalid,
+        ),
+        (
+            name::INCIDENTS_LOST,
+            "{record}",
+            "Incident records lost because the ring buffer was full",
+            |p| &p.incidents_lost,
+        ),
+        (
+            name::INCIDENTS_SKIPPED,
+            "{record}",
+            "Incident records the kernel skipped: another BPF program was running on the CPU",
+            |p| &p.incidents_skipped,
         ),
         (
             name::SESSIONS_STARTED,

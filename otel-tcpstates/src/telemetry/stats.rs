@@ -12,6 +12,13 @@ pub struct Stats {
     pub events_seen: u64,
     /// Events the kernel could not hand over (ring buffer full).
     pub events_lost: u64,
+    /// State changes the kernel skipped: its program does not run while another
+    /// BPF program runs on the CPU (`recursion_misses`).
+    pub events_skipped: u64,
+    /// With the packet programs (`--links`): their records.
+    pub links: Option<LinkStats>,
+    /// With the incident programs: their records lost.
+    pub incidents: Option<IncidentStats>,
     pub sessions: Option<SessionStats>,
     pub spans: Option<SpanStats>,
     /// When exporting: what sampling kept and left out.
@@ -20,6 +27,27 @@ pub struct Stats {
     pub journal_unsent: Option<u64>,
     /// With connection metrics: measurements recorded into an overflow series.
     pub metrics_overflow: Option<u64>,
+}
+
+/// The packet programs' link records.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct LinkStats {
+    /// Read from the ring buffer.
+    pub seen: u64,
+    /// The ring buffer had no room for them, or a program nested on the CPU took
+    /// their scratch space.
+    pub lost: u64,
+    /// Read, but their `traceparent` value was not valid: no link.
+    pub invalid: u64,
+}
+
+/// The incident programs' records that never arrived.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct IncidentStats {
+    /// The ring buffer had no room for them.
+    pub lost: u64,
+    /// The kernel skipped the program, as for [`Stats::events_skipped`].
+    pub skipped: u64,
 }
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -33,9 +61,19 @@ impl fmt::Display for Stats {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(
             f,
-            "stats: {} events seen, {} lost",
-            self.events_seen, self.events_lost
+            "stats: {} events seen, {} lost, {} skipped",
+            self.events_seen, self.events_lost, self.events_skipped
         )?;
+        if let Some(s) = &self.links {
+            write!(
+                f,
+                "; links: {} seen, {} lost, {} invalid",
+                s.seen, s.lost, s.invalid
+            )?;
+        }
+        if let Some(s) = &self.incidents {
+            write!(f, "; incidents: {} lost, {} skipped", s.lost, s.skipped)?;
+        }
         if let Some(s) = &self.sessions {
             write!(
                 f,
@@ -90,7 +128,10 @@ mod tests {
             events_lost: 3,
             ..Stats::default()
         };
-        assert_eq!(stats.to_string(), "stats: 12 events seen, 3 lost");
+        assert_eq!(
+            stats.to_string(),
+            "stats: 12 events seen, 3 lost, 0 skipped"
+        );
         stats.sessions = Some(SessionStats {
             in_flight: 1,
             started: 4,
@@ -106,7 +147,7 @@ mod tests {
         });
         assert_eq!(
             stats.to_string(),
-            "stats: 12 events seen, 3 lost; sessions: 1 in flight, 4 started, 2 evicted; \
+            "stats: 12 events seen, 3 lost, 0 skipped; sessions: 1 in flight, 4 started, 2 evicted; \
              spans: 9 produced, 5 exported, 2 failed, 1 dropped; 1 export errors"
         );
         if let Some(spans) = &mut stats.spans {
@@ -116,6 +157,23 @@ mod tests {
             stats
                 .to_string()
                 .ends_with("1 dropped, 4 cut off by the shutdown deadline; 1 export errors")
+        );
+        stats.events_skipped = 4;
+        stats.links = Some(LinkStats {
+            seen: 8,
+            lost: 2,
+            invalid: 1,
+        });
+        stats.incidents = Some(IncidentStats {
+            lost: 5,
+            skipped: 6,
+        });
+        assert!(
+            stats.to_string().starts_with(
+                "stats: 12 events seen, 3 lost, 4 skipped; links: 8 seen, 2 lost, 1 invalid; \
+                 incidents: 5 lost, 6 skipped; sessions:"
+            ),
+            "{stats}"
         );
         stats.journal_unsent = Some(7);
         assert!(stats.to_string().ends_with("; journal: 7 not logged"));
