@@ -13,7 +13,7 @@ use crate::{
     cli::Cli,
     kernel::clock::{self, ClockSync},
     kernel::event::{Record, TcpEvent},
-    kernel::loader::{self, Filters, Losses, Probe},
+    kernel::loader::{self, Filters, KernelOffsets, Losses, Probe},
     kernel::preflight,
     kernel::reader::EventReader,
     metrics::{ConnectionMetrics, MetricsOptions},
@@ -350,18 +350,21 @@ pub async fn run(cli: Cli) -> Result<()> {
 
     let clock = ClockSync::new();
     // Only sessions (traces, --life) report the facts read at CLOSE: plain tcpstates
-    // output skips the BTF parse, and the kernel skips the reads.
+    // output leaves them out, and the kernel skips the reads.
     let sessions = export.is_some() || cli.life;
     // The journal's CLOSE records say why a connection failed: from sk_err.
-    let offsets = if sessions || cli.journal {
-        loader::tcp_offsets()
-    } else {
-        TcpOffsets::default()
-    };
+    let offsets = loader::kernel_offsets(
+        sessions || cli.journal,
+        export.is_some() && !cli.no_incidents,
+    );
     let exporting = match (&export, sampler) {
-        (Some(settings), Some(sampler)) => {
-            Some(Exporting::start(&cli, settings, sampler, &offsets, &clock)?)
-        }
+        (Some(settings), Some(sampler)) => Some(Exporting::start(
+            &cli,
+            settings,
+            sampler,
+            &offsets.tcp,
+            &clock,
+        )?),
         _ => None,
     };
     let (mut probe, mut reader) = attach(&cli, &offsets, export.is_some())?;
@@ -464,7 +467,7 @@ impl Exporting {
 }
 
 /// Loads and attaches the programs, and watches their ring buffer.
-fn attach(cli: &Cli, offsets: &TcpOffsets, exporting: bool) -> Result<(Probe, EventReader)> {
+fn attach(cli: &Cli, offsets: &KernelOffsets, exporting: bool) -> Result<(Probe, EventReader)> {
     let (probe, ring) = Probe::load(
         &filters(cli),
         offsets,

@@ -87,23 +87,68 @@ fn bitmap(ports: Option<&[u16]>) -> [u64; PORT_BITMAP_WORDS] {
     words
 }
 
-/// Where `struct tcp_sock` keeps the facts read at CLOSE, from the kernel's BTF. Without
-/// BTF (or with an unexpected layout) says so once and returns offsets that leave the
-/// facts out: tracing works without them.
-pub fn tcp_offsets() -> TcpOffsets {
-    match tcp_offsets_from(std::path::Path::new(KERNEL_BTF)) {
+/// What the programs read at offsets only the kernel's BTF gives, resolved from one
+/// read and parse of it (several megabytes, dropped once resolved).
+pub struct KernelOffsets {
+    pub tcp: TcpOffsets,
+    pub netns: NetnsOffsets,
+    /// `tcp_skb_cb.tcp_gso_segs` in `sk_buff`; 0: unknown.
+    pub gso_segs: u32,
+}
+
+/// `facts`: the `tcp_sock` facts read at CLOSE; `incidents`: the segment count of a
+/// retransmitted skb. The namespace offsets are resolved whatever the output: the
+/// kernel's listener owners serve `-p` too. Without BTF (or with an unexpected
+/// layout) each part says so once and is left out: tracing works without them.
+pub fn kernel_offsets(facts: bool, incidents: bool) -> KernelOffsets {
+    let btf = Btf::from_file(std::path::Path::new(KERNEL_BTF));
+    let tcp = if facts {
+        match resolve(&btf, tcp_offsets_from) {
+            Ok(offsets) => offsets,
+            Err(err) => {
+                tracing::warn!(
+                    "bytes, RTT and retransmits will be missing: {err} (needs a kernel with CONFIG_DEBUG_INFO_BTF)"
+                );
+                TcpOffsets::default()
+            }
+        }
+    } else {
+        TcpOffsets::default()
+    };
+    let netns = match resolve(&btf, netns_offsets_from) {
         Ok(offsets) => offsets,
         Err(err) => {
             tracing::warn!(
-                "bytes, RTT and retransmits will be missing: {err} (needs a kernel with CONFIG_DEBUG_INFO_BTF)"
+                "listeners in different network namespaces on one port will share an owner: {err} (needs a kernel with CONFIG_DEBUG_INFO_BTF)"
             );
-            TcpOffsets::default()
+            NetnsOffsets::default()
         }
+    };
+    let gso_segs = match &btf {
+        Ok(btf) if incidents => skb_gso_segs_offset(btf),
+        _ => 0,
+    };
+    KernelOffsets {
+        tcp,
+        netns,
+        gso_segs,
     }
 }
 
-fn tcp_offsets_from(path: &std::path::Path) -> Result<TcpOffsets, btf::BtfError> {
-    let btf = Btf::from_file(path)?;
+/// One part of the offsets from the one parse; the error says what failed, the
+/// read or the part.
+fn resolve<T>(
+    btf: &Result<Btf, btf::BtfError>,
+    part: fn(&Btf) -> Result<T, btf::BtfError>,
+) -> Result<T, String> {
+    match btf {
+        Ok(btf) => part(btf).map_err(|err| err.to_string()),
+        Err(err) => Err(err.to_string()),
+    }
+}
+
+/// Where `struct tcp_sock` keeps the facts read at CLOSE.
+fn tcp_offsets_from(btf: &Btf) -> Result<TcpOffsets, btf::BtfError> {
     // Each read in the kernel is exactly this wide; refuse any other layout.
     let field = |name: &str, size: u32| -> Result<u32, btf::BtfError> {
         let field = btf.field("tcp_sock", name)?;
@@ -137,23 +182,9 @@ fn tcp_offsets_from(path: &std::path::Path) -> Result<TcpOffsets, btf::BtfError>
     })
 }
 
-/// Where a socket's network namespace is, from the kernel's BTF, so listeners are
-/// told apart by namespace (pods sharing a port). Without BTF says so once and
-/// returns offsets that key listeners by family and port alone.
-fn netns_offsets() -> NetnsOffsets {
-    match netns_offsets_from(std::path::Path::new(KERNEL_BTF)) {
-        Ok(offsets) => offsets,
-        Err(err) => {
-            tracing::warn!(
-                "listeners in different network namespaces on one port will share an owner: {err} (needs a kernel with CONFIG_DEBUG_INFO_BTF)"
-            );
-            NetnsOffsets::default()
-        }
-    }
-}
-
-fn netns_offsets_from(path: &std::path::Path) -> Result<NetnsOffsets, btf::BtfError> {
-    let btf = Btf::from_file(path)?;
+/// Where a socket's network namespace is, so listeners are told apart by namespace
+/// (pods sharing a port); offsets of 0 key listeners by family and port alone.
+fn netns_offsets_from(btf: &Btf) -> Result<NetnsOffsets, btf::BtfError> {
     // possible_net_t is one `struct net *` (nothing without CONFIG_NET_NS).
     let common = btf.field("sock", "__sk_common")?;
     let net = btf.field("sock_common", "skc_net")?;
@@ -173,12 +204,12 @@ fn netns_offsets_from(path: &std::path::Path) -> Result<NetnsOffsets, btf::BtfEr
 
 /// Where `struct sk_buff` keeps a TCP segment's count: `tcp_skb_cb.tcp_gso_segs`
 /// inside `cb`. 0 when BTF does not say (retransmissions then count one each).
-fn skb_gso_segs_offset() -> u32 {
-    let found = Btf::from_file(std::path::Path::new(KERNEL_BTF)).and_then(|btf| {
+fn skb_gso_segs_offset(btf: &Btf) -> u32 {
+    let found = (|| {
         let cb = btf.field("sk_buff", "cb")?;
         let segs = btf.field("tcp_skb_cb", "tcp_gso_segs")?;
-        Ok((segs.size == 2).then_some(cb.offset + segs.offset))
-    });
+        Ok::<_, btf::BtfError>((segs.size == 2).then_some(cb.offset + segs.offset))
+    })();
     match found {
         Ok(Some(offset)) => offset,
         _ => 0,
@@ -227,7 +258,7 @@ impl Probe {
     /// programs that see retransmissions, resets, errors and congestion states.
     pub fn load(
         filters: &Filters,
-        offsets: &TcpOffsets,
+        offsets: &KernelOffsets,
         ring_buffer_bytes: u32,
         max_sockets: NonZeroUsize,
         links: bool,
@@ -254,17 +285,14 @@ impl Probe {
             );
         }
         let socket_entries = socket_map_entries(max_sockets);
-        let gso_segs = if incidents { skb_gso_segs_offset() } else { 0 };
-        // Whatever the output: the kernel's listener owners serve `-p` too.
-        let netns = netns_offsets();
         let loaded = EbpfLoader::new()
-            .override_global(names::SKB_GSO_SEGS, &gso_segs, true)
+            .override_global(names::SKB_GSO_SEGS, &offsets.gso_segs, true)
             .override_global(names::CONFIG, &config, true)
             .override_global(names::LOCAL_PORTS, &local, true)
             .override_global(names::REMOTE_PORTS, &remote, true)
             .override_global(names::WAKEUP_BYTES, &wakeup_bytes, true)
-            .override_global(names::TCP_OFFSETS, offsets, true)
-            .override_global(names::NETNS_OFFSETS, &netns, true)
+            .override_global(names::TCP_OFFSETS, &offsets.tcp, true)
+            .override_global(names::NETNS_OFFSETS, &offsets.netns, true)
             .map_max_entries(names::EVENTS, ring_buffer_bytes)
             .map_max_entries(names::SOCKETS, socket_entries)
             .load(PROGRAM);
@@ -297,8 +325,8 @@ impl Probe {
             .context("attaching to tracepoint sock:inet_sock_set_state failed")?;
         let mut attached: Vec<Link> = vec![Box::new(program.take_link(id)?)];
 
-        let congestion_known =
-            incidents && incident_programs::attach(&mut ebpf, offsets.enabled != 0, &mut attached);
+        let congestion_known = incidents
+            && incident_programs::attach(&mut ebpf, offsets.tcp.enabled != 0, &mut attached);
         let packet_programs = links.then(|| attach_packet_programs(&mut ebpf, &mut attached));
         let links_attached = matches!(packet_programs, Some(Ok(())));
         if let Some(Err(err)) = packet_programs {
@@ -420,9 +448,9 @@ mod tests {
             eprintln!("skipping: no {KERNEL_BTF}");
             return;
         }
-        let offsets = tcp_offsets_from(path).unwrap();
+        let offsets = tcp_offsets_from(&Btf::from_file(path).unwrap()).unwrap();
         assert_eq!(offsets.enabled, 1);
-        let err = tcp_offsets_from(std::path::Path::new("/nonexistent/vmlinux")).unwrap_err();
+        let err = Btf::from_file(std::path::Path::new("/nonexistent/vmlinux")).unwrap_err();
         assert!(err.to_string().contains("/nonexistent/vmlinux"), "{err}");
     }
 
@@ -433,11 +461,11 @@ mod tests {
             eprintln!("skipping: no {KERNEL_BTF}");
             return;
         }
-        let offsets = netns_offsets_from(path).unwrap();
+        let offsets = netns_offsets_from(&Btf::from_file(path).unwrap()).unwrap();
         assert_ne!(offsets.sk_net, 0);
         assert_ne!(offsets.ns_inum, 0);
         // Without BTF, listeners are keyed as before: offsets of 0.
-        let err = netns_offsets_from(std::path::Path::new("/nonexistent/vmlinux")).unwrap_err();
+        let err = Btf::from_file(std::path::Path::new("/nonexistent/vmlinux")).unwrap_err();
         assert!(err.to_string().contains("/nonexistent/vmlinux"), "{err}");
     }
 
