@@ -262,18 +262,7 @@ fn a_blackholed_syn_with_one_retry_times_out() {
     let (listener, addr) = listen("127.0.0.1");
     let fault = Fault::drop_syns(addr.port());
     let (fd, local) = bound_socket(false);
-    let one: libc::c_int = 1;
-    // SAFETY: a valid socket and an int option of the size given.
-    let set = unsafe {
-        libc::setsockopt(
-            fd.as_raw_fd(),
-            libc::IPPROTO_TCP,
-            libc::TCP_SYNCNT,
-            (&one as *const libc::c_int).cast(),
-            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-        )
-    };
-    assert_eq!(set, 0, "TCP_SYNCNT: {}", std::io::Error::last_os_error());
+    set_syn_retries(&fd, 1);
     // One SYN, one retransmission 1 s later; the kernel gives up when the time
     // those retries take (3 s) has passed, and its timer may send one more first.
     assert_eq!(connect_to(&fd, addr), Err(Errno::ETIMEDOUT));

@@ -20,7 +20,8 @@ use nix::{
     sys::{
         signal::Signal,
         socket::{
-            AddressFamily, SockFlag, SockType, SockaddrIn, connect, getsockopt, socket, sockopt,
+            AddressFamily, SockFlag, SockType, SockaddrIn, connect, getsockopt, setsockopt, socket,
+            sockopt,
         },
     },
     unistd::Pid,
@@ -63,17 +64,7 @@ fn doomed_connect(port: u16) -> OwnedFd {
         None,
     )
     .unwrap();
-    // SAFETY: setsockopt with an int value on our own socket.
-    let one: libc::c_int = 1;
-    unsafe {
-        libc::setsockopt(
-            fd.as_raw_fd(),
-            libc::IPPROTO_TCP,
-            libc::TCP_SYNCNT,
-            (&raw const one).cast(),
-            size_of::<libc::c_int>() as u32,
-        )
-    };
+    set_syn_retries(&fd, 1);
     let _ = connect(fd.as_raw_fd(), &SockaddrIn::new(127, 0, 0, 1, port));
     fd
 }
@@ -311,17 +302,7 @@ fn a_socket_at_a_skipped_sockets_address_starts_afresh() {
         for _ in 0..CONNECTIONS / ROUNDS {
             let mut client = std::net::TcpStream::connect(server).unwrap();
             held.push(listener.accept().unwrap().0);
-            let timeout: libc::c_uint = 500;
-            // SAFETY: setsockopt with an unsigned int on our own socket.
-            unsafe {
-                libc::setsockopt(
-                    client.as_raw_fd(),
-                    libc::IPPROTO_TCP,
-                    libc::TCP_USER_TIMEOUT,
-                    (&raw const timeout).cast(),
-                    size_of::<libc::c_uint>() as u32,
-                )
-            };
+            setsockopt(&client, sockopt::TcpUserTimeout, &500).unwrap();
             client.write_all(&[b'x'; 200]).unwrap();
         }
         thread::sleep(Duration::from_millis(100));

@@ -456,6 +456,22 @@ pub fn refused_connect(port: u16) -> (std::os::fd::OwnedFd, u16) {
     }
 }
 
+/// Sets how often a connect() sends its SYN again before it fails with
+/// ETIMEDOUT (TCP_SYNCNT; nix has no option for it).
+pub fn set_syn_retries(fd: &impl std::os::fd::AsRawFd, retries: libc::c_int) {
+    // SAFETY: a valid socket and an int option of the size given.
+    let set = unsafe {
+        libc::setsockopt(
+            fd.as_raw_fd(),
+            libc::IPPROTO_TCP,
+            libc::TCP_SYNCNT,
+            (&raw const retries).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    assert_eq!(set, 0, "TCP_SYNCNT: {}", std::io::Error::last_os_error());
+}
+
 pub fn closed_port() -> u16 {
     listen("127.0.0.1").1.port()
 }
