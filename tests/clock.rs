@@ -197,31 +197,28 @@ fn times_follow_a_wall_clock_step() {
     // in the new wall clock.
     let slack = RESYNC_BOUND + COLUMN_RESOLUTION;
     let mut checked = 0;
+    let mut in_new_clock = |tool: &str, row: &[String]| {
+        assert!(
+            column_within(&row[0], after_from, after_to, slack),
+            "{tool} -T row {row:?} is not in the stepped wall clock ({:?} to {:?})",
+            DateTime::<Local>::from(after_from).time(),
+            DateTime::<Local>::from(after_to).time()
+        );
+        checked += 1;
+    };
     for row in rows_with_port(&text, cp).into_iter().chain(
         rows_with_port(&text, ap)
             .into_iter()
             .filter(|r| r.contains(&"CLOSE".into())),
     ) {
-        assert!(
-            column_within(&row[0], after_from, after_to, slack),
-            "tcpstates -T row {row:?} is not in the stepped wall clock ({:?} to {:?})",
-            DateTime::<Local>::from(after_from).time(),
-            DateTime::<Local>::from(after_to).time()
-        );
-        checked += 1;
+        in_new_clock("tcpstates", &row);
     }
     // tcplife -T: the time a connection closed, both after the step.
     for row in rows_with_port(&lived, cp)
         .into_iter()
         .chain(rows_with_port(&lived, ap))
     {
-        assert!(
-            column_within(&row[0], after_from, after_to, slack),
-            "tcplife -T row {row:?} is not in the stepped wall clock ({:?} to {:?})",
-            DateTime::<Local>::from(after_from).time(),
-            DateTime::<Local>::from(after_to).time()
-        );
-        checked += 1;
+        in_new_clock("tcplife", &row);
     }
     eprintln!("{checked} -T rows in the stepped wall clock");
 
