@@ -60,20 +60,37 @@ if [[ "$(cat "$stamp" 2>/dev/null)" != "$want_stamp" ]] || ! command -v bpf-link
 fi
 
 if [[ $want_test -eq 1 ]]; then
-  # setpriv and unshare (util-linux) let the tests drop privileges and unmount
-  # tracefs in a private namespace; tests/systemd.rs checks the systemd unit with
-  # systemd-analyze and the system calls the daemon makes with strace;
-  # tests/sampling.rs drops and rejects loopback packets with iptables.
-  missing=()
-  command -v setpriv >/dev/null && command -v unshare >/dev/null || missing+=(util-linux)
-  command -v bash >/dev/null || missing+=(bash)
-  command -v systemd-analyze >/dev/null || missing+=(systemd)
-  command -v strace >/dev/null || missing+=(strace)
-  command -v iptables >/dev/null || missing+=(iptables)
+  # Every program a test runs, with the Debian package that brings it. A new
+  # machine of this kind lacks some (bpftool, iptables): they are installed here,
+  # and whatever is still missing afterwards is named in one line before any test
+  # runs. setpriv and unshare let the tests drop privileges and unmount tracefs in
+  # a private namespace; systemd-analyze and strace check the systemd unit and the
+  # daemon's system calls; iptables drops and rejects loopback packets; bpftool
+  # reads the programs' recursion_misses (tests/losses.rs); ip makes the network
+  # namespaces and tc reads their links; curl, python3 and timeout are clients and servers in the tests.
+  tools=(
+    setpriv:util-linux unshare:util-linux mount:mount timeout:coreutils
+    bash:bash sh:dash systemd-analyze:systemd strace:strace iptables:iptables
+    bpftool:bpftool ip:iproute2 tc:iproute2 curl:curl python3:python3
+  )
+  missing_tools() {
+    local entry
+    for entry in "${tools[@]}"; do
+      command -v "${entry%%:*}" >/dev/null || echo "${entry%%:*}:${entry#*:}"
+    done
+  }
+  mapfile -t missing < <(missing_tools)
   if ((${#missing[@]})); then
-    log "installing ${missing[*]}"
-    apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}"
+    packages=$(printf '%s\n' "${missing[@]#*:}" | sort -u | tr '\n' ' ')
+    log "installing $packages"
+    # shellcheck disable=SC2086 # one word per package
+    { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $packages; } ||
+      log "could not install $packages"
+    mapfile -t missing < <(missing_tools)
+    if ((${#missing[@]})); then
+      echo "setup.sh: the tests need ${missing[*]%%:*}, not installed (Debian packages: $(printf '%s\n' "${missing[@]#*:}" | sort -u | tr '\n' ' ' | sed 's/ $//')); install them and run again" >&2
+      exit 1
+    fi
   fi
 
   # Python packages go into fixed directories of their own with `pip --target`
