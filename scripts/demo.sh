@@ -36,8 +36,8 @@ JAEGER_OTLP_GRPC=127.0.0.1:14317 JAEGER_OTLP_HTTP=127.0.0.1:14318 \
   --set=receivers.otlp.protocols.http.endpoint=127.0.0.1:4318 \
   --set=extensions.health_check.endpoint=127.0.0.1:13133 \
   --set='service.telemetry.metrics.readers=[{pull: {exporter: {prometheus: {host: 127.0.0.1, port: 8888}}}}]' \
-  --set=exporters.otlp/jaeger.endpoint=127.0.0.1:14317 \
-  --set='service.pipelines.traces.exporters=[otlp/jaeger]' \
+  --set=exporters.otlp_grpc/jaeger.endpoint=127.0.0.1:14317 \
+  --set='service.pipelines.traces.exporters=[otlp_grpc/jaeger]' \
   >"$logs/collector.log" 2>&1 &
 
 listening() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }

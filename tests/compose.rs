@@ -193,7 +193,7 @@ fn with_flag(args: &[String], flag: &str, value: &str) -> Vec<String> {
     out
 }
 
-/// The name rotel knows an exporter by: "otlp/jaeger" → "jaeger".
+/// The name rotel knows an exporter by: "otlp_grpc/jaeger" → "jaeger".
 fn rotel_name(id: &str) -> String {
     id.rsplit('/')
         .next()

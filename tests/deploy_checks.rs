@@ -74,13 +74,13 @@ fn each_check_catches_a_broken_reference() {
 
     expect(
         "Tempo's OTLP port mistyped",
-        agent_with("/exporters/otlp~1tempo/endpoint", "tempo:4316".into()),
+        agent_with("/exporters/otlp_grpc~1tempo/endpoint", "tempo:4316".into()),
         "tempo:4316 does not serve",
     );
     expect(
         "OTLP/HTTP aimed at a gRPC port",
         agent_with(
-            "/exporters/otlphttp~1prometheus/endpoint",
+            "/exporters/otlp_http~1prometheus/endpoint",
             "http://tempo:4317".into(),
         ),
         "does not serve Otlp(Http)",
@@ -88,7 +88,7 @@ fn each_check_catches_a_broken_reference() {
     expect(
         "Prometheus' OTLP path wrong",
         agent_with(
-            "/exporters/otlphttp~1prometheus/endpoint",
+            "/exporters/otlp_http~1prometheus/endpoint",
             "http://prometheus:9090/otlp".into(),
         ),
         "under \"/api/v1/otlp\"",
@@ -97,7 +97,7 @@ fn each_check_catches_a_broken_reference() {
         "memory_limiter moved after batch",
         agent_with(
             "/service/pipelines/traces/processors",
-            serde_json::json!(["resourcedetection", "batch", "memory_limiter"]),
+            serde_json::json!(["resource_detection", "batch", "memory_limiter"]),
         ),
         "must start with memory_limiter",
     );
@@ -105,17 +105,17 @@ fn each_check_catches_a_broken_reference() {
         "an exporter used but not defined",
         agent_with(
             "/service/pipelines/traces/exporters",
-            serde_json::json!(["otlp/jaeger", "otlp/tempo", "otlp/zipkin"]),
+            serde_json::json!(["otlp_grpc/jaeger", "otlp_grpc/tempo", "otlp_grpc/zipkin"]),
         ),
-        "otlp/zipkin, which is not defined",
+        "otlp_grpc/zipkin, which is not defined",
     );
     expect(
         "an exporter defined but unused",
         agent_with(
             "/service/pipelines/traces/exporters",
-            serde_json::json!(["otlp/jaeger"]),
+            serde_json::json!(["otlp_grpc/jaeger"]),
         ),
-        "otlp/tempo is defined but no pipeline uses it",
+        "otlp_grpc/tempo is defined but no pipeline uses it",
     );
     expect(
         "the tracer speaking gRPC to the HTTP port",
@@ -219,12 +219,12 @@ fn each_check_catches_a_broken_reference() {
     let mut gateway_wrong = gateway.clone();
     set(
         &mut gateway_wrong.config,
-        "/exporters/loadbalancing/resolver/dns/port",
+        "/exporters/load_balancing/resolver/dns/port",
         "4318".into(),
     );
     set(
         &mut gateway_wrong.config,
-        "/exporters/loadbalancing/routing_key",
+        "/exporters/load_balancing/routing_key",
         "service".into(),
     );
     let problems = gateway_problems(&gateway_wrong, &backend, &listeners);

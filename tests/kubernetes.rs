@@ -1,7 +1,7 @@
 //! The Kubernetes manifest in deploy/kubernetes/: read by the tool that will read
 //! it (the Kubernetes API schemas) and checked as the cluster would take it (the
 //! DaemonSet, its least privilege, the downward API, the agent collector beside
-//! the daemon with its k8sattributes and pipelines, images and resources), and
+//! the daemon with its k8s_attributes and pipelines, images and resources), and
 //! the DaemonSet's container run for real: with its privileges, flags and
 //! environment the daemon must trace a real connection, with span links attached;
 //! without CAP_NET_ADMIN as before, one warning saying links are off; with
@@ -358,7 +358,7 @@ fn resource_attributes_come_from_the_downward_api() {
         assert!(keys.contains(key), "{key} missing from {raw}");
     }
     // The pod and namespace of a span's resource are the traced container's, added
-    // by the collector's k8sattributes, which keeps values already set: the
+    // by the collector's k8s_attributes, which keeps values already set: the
     // tracer's own would hide them.
     for key in ["k8s.pod.name", "k8s.namespace.name", "k8s.pod.uid"] {
         assert!(!keys.contains(key), "{key} in {raw}");
@@ -369,13 +369,13 @@ fn resource_attributes_come_from_the_downward_api() {
 }
 
 /// The agent collector names the workload behind each span from its resource's
-/// container.id (k8sattributes, watching only its node's pods), with the read-only
+/// container.id (k8s_attributes, watching only its node's pods), with the read-only
 /// API access that takes, bound to the pod's service account, whose token is mounted.
 #[test]
 fn the_agent_names_each_spans_workload_from_its_container() {
     let docs = manifest();
     let config = collector_config(&docs);
-    let k8s = &config["processors"]["k8sattributes"];
+    let k8s = &config["processors"]["k8s_attributes"];
     assert_eq!(k8s["filter"]["node_from_env_var"], "K8S_NODE_NAME");
     let sources = list(&list(&k8s["pod_association"])[0]["sources"]);
     assert_eq!(sources[0]["from"], "resource_attribute");
@@ -384,7 +384,7 @@ fn the_agent_names_each_spans_workload_from_its_container() {
         .iter()
         .map(|p| str_of(p, "processor"))
         .collect();
-    assert!(traces.contains(&"k8sattributes"), "{traces:?}");
+    assert!(traces.contains(&"k8s_attributes"), "{traces:?}");
     let spec = pod_spec(&docs);
     let collector = collector_container(spec);
     let node = list(&collector["env"])

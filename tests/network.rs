@@ -619,7 +619,7 @@ fn owner_container_is_the_cgroups_container_id() {
         started.elapsed()
     );
     assert_eq!(root.kind, KIND_CLIENT);
-    // The container is the resource's, so the Collector's k8sattributes can find
+    // The container is the resource's, so the Collector's k8s_attributes can find
     // the pod by it; the span itself does not repeat it.
     assert_eq!(
         root.resource.get("container.id"),

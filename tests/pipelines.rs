@@ -32,7 +32,7 @@ fn workspace() -> PathBuf {
 }
 
 /// The variables the DaemonSet gives its agent collector (the downward API's
-/// node name, which k8sattributes filters pods by).
+/// node name, which k8s_attributes filters pods by).
 const DAEMONSET_ENV: &[(&str, &str)] = &[("K8S_NODE_NAME", "node-1")];
 
 /// Every collector configuration the project ships, with the environment it runs
@@ -96,6 +96,48 @@ fn every_shipped_collector_config_passes_the_collectors_validate() {
     assert!(failures.is_empty(), "{}", failures.join("\n"));
 }
 
+/// Every component a shipped configuration names is named as the collector
+/// lists it (`components`): no deprecated alias (`otlp` for `otlp_grpc`,
+/// `resourcedetection` for `resource_detection`, …), which the collector warns of
+/// at every start and a later release will refuse. Also for the DaemonSet's
+/// agent, which cannot run here (its `k8s_attributes` wants an API server).
+#[test]
+fn every_shipped_collector_config_uses_the_collectors_current_names() {
+    let scratch = std::env::temp_dir().join(format!("otcs-names-{}", std::process::id()));
+    fs::create_dir_all(&scratch).unwrap();
+    let configs = shipped_configs(&scratch);
+    let known = Collector::components();
+    let mut problems = Vec::new();
+    for (config, _) in &configs {
+        let text = fs::read_to_string(config).unwrap();
+        let doc: Json = serde_saphyr::from_str(&text).unwrap();
+        for kind in [
+            "receivers",
+            "processors",
+            "exporters",
+            "extensions",
+            "connectors",
+        ] {
+            let names: Vec<&str> = known[kind]
+                .as_array()
+                .map(|list| list.iter().filter_map(|c| c["name"].as_str()).collect())
+                .unwrap_or_default();
+            for id in doc[kind].as_object().into_iter().flat_map(|m| m.keys()) {
+                let component = id.split('/').next().unwrap_or(id);
+                if !names.contains(&component) {
+                    problems.push(format!(
+                        "{}: {kind} {id}: the collector knows {names:?}",
+                        config.display()
+                    ));
+                }
+            }
+        }
+    }
+    let _ = fs::remove_dir_all(&scratch);
+    assert!(configs.len() >= 4, "{configs:?}");
+    assert!(problems.is_empty(), "{}", problems.join("\n"));
+}
+
 fn tag<'a>(tags: &'a Json, key: &str) -> Option<&'a Json> {
     tags.as_array()?
         .iter()
@@ -123,10 +165,10 @@ fn the_agent_config_carries_whole_traces_into_jaeger() {
     let collector = Collector::start(
         "collector-config/agent.yaml",
         &[
-            format!("exporters.otlp/jaeger.endpoint={}", jaeger.otlp_grpc),
-            format!("exporters.otlp/tempo.endpoint={}", rx.grpc_addr()),
+            format!("exporters.otlp_grpc/jaeger.endpoint={}", jaeger.otlp_grpc),
+            format!("exporters.otlp_grpc/tempo.endpoint={}", rx.grpc_addr()),
             format!(
-                "exporters.otlphttp/prometheus.endpoint={}",
+                "exporters.otlp_http/prometheus.endpoint={}",
                 rx.http_endpoint()
             ),
             // Batches leave the agent at once instead of after a second.
@@ -319,7 +361,7 @@ fn backend_of(a: &[ReceivedSpan], b: &[ReceivedSpan], trace_id: &str) -> (usize,
     (count(a), count(b))
 }
 
-/// tracers → gateway.yaml (`loadbalancing` by trace id) → two collectors running
+/// tracers → gateway.yaml (`load_balancing` by trace id) → two collectors running
 /// gateway-backend.yaml (`tail_sampling`) → Jaeger. Every trace lands whole on one
 /// backend; the policies keep every refused connect (status ERROR) and the slow
 /// handshake (a SYN dropped once: SYN_SENT over 100 ms), and about 10 % of the
@@ -339,8 +381,8 @@ fn the_gateway_keeps_each_trace_on_one_backend_whose_policies_sample_it() {
         Collector::start(
             "collector-config/gateway-backend.yaml",
             &[
-                format!("exporters.otlp/jaeger.endpoint={}", jaeger.otlp_grpc),
-                format!("exporters.otlp/tempo.endpoint={}", rx.grpc_addr()),
+                format!("exporters.otlp_grpc/jaeger.endpoint={}", jaeger.otlp_grpc),
+                format!("exporters.otlp_grpc/tempo.endpoint={}", rx.grpc_addr()),
                 format!(
                     "processors.tail_sampling.decision_wait={}s",
                     DECISION_WAIT.as_secs()
@@ -355,13 +397,13 @@ fn the_gateway_keeps_each_trace_on_one_backend_whose_policies_sample_it() {
         "collector-config/gateway.yaml",
         &[
             // The backends as the resolver's members, in place of the DNS name.
-            "exporters.loadbalancing.resolver.dns=null".to_owned(),
+            "exporters.load_balancing.resolver.dns=null".to_owned(),
             format!(
-                "exporters.loadbalancing.resolver.static.hostnames=[{}, {}]",
+                "exporters.load_balancing.resolver.static.hostnames=[{}, {}]",
                 backend_a.grpc, backend_b.grpc
             ),
             format!(
-                "exporters.otlphttp/prometheus.endpoint={}",
+                "exporters.otlp_http/prometheus.endpoint={}",
                 metrics.http_endpoint()
             ),
             "processors.batch.timeout=50ms".to_owned(),
@@ -499,10 +541,10 @@ fn the_metrics_reach_prometheus_and_answer_promql() {
     let collector = Collector::start(
         "collector-config/agent.yaml",
         &[
-            format!("exporters.otlp/jaeger.endpoint={}", rx.grpc_addr()),
-            format!("exporters.otlp/tempo.endpoint={}", rx.grpc_addr()),
+            format!("exporters.otlp_grpc/jaeger.endpoint={}", rx.grpc_addr()),
+            format!("exporters.otlp_grpc/tempo.endpoint={}", rx.grpc_addr()),
             format!(
-                "exporters.otlphttp/prometheus.endpoint={}",
+                "exporters.otlp_http/prometheus.endpoint={}",
                 prometheus.otlp_endpoint()
             ),
             "processors.batch.timeout=50ms".to_owned(),

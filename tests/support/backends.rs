@@ -200,7 +200,7 @@ impl Collector {
     /// Runs `config` (relative to the workspace) with only its endpoints changed:
     /// the OTLP receiver on free loopback ports, the health check on another, and
     /// `sets` (`key=value`, the keys as `--set` takes them, e.g.
-    /// `exporters.otlp/jaeger.endpoint=127.0.0.1:4317`).
+    /// `exporters.otlp_grpc/jaeger.endpoint=127.0.0.1:4317`).
     pub fn start(config: &str, sets: &[String]) -> Collector {
         let collector = &binaries().collector;
         let config = workspace().join(config);
@@ -228,11 +228,44 @@ impl Collector {
                 .args(sets.iter().map(|s| format!("--set={s}")));
             (command, vec![grpc, http], (grpc, http))
         });
+        // The collector warns of a component named by an old alias as it builds the
+        // pipelines, before it says it is ready (`validate` does not): its output
+        // up to that line.
+        let deadline = Instant::now() + START_TIMEOUT;
+        let mut output = process.output();
+        while !output.iter().any(|l| l.contains("Everything is ready")) && Instant::now() < deadline
+        {
+            thread::sleep(Duration::from_millis(20));
+            output = process.output();
+        }
+        let deprecated: Vec<String> = output
+            .into_iter()
+            .filter(|line| line.contains("is deprecated"))
+            .collect();
+        assert!(
+            deprecated.is_empty(),
+            "{} names components by deprecated aliases:\n{}",
+            config.display(),
+            deprecated.join("\n")
+        );
         Collector {
             process,
             grpc,
             http,
         }
+    }
+
+    /// The component names of each kind (`receivers`, `processors`, `exporters`,
+    /// `extensions`, `connectors`) this collector lists: their current names,
+    /// not the deprecated aliases it still takes.
+    pub fn components() -> Value {
+        let out = Command::new(&binaries().collector)
+            .arg("components")
+            .output()
+            .expect("running the collector's components");
+        assert!(out.status.success(), "{out:?}");
+        serde_saphyr::from_str(&String::from_utf8_lossy(&out.stdout))
+            .expect("the collector's components as YAML")
     }
 
     pub fn grpc_endpoint(&self) -> String {

@@ -72,7 +72,7 @@ impl Collector {
         self.pipelines().into_iter().find(|p| p.name == name)
     }
 
-    /// A component's settings, e.g. `component("exporters", "otlp/tempo")`.
+    /// A component's settings, e.g. `component("exporters", "otlp_grpc/tempo")`.
     pub fn component(&self, kind: &str, id: &str) -> &Value {
         &self.config[kind][id]
     }
@@ -144,8 +144,8 @@ impl Collector {
         problems
     }
 
-    /// Where an OTLP exporter sends, and how: `otlp` is gRPC to "host:port",
-    /// `otlphttp` is HTTP to a base URL (the signal's path is appended).
+    /// Where an OTLP exporter sends, and how: `otlp_grpc` is gRPC to "host:port",
+    /// `otlp_http` is HTTP to a base URL (the signal's path is appended).
     pub fn exporter_target(&self, id: &str) -> Result<(Endpoint, Protocol), String> {
         let file = &self.file;
         let settings = self.component("exporters", id);
@@ -155,7 +155,7 @@ impl Collector {
         let endpoint =
             Endpoint::parse(endpoint).map_err(|e| format!("{file}: exporter {id}: {e}"))?;
         match id.split('/').next().unwrap_or(id) {
-            "otlp" => {
+            "otlp_grpc" => {
                 let plain = settings.pointer("/tls/insecure") == Some(&Value::Bool(true));
                 match endpoint.scheme.as_deref() {
                     None if plain => Ok((endpoint, Protocol::Grpc)),
@@ -166,7 +166,7 @@ impl Collector {
                     )),
                 }
             }
-            "otlphttp" => match endpoint.scheme.as_deref() {
+            "otlp_http" => match endpoint.scheme.as_deref() {
                 Some("http") => Ok((endpoint, Protocol::Http)),
                 _ => Err(format!("{file}: exporter {id}: want an http:// URL")),
             },
@@ -249,10 +249,10 @@ pub fn agent_problems(agent: &Collector, listeners: &Listeners) -> Vec<String> {
             None => problems.push(format!("{file}: no {name} pipeline")),
         }
     }
-    let detectors = strings(&agent.component("processors", "resourcedetection")["detectors"]);
+    let detectors = strings(&agent.component("processors", "resource_detection")["detectors"]);
     if detectors != ["env", "system"] {
         problems.push(format!(
-            "{file}: resourcedetection detectors {detectors:?}, want [env, system]"
+            "{file}: resource_detection detectors {detectors:?}, want [env, system]"
         ));
     }
     for pipeline in agent.pipelines() {
@@ -297,9 +297,9 @@ pub fn gateway_problems(
     let (g, b) = (&gateway.file, &backend.file);
 
     let traces = gateway.pipeline("traces");
-    if traces.as_ref().map(|p| p.exporters.clone()) != Some(vec!["loadbalancing".to_owned()]) {
+    if traces.as_ref().map(|p| p.exporters.clone()) != Some(vec!["load_balancing".to_owned()]) {
         problems.push(format!(
-            "{g}: traces must go to the loadbalancing exporter only"
+            "{g}: traces must go to the load_balancing exporter only"
         ));
     }
     if traces.is_some_and(|p| p.processors.iter().any(|x| x == "tail_sampling")) {
@@ -307,13 +307,13 @@ pub fn gateway_problems(
             "{g}: sampling belongs in the backends, which see whole traces"
         ));
     }
-    let lb = gateway.component("exporters", "loadbalancing");
+    let lb = gateway.component("exporters", "load_balancing");
     if lb["routing_key"].as_str() != Some("traceID") {
-        problems.push(format!("{g}: loadbalancing routing_key must be traceID"));
+        problems.push(format!("{g}: load_balancing routing_key must be traceID"));
     }
     if !lb.pointer("/protocol/otlp").is_some_and(Value::is_object) {
         problems.push(format!(
-            "{g}: loadbalancing must speak OTLP (protocol.otlp)"
+            "{g}: load_balancing must speak OTLP (protocol.otlp)"
         ));
     }
     let ports: Vec<u64> = match (lb.pointer("/resolver/dns"), lb.pointer("/resolver/k8s")) {
