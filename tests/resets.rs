@@ -132,14 +132,17 @@ fn quickack(stream: &TcpStream) {
     assert_eq!(rc, 0, "TCP_QUICKACK: {}", std::io::Error::last_os_error());
 }
 
-/// Whether /proc/net/tcp lists a socket from 127.0.0.1:`local` to `peer` in
-/// FIN_WAIT2 (after close(), the kernel's time-wait socket in that substate).
-fn fin_wait2_listed(local: u16, peer: u16) -> bool {
-    let table = std::fs::read_to_string("/proc/net/tcp").unwrap();
-    let want = (
-        format!("0100007F:{local:04X}"),
-        format!("0100007F:{peer:04X}"),
-    );
+/// Whether /proc/net/tcp (tcp6 for `v6`) lists a socket from the loopback's
+/// `local` port to its `peer` port in FIN_WAIT2 (after close(), the kernel's
+/// time-wait socket in that substate).
+fn fin_wait2_listed(v6: bool, local: u16, peer: u16) -> bool {
+    let (path, addr) = if v6 {
+        ("/proc/net/tcp6", "00000000000000000000000001000000")
+    } else {
+        ("/proc/net/tcp", "0100007F")
+    };
+    let table = std::fs::read_to_string(path).unwrap();
+    let want = (format!("{addr}:{local:04X}"), format!("{addr}:{peer:04X}"));
     table.lines().skip(1).any(|line| {
         let f: Vec<&str> = line.split_whitespace().collect();
         f.len() > 3 && (f[1], f[2]) == (&want.0, &want.1) && f[3] == "05"
@@ -158,6 +161,7 @@ fn keep_alive_race(
     after_ack: bool,
 ) -> ((u16, u16), Option<Duration>, TcpStream) {
     let sp = listener.local_addr().unwrap().port();
+    let v6 = listener.local_addr().unwrap().is_ipv6();
     let mut client = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
     let cp = client.local_addr().unwrap().port();
     let (mut server, _) = listener.accept().unwrap();
@@ -176,7 +180,9 @@ fn keep_alive_race(
         // The server's socket closes (FIN_WAIT2 -> CLOSE) as this ACK arrives.
         acked = Some(Instant::now());
         quickack(&client);
-        spin_until("the server's time-wait socket", || fin_wait2_listed(sp, cp));
+        spin_until("the server's time-wait socket", || {
+            fin_wait2_listed(v6, sp, cp)
+        });
     }
     // The next request, before the client noticed the FIN.
     let _ = client.write_all(REQUEST);
@@ -194,14 +200,16 @@ fn the_keep_alive_race_is_reset_sent_on_the_server_and_reset_by_peer_on_the_clie
     let _serial = load::serial();
     let rx = Receiver::start();
     let tracer = start(&rx, &[]);
-    let (listener, _) = listen("127.0.0.1");
+    let listeners = [listen("127.0.0.1").0, listen("::1").0];
     let mut pairs = Vec::new();
     let mut held = Vec::new();
-    for _ in 0..ROUNDS {
-        for after_ack in [false, true] {
-            let (pair, took, client) = keep_alive_race(&listener, after_ack);
-            pairs.push((pair, took));
-            held.push(client);
+    for listener in &listeners {
+        for _ in 0..ROUNDS {
+            for after_ack in [false, true] {
+                let (pair, took, client) = keep_alive_race(listener, after_ack);
+                pairs.push((pair, took));
+                held.push(client);
+            }
         }
     }
     let ends: Vec<(u16, u16)> = pairs
@@ -432,7 +440,10 @@ fn a_reset_after_its_trace_ended_is_counted_as_late() {
         trace_of(&spans, sp, cp).is_some(),
         "the server's trace went out"
     );
-    assert!(fin_wait2_listed(sp, cp), "the time-wait socket is there");
+    assert!(
+        fin_wait2_listed(false, sp, cp),
+        "the time-wait socket is there"
+    );
     let _ = client.write_all(REQUEST);
     wait_for_state(&client, tcp_state::CLOSE, "the server's RST");
     // The daemon has read it once a later event is printed: the listener's CLOSE.
