@@ -212,7 +212,9 @@ pub struct IncidentEvent {
     /// The socket's TCP state, where the tracepoint tells it (else 0).
     pub state: u8,
     pub family: u16,
-    /// Only for a SYN-ACK: the connection's ports and addresses, as in [`Event`].
+    /// For a SYN-ACK, and for an RST sent by a socket the state program no
+    /// longer follows (after CLOSE, or the kernel's time-wait socket): the
+    /// connection's ports and addresses, as in [`Event`]; else 0.
     pub sport: u16,
     pub dport: u16,
     /// Segments a retransmission carried (what `total_retrans` adds; 0 when the

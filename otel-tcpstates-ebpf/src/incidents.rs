@@ -9,7 +9,9 @@
 //! there decides, with the owner filter on what it stored. Two kinds happen where
 //! that lookup cannot tell: a SYN-ACK (the connection has no socket yet) and the
 //! RST an abortive close sends after the socket entered CLOSE; those are filtered
-//! on the addresses the tracepoint gives.
+//! on the addresses the tracepoint gives. So is the RST of the kernel's
+//! time-wait socket (a request that arrived after our FIN), which the state
+//! program never sees.
 use aya_ebpf::{
     EbpfContext as _, Global,
     helpers::{bpf_ktime_get_ns, bpf_probe_read_kernel},
@@ -192,7 +194,7 @@ pub fn tcp_retransmit_synack(ctx: TracePointContext) -> u32 {
 }
 
 // tcp:tcp_send_reset: skaddr at 16 (0: no socket), state 24, reason 28, the
-// source and destination as a sockaddr_in6 at 32 and 60.
+// source and destination as a sockaddr_in6 (or sockaddr_in) at 32 and 60.
 #[tracepoint]
 pub fn tcp_send_reset(ctx: TracePointContext) -> u32 {
     let skaddr: u64 = field(&ctx, 16);
@@ -201,22 +203,36 @@ pub fn tcp_send_reset(ctx: TracePointContext) -> u32 {
     }
     let state: i32 = field(&ctx, 24);
     let reason: u32 = field(&ctx, 28);
+    let mut tuple = Tuple::default();
     if !followed(skaddr) {
         // An abortive close sends its RST after CLOSE, when the state program
-        // has let the socket go: judge it on its endpoints.
-        if state as u8 != tcp_state::CLOSE {
+        // has let the socket go; the kernel's time-wait socket, which replaced a
+        // socket closed from FIN_WAIT2, resets data that arrives after our FIN.
+        // Judged on the endpoints, which name the connection for userspace.
+        if state as u8 != tcp_state::CLOSE && state as u8 != tcp_state::TIME_WAIT {
             return 0;
         }
         let family: u16 = field(&ctx, 32);
-        let sport = u16::from_be(field(&ctx, 34));
-        let dport = u16::from_be(field(&ctx, 62));
-        // The source's sin6_addr, at 40 (a sockaddr_in6's family, port, flowinfo first).
+        tuple.family = family;
+        tuple.sport = u16::from_be(field(&ctx, 34));
+        tuple.dport = u16::from_be(field(&ctx, 62));
+        if family == AF_INET6 {
+            // sin6_addr, after a sockaddr_in6's family, port and flowinfo.
+            tuple.saddr = copied(&ctx, 40);
+            tuple.daddr = copied(&ctx, 68);
+        } else {
+            // A sockaddr_in's sin_addr, after its family and port.
+            let s: [u8; 4] = copied(&ctx, 36);
+            let d: [u8; 4] = copied(&ctx, 64);
+            tuple.saddr[..4].copy_from_slice(&s);
+            tuple.daddr[..4].copy_from_slice(&d);
+        }
         let v6 = if family == AF_INET6 {
-            [field(&ctx, 40), field(&ctx, 48)]
+            words(&tuple.saddr)
         } else {
             [0; 2]
         };
-        if !endpoints_wanted(&CONFIG.load(), family, v6, sport, dport) {
+        if !endpoints_wanted(&CONFIG.load(), family, v6, tuple.sport, tuple.dport) {
             return 0;
         }
     }
@@ -226,7 +242,7 @@ pub fn tcp_send_reset(ctx: TracePointContext) -> u32 {
         state as u8,
         reason as i32,
         0,
-        &Tuple::default(),
+        &tuple,
     );
     0
 }

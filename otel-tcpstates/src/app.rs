@@ -139,13 +139,13 @@ impl Sinks {
         }
     }
 
-    /// Ends the aborted sockets whose RST is overdue.
-    fn expire_closing(&mut self) -> io::Result<()> {
+    /// Ends the sockets whose RST is overdue, now that every record up to kernel
+    /// time `read_through_ns` has been read.
+    fn expire_closing(&mut self, read_through_ns: u64) -> io::Result<()> {
         if !self.table.as_ref().is_some_and(SessionTable::has_closing) {
             return Ok(());
         }
-        let now = clock::monotonic_now_ns();
-        self.with_table(|table, out| table.expire_closing(now, &mut &mut *out))
+        self.with_table(|table, out| table.expire_closing(read_through_ns, &mut &mut *out))
     }
 
     /// Gives `apply` the session table and where its updates go: the connection
@@ -594,6 +594,13 @@ fn finish_reading(
     if reader.malformed > 0 {
         tracing::warn!("{} malformed event records skipped", reader.malformed);
     }
+    if let Some(late) = at_exit.incidents.map(|i| i.resets_late).filter(|&n| n > 0) {
+        // Not a loss: a request that reached the kernel's time-wait socket long
+        // after the close, whose trace could not wait for it.
+        tracing::info!(
+            "{late} RSTs came after their connection's trace had ended: counted here, not on its spans"
+        );
+    }
     Ok(Finished {
         last,
         losses,
@@ -681,7 +688,7 @@ impl Watch<'_> {
                     || stop.requested_at().is_some(),
                     |record| sinks.record(record),
                 )
-                .and_then(|_| sinks.expire_closing())
+                .and_then(|_| sinks.expire_closing(self.reader.read_through_ns()))
                 .and_then(|_| sinks.flush())
             {
                 if err.kind() != io::ErrorKind::BrokenPipe {
@@ -708,9 +715,11 @@ fn stats(sinks: &Sinks, reader: &EventReader, losses: &Losses, cut_off: u64) -> 
             lost,
             invalid: reader.invalid_traceparents,
         }),
-        incidents: losses
-            .incidents
-            .map(|(lost, skipped)| IncidentStats { lost, skipped }),
+        incidents: losses.incidents.map(|(lost, skipped)| IncidentStats {
+            lost,
+            skipped,
+            resets_late: sinks.table.as_ref().map_or(0, |t| t.stats().resets_late),
+        }),
         sessions: sinks.table.as_ref().map(|table| {
             let s = table.stats();
             SessionStats {

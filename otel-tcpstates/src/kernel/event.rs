@@ -175,6 +175,10 @@ pub const LINK_RECORD_SIZE: usize = size_of::<LinkEvent>();
 /// Size of the record the incident programs write.
 pub const INCIDENT_RECORD_SIZE: usize = size_of::<IncidentEvent>();
 
+/// A connection's ends, as its socket names them: (local address, port, remote
+/// address, port).
+pub type Ends = (IpAddr, u16, IpAddr, u16);
+
 /// What the kernel did to a socket besides changing its state.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Happened {
@@ -193,9 +197,12 @@ pub enum Happened {
         remote: (IpAddr, u16),
     },
     /// The socket sent an RST, in `state`, for the kernel's `sk_rst_reason`.
+    /// `ends`: the connection's, when the socket is no longer followed (it sent
+    /// the RST after CLOSE, or it is the kernel's time-wait socket).
     ResetSent {
         state: TcpState,
         reason: u32,
+        ends: Option<Ends>,
     },
     ResetReceived,
     /// The socket reported error `errno` to its owner.
@@ -232,6 +239,17 @@ pub enum Record {
     Incident(Incident),
     /// An incident record of a kind this build does not know.
     UnknownIncident,
+}
+
+impl Record {
+    /// When the kernel queued it, for the records that say.
+    pub fn ts_ns(&self) -> Option<u64> {
+        match self {
+            Self::Transition(event) => Some(event.ts_ns),
+            Self::Incident(incident) => Some(incident.ts_ns),
+            Self::Link { .. } | Self::InvalidTraceparent | Self::UnknownIncident => None,
+        }
+    }
 }
 
 /// Decodes one ring-buffer record of either program, told apart by size. Never
@@ -311,6 +329,13 @@ fn decode_incident(record: &[u8]) -> Result<Record, DecodeError> {
         incident::RESET_SENT => Happened::ResetSent {
             state: TcpState(raw.state),
             reason: raw.value as u32,
+            ends: match raw.family {
+                0 => None,
+                family => {
+                    let (local, remote) = addresses(family, &raw.saddr, &raw.daddr)?;
+                    Some((local, raw.sport, remote, raw.dport))
+                }
+            },
         },
         incident::RESET_RECEIVED => Happened::ResetReceived,
         incident::ERROR => Happened::Error { errno: raw.value },

@@ -435,7 +435,7 @@ mod tests {
 
     fn feed(metrics: &mut ConnectionMetrics, table: &mut SessionTable, events: &[TcpEvent]) {
         for event in events {
-            table.apply(event, &mut |update| metrics.update(&update));
+            table.apply_settled(event, &mut |update| metrics.update(&update));
         }
     }
 
@@ -473,7 +473,7 @@ mod tests {
     fn session(role: Role, error: Option<ErrorType>) -> Session {
         let (mut t, mut sessions) = (table(), Vec::new());
         for event in client_events(SK, 100) {
-            t.apply(&event, &mut |u| {
+            t.apply_settled(&event, &mut |u| {
                 if let Update::SessionEnded(s, ..) = u {
                     sessions.push(s.clone());
                 }

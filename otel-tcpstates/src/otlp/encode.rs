@@ -797,7 +797,7 @@ mod tests {
         let mut table = SessionTable::new(NonZeroUsize::new(16).unwrap());
         let mut out = Vec::new();
         for event in events {
-            table.apply(event, &mut |update| {
+            table.apply_settled(event, &mut |update| {
                 out.push(match update {
                     Update::StateEnded(s, e) => mapper.state_span(s, &e, Verdict::default()),
                     Update::SessionEnded(s, end, r) => {

@@ -126,7 +126,7 @@ mod tests {
         let mut writer = LifeWriter::new(layout, WallClock::measure(), Vec::new());
         writer.header().unwrap();
         for event in events {
-            table.apply(event, &mut |u| writer.update(&u).unwrap());
+            table.apply_settled(event, &mut |u| writer.update(&u).unwrap());
         }
         let text = String::from_utf8(writer.out).unwrap();
         text.lines().map(str::to_owned).collect()

@@ -169,7 +169,7 @@ mod tests {
         };
         let mut through = Vec::new();
         for event in events {
-            table.apply(event, &mut |update| {
+            table.apply_settled(event, &mut |update| {
                 sampling.route(&update, |kept| {
                     through.push(match kept {
                         Kept::State(s, e, v) => (

@@ -37,6 +37,9 @@ pub struct CloseFacts {
     pub sk_err: i32,
     pub reset_received: bool,
     pub reset_sent: bool,
+    /// An RST went out just after the CLOSE: the kernel aborted the connection
+    /// (`tcp_need_reset` on close, data that arrived after our FIN).
+    pub aborted: bool,
 }
 
 impl ErrorType {
@@ -50,6 +53,10 @@ impl ErrorType {
         Some(match errno {
             Errno::ECONNREFUSED => Self::ConnectionRefused,
             Errno::ETIMEDOUT => Self::TimedOut,
+            // Whatever came before: a reset "received" in FIN_WAIT1/2 with its
+            // ECONNRESET is the kernel's own abort on data (tcp_reset), which the
+            // RST it sends then follows; a peer's RST is never answered with one.
+            _ if facts.aborted => Self::ResetSent,
             Errno::ECONNRESET | Errno::EPIPE if facts.reset_received => Self::ResetByPeer,
             Errno::ECONNRESET | Errno::EPIPE if facts.reset_sent => Self::ResetSent,
             Errno::ECONNRESET | Errno::EPIPE => Self::ResetByPeer,
@@ -71,20 +78,21 @@ impl ErrorType {
         })
     }
 
-    /// Whether the kernel sends an RST right after this CLOSE, with no error set
-    /// before it: the socket's last span waits a moment for it.
+    /// Whether the kernel may send an RST right after this CLOSE: the socket's
+    /// last span waits for it. With no error set, a CLOSE from these states is an
+    /// abort (`tcp_need_reset`), or, from FIN_WAIT2, the move into the kernel's
+    /// time-wait socket, which resets a request that arrives after our FIN (the
+    /// keep-alive race). From FIN_WAIT1/2 with ECONNRESET and a reset seen, it may
+    /// be the kernel's abort on such data (TCPAbortOnData), or a peer's RST.
     pub fn awaits_reset(facts: CloseFacts) -> bool {
-        facts.sk_err == 0
-            && !facts.reset_received
-            && matches!(
-                facts.from.map(|s| s.0),
-                Some(
-                    tcp_state::ESTABLISHED
-                        | tcp_state::CLOSE_WAIT
-                        | tcp_state::FIN_WAIT1
-                        | tcp_state::SYN_RECV
-                )
-            )
+        let clean = facts.sk_err == 0 && !facts.reset_received;
+        match facts.from.map(|s| s.0) {
+            Some(tcp_state::ESTABLISHED | tcp_state::CLOSE_WAIT | tcp_state::SYN_RECV) => clean,
+            Some(tcp_state::FIN_WAIT1 | tcp_state::FIN_WAIT2) => {
+                clean || (facts.sk_err == Errno::ECONNRESET as i32 && facts.reset_received)
+            }
+            _ => false,
+        }
     }
 
     /// The `error.type` value.
@@ -135,6 +143,7 @@ mod tests {
             sk_err,
             reset_received: received,
             reset_sent: sent,
+            aborted: false,
         })
     }
 
@@ -191,6 +200,25 @@ mod tests {
     }
 
     #[test]
+    fn an_rst_sent_after_the_close_is_an_abort_whatever_came_before() {
+        let aborted = |from: u8, sk_err: i32, received: bool| {
+            ErrorType::of(CloseFacts {
+                from: Some(TcpState(from)),
+                sk_err,
+                reset_received: received,
+                reset_sent: true,
+                aborted: true,
+            })
+        };
+        // Closed from FIN_WAIT2: data after our FIN, or a close with unread data.
+        assert_eq!(aborted(FIN_WAIT2, 0, false), Some(ErrorType::ResetSent));
+        // The kernel's tcp_reset on data in FIN_WAIT1/2 set ECONNRESET first.
+        assert_eq!(aborted(FIN_WAIT1, 104, true), Some(ErrorType::ResetSent));
+        assert_eq!(aborted(FIN_WAIT2, 104, true), Some(ErrorType::ResetSent));
+        assert_eq!(aborted(LISTEN, 0, false), None);
+    }
+
+    #[test]
     fn only_an_abort_waits_for_its_reset() {
         let facts = |from: u8, sk_err: i32| CloseFacts {
             from: Some(TcpState(from)),
@@ -201,7 +229,18 @@ mod tests {
         assert!(ErrorType::awaits_reset(facts(SYN_RECV, 0)));
         assert!(!ErrorType::awaits_reset(facts(ESTABLISHED, 104)));
         assert!(!ErrorType::awaits_reset(facts(LAST_ACK, 0)));
-        assert!(!ErrorType::awaits_reset(facts(FIN_WAIT2, 0)));
         assert!(!ErrorType::awaits_reset(facts(SYN_SENT, 0)));
+        assert!(!ErrorType::awaits_reset(facts(FIN_WAIT1, 110)));
+        // Into the time-wait socket, which resets data that arrives after our FIN.
+        assert!(ErrorType::awaits_reset(facts(FIN_WAIT2, 0)));
+        // The kernel's own reset on data after our FIN, or a peer's RST.
+        let reset = |from: u8| CloseFacts {
+            reset_received: true,
+            ..facts(from, 104)
+        };
+        assert!(ErrorType::awaits_reset(reset(FIN_WAIT2)));
+        assert!(ErrorType::awaits_reset(reset(FIN_WAIT1)));
+        assert!(!ErrorType::awaits_reset(reset(ESTABLISHED)));
+        assert!(!ErrorType::awaits_reset(reset(CLOSE_WAIT)));
     }
 }

@@ -14,24 +14,32 @@ use lru::LruCache;
 use otel_tcpstates_common::tcp_state;
 
 use crate::{
-    kernel::event::{Comm, Family, Happened, Incident, TcpEvent, TcpFacts, TcpState},
+    kernel::event::{Comm, Ends, Family, Happened, Incident, TcpEvent, TcpFacts, TcpState},
     kernel::traceparent::Link,
     sessions::incidents::{IncidentCounts, RetransmitKind, SpanEvent, SpanEvents, What},
     sessions::links::Links,
     sessions::outcome::{CloseFacts, ErrorType},
 };
 
-/// How long, in kernel time, the last span of an aborted socket waits for the
-/// RST the kernel sends just after the socket entered CLOSE (microseconds later
-/// in the same system call).
+/// How long, in kernel time, the last span of a socket that may have been
+/// aborted waits for the RST the kernel sends after it entered CLOSE:
+/// microseconds later in the same system call or softirq, or, from the kernel's
+/// time-wait socket, when the peer's request that crossed our FIN arrives. It
+/// runs on what the ring buffer has delivered, not on the clock: see
+/// [`SessionTable::expire_closing`].
 pub const RESET_GRACE_NS: u64 = 20_000_000;
 
 /// SYN-ACK retransmissions remembered for connections whose socket does not
 /// exist yet (it is created when the handshake completes).
 const SYNACK_CONNECTIONS: usize = 4096;
 
+/// Connections whose session waited for an RST and ended, remembered so that an
+/// RST that comes later still is counted as late, not as unmatched (the kernel's
+/// time-wait socket may send one for up to a minute).
+const ENDED_CONNECTIONS: usize = 4096;
+
 /// A connection's ends: (local address, port, remote address, port).
-type Tuple = (IpAddr, u16, IpAddr, u16);
+type Tuple = Ends;
 
 /// How the socket came to be, as far as its first seen transition tells.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -202,6 +210,10 @@ pub struct TableStats {
     pub replaced: u64,
     /// Incidents of sockets the table does not follow (ended, or never seen).
     pub incidents_unmatched: u64,
+    /// RSTs sent for a connection whose session had already ended (its trace
+    /// gone out without them): the kernel's time-wait socket answering a request
+    /// long after our FIN, or an RST that came after [`RESET_GRACE_NS`].
+    pub resets_late: u64,
 }
 
 pub struct SessionTable {
@@ -214,8 +226,15 @@ pub struct SessionTable {
     ids: RandomState,
     /// Whether each session keeps its ended states in `held`.
     hold: bool,
-    /// Aborted sockets waiting for their RST, oldest first: (address, CLOSE time).
-    closing: VecDeque<(u64, u64)>,
+    /// Sockets waiting for their RST, oldest first: (address, CLOSE time,
+    /// connection).
+    closing: VecDeque<(u64, u64, Tuple)>,
+    /// The same sockets by their connection: the time-wait socket that sends the
+    /// RST has an address of its own.
+    closing_ends: HashMap<Tuple, u64>,
+    /// Connections of sessions that waited for their RST and ended, for a later
+    /// RST to be counted as late.
+    ended: LruCache<Tuple, ()>,
     /// SYN-ACK retransmissions of connections not yet seen, by their ends.
     synacks: LruCache<Tuple, SpanEvents>,
     /// Whether the congestion states are reported (their program is attached).
@@ -247,6 +266,8 @@ impl SessionTable {
             ids: RandomState::default(),
             hold: false,
             closing: VecDeque::new(),
+            closing_ends: HashMap::new(),
+            ended: LruCache::new(NonZeroUsize::new(ENDED_CONNECTIONS).expect("non-zero")),
             synacks: LruCache::new(NonZeroUsize::new(SYNACK_CONNECTIONS).expect("non-zero")),
             congestion_known: true,
         }
@@ -365,6 +386,7 @@ impl SessionTable {
             sk_err: event.facts.sk_err as i32,
             reset_received: session.counts.resets_received > 0,
             reset_sent: session.counts.resets_sent > 0,
+            aborted: false,
         };
         if closes {
             session.error = ErrorType::of(close);
@@ -399,7 +421,9 @@ impl SessionTable {
                     ended,
                     close_ns: event.ts_ns,
                 }));
-                self.closing.push_back((event.skaddr, event.ts_ns));
+                let ends = ends_of(session);
+                self.closing.push_back((event.skaddr, event.ts_ns, ends));
+                self.closing_ends.insert(ends, event.skaddr);
                 return;
             }
             if let Some(ended) = ended {
@@ -502,7 +526,31 @@ impl SessionTable {
             return;
         }
         let congestion_known = self.congestion_known;
-        let Some(session) = self.sessions.get_mut(&incident.skaddr) else {
+        let skaddr = match incident.happened {
+            // Sent after CLOSE, or by the time-wait socket: it names the connection.
+            Happened::ResetSent {
+                ends: Some(ends), ..
+            } if !self.sessions.contains(&incident.skaddr) => {
+                let waiting = self.closing_ends.get(&ends).copied().filter(|&sk| {
+                    self.sessions
+                        .peek(&sk)
+                        .is_some_and(|s| s.closing.is_some() && ends_of(s) == ends)
+                });
+                match waiting {
+                    Some(waiting) => waiting,
+                    None => {
+                        if self.ended.contains(&ends) {
+                            self.stats.resets_late += 1;
+                        } else {
+                            self.stats.incidents_unmatched += 1;
+                        }
+                        return;
+                    }
+                }
+            }
+            _ => incident.skaddr,
+        };
+        let Some(session) = self.sessions.get_mut(&skaddr) else {
             self.stats.incidents_unmatched += 1;
             return;
         };
@@ -544,29 +592,50 @@ impl SessionTable {
             session.events.add(event);
             return;
         };
-        closing.ended.events.get_or_insert_default().add(event);
+        let events = closing.ended.events.get_or_insert_default();
+        events.add(event);
         if let What::ResetSent { .. } = what {
             // The RST an abort sends: now the reason is sure, and nothing more
             // follows.
+            if matches!(
+                closing.ended.state.0,
+                tcp_state::FIN_WAIT1 | tcp_state::FIN_WAIT2
+            ) && let Some(at) = events
+                .kept
+                .iter()
+                .rposition(|e| e.what == What::ResetReceived)
+            {
+                // Data after our FIN: the kernel reset the socket itself
+                // (tcp_reset), then sent this. No RST came from the peer.
+                events.kept.remove(at);
+                session.counts.resets_received -= 1;
+            }
             let facts = CloseFacts {
                 from: Some(closing.ended.state),
                 sk_err: session.facts.map_or(0, |f| f.sk_err as i32),
                 reset_received: session.counts.resets_received > 0,
                 reset_sent: true,
+                aborted: true,
             };
             session.error = ErrorType::of(facts);
             closing.ended.error = session.error;
-            self.end_closing(incident.skaddr, out);
+            self.end_closing(skaddr, out);
         }
     }
 
-    /// Ends the aborted sockets whose RST did not come within [`RESET_GRACE_NS`]
-    /// of their CLOSE, by kernel time `now_ns`.
-    pub fn expire_closing(&mut self, now_ns: u64, out: &mut impl FnMut(Update<'_>)) {
-        while let Some(&(skaddr, close_ns)) = self.closing.front()
-            && close_ns.saturating_add(RESET_GRACE_NS) <= now_ns
+    /// Ends the sockets whose RST did not come within [`RESET_GRACE_NS`] of their
+    /// CLOSE, now that every record up to kernel time `read_through_ns` has been
+    /// read (the ring buffer's progress, not the clock: a reader that fell behind
+    /// still has their records to read).
+    pub fn expire_closing(&mut self, read_through_ns: u64, out: &mut impl FnMut(Update<'_>)) {
+        while let Some(&(skaddr, close_ns, ends)) = self.closing.front()
+            && close_ns.saturating_add(RESET_GRACE_NS) <= read_through_ns
         {
             self.closing.pop_front();
+            // Gone already if it ended otherwise (evicted, its address reused).
+            if self.closing_ends.get(&ends) == Some(&skaddr) {
+                self.closing_ends.remove(&ends);
+            }
             if self
                 .sessions
                 .peek(&skaddr)
@@ -578,19 +647,31 @@ impl SessionTable {
         }
     }
 
-    /// Whether aborted sockets are waiting for their RST.
+    /// Whether sockets are waiting for their RST.
     pub fn has_closing(&self) -> bool {
         !self.closing.is_empty()
     }
 
     /// Ends a socket that reached CLOSE and waited for its RST.
     fn end_closing(&mut self, skaddr: u64, out: &mut impl FnMut(Update<'_>)) {
+        if !self
+            .sessions
+            .peek(&skaddr)
+            .is_some_and(|s| s.closing.is_some())
+        {
+            return;
+        }
         let Some(mut done) = self.sessions.pop(&skaddr) else {
             return;
         };
         let Some(closing) = done.closing.take() else {
             return;
         };
+        let ends = ends_of(&done);
+        if self.closing_ends.get(&ends) == Some(&skaddr) {
+            self.closing_ends.remove(&ends);
+        }
+        self.ended.put(ends, ());
         report(&mut done, closing.ended, self.hold, out);
         self.stats.closed += 1;
         out(Update::SessionEnded(
@@ -637,6 +718,26 @@ impl SessionTable {
             .map(|(_, s)| 1 + u64::from(s.state_since_ns.is_some()))
             .sum()
     }
+}
+
+#[cfg(test)]
+impl SessionTable {
+    /// [`SessionTable::apply`], then ends at once a socket that would wait for
+    /// its RST: for the tests of what the table's updates feed.
+    pub(crate) fn apply_settled(&mut self, event: &TcpEvent, out: &mut impl FnMut(Update<'_>)) {
+        self.apply(event, out);
+        self.expire_closing(u64::MAX, out);
+    }
+}
+
+/// The connection a session's socket carries, as an RST's record names it.
+fn ends_of(session: &Session) -> Tuple {
+    (
+        session.local_addr,
+        session.local_port,
+        session.remote_addr,
+        session.remote_port,
+    )
 }
 
 /// A trace id from the keyed hash of the socket's address and birth: never zero.
@@ -778,14 +879,15 @@ pub(crate) mod tests {
         otel_tcpstates_common::tcp_state::name(state.0).unwrap()
     }
 
-    /// Applies `events`; sockets still waiting for their reset stay in the table.
+    /// Applies `events`, then lets the reset grace pass: sockets that waited for
+    /// an RST after their CLOSE end last.
     pub(crate) fn run(table: &mut SessionTable, events: &[TcpEvent]) -> (Vec<Got>, Vec<Session>) {
-        run_then(table, events, None)
+        run_then(table, events, Some(u64::MAX))
     }
 
-    /// [`run`], then lets the reset grace pass: aborted sockets end last.
-    fn run_settled(table: &mut SessionTable, events: &[TcpEvent]) -> (Vec<Got>, Vec<Session>) {
-        run_then(table, events, Some(u64::MAX))
+    /// Applies `events`; sockets still waiting for their reset stay in the table.
+    fn run_waiting(table: &mut SessionTable, events: &[TcpEvent]) -> (Vec<Got>, Vec<Session>) {
+        run_then(table, events, None)
     }
 
     fn run_then(
@@ -922,7 +1024,7 @@ pub(crate) mod tests {
     ) -> (Vec<(StateEnded, Vec<What>)>, Vec<Session>) {
         let (mut states, mut sessions) = (Vec::new(), Vec::new());
         for event in events {
-            table.apply(event, &mut |update| match update {
+            table.apply_settled(event, &mut |update| match update {
                 Update::StateEnded(_, e) => {
                     let what = e
                         .events
@@ -971,12 +1073,13 @@ pub(crate) mod tests {
     fn an_abort_waits_for_its_reset_and_then_ends() {
         let mut t = table(16);
         run(&mut t, &client_events(SK, 0)[..2]);
-        let (got, _) = run(&mut t, &[close_with(SK, 500, 450, ESTABLISHED, 0)]);
+        let (got, _) = run_waiting(&mut t, &[close_with(SK, 500, 450, ESTABLISHED, 0)]);
         assert_eq!(got, [], "the last span waits for the RST");
         assert!(t.has_closing());
         let reset = Happened::ResetSent {
             state: TcpState(CLOSE),
             reason: 12,
+            ends: None,
         };
         assert_eq!(
             incident(&mut t, SK, 505, reset),
@@ -992,11 +1095,166 @@ pub(crate) mod tests {
         assert_eq!(t.stats().incidents_unmatched, 1);
     }
 
+    /// The connection of the sessions [`ev`] makes with local port `lport`.
+    fn ends(lport: u16) -> Tuple {
+        (
+            Ipv4Addr::new(127, 0, 0, 1).into(),
+            lport,
+            Ipv4Addr::new(127, 0, 0, 2).into(),
+            8080,
+        )
+    }
+
+    /// An RST from a socket the kernel program no longer follows: `state` CLOSE
+    /// (the socket itself, after CLOSE) or TIME_WAIT (the time-wait socket).
+    fn reset_of(state: u8, lport: u16) -> Happened {
+        Happened::ResetSent {
+            state: TcpState(state),
+            reason: 8,
+            ends: Some(ends(lport)),
+        }
+    }
+
+    /// The server's side of a keep-alive connection, closed by the server after
+    /// its response: ESTABLISHED, FIN_WAIT1, FIN_WAIT2, then CLOSE at 1065.
+    fn active_close(sk: u64) -> Vec<TcpEvent> {
+        client_events(sk, 0)
+    }
+
+    #[test]
+    fn a_request_after_our_fin_is_reset_sent_from_the_socket_or_its_time_wait_socket() {
+        const TIME_WAIT_SOCKET: u64 = SK + 0x5000;
+        let ended = |got: &[Got]| got.iter().any(|g| matches!(g, Got::Ended(..)));
+        // The request reached the socket itself (the FIN not yet acknowledged):
+        // the kernel closes it and sends the RST from it.
+        let mut t = table(16);
+        let (got, _) = run_waiting(&mut t, &active_close(SK));
+        assert!(!ended(&got), "FIN_WAIT2 -> CLOSE waits for a possible RST");
+        let got = incident(&mut t, SK, 1070, reset_of(CLOSE, 40000));
+        assert!(ended(&got));
+        // The request reached the time-wait socket: the RST names the connection.
+        let (got, _) = run_waiting(&mut t, &active_close(SK + 64));
+        assert!(!ended(&got));
+        let got = incident(&mut t, TIME_WAIT_SOCKET, 1080, reset_of(TIME_WAIT, 40000));
+        assert!(ended(&got));
+        assert!(t.is_empty() && t.closing_ends.is_empty());
+        assert_eq!(t.stats().incidents_unmatched, 0);
+
+        // The same, with the session's error read off what the table reported.
+        let mut t = table(16);
+        run_waiting(&mut t, &active_close(SK));
+        let mut sessions = Vec::new();
+        let mut collect = |u: Update<'_>| {
+            if let Update::SessionEnded(s, ..) = u {
+                sessions.push((s.error, s.counts));
+            }
+        };
+        t.incident(
+            &Incident {
+                skaddr: TIME_WAIT_SOCKET,
+                ts_ns: 1080,
+                happened: reset_of(TIME_WAIT, 40000),
+            },
+            &mut collect,
+        );
+        assert_eq!(sessions.len(), 1);
+        assert_eq!(sessions[0].0, Some(ErrorType::ResetSent));
+        assert_eq!(sessions[0].1.resets_sent, 1);
+    }
+
+    #[test]
+    fn the_kernels_own_reset_on_data_after_our_fin_is_reset_sent_not_received() {
+        // shutdown(SHUT_RDWR), then data: tcp_reset on the socket (a reset
+        // "received", ECONNRESET), CLOSE, then the RST it sends.
+        let mut t = table(16);
+        run(&mut t, &active_close(SK)[..4]);
+        incident(&mut t, SK, 1064, Happened::ResetReceived);
+        let (got, _) = run_waiting(&mut t, &[close_with(SK, 1065, 5, FIN_WAIT2, 104)]);
+        assert_eq!(got, [], "waits for the RST that may follow");
+        let mut ended = Vec::new();
+        t.incident(
+            &Incident {
+                skaddr: SK,
+                ts_ns: 1066,
+                happened: reset_of(CLOSE, 40000),
+            },
+            &mut |u| match u {
+                Update::SessionEnded(s, ..) => ended.push((s.error, s.counts)),
+                Update::StateEnded(_, e) => {
+                    let what: Vec<What> = e
+                        .events
+                        .iter()
+                        .flat_map(|e| e.kept.clone())
+                        .map(|e| e.what)
+                        .collect();
+                    assert!(!what.contains(&What::ResetReceived), "{what:?}");
+                }
+            },
+        );
+        assert_eq!(ended.len(), 1);
+        assert_eq!(ended[0].0, Some(ErrorType::ResetSent));
+        assert_eq!((ended[0].1.resets_sent, ended[0].1.resets_received), (1, 0));
+
+        // A peer's RST in FIN_WAIT2 draws no RST: reset by the peer, after the grace.
+        let mut t = table(16);
+        run(&mut t, &active_close(SK)[..4]);
+        incident(&mut t, SK, 1064, Happened::ResetReceived);
+        run_waiting(&mut t, &[close_with(SK, 1065, 5, FIN_WAIT2, 104)]);
+        let (_, sessions) = run(&mut t, &[]);
+        assert_eq!(sessions[0].error, Some(ErrorType::ResetByPeer));
+        assert_eq!(sessions[0].counts.resets_received, 1);
+    }
+
+    #[test]
+    fn an_rst_after_its_session_ended_is_counted_late_not_unmatched() {
+        let mut t = table(16);
+        let (_, sessions) = run(&mut t, &active_close(SK));
+        assert_eq!(sessions[0].error, None, "no RST came: a clean close");
+        // Much later the time-wait socket resets a request.
+        assert_eq!(
+            incident(
+                &mut t,
+                SK + 0x5000,
+                9_000_000_000,
+                reset_of(TIME_WAIT, 40000)
+            ),
+            []
+        );
+        assert_eq!(
+            (t.stats().resets_late, t.stats().incidents_unmatched),
+            (1, 0)
+        );
+        // An RST of a connection never seen is unmatched.
+        incident(&mut t, SK + 0x6000, 9_000_000_001, reset_of(TIME_WAIT, 1));
+        assert_eq!(
+            (t.stats().resets_late, t.stats().incidents_unmatched),
+            (1, 1)
+        );
+    }
+
+    #[test]
+    fn the_grace_runs_on_what_was_read_not_on_the_clock() {
+        let mut t = table(16);
+        run_waiting(&mut t, &active_close(SK));
+        let mut ended = 0;
+        // Records read up to just before the grace's end: it still waits, however
+        // late the clock is.
+        t.expire_closing(1065 + RESET_GRACE_NS - 1, &mut |u| {
+            ended += u64::from(matches!(u, Update::SessionEnded(..)))
+        });
+        assert_eq!(ended, 0);
+        t.expire_closing(1065 + RESET_GRACE_NS, &mut |u| {
+            ended += u64::from(matches!(u, Update::SessionEnded(..)))
+        });
+        assert_eq!(ended, 1);
+        assert!(t.closing_ends.is_empty() && t.ended.contains(&ends(40000)));
+    }
+
     #[test]
     fn an_abort_whose_reset_never_comes_ends_after_the_grace() {
         let mut t = table(16);
         run(&mut t, &client_events(SK, 0)[..2]);
-        run(&mut t, &[close_with(SK, 500, 450, ESTABLISHED, 0)]);
+        run_waiting(&mut t, &[close_with(SK, 500, 450, ESTABLISHED, 0)]);
         let mut ended = Vec::new();
         let mut collect = |u: Update<'_>| {
             if let Update::SessionEnded(s, end, reason) = u {
@@ -1017,7 +1275,7 @@ pub(crate) mod tests {
     fn a_new_socket_at_the_address_ends_the_one_waiting_for_its_reset() {
         let mut t = table(16);
         run(&mut t, &client_events(SK, 0)[..2]);
-        run(&mut t, &[close_with(SK, 500, 450, ESTABLISHED, 0)]);
+        run_waiting(&mut t, &[close_with(SK, 500, 450, ESTABLISHED, 0)]);
         let (got, _) = run(&mut t, &[ev(SK, 600, 0, CLOSE, SYN_SENT, 0)]);
         assert_eq!(
             got,
@@ -1116,7 +1374,7 @@ pub(crate) mod tests {
             comm[..name.len()].copy_from_slice(name);
             comm
         };
-        let (_, sessions) = run_settled(
+        let (_, sessions) = run(
             &mut t,
             &[
                 ev_as(1, 10, 0, CLOSE, LISTEN, 8080, 100, named(b"nginx")),
@@ -1175,7 +1433,7 @@ pub(crate) mod tests {
             }
             e
         };
-        let (_, sessions) = run_settled(
+        let (_, sessions) = run(
             &mut t,
             &[
                 at(1, 10, CLOSE, LISTEN, 8080, 100, 1),

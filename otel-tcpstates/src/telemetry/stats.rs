@@ -48,6 +48,8 @@ pub struct IncidentStats {
     pub lost: u64,
     /// The kernel skipped the program, as for [`Stats::events_skipped`].
     pub skipped: u64,
+    /// RSTs that came after their connection's trace had ended.
+    pub resets_late: u64,
 }
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -72,7 +74,11 @@ impl fmt::Display for Stats {
             )?;
         }
         if let Some(s) = &self.incidents {
-            write!(f, "; incidents: {} lost, {} skipped", s.lost, s.skipped)?;
+            write!(
+                f,
+                "; incidents: {} lost, {} skipped, {} resets late",
+                s.lost, s.skipped, s.resets_late
+            )?;
         }
         if let Some(s) = &self.sessions {
             write!(
@@ -167,11 +173,12 @@ mod tests {
         stats.incidents = Some(IncidentStats {
             lost: 5,
             skipped: 6,
+            resets_late: 1,
         });
         assert!(
             stats.to_string().starts_with(
                 "stats: 12 events seen, 3 lost, 4 skipped; links: 8 seen, 2 lost, 1 invalid; \
-                 incidents: 5 lost, 6 skipped; sessions:"
+                 incidents: 5 lost, 6 skipped, 1 resets late; sessions:"
             ),
             "{stats}"
         );
