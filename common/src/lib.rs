@@ -143,7 +143,15 @@ pub struct SocketState {
     /// the incident program reports only changes, as the kernel also reports a
     /// state the socket is already in (Open, once per connection of a clean churn).
     pub ca_state: u8,
-    pub _pad: u8,
+    /// [`socket_flag`] bits, set by the state program.
+    pub flags: u8,
+}
+
+/// Bits of [`SocketState::flags`].
+pub mod socket_flag {
+    /// The socket listens: its packets are handshakes of connections not yet
+    /// accepted, handed to the child they create (never judged HTTP or not).
+    pub const LISTENER: u8 = 1;
 }
 
 /// Bits of [`SocketState::inspect`], per direction (shifted by
@@ -250,8 +258,11 @@ pub mod lost {
     pub const LINKS: u32 = 1;
     /// Incident records ([`super::IncidentEvent`]) the ring buffer had no room for.
     pub const INCIDENTS: u32 = 2;
+    /// Listeners the kernel's listener maps could not store: their accepted
+    /// connections may get no owner, or another listener's.
+    pub const LISTENERS: u32 = 3;
     /// Number of slots.
-    pub const KINDS: u32 = 3;
+    pub const KINDS: u32 = 4;
 }
 
 /// Names of the global variables and maps in the eBPF object, used by both sides.

@@ -7,6 +7,14 @@
 //! a direction whose first payload was not an HTTP request is never looked at again;
 //! on an HTTP socket only a segment that starts a request is scanned, and only its
 //! first [`SCAN_BYTES`] of headers.
+//!
+//! A listener's segments are handshakes of connections that have no socket yet
+//! (the kernel runs the ingress program on the listener, then clones the
+//! connection's socket from it in the same softirq): each is handed to the state
+//! program through this CPU's [`HANDOFF`] slot, with the listener's owner and,
+//! when it carries a request (`TCP_DEFER_ACCEPT`, a lost final ACK),
+//! its `traceparent`, for the connection it creates. A listener is never judged
+//! HTTP or not.
 use core::ffi::c_void;
 
 use aya_ebpf::{
@@ -20,9 +28,14 @@ use aya_ebpf::{
     maps::PerCpuArray,
     programs::SkBuffContext,
 };
-use otel_tcpstates_common::{HTTP_METHODS, LinkEvent, TRACEPARENT_COPY, direction, inspect, lost};
+use otel_tcpstates_common::{
+    AF_INET, AF_INET6, HTTP_METHODS, LinkEvent, TRACEPARENT_COPY, direction, inspect, lost,
+    socket_flag,
+};
 
-use crate::{CONFIG, EVENTS, SOCKETS, atomic_add, count_lost, wakeup_flags};
+use crate::{
+    Args, CONFIG, EVENTS, SOCKETS, address, atomic_add, count_lost, load as field, wakeup_flags,
+};
 
 /// How much of a request's headers is scanned for `traceparent:`.
 const SCAN_BYTES: usize = 1024;
@@ -56,6 +69,30 @@ static SCAN: PerCpuArray<Scan> = PerCpuArray::with_max_entries(LEVELS, 0);
 /// the level, and so the slot, of the next one.
 #[map]
 static SCAN_DEPTH: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
+
+/// A listener's segment, handed to the connection socket it creates.
+#[repr(C)]
+pub struct Handoff {
+    /// Set once the slot is written, cleared when the state program reads it.
+    armed: u8,
+    /// The request's method (1-based) when `value` holds its `traceparent`; 0: none.
+    method: u8,
+    /// The listener's family (the connection's socket has it too).
+    family: u16,
+    local_port: u16,
+    peer_port: u16,
+    /// The process that made the listener listen.
+    pub owner_pid: u32,
+    /// As the connection's state changes will give it (IPv4-mapped on an IPv6
+    /// listener).
+    peer: [u8; 16],
+    value: [u8; TRACEPARENT_COPY],
+}
+
+/// Per CPU: the last segment a listener received, until the state program
+/// takes it (or the next one replaces it).
+#[map]
+static HANDOFF: PerCpuArray<Handoff> = PerCpuArray::with_max_entries(1, 0);
 
 #[cgroup_skb(egress)]
 pub fn http_egress(ctx: SkBuffContext) -> i32 {
@@ -122,27 +159,29 @@ fn inspect(ctx: &SkBuffContext, dir: u8) -> Option<()> {
     let state = SOCKETS.get_ptr_mut(&sk)?;
     let shift = inspect::shift(dir);
     // SAFETY: a value of the map, from a successful lookup.
-    let (flags, owner) = unsafe { ((*state).inspect >> shift, (*state).owner_pid) };
+    let (flags, owner, listener) = unsafe {
+        (
+            (*state).inspect >> shift,
+            (*state).owner_pid,
+            (*state).flags & socket_flag::LISTENER != 0,
+        )
+    };
+    if listener {
+        if dir == direction::RECEIVED {
+            // SAFETY: the context's `family` is its socket's.
+            let family = unsafe { (*skb).family } as u16;
+            hand_off(ctx, family, owner);
+        }
+        return None;
+    }
     if flags & inspect::DECIDED != 0 && flags & inspect::HTTP == 0 {
         return None;
     }
-    let config = CONFIG.load();
-    if (config.pid != 0 && owner != config.pid)
-        || (config.exclude_pid != 0 && owner == config.exclude_pid)
-    {
+    if !owner_wanted(owner) {
         return None;
     }
 
-    // Headers: skb data starts at the IP header in both directions.
-    let ip = load::<10>(ctx, 0)?;
-    let l4 = match ip[0] >> 4 {
-        4 if ip[9] == 6 => usize::from(ip[0] & 0x0f) * 4,
-        // IPv6 without extension headers only.
-        6 if ip[6] == 6 => 40,
-        _ => return None,
-    };
-    let tcp = load::<1>(ctx, l4 + 12)?;
-    let payload = l4 + usize::from(tcp[0] >> 4) * 4;
+    let (_, payload, _) = headers(ctx)?;
     let len = ctx.len() as usize;
     if payload >= len {
         // No payload (an ACK): nothing is decided yet.
@@ -160,18 +199,157 @@ fn inspect(ctx: &SkBuffContext, dir: u8) -> Option<()> {
     if method == 0 {
         return None;
     }
-    find_traceparent(ctx, payload, sk, method, dir)
+    find_traceparent(ctx, payload, method, Out::Ring { sk, dir })
+}
+
+#[inline(always)]
+fn owner_wanted(owner: u32) -> bool {
+    let config = CONFIG.load();
+    !((config.pid != 0 && owner != config.pid)
+        || (config.exclude_pid != 0 && owner == config.exclude_pid))
+}
+
+/// The IP version, where the TCP payload starts and where the TCP header does:
+/// skb data starts at the IP header in both directions.
+#[inline(always)]
+fn headers(ctx: &SkBuffContext) -> Option<(u8, usize, usize)> {
+    let ip = load::<10>(ctx, 0)?;
+    let version = ip[0] >> 4;
+    let l4 = match version {
+        4 if ip[9] == 6 => usize::from(ip[0] & 0x0f) * 4,
+        // IPv6 without extension headers only.
+        6 if ip[6] == 6 => 40,
+        _ => return None,
+    };
+    let tcp = load::<1>(ctx, l4 + 12)?;
+    Some((version, l4 + usize::from(tcp[0] >> 4) * 4, l4))
+}
+
+/// Writes a listener's received segment into this CPU's [`HANDOFF`] slot: its
+/// ends, the listener's owner, and the `traceparent` of a request it carries.
+/// Every segment, the handshake's bare ACK included: it is the one that creates
+/// the connection's socket when no request comes with it.
+#[inline(always)]
+fn hand_off(ctx: &SkBuffContext, family: u16, owner: u32) -> Option<()> {
+    let (version, payload, l4) = headers(ctx)?;
+    let ports = load::<4>(ctx, l4)?;
+    let mut peer = [0u8; 16];
+    if version == 4 {
+        let v4 = load::<4>(ctx, 12)?;
+        if family == AF_INET6 {
+            // How an IPv6 socket names an IPv4 peer.
+            peer[10] = 0xff;
+            peer[11] = 0xff;
+            peer[12..].copy_from_slice(&v4);
+        } else {
+            peer[..4].copy_from_slice(&v4);
+        }
+    } else if family == AF_INET6 {
+        peer = load::<16>(ctx, 8)?;
+    } else {
+        return None;
+    }
+    let slot = HANDOFF.get_ptr_mut(0)?;
+    // SAFETY: this CPU's slot. The state program reads it only on this CPU,
+    // after this program returned (same softirq), and checks `armed` again after
+    // its copy, so a program that nests and rewrites it is caught.
+    unsafe {
+        (*slot).armed = 0;
+        (*slot).method = 0;
+        (*slot).family = if family == AF_INET { AF_INET } else { AF_INET6 };
+        (*slot).peer_port = u16::from_be_bytes([ports[0], ports[1]]);
+        (*slot).local_port = u16::from_be_bytes([ports[2], ports[3]]);
+        (*slot).owner_pid = owner;
+        (*slot).peer = peer;
+    }
+    if payload < ctx.len() as usize && owner_wanted(owner) {
+        let start = load::<8>(ctx, payload)?;
+        let method = method(&start);
+        if method != 0 {
+            let _ = find_traceparent(ctx, payload, method, Out::Handoff(slot));
+        }
+    }
+    // SAFETY: as above.
+    unsafe { core::ptr::write_volatile(&raw mut (*slot).armed, 1) };
+    Some(())
+}
+
+/// Takes this CPU's [`HANDOFF`] slot for the connection socket the state
+/// program sees cloned from a listener: the slot when it holds the segment of
+/// that connection, `None` otherwise. The slot is empty afterwards.
+#[inline(always)]
+pub(crate) fn take_handoff(
+    args: &Args,
+    family: u16,
+    sport: u16,
+    dport: u16,
+) -> Option<*mut Handoff> {
+    let slot = HANDOFF.get_ptr_mut(0)?;
+    // SAFETY: this CPU's slot (see `hand_off`).
+    unsafe {
+        if core::ptr::read_volatile(&raw const (*slot).armed) == 0 {
+            return None;
+        }
+        core::ptr::write_volatile(&raw mut (*slot).armed, 0);
+        let peer = if family == AF_INET {
+            address(Some(field(&args.daddr)), [0; 2])
+        } else {
+            address(None, [field(&args.daddr_v6[0]), field(&args.daddr_v6[1])])
+        };
+        ((*slot).family == family
+            && (*slot).local_port == sport
+            && (*slot).peer_port == dport
+            && (*slot).peer == peer)
+            .then_some(slot)
+    }
+}
+
+/// Queues the link of a request handed off in `slot` (taken by
+/// [`take_handoff`]) for the connection socket `skaddr` it created.
+#[inline(always)]
+pub(crate) fn link_handed_off(skaddr: u64, slot: *mut Handoff) {
+    // SAFETY: this CPU's slot, taken by this program run.
+    let method = unsafe { (*slot).method };
+    if method == 0 {
+        return;
+    }
+    let Some(mut entry) = EVENTS.reserve::<LinkEvent>(0) else {
+        count_lost(lost::LINKS);
+        return;
+    };
+    let event = entry.as_mut_ptr();
+    // SAFETY: a reserved, exclusively owned LinkEvent-sized slot, every field
+    // written before submit.
+    unsafe {
+        (*event).skaddr = skaddr;
+        (*event).value = (*slot).value;
+        (*event).method = method;
+        (*event).direction = direction::RECEIVED;
+        (*event)._pad = [0; 6];
+        (*slot).method = 0;
+    }
+    // SAFETY: as above; read after the copy.
+    if unsafe { core::ptr::read_volatile(&raw const (*slot).armed) } != 0 {
+        // A packet program nested and wrote the slot meanwhile.
+        entry.discard(0);
+        count_lost(lost::LINKS);
+        return;
+    }
+    entry.submit(wakeup_flags());
+}
+
+/// Where a found `traceparent` goes.
+#[derive(Clone, Copy)]
+enum Out {
+    /// A [`LinkEvent`] for the socket `sk`, request gone `dir`.
+    Ring { sk: u64, dir: u8 },
+    /// This CPU's hand-off slot, for the connection the segment creates.
+    Handoff(*mut Handoff),
 }
 
 /// Scans the request's headers in this nesting level's scratch slot.
 #[inline(always)]
-fn find_traceparent(
-    ctx: &SkBuffContext,
-    payload: usize,
-    sk: u64,
-    method: u8,
-    dir: u8,
-) -> Option<()> {
+fn find_traceparent(ctx: &SkBuffContext, payload: usize, method: u8, out: Out) -> Option<()> {
     let depth = SCAN_DEPTH.get_ptr_mut(0)?;
     // SAFETY: a valid, aligned u64 of this CPU's entry, only written atomically:
     // a program that interrupts this one between a load and a store must not
@@ -183,21 +361,14 @@ fn find_traceparent(
         atomic_add(depth, 1);
         level
     };
-    let found = scan_in(ctx, payload, sk, method, dir, level);
+    let found = scan_in(ctx, payload, method, out, level);
     // SAFETY: as above; adding 2^64 - 1 takes the one back.
     unsafe { atomic_add(depth, u64::MAX) };
     found
 }
 
 #[inline(always)]
-fn scan_in(
-    ctx: &SkBuffContext,
-    payload: usize,
-    sk: u64,
-    method: u8,
-    dir: u8,
-    level: u64,
-) -> Option<()> {
+fn scan_in(ctx: &SkBuffContext, payload: usize, method: u8, out: Out, level: u64) -> Option<()> {
     if level >= u64::from(LEVELS) {
         // Deeper than any nesting the kernel does: no slot is free.
         count_lost(lost::LINKS);
@@ -274,6 +445,28 @@ fn scan_in(
         return None;
     }
 
+    let (sk, dir) = match out {
+        Out::Ring { sk, dir } => (sk, dir),
+        Out::Handoff(slot) => {
+            // SAFETY: this CPU's hand-off slot (see `hand_off`); `at +
+            // TRACEPARENT_COPY` is within `bytes`.
+            unsafe {
+                core::ptr::copy_nonoverlapping(
+                    scan.bytes.as_ptr().add(at),
+                    (*slot).value.as_mut_ptr(),
+                    TRACEPARENT_COPY,
+                );
+            }
+            // SAFETY: a field of the slot, read after the copy.
+            if unsafe { core::ptr::read_volatile(&raw const scan.claim) } != claim {
+                count_lost(lost::LINKS);
+                return None;
+            }
+            // SAFETY: as above.
+            unsafe { (*slot).method = method };
+            return Some(());
+        }
+    };
     let Some(mut entry) = EVENTS.reserve::<LinkEvent>(0) else {
         count_lost(lost::LINKS);
         return None;

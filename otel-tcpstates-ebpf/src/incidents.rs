@@ -26,8 +26,8 @@ use otel_tcpstates_common::{AF_INET, AF_INET6, Config, IncidentEvent, incident, 
 static SKB_GSO_SEGS: Global<u32> = Global::new(0);
 
 use crate::{
-    CONFIG, EVENTS, LISTENERS, LOCAL_PORTS, REMOTE_PORTS, SOCKETS, TCP_OFFSETS, count_lost,
-    family_wanted, listener_key, netns_of, port_in, read_field, wakeup_flags,
+    CONFIG, EVENTS, LOCAL_PORTS, REMOTE_PORTS, SOCKETS, TCP_OFFSETS, count_lost, family_wanted,
+    listener_key, listener_owner, netns_of, port_in, read_field, wakeup_flags,
 };
 
 /// A field of a tracepoint record at a constant, naturally aligned offset: one
@@ -175,9 +175,7 @@ pub fn tcp_retransmit_synack(ctx: TracePointContext) -> u32 {
     }
     let listener: u64 = field(&ctx, 8);
     if config.pid != 0 || config.exclude_pid != 0 {
-        let key = listener_key(netns_of(listener), family, sport);
-        // SAFETY: plain u32 value from a successful lookup.
-        let owner = unsafe { LISTENERS.get(&key) }.copied().unwrap_or(0);
+        let owner = listener_owner(listener, listener_key(netns_of(listener), family, sport));
         if !owner_wanted(&config, owner) {
             return 0;
         }

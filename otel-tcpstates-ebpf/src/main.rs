@@ -18,13 +18,13 @@ use aya_ebpf::{
         generated::{bpf_get_current_cgroup_id, bpf_get_current_comm},
     },
     macros::{map, tracepoint},
-    maps::{HashMap, LruHashMap, PerCpuArray, RingBuf},
+    maps::{LruHashMap, PerCpuArray, RingBuf},
     programs::TracePointContext,
 };
 use otel_tcpstates_common::{
     AF_INET, AF_INET6, Config, DEFAULT_RING_BUFFER_BYTES, DEFAULT_SOCKET_MAP_ENTRIES, Event,
     IPPROTO_TCP, NetnsOffsets, PORT_BITMAP_WORDS, SocketState, TASK_COMM_LEN, TcpFacts, TcpOffsets,
-    is_v4_mapped, lost, tcp_state,
+    is_v4_mapped, lost, socket_flag, tcp_state,
 };
 
 /// The tracepoint's record (stable since Linux 4.16). Userspace checks it against
@@ -93,10 +93,47 @@ static EVENTS: RingBuf = RingBuf::with_byte_size(DEFAULT_RING_BUFFER_BYTES, 0);
 static SOCKETS: LruHashMap<u64, SocketState> =
     LruHashMap::with_max_entries(DEFAULT_SOCKET_MAP_ENTRIES, 0);
 
-/// [`listener_key`] → pid of the process that made a socket listen there: the
-/// owner of the connections accepted from it.
+/// Listening sockets remembered, and (network namespace, family, port) keys.
+const LISTENER_SOCKET_ENTRIES: u32 = 8192;
+const LISTENER_KEY_ENTRIES: u32 = 4096;
+
+/// A listening socket: where it listens, who made it listen, and its
+/// neighbours among the live listeners of its key, newest first, so that when
+/// the key's owner closes the next newest takes over in a few lookups (walking
+/// the map with `bpf_for_each_map_elem` would need Linux 5.13; this program
+/// loads on 5.8). Concurrent `listen()`s on one key may lose a neighbour: the
+/// key then goes at the owner's close, as it did before there was a list.
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct Listener {
+    key: u64,
+    /// The next newer and older live listener of the key (0: none).
+    newer: u64,
+    older: u64,
+    owner_pid: u32,
+    _pad: u32,
+}
+
+/// A key's owner: its newest live listener, whose process owns the connections
+/// accepted there when the packet programs cannot tell which listener took one.
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct PortOwner {
+    newest: u64,
+    owner_pid: u32,
+    _pad: u32,
+}
+
+/// Listener address → [`Listener`]. LRU: one whose CLOSE was never seen cannot
+/// fill it.
 #[map]
-static LISTENERS: HashMap<u64, u32> = HashMap::with_max_entries(4096, 0);
+static LISTENER_SOCKETS: LruHashMap<u64, Listener> =
+    LruHashMap::with_max_entries(LISTENER_SOCKET_ENTRIES, 0);
+
+/// [`listener_key`] → [`PortOwner`].
+#[map]
+static LISTENERS: LruHashMap<u64, PortOwner> =
+    LruHashMap::with_max_entries(LISTENER_KEY_ENTRIES, 0);
 
 /// Records the ring buffer had no room for, per CPU, one slot per kind
 /// ([`otel_tcpstates_common::lost`]).
@@ -225,6 +262,11 @@ fn handle(args: &Args) {
         },
         _ => (0, 0),
     };
+    // SAFETY: as above.
+    if begins && known.is_some_and(|state| unsafe { (*state).flags } & socket_flag::LISTENER != 0) {
+        // A listener whose CLOSE was skipped: it is gone.
+        listener_gone(skaddr, None);
+    }
     let by_owner = tcp_state::entered_by_owner(newstate);
     // Only listeners and what they clone need the namespace (two reads).
     let netns = if newstate == tcp_state::LISTEN || oldstate == tcp_state::LISTEN {
@@ -233,21 +275,26 @@ fn handle(args: &Args) {
         0
     };
     let listener_key = listener_key(netns, family, sport);
+    let mut handoff = None;
     if by_owner {
         owner_pid = pid;
         if newstate == tcp_state::LISTEN {
-            let _ = LISTENERS.insert(&listener_key, &pid, 0);
+            listener_opened(skaddr, listener_key, pid);
         }
     } else if oldstate == tcp_state::LISTEN {
         if newstate == tcp_state::SYN_RECV {
             // A connection cloned from a listener belongs to the listener's process
-            // (the clone shares its namespace).
-            // SAFETY: plain u32 value from a successful lookup.
-            if let Some(listener) = unsafe { LISTENERS.get(&listener_key) } {
-                owner_pid = *listener;
-            }
+            // (the clone shares its namespace): exactly the one that took it when
+            // the packet program handed its segment over, else the key's owner.
+            handoff = http::take_handoff(args, family, sport, dport);
+            owner_pid = match handoff {
+                // SAFETY: this CPU's slot, just matched.
+                Some(slot) => unsafe { (*slot).owner_pid },
+                // SAFETY: plain values from a successful lookup.
+                None => unsafe { LISTENERS.get(&listener_key) }.map_or(0, |port| port.owner_pid),
+            };
         } else if newstate == tcp_state::CLOSE {
-            let _ = LISTENERS.remove(&listener_key);
+            listener_gone(skaddr, Some(listener_key));
         }
     }
     if newstate == tcp_state::CLOSE {
@@ -261,11 +308,19 @@ fn handle(args: &Args) {
             }
             (*state).since_ns = now;
             (*state).owner_pid = owner_pid;
+            if newstate == tcp_state::LISTEN {
+                (*state).flags |= socket_flag::LISTENER;
+            }
         }
     } else {
         let state = SocketState {
             since_ns: now,
             owner_pid,
+            flags: if newstate == tcp_state::LISTEN {
+                socket_flag::LISTENER
+            } else {
+                0
+            },
             ..SocketState::default()
         };
         let _ = SOCKETS.insert(&skaddr, &state, 0);
@@ -324,6 +379,117 @@ fn handle(args: &Args) {
         (*event)._pad = 0;
     }
     entry.submit(wakeup_flags());
+    if let Some(slot) = handoff {
+        // After the connection's first event, so its session exists for the link.
+        http::link_handed_off(skaddr, slot);
+    }
+}
+
+/// The owner of listener `skaddr` listening on `key`: its own when it is
+/// remembered, else the key's.
+#[inline(always)]
+pub(crate) fn listener_owner(skaddr: u64, key: u64) -> u32 {
+    // SAFETY (both): plain values copied out of successful lookups.
+    match unsafe { LISTENER_SOCKETS.get(&skaddr) } {
+        Some(listener) => listener.owner_pid,
+        None => unsafe { LISTENERS.get(&key) }.map_or(0, |port| port.owner_pid),
+    }
+}
+
+/// Remembers a socket that started listening on `key`: the newest of the key's
+/// listeners, so its owner.
+#[inline(always)]
+fn listener_opened(skaddr: u64, key: u64, pid: u32) {
+    // SAFETY: plain values copied out of a successful lookup.
+    let older = unsafe { LISTENERS.get(&key) }.map_or(0, |port| port.newest);
+    let older = if older == skaddr { 0 } else { older };
+    let listener = Listener {
+        key,
+        newer: 0,
+        older,
+        owner_pid: pid,
+        _pad: 0,
+    };
+    if LISTENER_SOCKETS.insert(&skaddr, &listener, 0).is_err() {
+        count_lost(lost::LISTENERS);
+    }
+    if older != 0
+        && let Some(neighbour) = LISTENER_SOCKETS.get_ptr_mut(&older)
+    {
+        // SAFETY: a value of the map, from a successful lookup.
+        unsafe {
+            if (*neighbour).key == key {
+                (*neighbour).newer = skaddr;
+            }
+        }
+    }
+    let port = PortOwner {
+        newest: skaddr,
+        owner_pid: pid,
+        _pad: 0,
+    };
+    if LISTENERS.insert(&key, &port, 0).is_err() {
+        count_lost(lost::LISTENERS);
+    }
+}
+
+/// Forgets a listener that closed (`key`: where it listened, when known): if it
+/// was its key's owner, the next newest live listener of the key takes over;
+/// only when none lives is the key forgotten.
+#[inline(always)]
+fn listener_gone(skaddr: u64, key: Option<u64>) {
+    // SAFETY: plain values copied out of a successful lookup.
+    let me = unsafe { LISTENER_SOCKETS.get(&skaddr) }.copied();
+    let _ = LISTENER_SOCKETS.remove(&skaddr);
+    let (key, newer, older) = match (me, key) {
+        (Some(me), _) => (me.key, me.newer, me.older),
+        (None, Some(key)) => (key, 0, 0),
+        (None, None) => return,
+    };
+    // SAFETY (both blocks): values of the map, from successful lookups; a
+    // neighbour of another key is a stale link, left alone.
+    if newer != 0
+        && let Some(neighbour) = LISTENER_SOCKETS.get_ptr_mut(&newer)
+    {
+        unsafe {
+            if (*neighbour).key == key && (*neighbour).older == skaddr {
+                (*neighbour).older = older;
+            }
+        }
+    }
+    // The next older live listener of the key: the owner if this one was.
+    let mut successor = None;
+    if older != 0
+        && let Some(neighbour) = LISTENER_SOCKETS.get_ptr_mut(&older)
+    {
+        unsafe {
+            if (*neighbour).key == key {
+                if (*neighbour).newer == skaddr {
+                    (*neighbour).newer = newer;
+                }
+                successor = Some((*neighbour).owner_pid);
+            }
+        }
+    }
+    let Some(port) = LISTENERS.get_ptr_mut(&key) else {
+        return;
+    };
+    // SAFETY: a value of the map, from a successful lookup. A reader on another
+    // CPU may see the owner of before or after: either was a live listener.
+    unsafe {
+        if (*port).newest != skaddr {
+            return;
+        }
+        match successor {
+            Some(owner_pid) => {
+                (*port).newest = older;
+                (*port).owner_pid = owner_pid;
+            }
+            None => {
+                let _ = LISTENERS.remove(&key);
+            }
+        }
+    }
 }
 
 /// Counts a record of `kind` ([`otel_tcpstates_common::lost`]) that could not be

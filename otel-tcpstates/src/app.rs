@@ -271,12 +271,12 @@ struct Reports {
     lost: u64,
     dropped: u64,
     /// The other losses, in the order of [`other_losses`].
-    others: [u64; 4],
+    others: [u64; 5],
 }
 
 /// The losses besides state changes lost to a full ring: each count, what it
 /// counts, and why (with what to do).
-fn other_losses(stats: &Stats) -> [(u64, &'static str, String); 4] {
+fn other_losses(stats: &Stats) -> [(u64, &'static str, String); 5] {
     let links = stats.links.unwrap_or_default();
     let incidents = stats.incidents.unwrap_or_default();
     let full = || format!("ring buffer full; {LOST_ADVICE}");
@@ -292,6 +292,11 @@ fn other_losses(stats: &Stats) -> [(u64, &'static str, String); 4] {
             incidents.skipped,
             "incident records skipped by the kernel",
             SKIPPED_WHY.to_owned(),
+        ),
+        (
+            stats.listeners_lost,
+            "listening sockets not remembered",
+            "the kernel's listener maps were full; their connections may name no owner".to_owned(),
         ),
     ]
 }
@@ -720,6 +725,7 @@ fn stats(sinks: &Sinks, reader: &EventReader, losses: &Losses, cut_off: u64) -> 
             skipped,
             resets_late: sinks.table.as_ref().map_or(0, |t| t.stats().resets_late),
         }),
+        listeners_lost: losses.listeners,
         sessions: sinks.table.as_ref().map(|table| {
             let s = table.stats();
             SessionStats {

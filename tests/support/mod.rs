@@ -196,9 +196,24 @@ impl Tracer {
         Self::spawn(release_bin(), args, env)
     }
 
+    /// [`Tracer::start_with_env`] run by a command that ends by exec'ing its
+    /// arguments (`unshare`, a shell's `exec "$@"`): `wrapper` comes first, then
+    /// the daemon and its arguments. The daemon keeps the wrapper's pid.
+    pub fn start_in(wrapper: &[&str], args: &[&str], env: &[(&str, &str)]) -> Tracer {
+        let (first, rest) = wrapper.split_first().expect("a wrapper command");
+        let mut command = Command::new(first);
+        command.args(rest).arg(BIN).args(args);
+        Self::spawn_command(command, args, env)
+    }
+
     fn spawn(bin: &Path, args: &[&str], env: &[(&str, &str)]) -> Tracer {
-        let mut child = Command::new(bin)
-            .args(args)
+        let mut command = Command::new(bin);
+        command.args(args);
+        Self::spawn_command(command, args, env)
+    }
+
+    fn spawn_command(mut command: Command, args: &[&str], env: &[(&str, &str)]) -> Tracer {
+        let mut child = command
             .args(["--poll-ms", "10"])
             .envs(env.iter().copied())
             .stdout(Stdio::piped())

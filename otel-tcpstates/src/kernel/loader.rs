@@ -70,6 +70,8 @@ pub struct Losses {
     /// Incident records the ring buffer had no room for, and those the kernel
     /// skipped; `None` without the incident programs.
     pub incidents: Option<(u64, u64)>,
+    /// Listeners the kernel's listener maps could not store.
+    pub listeners: u64,
 }
 
 /// The programs' `recursion_misses`, summed by what they queue.
@@ -407,6 +409,7 @@ impl Probe {
                 .incidents
                 .then(|| Ok::<_, anyhow::Error>((lost(lost::INCIDENTS)?, skips.incidents)))
                 .transpose()?,
+            listeners: lost(lost::LISTENERS)?,
         })
     }
 

@@ -1,7 +1,7 @@
 //! Mapping sessions to span records: one trace per socket, a `tcp.session` root,
 //! one child per TCP state, all timed by the kernel. A record holds what the
 //! encoder writes as one OTLP span, by value: fixed size, nothing on the heap.
-use std::{borrow::Cow, hash::BuildHasher, net::IpAddr};
+use std::{borrow::Cow, collections::HashMap, hash::BuildHasher, net::IpAddr};
 
 use foldhash::fast::RandomState;
 use otel_tcpstates_common::tcp_state;
@@ -230,6 +230,10 @@ pub fn state_name(state: TcpState) -> Cow<'static, str> {
     tcp_state::name(state.0).map_or_else(|| Cow::Owned(state.0.to_string()), Cow::Borrowed)
 }
 
+/// Listeners whose owners' containers are pinned at once (more are looked up as
+/// any owner): a bound for listeners whose CLOSE is lost.
+const LISTENERS_PINNED: usize = 8192;
+
 /// Builds span records from session table updates.
 pub struct SpanMapper {
     /// A session's spans all use the offset in use at its birth, for its whole
@@ -243,6 +247,9 @@ pub struct SpanMapper {
     ids: RandomState,
     options: MapperOptions,
     containers: ContainerLookups,
+    /// Live listeners (by address) and their owners, whose containers stay
+    /// known while they listen: their connections' roots name it.
+    listeners: HashMap<u64, (u32, u64)>,
 }
 
 impl SpanMapper {
@@ -252,6 +259,7 @@ impl SpanMapper {
             options,
             containers: ContainerLookups::new(),
             ids: RandomState::default(),
+            listeners: HashMap::new(),
         }
     }
 
@@ -259,7 +267,22 @@ impl SpanMapper {
     /// socket's owner is the moment to find its container, while it surely lives.
     pub fn observe(&mut self, event: &TcpEvent) {
         // Only owners' containers go on spans; a softirq's victim is anyone.
-        if event.cgroup_id != 0 && tcp_state::entered_by_owner(event.newstate.0) {
+        let (old, new) = (event.oldstate.0, event.newstate.0);
+        // A listener gone: it closed, or its address is a new socket's (its
+        // CLOSE was lost).
+        if ((old == tcp_state::LISTEN && new == tcp_state::CLOSE) || tcp_state::begins(old, new))
+            && let Some((pid, cgroup_id)) = self.listeners.remove(&event.skaddr)
+        {
+            self.containers.unpin(pid, cgroup_id);
+        }
+        if event.cgroup_id == 0 || !tcp_state::entered_by_owner(new) {
+            return;
+        }
+        if new == tcp_state::LISTEN && self.listeners.len() < LISTENERS_PINNED {
+            self.listeners
+                .insert(event.skaddr, (event.pid, event.cgroup_id));
+            self.containers.pin(event.pid, event.cgroup_id);
+        } else {
             self.containers.request(event.pid, event.cgroup_id);
         }
     }

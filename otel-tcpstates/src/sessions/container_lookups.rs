@@ -10,9 +10,14 @@
 //! and one stat, microseconds) are on every span, even of connections that end at
 //! once, and a slow one (a walk of a large cgroup tree, for a process already
 //! gone) never holds up the loop.
+//!
+//! The caches forget the least recently used answers; a listener's owner is
+//! pinned while it listens (its accepted connections may end long after its
+//! last system call, by a reset or a timeout in softirq), so their roots still
+//! name its container.
 use std::{
     cell::RefCell,
-    collections::{HashSet, VecDeque},
+    collections::{HashMap, HashSet, VecDeque},
     num::NonZeroUsize,
     sync::mpsc::{self, Receiver, RecvTimeoutError, SyncSender, TrySendError},
     thread,
@@ -32,6 +37,8 @@ const QUEUE: usize = 256;
 const WAITING_FOR_WALK: usize = 1024;
 /// Answers remembered, per cgroup and per (pid, cgroup).
 const CACHED: usize = 4096;
+/// Owners pinned at once (listeners' owners): more are cached as any other.
+const PINNED: usize = 8192;
 /// How long spans may wait for answers, in all, per second.
 const WAIT_BUDGET: Duration = Duration::from_millis(10);
 
@@ -49,6 +56,9 @@ struct State {
     /// Answers that hold for every process in a cgroup, containers and not.
     per_cgroup: LruCache<u64, Option<ContainerId>>,
     per_process: LruCache<Key, Option<ContainerId>>,
+    /// Owners kept whatever the caches forget: how many pins each has, and its
+    /// answer once in.
+    pinned: HashMap<Key, (u32, Option<Option<ContainerId>>)>,
     /// Asked and not answered: sent, or in `unsent`.
     out: HashSet<Key>,
     /// Asked while the queue was full.
@@ -85,6 +95,7 @@ impl ContainerLookups {
                 answers,
                 per_cgroup: LruCache::new(cached),
                 per_process: LruCache::new(cached),
+                pinned: HashMap::new(),
                 out: HashSet::new(),
                 unsent: VecDeque::new(),
                 wait_left: WAIT_BUDGET,
@@ -106,6 +117,35 @@ impl ContainerLookups {
             state.out.insert(key);
             state.unsent.push_back(key);
             state.send();
+        }
+    }
+
+    /// Asks for the container of `pid` in `cgroup_id`, and keeps the answer
+    /// until as many [`ContainerLookups::unpin`]s: for a listener's owner, while
+    /// it listens.
+    pub fn pin(&mut self, pid: u32, cgroup_id: u64) {
+        let key = (pid, cgroup_id);
+        let state = self.state.get_mut();
+        if pid == 0 || (state.pinned.len() >= PINNED && !state.pinned.contains_key(&key)) {
+            self.request(pid, cgroup_id);
+            return;
+        }
+        let answer = state.known(key);
+        let pin = state.pinned.entry(key).or_insert((0, None));
+        pin.0 += 1;
+        pin.1 = pin.1.or(answer);
+        self.request(pid, cgroup_id);
+    }
+
+    /// Takes back one [`ContainerLookups::pin`].
+    pub fn unpin(&mut self, pid: u32, cgroup_id: u64) {
+        let state = self.state.get_mut();
+        let key = (pid, cgroup_id);
+        if let Some(pin) = state.pinned.get_mut(&key) {
+            pin.0 -= 1;
+            if pin.0 == 0 {
+                state.pinned.remove(&key);
+            }
         }
     }
 
@@ -135,11 +175,17 @@ impl State {
         if let Some(found) = self.per_cgroup.get(&cgroup_id) {
             return Some(*found);
         }
-        self.per_process.get(&(pid, cgroup_id)).copied()
+        if let Some(found) = self.per_process.get(&(pid, cgroup_id)) {
+            return Some(*found);
+        }
+        self.pinned.get(&(pid, cgroup_id)).and_then(|pin| pin.1)
     }
 
     fn learn(&mut self, key: Key, answer: Answer) {
         self.out.remove(&key);
+        if let Some(pin) = self.pinned.get_mut(&key) {
+            pin.1 = Some(answer.container);
+        }
         if answer.per_cgroup {
             self.per_cgroup.put(key.1, answer.container);
         } else {
@@ -273,6 +319,36 @@ mod tests {
         assert_eq!(lookups.cached(43, ino), ContainerId::parse(ID));
         lookups.request(0, ino);
         assert!(!lookups.is_out(0, ino));
+    }
+
+    #[test]
+    fn a_pinned_owner_outlives_the_caches() {
+        let (root, resolver, ino) = fake_host(
+            "lookups-pinned",
+            &format!("/system.slice/docker-{ID}.scope"),
+            true,
+        );
+        let mut lookups = ContainerLookups::with_resolver(resolver);
+        lookups.pin(42, ino);
+        let found = answered(&lookups, 42, ino);
+        fs::remove_dir_all(&root).unwrap();
+        assert_eq!(found, ContainerId::parse(ID));
+        let none = Answer {
+            container: None,
+            per_cgroup: false,
+        };
+        let flood = |lookups: &mut ContainerLookups| {
+            let state = lookups.state.get_mut();
+            for pid in 0..=CACHED as u32 {
+                state.learn((1000 + pid, ino + 1), none);
+                state.per_cgroup.put(u64::from(pid) + ino + 2, None);
+            }
+        };
+        flood(&mut lookups);
+        assert_eq!(lookups.cached(42, ino), ContainerId::parse(ID), "pinned");
+        lookups.unpin(42, ino);
+        flood(&mut lookups);
+        assert_eq!(lookups.cached(42, ino), None, "forgotten once unpinned");
     }
 
     #[test]

@@ -218,9 +218,10 @@ pub struct TableStats {
 
 pub struct SessionTable {
     sessions: LruCache<u64, Session>,
-    /// Owner of the socket listening there: accepted sockets belong to it until
-    /// their own owner acts on them.
-    listeners: HashMap<ListenerKey, Owner>,
+    /// The live listeners of each key (address, owner), oldest first: an accepted
+    /// socket belongs to the one the kernel names (with `SO_REUSEPORT` several
+    /// processes listen on a port), else the newest, until its own owner acts.
+    listeners: HashMap<ListenerKey, Vec<(u64, Owner)>>,
     stats: TableStats,
     /// Keys the trace ids.
     ids: RandomState,
@@ -321,6 +322,14 @@ impl SessionTable {
         }
         let starts = starts_socket(event);
         if starts && let Some(old) = self.sessions.pop(&event.skaddr) {
+            if old.role == Role::Listener {
+                // Its CLOSE was lost: it listens no more (where, the session
+                // does not keep; listeners are few).
+                self.listeners.retain(|_, live| {
+                    live.retain(|&(s, _)| s != old.skaddr);
+                    !live.is_empty()
+                });
+            }
             self.stats.replaced += 1;
             finish(old, event.ts_ns, EndReason::Replaced, self.hold, out);
         }
@@ -374,11 +383,13 @@ impl SessionTable {
             };
             session.owner = Some(owner);
             if event.newstate.0 == tcp_state::LISTEN {
-                self.listeners.insert(listener_key(event), owner);
+                let live = self.listeners.entry(listener_key(event)).or_default();
+                live.retain(|&(skaddr, _)| skaddr != event.skaddr);
+                live.push((event.skaddr, owner));
             }
         }
         if event.oldstate.0 == tcp_state::LISTEN && event.newstate.0 == tcp_state::CLOSE {
-            self.listeners.remove(&listener_key(event));
+            listener_gone(&mut self.listeners, listener_key(event), event.skaddr);
         }
         let closes = event.newstate.0 == tcp_state::CLOSE;
         let close = CloseFacts {
@@ -442,6 +453,18 @@ impl SessionTable {
         }
     }
 
+    /// The owner of a socket accepted from a listener of `event`'s key: the one
+    /// whose process the kernel named (which listener took the connection, when
+    /// the packet programs told it; else the newest), or the newest.
+    fn listener_owner(&self, event: &TcpEvent) -> Option<Owner> {
+        let live = self.listeners.get(&listener_key(event))?;
+        live.iter()
+            .rev()
+            .find(|(_, owner)| owner.pid == event.owner_pid)
+            .or(live.last())
+            .map(|&(_, owner)| owner)
+    }
+
     fn start(&mut self, event: &TcpEvent, begin_seen: bool, out: &mut impl FnMut(Update<'_>)) {
         let known = event.delta_ns > 0 && !begin_seen;
         let birth_ns = event
@@ -460,7 +483,7 @@ impl SessionTable {
             remote_port: event.remote_port,
             // An accepted socket starts out owned by its listener's process.
             owner: (event.oldstate.0 == tcp_state::LISTEN)
-                .then(|| self.listeners.get(&listener_key(event)).copied())
+                .then(|| self.listener_owner(event))
                 .flatten(),
             error: None,
             facts: None,
@@ -738,6 +761,20 @@ fn ends_of(session: &Session) -> Tuple {
         session.remote_addr,
         session.remote_port,
     )
+}
+
+/// Listener `skaddr` of `key` listens no more; the others of its key stay.
+fn listener_gone(
+    listeners: &mut HashMap<ListenerKey, Vec<(u64, Owner)>>,
+    key: ListenerKey,
+    skaddr: u64,
+) {
+    if let Some(live) = listeners.get_mut(&key) {
+        live.retain(|&(s, _)| s != skaddr);
+        if live.is_empty() {
+            listeners.remove(&key);
+        }
+    }
 }
 
 /// A trace id from the keyed hash of the socket's address and birth: never zero.
@@ -1414,6 +1451,57 @@ pub(crate) mod tests {
         assert_eq!(owner(1), Some((100, "nginx".into())), "the listener");
         assert_eq!(session(2).facts, Some(TcpFacts::default()), "read at CLOSE");
         assert!(t.listeners.is_empty(), "forgotten at the listener's CLOSE");
+    }
+
+    #[test]
+    fn each_listener_of_a_port_keeps_its_connections_and_outlives_the_others() {
+        let mut t = table(16);
+        // (socket, time, old, new, task, owner the kernel named)
+        let at = |sk, ts, old, new, pid, owner_pid| {
+            let mut e = ev_as(sk, ts, 0, old, new, 8080, pid, [0; 16]);
+            e.owner_pid = owner_pid;
+            e
+        };
+        let (_, sessions) = run(
+            &mut t,
+            &[
+                // Two processes listen on one port (SO_REUSEPORT).
+                at(1, 10, CLOSE, LISTEN, 100, 100),
+                at(2, 20, CLOSE, LISTEN, 200, 200),
+                // The kernel named the listener that took each connection.
+                at(11, 30, LISTEN, SYN_RECV, 0, 100),
+                at(12, 40, LISTEN, SYN_RECV, 0, 200),
+                // It could not tell: the newest.
+                at(13, 50, LISTEN, SYN_RECV, 0, 0),
+                // The newest closes; the first one's connections go on.
+                at(2, 60, LISTEN, CLOSE, 200, 200),
+                at(14, 70, LISTEN, SYN_RECV, 0, 100),
+                at(15, 80, LISTEN, SYN_RECV, 0, 0),
+                at(1, 90, LISTEN, CLOSE, 100, 100),
+                at(16, 100, LISTEN, SYN_RECV, 0, 0),
+            ],
+        );
+        assert_eq!(sessions.len(), 2, "the listeners ended");
+        let owner = |sk: u64| t.sessions.peek(&sk).unwrap().owner.map(|o| o.pid);
+        assert_eq!(
+            [11, 12, 13, 14, 15, 16].map(owner),
+            [Some(100), Some(200), Some(200), Some(100), Some(100), None]
+        );
+        assert!(t.listeners.is_empty());
+    }
+
+    #[test]
+    fn a_listener_whose_close_was_lost_is_forgotten_when_its_address_is_reused() {
+        let mut t = table(16);
+        run(
+            &mut t,
+            &[
+                ev_as(1, 10, 0, CLOSE, LISTEN, 8080, 100, [0; 16]),
+                // Its CLOSE was lost; a client now has its address.
+                ev(1, 20, 0, CLOSE, SYN_SENT, 0),
+            ],
+        );
+        assert!(t.listeners.is_empty());
     }
 
     #[test]

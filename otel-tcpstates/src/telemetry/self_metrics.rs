@@ -26,6 +26,7 @@ pub mod name {
     pub const LINKS_INVALID: &str = "otel_tcpstates.links.invalid";
     pub const INCIDENTS_LOST: &str = "otel_tcpstates.incidents.lost";
     pub const INCIDENTS_SKIPPED: &str = "otel_tcpstates.incidents.skipped";
+    pub const LISTENERS_LOST: &str = "otel_tcpstates.listeners.lost";
     pub const SESSIONS_IN_FLIGHT: &str = "otel_tcpstates.sessions.in_flight";
     pub const SESSIONS_STARTED: &str = "otel_tcpstates.sessions.started";
     pub const SESSIONS_EVICTED: &str = "otel_tcpstates.sessions.evicted";
@@ -55,6 +56,7 @@ struct Published {
     links_invalid: AtomicU64,
     incidents_lost: AtomicU64,
     incidents_skipped: AtomicU64,
+    listeners_lost: AtomicU64,
     in_flight: AtomicU64,
     started: AtomicU64,
     evicted: AtomicU64,
@@ -105,6 +107,7 @@ impl SelfMetrics {
             set(&p.incidents_lost, s.lost);
             set(&p.incidents_skipped, s.skipped);
         }
+        set(&p.listeners_lost, stats.listeners_lost);
         if let Some(s) = &stats.sessions {
             set(&p.in_flight, s.in_flight);
             set(&p.started, s.started);
@@ -158,7 +161,7 @@ impl SelfMetrics {
 fn register(provider: &SdkMeterProvider, published: &Arc<Published>) {
     let meter = provider.meter("otel-tcpstates");
     type Pick = fn(&Published) -> &AtomicU64;
-    let counters: [(&'static str, &'static str, &'static str, Pick); 22] = [
+    let counters: [(&'static str, &'static str, &'static str, Pick); 23] = [
         (
             name::EVENTS_SEEN,
             "{event}",
@@ -207,6 +210,13 @@ fn register(provider: &SdkMeterProvider, published: &Arc<Published>) {
             "{record}",
             "Incident records the kernel skipped: another BPF program was running on the CPU",
             |p| &p.incidents_skipped,
+        ),
+        (
+            name::LISTENERS_LOST,
+            "{socket}",
+            "Listening sockets the kernel's listener maps could not store: connections \
+             accepted from them may name no owner or another listener's",
+            |p| &p.listeners_lost,
         ),
         (
             name::SESSIONS_STARTED,

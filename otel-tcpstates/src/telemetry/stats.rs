@@ -19,6 +19,9 @@ pub struct Stats {
     pub links: Option<LinkStats>,
     /// With the incident programs: their records lost.
     pub incidents: Option<IncidentStats>,
+    /// Listeners the kernel could not remember: connections accepted from them
+    /// may name no owner, or another listener's of the same port.
+    pub listeners_lost: u64,
     pub sessions: Option<SessionStats>,
     pub spans: Option<SpanStats>,
     /// When exporting: what sampling kept and left out.
@@ -79,6 +82,10 @@ impl fmt::Display for Stats {
                 "; incidents: {} lost, {} skipped, {} resets late",
                 s.lost, s.skipped, s.resets_late
             )?;
+        }
+        // Only once a map was full: nothing to say before.
+        if self.listeners_lost > 0 {
+            write!(f, "; listeners: {} lost", self.listeners_lost)?;
         }
         if let Some(s) = &self.sessions {
             write!(
@@ -180,6 +187,13 @@ mod tests {
                 "stats: 12 events seen, 3 lost, 4 skipped; links: 8 seen, 2 lost, 1 invalid; \
                  incidents: 5 lost, 6 skipped, 1 resets late; sessions:"
             ),
+            "{stats}"
+        );
+        stats.listeners_lost = 3;
+        assert!(
+            stats
+                .to_string()
+                .contains("; incidents: 5 lost, 6 skipped; listeners: 3 lost; sessions:"),
             "{stats}"
         );
         stats.journal_unsent = Some(7);
