@@ -38,7 +38,7 @@ use crate::{
     sessions::table::{EndReason, SessionTable, Update},
     shutdown::{self, Deadline, Stop},
     telemetry::self_metrics::SelfMetrics,
-    telemetry::stats::{IncidentStats, LinkStats, SessionStats, Stats},
+    telemetry::stats::{ExitSummary, IncidentStats, LinkStats, SessionStats, Stats},
 };
 
 /// How often a growing lost-event count is reported while running.
@@ -211,10 +211,11 @@ impl Sinks {
         }
     }
 
-    /// Ends the sessions still open at exit and sends the last spans, by `until`.
-    fn end_sessions(&mut self, until: Instant) {
+    /// Ends the sessions still open at exit and sends the last spans, by `until`;
+    /// returns how many sessions were open (none without a trace pipeline).
+    fn end_sessions(&mut self, until: Instant) -> u64 {
         let (Some(pipeline), Some(table)) = (&mut self.traces, &mut self.table) else {
-            return;
+            return 0;
         };
         let metrics = &mut self.metrics;
         let mut emit = |update: Update<'_>| {
@@ -226,7 +227,7 @@ impl Sinks {
         // Sockets that reached CLOSE and wait for their RST are not open: they
         // end as closed, before the count of those open at exit.
         table.expire_closing(u64::MAX, &mut emit);
-        let in_flight = table.len();
+        let in_flight = table.len() as u64;
         let unended = table.end_all(
             clock::monotonic_now_ns(),
             EndReason::Shutdown,
@@ -234,34 +235,12 @@ impl Sinks {
             &mut emit,
         );
         pipeline.traces.not_sent(unended);
-        let flushed = pipeline.traces.shutdown(shutdown::left(until));
-        // Nothing is queued any more: whatever was not exported, failed or dropped
-        // was cut off by the deadline.
-        let spans = pipeline.traces.stats();
-        let sessions = table.stats();
-        tracing::info!(
-            "{} sockets traced ({} evicted, {in_flight} open at exit), {} spans: {} exported, {} failed, {} dropped (export queue full), {} cut off by the shutdown deadline",
-            sessions.started,
-            sessions.evicted,
-            spans.produced,
-            spans.exported,
-            spans.failed,
-            spans.dropped,
-            spans.cut_off
-        );
-        let kept = pipeline.sampling.stats();
-        if kept.kept_by_rule + kept.sampled_out > 0 {
-            tracing::info!(
-                "sampling kept {} traces by probability and {} by a rule; {} left out ({} spans)",
-                kept.kept_by_probability,
-                kept.kept_by_rule,
-                kept.sampled_out,
-                kept.spans_sampled_out
-            );
-        }
-        if let Err(err) = flushed {
+        // Nothing is queued any more once shut down: whatever was not exported,
+        // failed or dropped was cut off by the deadline.
+        if let Err(err) = pipeline.traces.shutdown(shutdown::left(until)) {
             tracing::warn!("{err:#}");
         }
+        in_flight
     }
 }
 
@@ -407,11 +386,27 @@ pub async fn run(cli: Cli) -> Result<()> {
         losses,
         cut_off,
     } = finish_reading(probe, &mut reader, &mut sinks, &deadline, broken_pipe)?;
-    sinks.end_sessions(deadline.for_spans());
+    let open_at_exit = sinks.end_sessions(deadline.for_spans());
     // The final values: every session ended, the span counts exact.
+    let at_exit = stats(&sinks, &reader, &losses, cut_off);
+    if let Some(summary) = ExitSummary::of(&at_exit, open_at_exit) {
+        tracing::info!("{summary}");
+    }
+    if let Some(kept) = at_exit
+        .sampling
+        .filter(|kept| kept.kept_by_rule + kept.sampled_out > 0)
+    {
+        tracing::info!(
+            "sampling kept {} traces by probability and {} by a rule; {} left out ({} spans)",
+            kept.kept_by_probability,
+            kept.kept_by_rule,
+            kept.sampled_out,
+            kept.spans_sampled_out
+        );
+    }
     if let Some(metrics) = self_metrics {
         sinks.publish_open_connections();
-        metrics.publish(&stats(&sinks, &reader, &losses, cut_off));
+        metrics.publish(&at_exit);
         if let Err(err) = metrics.shutdown(shutdown::left(deadline.end())) {
             tracing::warn!("{err:#}");
         }
@@ -699,6 +694,7 @@ const DEFAULT_STATS_EVERY_SECS: u64 = 60;
 /// The tracer's own counters now; `cut_off`: state changes the shutdown
 /// deadline left unread, lost too.
 fn stats(sinks: &Sinks, reader: &EventReader, losses: &Losses, cut_off: u64) -> Stats {
+    let table = sinks.table.as_ref().map(SessionTable::stats);
     Stats {
         events_seen: sinks.seen,
         events_lost: losses.state_changes + cut_off,
@@ -708,15 +704,18 @@ fn stats(sinks: &Sinks, reader: &EventReader, losses: &Losses, cut_off: u64) -> 
             lost,
             invalid: reader.invalid_traceparents,
         }),
-        incidents: losses
-            .incidents
-            .map(|(lost, skipped)| IncidentStats { lost, skipped }),
+        incidents: losses.incidents.map(|(lost, skipped)| IncidentStats {
+            lost,
+            skipped,
+            unmatched: table.map_or(0, |t| t.incidents_unmatched),
+        }),
         sessions: sinks.table.as_ref().map(|table| {
             let s = table.stats();
             SessionStats {
                 in_flight: table.len() as u64,
                 started: s.started,
                 evicted: s.evicted,
+                replaced: s.replaced,
             }
         }),
         spans: sinks.traces.as_ref().map(|t| t.traces.stats()),
