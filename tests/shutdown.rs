@@ -5,15 +5,102 @@ mod support;
 
 use std::{
     net::{TcpListener, TcpStream},
+    thread,
     time::{Duration, Instant},
 };
 
 use nix::sys::signal::Signal;
 use support::{
-    load::{Stats, Summary, abort_on_close, wait_until},
+    load::{self, Stats, Summary, abort_on_close, wait_until},
     otlp::Receiver,
     *,
 };
+
+/// With `--sample-ratio 0.01` and many idle connections open at SIGTERM, the
+/// sessions the shutdown ends are judged by sampling as any other, even those
+/// the deadline leaves no time to end and send: the spans cut off are those of
+/// the kept traces only (each open session's ESTABLISHED span and its root), not
+/// two for every socket. `--shutdown-timeout 0` leaves no time for any, the path
+/// a large table or a slow shutdown takes for the sessions left at the deadline.
+#[test]
+fn sessions_cut_off_at_shutdown_count_only_the_spans_sampling_keeps() {
+    if !root_or_skip("sessions_cut_off_at_shutdown_count_only_the_spans_sampling_keeps") {
+        return;
+    }
+    let _serial = load::serial();
+    // 2,001 sockets open at exit (both ends, and the listener): at 1%, about 20
+    // traces kept of them.
+    const CONNECTIONS: usize = 1000;
+    let rx = Receiver::start();
+    let me = std::process::id().to_string();
+    let tracer = Tracer::start_release(
+        &[
+            "--otlp-endpoint",
+            &rx.grpc_endpoint(),
+            "--otlp-protocol",
+            "grpc",
+            "--sample-ratio",
+            "0.01",
+            // Only probability keeps traces: a handshake slowed by the load
+            // would keep one by the rule, with one span more.
+            "--no-keep-slow-handshakes",
+            "--shutdown-timeout",
+            "0",
+            "-p",
+            &me,
+        ],
+        &[("OTEL_BSP_SCHEDULE_DELAY", "50")],
+    );
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    nix::sys::socket::listen(&listener, nix::sys::socket::Backlog::MAXALLOWABLE).unwrap();
+    let held: Vec<(TcpStream, TcpStream)> = (0..CONNECTIONS)
+        .map(|_| {
+            let client = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+            (client, listener.accept().unwrap().0)
+        })
+        .collect();
+    // The handshakes' spans of the kept traces exported before the signal.
+    thread::sleep(Duration::from_secs(2));
+    let done = tracer.stop_with(Signal::SIGTERM);
+    drop(held);
+    assert!(done.status.success(), "{:?}", done.stderr);
+    let summary = Summary::parse(&done.stderr);
+    let sampling = done
+        .stderr
+        .iter()
+        .find(|l| l.contains("sampling kept"))
+        .unwrap_or_else(|| panic!("no sampling line: {:?}", done.stderr));
+    let kept = load::number_before(sampling, " traces by probability");
+    let by_rule = load::number_before(sampling, " by a rule");
+    eprintln!(
+        "{summary:?}; {kept} traces kept by probability, {by_rule} by a rule; {:?}",
+        done.stderr
+    );
+    assert!(
+        summary.open_at_exit > 2 * CONNECTIONS as u64,
+        "{CONNECTIONS} connections held, both ends, and the listener: {summary:?}"
+    );
+    summary.assert_every_span_accounted();
+    // Binomial(2001, 0.01): 20 ± 4.5.
+    assert!((1..=60).contains(&kept) && by_rule == 0, "{sampling}");
+    // Every kept trace's session was open at exit: its open state and its root
+    // were cut off, and nothing else.
+    assert_eq!(summary.cut_off, 2 * kept, "{summary:?}; {sampling}");
+    assert_eq!(
+        (
+            summary.failed,
+            summary.dropped,
+            summary.exported + summary.cut_off
+        ),
+        (0, 0, summary.spans),
+        "{summary:?}"
+    );
+    assert!(
+        !done.stderr.iter().any(|l| l.contains("not all sent")),
+        "a false warning: {:?}",
+        done.stderr
+    );
+}
 
 /// Incident records of a socket the table never followed are counted and shown:
 /// a connection open before the daemon started, closed with a reset after, sends

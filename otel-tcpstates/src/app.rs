@@ -73,13 +73,30 @@ struct TracePipeline {
 }
 
 impl TracePipeline {
-    /// Sends the spans `update` makes of kept traces; at shutdown, `deadline` lets
-    /// the queue make room for them.
-    fn update(&mut self, update: &Update<'_>, deadline: Option<Instant>) {
+    /// Sends the spans `update` makes of kept traces.
+    fn update(&mut self, update: &Update<'_>) {
         let Self { sampling, traces } = self;
-        sampling.route(update, |kept| match deadline {
-            None => traces.send(&kept),
-            Some(until) => traces.send_flushing(&kept, until),
+        sampling.route(update, |kept| traces.send(&kept));
+    }
+
+    /// At shutdown: sends the spans `update` makes of kept traces, the queue
+    /// making room for them until `until`; after it, counts them as cut off
+    /// without making them.
+    ///
+    /// A session the deadline leaves no time for is judged as one ended in time
+    /// is: by probability, else by the keep rules on its whole life (its held
+    /// states too). Only a kept trace's spans would have been sent, so only those
+    /// are produced and cut off; a trace left out counts as sampled out, as it
+    /// would have with time to spare. Counting every session's spans instead made
+    /// `cut_off` with 1% sampling a hundred times what was ever going to be sent.
+    fn end(&mut self, update: &Update<'_>, until: Instant) {
+        let Self { sampling, traces } = self;
+        sampling.route(update, |kept| {
+            if Instant::now() < until {
+                traces.send_flushing(&kept, until);
+            } else {
+                traces.not_sent(1);
+            }
         });
     }
 }
@@ -170,7 +187,7 @@ impl Sinks {
                 metrics.update(&update);
             }
             if let Some(pipeline) = traces {
-                pipeline.update(&update, None);
+                pipeline.update(&update);
             }
             if let Some(life) = life
                 && written.is_ok()
@@ -219,22 +236,19 @@ impl Sinks {
         };
         let metrics = &mut self.metrics;
         let mut emit = |update: Update<'_>| {
-            if let Some(metrics) = metrics {
+            // Past the deadline nothing is made that nobody will wait for.
+            if let Some(metrics) = metrics
+                && Instant::now() < until
+            {
                 metrics.update(&update);
             }
-            pipeline.update(&update, Some(until));
+            pipeline.end(&update, until);
         };
         // Sockets that reached CLOSE and wait for their RST are not open: they
         // end as closed, before the count of those open at exit.
         table.expire_closing(u64::MAX, &mut emit);
         let in_flight = table.len() as u64;
-        let unended = table.end_all(
-            clock::monotonic_now_ns(),
-            EndReason::Shutdown,
-            || Instant::now() < until,
-            &mut emit,
-        );
-        pipeline.traces.not_sent(unended);
+        table.end_all(clock::monotonic_now_ns(), EndReason::Shutdown, &mut emit);
         // Nothing is queued any more once shut down: whatever was not exported,
         // failed or dropped was cut off by the deadline.
         if let Err(err) = pipeline.traces.shutdown(shutdown::left(until)) {
