@@ -11,10 +11,85 @@ use std::{
 
 use nix::sys::signal::Signal;
 use support::{
-    load::{self, Stats, Summary, abort_on_close, wait_until},
+    load::{self, Churn, Server, Stats, Summary, abort_on_close, wait_until},
     otlp::Receiver,
     *,
 };
+
+/// The line the exit watchdog prints when the orderly shutdown missed the deadline.
+const FORCED: &str = "without a complete shutdown";
+
+/// A node draining while its collector is gone: SIGTERM lands in full loopback
+/// churn, every export refused (nothing listens at the collector's port). The
+/// daemon finishes its shutdown by the deadline: status 0, its exit summary, every
+/// span accounted for, never the watchdog's forced exit.
+#[test]
+fn sigterm_under_full_churn_with_the_collector_refusing_exits_with_its_summary() {
+    if !root_or_skip("sigterm_under_full_churn_with_the_collector_refusing_exits_with_its_summary")
+    {
+        return;
+    }
+    let _serial = load::serial();
+    const SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(5);
+    for protocol in ["grpc", "http/protobuf"] {
+        let refusing = load::quiet_port();
+        let endpoint = format!("http://127.0.0.1:{refusing}");
+        let me = std::process::id().to_string();
+        let tracer = Tracer::start_release(
+            &[
+                "--otlp-endpoint",
+                &endpoint,
+                "--otlp-protocol",
+                protocol,
+                "--shutdown-timeout",
+                &SHUTDOWN_TIMEOUT.as_secs().to_string(),
+                // Only this process's sockets (both ends of the churn).
+                "-p",
+                &me,
+            ],
+            &[("OTEL_METRIC_EXPORT_INTERVAL", "500")],
+        );
+        // Listening after the tracer started, so the accepted sockets are ours too.
+        let server = Server::start();
+        let churn = Churn::start(server.addr(), 3, None, None);
+        // Long enough for the exports to fail and be retried, and for the queue to
+        // be full, as on a node whose collector is gone.
+        wait_until("the export failures said", Duration::from_secs(20), || {
+            tracer.stderr().iter().any(|l| l.contains("export to"))
+        });
+        thread::sleep(Duration::from_secs(2));
+        let churned = churn.connections();
+        let done = tracer.stop_with(Signal::SIGTERM);
+        let made = churn.stop();
+        eprintln!(
+            "{protocol}: {} connections churned ({churned} before the signal); exit after {:.2?}, {}; \
+             last lines: {:?}",
+            made.connections,
+            done.took,
+            done.status,
+            done.stderr.iter().rev().take(6).collect::<Vec<_>>()
+        );
+        assert!(
+            !done.stderr.iter().any(|l| l.contains(FORCED)),
+            "{protocol}: the watchdog forced the exit after {:.2?}: {:?}",
+            done.took,
+            done.stderr
+        );
+        assert!(done.status.success(), "{protocol}: {:?}", done.stderr);
+        assert!(
+            done.took < SHUTDOWN_TIMEOUT + EXIT_GRACE,
+            "{protocol}: exit took {:.2?} with --shutdown-timeout {SHUTDOWN_TIMEOUT:?}",
+            done.took
+        );
+        let summary = Summary::parse(&done.stderr);
+        eprintln!("{protocol}: {summary:?}");
+        summary.assert_every_span_accounted();
+        assert!(
+            summary.spans > 0 && summary.exported == 0,
+            "{protocol}: nothing can be exported: {summary:?}"
+        );
+    }
+}
 
 /// With `--sample-ratio 0.01` and many idle connections open at SIGTERM, the
 /// sessions the shutdown ends are judged by sampling as any other, even those
