@@ -370,7 +370,8 @@ fn a_full_session_table_evicts_and_shutdown_flushes() {
         .unwrap_or_else(|| panic!("no summary in {:?}", done.stderr));
     assert!(
         summary.contains(
-            "50 sockets traced (42 evicted, 8 open at exit), 150 spans: 150 exported, 0 failed"
+            "50 sockets traced (42 evicted, 0 replaced, 8 open at exit), 150 spans: 150 exported, \
+             0 failed"
         ),
         "{summary}"
     );

@@ -38,7 +38,7 @@ use crate::{
     sessions::table::{EndReason, SessionTable, Update},
     shutdown::{self, Deadline, Stop},
     telemetry::self_metrics::SelfMetrics,
-    telemetry::stats::{IncidentStats, LinkStats, SessionStats, Stats},
+    telemetry::stats::{ExitSummary, IncidentStats, LinkStats, SessionStats, Stats},
 };
 
 /// How often a growing lost-event count is reported while running.
@@ -73,13 +73,30 @@ struct TracePipeline {
 }
 
 impl TracePipeline {
-    /// Sends the spans `update` makes of kept traces; at shutdown, `deadline` lets
-    /// the queue make room for them.
-    fn update(&mut self, update: &Update<'_>, deadline: Option<Instant>) {
+    /// Sends the spans `update` makes of kept traces.
+    fn update(&mut self, update: &Update<'_>) {
         let Self { sampling, traces } = self;
-        sampling.route(update, |kept| match deadline {
-            None => traces.send(&kept),
-            Some(until) => traces.send_flushing(&kept, until),
+        sampling.route(update, |kept| traces.send(&kept));
+    }
+
+    /// At shutdown: sends the spans `update` makes of kept traces, the queue
+    /// making room for them until `until`; after it, counts them as cut off
+    /// without making them.
+    ///
+    /// A session the deadline leaves no time for is judged as one ended in time
+    /// is: by probability, else by the keep rules on its whole life (its held
+    /// states too). Only a kept trace's spans would have been sent, so only those
+    /// are produced and cut off; a trace left out counts as sampled out, as it
+    /// would have with time to spare. Counting every session's spans instead made
+    /// `cut_off` with 1% sampling a hundred times what was ever going to be sent.
+    fn end(&mut self, update: &Update<'_>, until: Instant) {
+        let Self { sampling, traces } = self;
+        sampling.route(update, |kept| {
+            if Instant::now() < until {
+                traces.send_flushing(&kept, until);
+            } else {
+                traces.not_sent(1);
+            }
         });
     }
 }
@@ -170,7 +187,7 @@ impl Sinks {
                 metrics.update(&update);
             }
             if let Some(pipeline) = traces {
-                pipeline.update(&update, None);
+                pipeline.update(&update);
             }
             if let Some(life) = life
                 && written.is_ok()
@@ -211,57 +228,33 @@ impl Sinks {
         }
     }
 
-    /// Ends the sessions still open at exit and sends the last spans, by `until`.
-    fn end_sessions(&mut self, until: Instant) {
+    /// Ends the sessions still open at exit and sends the last spans, by `until`;
+    /// returns how many sessions were open (none without a trace pipeline).
+    fn end_sessions(&mut self, until: Instant) -> u64 {
         let (Some(pipeline), Some(table)) = (&mut self.traces, &mut self.table) else {
-            return;
+            return 0;
         };
         let metrics = &mut self.metrics;
         let mut emit = |update: Update<'_>| {
-            if let Some(metrics) = metrics {
+            // Past the deadline nothing is made that nobody will wait for.
+            if let Some(metrics) = metrics
+                && Instant::now() < until
+            {
                 metrics.update(&update);
             }
-            pipeline.update(&update, Some(until));
+            pipeline.end(&update, until);
         };
         // Sockets that reached CLOSE and wait for their RST are not open: they
         // end as closed, before the count of those open at exit.
         table.expire_closing(u64::MAX, &mut emit);
-        let in_flight = table.len();
-        let unended = table.end_all(
-            clock::monotonic_now_ns(),
-            EndReason::Shutdown,
-            || Instant::now() < until,
-            &mut emit,
-        );
-        pipeline.traces.not_sent(unended);
-        let flushed = pipeline.traces.shutdown(shutdown::left(until));
-        // Nothing is queued any more: whatever was not exported, failed or dropped
-        // was cut off by the deadline.
-        let spans = pipeline.traces.stats();
-        let sessions = table.stats();
-        tracing::info!(
-            "{} sockets traced ({} evicted, {in_flight} open at exit), {} spans: {} exported, {} failed, {} dropped (export queue full), {} cut off by the shutdown deadline",
-            sessions.started,
-            sessions.evicted,
-            spans.produced,
-            spans.exported,
-            spans.failed,
-            spans.dropped,
-            spans.cut_off
-        );
-        let kept = pipeline.sampling.stats();
-        if kept.kept_by_rule + kept.sampled_out > 0 {
-            tracing::info!(
-                "sampling kept {} traces by probability and {} by a rule; {} left out ({} spans)",
-                kept.kept_by_probability,
-                kept.kept_by_rule,
-                kept.sampled_out,
-                kept.spans_sampled_out
-            );
-        }
-        if let Err(err) = flushed {
+        let in_flight = table.len() as u64;
+        table.end_all(clock::monotonic_now_ns(), EndReason::Shutdown, &mut emit);
+        // Nothing is queued any more once shut down: whatever was not exported,
+        // failed or dropped was cut off by the deadline.
+        if let Err(err) = pipeline.traces.shutdown(shutdown::left(until)) {
             tracing::warn!("{err:#}");
         }
+        in_flight
     }
 }
 
@@ -412,11 +405,27 @@ pub async fn run(cli: Cli) -> Result<()> {
         losses,
         cut_off,
     } = finish_reading(probe, &mut reader, &mut sinks, &deadline, broken_pipe)?;
-    sinks.end_sessions(deadline.for_spans());
+    let open_at_exit = sinks.end_sessions(deadline.for_spans());
     // The final values: every session ended, the span counts exact.
+    let at_exit = stats(&sinks, &reader, &losses, cut_off);
+    if let Some(summary) = ExitSummary::of(&at_exit, open_at_exit) {
+        tracing::info!("{summary}");
+    }
+    if let Some(kept) = at_exit
+        .sampling
+        .filter(|kept| kept.kept_by_rule + kept.sampled_out > 0)
+    {
+        tracing::info!(
+            "sampling kept {} traces by probability and {} by a rule; {} left out ({} spans)",
+            kept.kept_by_probability,
+            kept.kept_by_rule,
+            kept.sampled_out,
+            kept.spans_sampled_out
+        );
+    }
     if let Some(metrics) = self_metrics {
         sinks.publish_open_connections();
-        metrics.publish(&stats(&sinks, &reader, &losses, cut_off));
+        metrics.publish(&at_exit);
         if let Err(err) = metrics.shutdown(shutdown::left(deadline.end())) {
             tracing::warn!("{err:#}");
         }
@@ -711,6 +720,7 @@ const DEFAULT_STATS_EVERY_SECS: u64 = 60;
 /// The tracer's own counters now; `cut_off`: state changes the shutdown
 /// deadline left unread, lost too.
 fn stats(sinks: &Sinks, reader: &EventReader, losses: &Losses, cut_off: u64) -> Stats {
+    let table = sinks.table.as_ref().map(SessionTable::stats);
     Stats {
         events_seen: sinks.seen,
         events_lost: losses.state_changes + cut_off,
@@ -723,7 +733,8 @@ fn stats(sinks: &Sinks, reader: &EventReader, losses: &Losses, cut_off: u64) -> 
         incidents: losses.incidents.map(|(lost, skipped)| IncidentStats {
             lost,
             skipped,
-            resets_late: sinks.table.as_ref().map_or(0, |t| t.stats().resets_late),
+            unmatched: table.map_or(0, |t| t.incidents_unmatched),
+            resets_late: table.map_or(0, |t| t.resets_late),
         }),
         listeners_lost: losses.listeners,
         sessions: sinks.table.as_ref().map(|table| {
@@ -732,6 +743,7 @@ fn stats(sinks: &Sinks, reader: &EventReader, losses: &Losses, cut_off: u64) -> 
                 in_flight: table.len() as u64,
                 started: s.started,
                 evicted: s.evicted,
+                replaced: s.replaced,
             }
         }),
         spans: sinks.traces.as_ref().map(|t| t.traces.stats()),

@@ -397,13 +397,15 @@ pub fn number_before(line: &str, label: &str) -> u64 {
         .unwrap_or_else(|_| panic!("no number before {label:?} in {line:?}"))
 }
 
-/// The exit summary: "N sockets traced (E evicted, K open at exit), S spans:
-/// X exported, F failed, D dropped (export queue full), C cut off by the shutdown
-/// deadline".
+/// The exit summary: "N sockets traced (E evicted, R replaced, K open at exit),
+/// S spans: X exported, F failed, D dropped (export queue full), C cut off by the
+/// shutdown deadline[; U incident records matched no traced socket]".
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct Summary {
     pub sessions: u64,
     pub evicted: u64,
+    /// Ended by a new socket at their address before their CLOSE was seen.
+    pub replaced: u64,
     pub open_at_exit: u64,
     pub spans: u64,
     pub exported: u64,
@@ -412,6 +414,8 @@ pub struct Summary {
     pub dropped: u64,
     /// Cut off by the shutdown deadline: not made, queued or in flight.
     pub cut_off: u64,
+    /// With the incident programs: their records of sockets not traced.
+    pub incidents_unmatched: Option<u64>,
 }
 
 impl Summary {
@@ -438,20 +442,25 @@ impl Summary {
         Summary {
             sessions: number_before(line, " sockets traced"),
             evicted: number_before(line, " evicted"),
+            replaced: number_before(line, " replaced"),
             open_at_exit: number_before(line, " open at exit"),
             spans: number_before(line, " spans:"),
             exported: number_before(line, " exported"),
             failed: number_before(line, " failed"),
             dropped: number_before(line, " dropped"),
             cut_off: number_before(line, " cut off"),
+            incidents_unmatched: line
+                .contains(" incident records matched no traced socket")
+                .then(|| number_before(line, " incident records matched")),
         }
     }
 }
 
 /// One "stats:" line: "stats: N events seen, L lost, K skipped; [links: …;
-/// incidents: …;] sessions: I in flight, S started, E evicted; spans: P
-/// produced, X exported, F failed, D dropped[, C cut off by the shutdown
-/// deadline]; R export errors".
+/// incidents: L lost, K skipped, U unmatched, T resets late;] [listeners: N lost;]
+/// sessions: I in flight, S started,
+/// E evicted, R replaced; spans: P produced, X exported, F failed, D dropped[, C
+/// cut off by the shutdown deadline]; R export errors".
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct Stats {
     pub seen: u64,
@@ -459,6 +468,9 @@ pub struct Stats {
     pub in_flight: u64,
     pub started: u64,
     pub evicted: u64,
+    pub replaced: u64,
+    /// With the incident programs: their records of sockets not traced.
+    pub incidents_unmatched: Option<u64>,
     pub produced: u64,
     pub exported: u64,
     pub failed: u64,
@@ -474,6 +486,10 @@ impl Stats {
             in_flight: number_before(line, " in flight"),
             started: number_before(line, " started"),
             evicted: number_before(line, " evicted"),
+            replaced: number_before(line, " replaced"),
+            incidents_unmatched: line
+                .contains("; incidents: ")
+                .then(|| number_before(line, " unmatched")),
             produced: number_before(line, " produced"),
             exported: number_before(line, " exported"),
             failed: number_before(line, " failed"),
@@ -497,12 +513,14 @@ impl Stats {
     }
 
     /// The cumulative counters, named, for comparing one line with the next.
-    pub fn cumulative(&self) -> [(&'static str, u64); 9] {
+    pub fn cumulative(&self) -> [(&'static str, u64); 11] {
         [
             ("events seen", self.seen),
             ("lost", self.lost),
             ("started", self.started),
             ("evicted", self.evicted),
+            ("replaced", self.replaced),
+            ("incidents unmatched", self.incidents_unmatched.unwrap_or(0)),
             ("produced", self.produced),
             ("exported", self.exported),
             ("failed", self.failed),

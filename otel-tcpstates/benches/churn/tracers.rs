@@ -199,9 +199,9 @@ pub(crate) fn warnings(stderr: &[String]) -> Vec<String> {
         .collect()
 }
 
-/// Our daemon's exit summary: "S sockets traced (E evicted, O open at exit),
-/// N spans: X exported, F failed, D dropped (export queue full), C cut off by
-/// the shutdown deadline"; `not_sent` is D + C.
+/// Our daemon's exit summary: "S sockets traced (E evicted, R replaced, O open
+/// at exit), N spans: X exported, F failed, D dropped (export queue full), C cut
+/// off by the shutdown deadline[; U incident records …]"; `not_sent` is D + C.
 #[derive(Clone, Copy, Debug, Default)]
 pub(crate) struct Summary {
     pub(crate) sockets: u64,
@@ -215,12 +215,12 @@ pub(crate) struct Summary {
 pub(crate) fn summary(stderr: &[String]) -> Option<Summary> {
     let line = stderr.iter().find(|l| l.contains("sockets traced"))?;
     let n = numbers(line);
-    (n.len() >= 8).then(|| Summary {
+    (n.len() >= 9).then(|| Summary {
         sockets: n[0],
         evicted: n[1],
-        produced: n[3],
-        exported: n[4],
-        failed: n[5],
-        not_sent: n[6] + n[7],
+        produced: n[4],
+        exported: n[5],
+        failed: n[6],
+        not_sent: n[7] + n[8],
     })
 }

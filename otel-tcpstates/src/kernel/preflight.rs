@@ -24,7 +24,11 @@ const EXPECTED_FIELDS: &[(&str, usize, usize)] = &[
 ];
 
 pub fn run() -> Result<()> {
-    check_kernel(&fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default())?;
+    let release = fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    check_kernel(&release)?;
+    if let Some(note) = skips_not_counted(&release) {
+        tracing::info!("{note}");
+    }
     check_privileges()?;
     raise_memlock_limit();
     ensure_tracefs()?;
@@ -35,11 +39,38 @@ pub fn run() -> Result<()> {
 /// (the tracepoint in 4.16). `--help` states it from here.
 pub const MIN_LINUX: (u32, u32) = (5, 8);
 
-fn check_kernel(release: &str) -> Result<()> {
+/// The first Linux that counts the runs of a tracepoint program it skips (in
+/// `recursion_misses`): commit dd8657894c11 ("bpf: Count missed stats in
+/// trace_call_bpf"). Trampoline programs count theirs from 5.12, raw
+/// tracepoints from 6.1 (05b24ff9b2cf), but the state-change program and most
+/// incident programs are tracepoints.
+pub const SKIPS_COUNTED_LINUX: (u32, u32) = (6, 7);
+
+/// (major, minor) of a kernel release string, if it starts with them.
+fn version(release: &str) -> Option<(u32, u32)> {
     let mut numbers = release.trim().split(['.', '-']).map(|n| n.parse::<u32>());
-    if let (Some(Ok(major)), Some(Ok(minor))) = (numbers.next(), numbers.next())
-        && (major, minor) < MIN_LINUX
-    {
+    match (numbers.next(), numbers.next()) {
+        (Some(Ok(major)), Some(Ok(minor))) => Some((major, minor)),
+        _ => None,
+    }
+}
+
+/// On a kernel that does not count the tracepoint runs it skips, the one line
+/// that says so: its skipped counts stay 0 whatever it skipped.
+fn skips_not_counted(release: &str) -> Option<String> {
+    let (major, minor) = SKIPS_COUNTED_LINUX;
+    (version(release)? < SKIPS_COUNTED_LINUX).then(|| {
+        format!(
+            "this kernel ({}) does not count the tracepoint runs it skips (Linux \
+             {major}.{minor} and later do): state changes and incident records skipped by \
+             the kernel are not counted here",
+            release.trim()
+        )
+    })
+}
+
+fn check_kernel(release: &str) -> Result<()> {
+    if version(release).is_some_and(|v| v < MIN_LINUX) {
         let (need_major, need_minor) = MIN_LINUX;
         bail!(
             "this kernel ({}) is too old: otel-tcpstates needs Linux {need_major}.{need_minor} or newer (BPF ring buffer)",
@@ -219,6 +250,22 @@ format:
             "this kernel (5.4.0-150-generic) is too old: otel-tcpstates needs Linux 5.8 or newer (BPF ring buffer)"
         );
         assert!(check_kernel("4.19.0").is_err());
+    }
+
+    #[test]
+    fn kernels_before_6_7_say_their_skips_are_not_counted() {
+        for counted in ["6.7.0", "6.18.44-fc-v595", "7.0", "garbage", ""] {
+            assert_eq!(skips_not_counted(counted), None, "{counted}");
+        }
+        assert_eq!(
+            skips_not_counted("6.6.30-generic\n").as_deref(),
+            Some(
+                "this kernel (6.6.30-generic) does not count the tracepoint runs it skips \
+                 (Linux 6.7 and later do): state changes and incident records skipped by the \
+                 kernel are not counted here"
+            )
+        );
+        assert!(skips_not_counted("5.15.0-91-generic").is_some());
     }
 
     #[test]

@@ -2,9 +2,10 @@
 //!
 //! A tracepoint program (and a raw tracepoint one) does not run when it fires
 //! while another tracing BPF program runs on the same CPU, as when a timer's
-//! softirq interrupts one: the kernel counts the skip in the program's
-//! `recursion_misses` (Linux 5.12 and later; 0 before), and the event it would
-//! have queued is gone.
+//! softirq interrupts one: the event it would have queued is gone. The kernel
+//! counts the skip in the program's `recursion_misses` for tracepoint programs
+//! from Linux 6.7 on, raw tracepoint ones from 6.1 (0 before: see
+//! `preflight::SKIPS_COUNTED_LINUX`).
 use std::{io, mem, os::fd::AsRawFd as _, os::fd::BorrowedFd};
 
 use aya_obj::generated::bpf_prog_info;

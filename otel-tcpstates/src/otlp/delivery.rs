@@ -12,7 +12,7 @@ use std::{
 };
 
 use anyhow::Result;
-use tokio::sync::{Semaphore, mpsc};
+use tokio::sync::{Semaphore, mpsc, watch};
 
 use crate::{
     otlp::config::{Batching, Target},
@@ -146,6 +146,10 @@ impl Shared {
 
 pub struct Exporter {
     tx: mpsc::UnboundedSender<Msg>,
+    /// The shutdown deadline, for the worker as soon as the shutdown starts
+    /// waiting on it: the messages queued ahead of [`Msg::Shutdown`] must not
+    /// hold it past the deadline.
+    stop_by: watch::Sender<Option<Instant>>,
     pending: Vec<SpanRecord>,
     shared: Arc<Shared>,
     max_queue: u64,
@@ -169,8 +173,10 @@ impl Exporter {
             last_success: Mutex::new(None),
         });
         let (tx, rx) = mpsc::unbounded_channel();
+        let (stop_by, stop_at) = watch::channel(None);
         let worker = Worker {
             rx,
+            stop_at,
             encoder: Encoder::new(base),
             transport,
             shared: Arc::clone(&shared),
@@ -180,6 +186,7 @@ impl Exporter {
         tokio::spawn(worker.run());
         Ok(Self {
             tx,
+            stop_by,
             pending: Vec::with_capacity(CHUNK),
             shared,
             max_queue: batching.max_queue as u64,
@@ -249,6 +256,11 @@ impl Exporter {
     /// if it is smaller), waiting until `deadline` at most: what finds no room
     /// was cut off by the deadline if it passed, dropped by the small queue if not.
     fn hand_over_by(&mut self, deadline: Instant) {
+        self.stop_by.send_if_modified(|at| {
+            let changed = *at != Some(deadline);
+            *at = Some(deadline);
+            changed
+        });
         let wanted = (self.pending.len() as u64).min(self.max_queue);
         while self.shared.queued.load(Ordering::Relaxed) + wanted > self.max_queue
             && Instant::now() < deadline
@@ -271,8 +283,12 @@ impl Exporter {
         let deadline = Instant::now() + timeout;
         self.hand_over_by(deadline);
         let (done_tx, done_rx) = std::sync::mpsc::channel();
+        // What is left of the one deadline: the wait for room above may have
+        // taken all of it (a full queue, a worker that cannot send).
         let finished = self.tx.send(Msg::Shutdown(deadline, done_tx)).is_ok()
-            && done_rx.recv_timeout(timeout).is_ok();
+            && done_rx
+                .recv_timeout(deadline.saturating_duration_since(Instant::now()))
+                .is_ok();
         let mut settled = self
             .shared
             .settled
@@ -319,6 +335,8 @@ impl Exporter {
 
 struct Worker {
     rx: mpsc::UnboundedReceiver<Msg>,
+    /// The shutdown deadline once the shutdown has begun.
+    stop_at: watch::Receiver<Option<Instant>>,
     encoder: Encoder,
     transport: Arc<Transport>,
     shared: Arc<Shared>,
@@ -335,7 +353,7 @@ impl Worker {
                 Some(at) => tokio::select! {
                     msg = self.rx.recv() => msg,
                     () = tokio::time::sleep_until(at + self.batching.delay) => {
-                        self.dispatch(None).await;
+                        self.dispatch().await;
                         batch_started = None;
                         continue;
                     }
@@ -347,10 +365,14 @@ impl Worker {
                     self.shared
                         .queued
                         .fetch_sub(chunk.len() as u64, Ordering::Relaxed);
+                    if self.past_deadline() {
+                        // Cut off: nothing sent now could settle in time.
+                        continue;
+                    }
                     for record in &chunk {
                         self.encoder.add(record);
                         if self.encoder.len() >= self.batching.max_batch {
-                            self.dispatch(None).await;
+                            self.dispatch().await;
                             batch_started = None;
                         }
                     }
@@ -359,10 +381,11 @@ impl Worker {
                     }
                 }
                 Some(Msg::Shutdown(deadline, done)) => {
-                    let deadline = tokio::time::Instant::from_std(deadline);
+                    // The exporter set the same deadline in `stop_at` first.
                     if !self.encoder.is_empty() {
-                        self.dispatch(Some(deadline)).await;
+                        self.dispatch().await;
                     }
+                    let deadline = tokio::time::Instant::from_std(deadline);
                     let all = MAX_IN_FLIGHT as u32;
                     let _ = tokio::time::timeout_at(deadline, self.slots.acquire_many(all)).await;
                     let _ = done.send(());
@@ -372,15 +395,22 @@ impl Worker {
         }
     }
 
-    /// Encodes the batch and sends it once a slot is free (by `deadline`, if given).
-    async fn dispatch(&mut self, deadline: Option<tokio::time::Instant>) {
+    /// Whether the shutdown deadline has passed.
+    fn past_deadline(&self) -> bool {
+        self.stop_at.borrow().is_some_and(|at| Instant::now() >= at)
+    }
+
+    /// Encodes the batch and sends it once a slot is free, or gives it up at the
+    /// shutdown deadline. While the collector is down every slot is held by a
+    /// request retrying for its whole timeout: a wait for one without the
+    /// deadline held the shutdown past it.
+    async fn dispatch(&mut self) {
         let slot = Arc::clone(&self.slots).acquire_owned();
-        let slot = match deadline {
-            None => slot.await.ok(),
-            Some(at) => tokio::time::timeout_at(at, slot)
-                .await
-                .ok()
-                .and_then(Result::ok),
+        let mut stop_at = self.stop_at.clone();
+        let slot = tokio::select! {
+            biased;
+            () = deadline_passed(&mut stop_at) => None,
+            slot = slot => slot.ok(),
         };
         let spans = self.encoder.len() as u64;
         let mut buf = self.transport.buffer();
@@ -397,6 +427,29 @@ impl Worker {
             deliver(&transport, &shared, body, spans, budget).await;
             drop(slot);
         });
+    }
+}
+
+/// Resolves once a shutdown has begun and its deadline has passed; never
+/// before.
+async fn deadline_passed(stop_at: &mut watch::Receiver<Option<Instant>>) {
+    loop {
+        let at = *stop_at.borrow_and_update();
+        let changed = stop_at.changed();
+        match at {
+            Some(at) => {
+                tokio::select! {
+                    () = tokio::time::sleep_until(at.into()) => return,
+                    _ = changed => {}
+                }
+            }
+            None => {
+                if changed.await.is_err() {
+                    // The exporter is gone: no deadline will ever come.
+                    std::future::pending::<()>().await;
+                }
+            }
+        }
     }
 }
 

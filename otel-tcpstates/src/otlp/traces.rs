@@ -114,8 +114,8 @@ impl Traces {
         }
     }
 
-    /// Spans the shutdown deadline left no time to make (their sessions not
-    /// ended): counted as produced and cut off.
+    /// Spans of kept traces the shutdown deadline left no time to make: counted
+    /// as produced and cut off.
     pub fn not_sent(&mut self, spans: u64) {
         self.exporter.not_sent(spans);
     }

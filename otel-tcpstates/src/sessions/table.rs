@@ -713,33 +713,16 @@ impl SessionTable {
     }
 
     /// Ends every session in flight (at kernel time `now_ns`), oldest activity
-    /// first, while `in_time` (asked every few dozen sessions) allows. Returns how
-    /// many spans the sessions it had no time for would have made: they stay in
-    /// the table, and the caller counts their spans as not sent.
-    pub fn end_all(
-        &mut self,
-        now_ns: u64,
-        reason: EndReason,
-        mut in_time: impl FnMut() -> bool,
-        out: &mut impl FnMut(Update<'_>),
-    ) -> u64 {
-        const ASK_EVERY: usize = 64;
-        let mut ended = 0usize;
-        while !ended.is_multiple_of(ASK_EVERY) || in_time() {
-            let Some((_, session)) = self.sessions.pop_lru() else {
-                return 0;
-            };
+    /// first. Each ends whole, whatever time is left: what a consumer with no
+    /// time to make its spans does with them is its own affair (sampling still
+    /// decides which would have been sent).
+    pub fn end_all(&mut self, now_ns: u64, reason: EndReason, out: &mut impl FnMut(Update<'_>)) {
+        while let Some((_, session)) = self.sessions.pop_lru() {
             if session.closing.is_some() {
                 self.stats.closed += 1;
             }
             finish(session, now_ns, reason, self.hold, out);
-            ended += 1;
         }
-        // A root each, and the state each was in.
-        self.sessions
-            .iter()
-            .map(|(_, s)| 1 + u64::from(s.state_since_ns.is_some()))
-            .sum()
     }
 }
 
@@ -971,30 +954,26 @@ pub(crate) mod tests {
     }
 
     #[test]
-    fn ending_all_stops_when_time_is_up_and_counts_the_spans_left() {
+    fn ending_all_ends_every_session_oldest_first() {
         let mut t = table(256);
         let opened: Vec<TcpEvent> = (0..101)
             .map(|i| ev(SK + i, 100 + i, 0, CLOSE, SYN_SENT, 0))
             .collect();
         run(&mut t, &opened);
-        // Time for one batch of sessions only.
-        let mut asked = 0;
-        let mut roots = 0;
-        let unended = t.end_all(
-            10_000,
-            EndReason::Shutdown,
-            || {
-                asked += 1;
-                asked == 1
-            },
-            &mut |u| roots += u64::from(matches!(u, Update::SessionEnded(..))),
+        let mut roots = Vec::new();
+        let mut states = 0;
+        t.end_all(10_000, EndReason::Shutdown, &mut |u| match u {
+            Update::SessionEnded(s, end, reason) => roots.push((s.skaddr, end, reason)),
+            Update::StateEnded(..) => states += 1,
+        });
+        // Each left in SYN_SENT: that state's span, then its root.
+        assert_eq!((roots.len(), states, t.len()), (101, 101, 0));
+        assert!(roots.windows(2).all(|w| w[0].0 < w[1].0), "oldest first");
+        assert!(
+            roots
+                .iter()
+                .all(|r| (r.1, r.2) == (10_000, EndReason::Shutdown))
         );
-        assert_eq!((roots, t.len()), (64, 37));
-        // Each left in SYN_SENT: its root and that state's span.
-        assert_eq!(unended, 37 * 2);
-        // With time enough, the rest.
-        let unended = t.end_all(10_000, EndReason::Shutdown, || true, &mut |_| {});
-        assert_eq!((unended, t.len()), (0, 0));
     }
 
     #[test]
@@ -1646,12 +1625,11 @@ pub(crate) mod tests {
             [Got::State("FIN_WAIT1", 0, 1000, 1010, Some("FIN_WAIT2"))]
         );
         let mut sessions = Vec::new();
-        let unended = t.end_all(2000, EndReason::Shutdown, || true, &mut |u| {
+        t.end_all(2000, EndReason::Shutdown, &mut |u| {
             if let Update::SessionEnded(s, end, reason) = u {
                 sessions.push((s.clone(), end, reason));
             }
         });
-        assert_eq!(unended, 0);
         let (s, end, reason) = &sessions[0];
         assert_eq!(
             (s.begin_seen, s.role, s.birth_ns),

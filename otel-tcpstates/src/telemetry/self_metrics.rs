@@ -27,9 +27,12 @@ pub mod name {
     pub const INCIDENTS_LOST: &str = "otel_tcpstates.incidents.lost";
     pub const INCIDENTS_SKIPPED: &str = "otel_tcpstates.incidents.skipped";
     pub const LISTENERS_LOST: &str = "otel_tcpstates.listeners.lost";
+    pub const INCIDENTS_UNMATCHED: &str = "otel_tcpstates.incidents.unmatched";
+    pub const RESETS_LATE: &str = "otel_tcpstates.incidents.resets_late";
     pub const SESSIONS_IN_FLIGHT: &str = "otel_tcpstates.sessions.in_flight";
     pub const SESSIONS_STARTED: &str = "otel_tcpstates.sessions.started";
     pub const SESSIONS_EVICTED: &str = "otel_tcpstates.sessions.evicted";
+    pub const SESSIONS_REPLACED: &str = "otel_tcpstates.sessions.replaced";
     pub const SPANS_PRODUCED: &str = "otel_tcpstates.spans.produced";
     pub const SPANS_EXPORTED: &str = "otel_tcpstates.spans.exported";
     pub const SPANS_FAILED: &str = "otel_tcpstates.spans.failed";
@@ -57,9 +60,12 @@ struct Published {
     incidents_lost: AtomicU64,
     incidents_skipped: AtomicU64,
     listeners_lost: AtomicU64,
+    incidents_unmatched: AtomicU64,
+    resets_late: AtomicU64,
     in_flight: AtomicU64,
     started: AtomicU64,
     evicted: AtomicU64,
+    replaced: AtomicU64,
     produced: AtomicU64,
     exported: AtomicU64,
     failed: AtomicU64,
@@ -106,12 +112,15 @@ impl SelfMetrics {
         if let Some(s) = &stats.incidents {
             set(&p.incidents_lost, s.lost);
             set(&p.incidents_skipped, s.skipped);
+            set(&p.incidents_unmatched, s.unmatched);
+            set(&p.resets_late, s.resets_late);
         }
         set(&p.listeners_lost, stats.listeners_lost);
         if let Some(s) = &stats.sessions {
             set(&p.in_flight, s.in_flight);
             set(&p.started, s.started);
             set(&p.evicted, s.evicted);
+            set(&p.replaced, s.replaced);
         }
         if let Some(s) = &stats.spans {
             set(&p.produced, s.produced);
@@ -161,7 +170,7 @@ impl SelfMetrics {
 fn register(provider: &SdkMeterProvider, published: &Arc<Published>) {
     let meter = provider.meter("otel-tcpstates");
     type Pick = fn(&Published) -> &AtomicU64;
-    let counters: [(&'static str, &'static str, &'static str, Pick); 23] = [
+    let counters: [(&'static str, &'static str, &'static str, Pick); 26] = [
         (
             name::EVENTS_SEEN,
             "{event}",
@@ -219,6 +228,19 @@ fn register(provider: &SdkMeterProvider, published: &Arc<Published>) {
             |p| &p.listeners_lost,
         ),
         (
+            name::INCIDENTS_UNMATCHED,
+            "{record}",
+            "Incident records of sockets the tracer does not follow (begun before it \
+             started, or already ended): on no span",
+            |p| &p.incidents_unmatched,
+        ),
+        (
+            name::RESETS_LATE,
+            "{record}",
+            "RST records that arrived after their connection's trace had ended: on no span",
+            |p| &p.resets_late,
+        ),
+        (
             name::SESSIONS_STARTED,
             "{session}",
             "Sockets whose session was started",
@@ -229,6 +251,13 @@ fn register(provider: &SdkMeterProvider, published: &Arc<Published>) {
             "{session}",
             "Sessions evicted from the full session table",
             |p| &p.evicted,
+        ),
+        (
+            name::SESSIONS_REPLACED,
+            "{session}",
+            "Sessions ended because a new socket took their address before their CLOSE \
+             was seen (lost or skipped)",
+            |p| &p.replaced,
         ),
         (
             name::SPANS_PRODUCED,

@@ -44,7 +44,8 @@ pub struct LinkStats {
     pub invalid: u64,
 }
 
-/// The incident programs' records that never arrived.
+/// The incident programs' records that never arrived, or arrived with no
+/// session to go on.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct IncidentStats {
     /// The ring buffer had no room for them.
@@ -53,6 +54,9 @@ pub struct IncidentStats {
     pub skipped: u64,
     /// RSTs that came after their connection's trace had ended.
     pub resets_late: u64,
+    /// Read, but of a socket the session table does not follow (it began
+    /// before the tracer, or its session had ended): on no span.
+    pub unmatched: u64,
 }
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -60,6 +64,9 @@ pub struct SessionStats {
     pub in_flight: u64,
     pub started: u64,
     pub evicted: u64,
+    /// Ended because a new socket took their kernel address before their CLOSE
+    /// was seen (it was lost or skipped).
+    pub replaced: u64,
 }
 
 impl fmt::Display for Stats {
@@ -79,8 +86,8 @@ impl fmt::Display for Stats {
         if let Some(s) = &self.incidents {
             write!(
                 f,
-                "; incidents: {} lost, {} skipped, {} resets late",
-                s.lost, s.skipped, s.resets_late
+                "; incidents: {} lost, {} skipped, {} unmatched, {} resets late",
+                s.lost, s.skipped, s.unmatched, s.resets_late
             )?;
         }
         // Only once a map was full: nothing to say before.
@@ -90,8 +97,8 @@ impl fmt::Display for Stats {
         if let Some(s) = &self.sessions {
             write!(
                 f,
-                "; sessions: {} in flight, {} started, {} evicted",
-                s.in_flight, s.started, s.evicted
+                "; sessions: {} in flight, {} started, {} evicted, {} replaced",
+                s.in_flight, s.started, s.evicted, s.replaced
             )?;
         }
         if let Some(s) = &self.spans {
@@ -130,6 +137,58 @@ impl fmt::Display for Stats {
     }
 }
 
+/// The exit's account, when exporting: what was traced and where every span
+/// went (produced = exported + failed + dropped + cut off), and the records that
+/// matched no traced socket.
+pub struct ExitSummary<'a> {
+    stats: &'a Stats,
+    sessions: SessionStats,
+    spans: SpanStats,
+    open_at_exit: u64,
+}
+
+impl<'a> ExitSummary<'a> {
+    /// `None` unless `stats` has sessions and spans; `open_at_exit`: the
+    /// sessions the shutdown ended.
+    pub fn of(stats: &'a Stats, open_at_exit: u64) -> Option<Self> {
+        Some(Self {
+            stats,
+            sessions: stats.sessions?,
+            spans: stats.spans?,
+            open_at_exit,
+        })
+    }
+}
+
+impl fmt::Display for ExitSummary<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let (s, p) = (&self.sessions, &self.spans);
+        write!(
+            f,
+            "{} sockets traced ({} evicted, {} replaced, {} open at exit), {} spans: \
+             {} exported, {} failed, {} dropped (export queue full), {} cut off by the \
+             shutdown deadline",
+            s.started,
+            s.evicted,
+            s.replaced,
+            self.open_at_exit,
+            p.produced,
+            p.exported,
+            p.failed,
+            p.dropped,
+            p.cut_off
+        )?;
+        if let Some(incidents) = &self.stats.incidents {
+            write!(
+                f,
+                "; {} incident records matched no traced socket",
+                incidents.unmatched
+            )?;
+        }
+        Ok(())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -149,6 +208,7 @@ mod tests {
             in_flight: 1,
             started: 4,
             evicted: 2,
+            replaced: 3,
         });
         stats.spans = Some(SpanStats {
             produced: 9,
@@ -160,7 +220,8 @@ mod tests {
         });
         assert_eq!(
             stats.to_string(),
-            "stats: 12 events seen, 3 lost, 0 skipped; sessions: 1 in flight, 4 started, 2 evicted; \
+            "stats: 12 events seen, 3 lost, 0 skipped; sessions: 1 in flight, 4 started, 2 evicted, \
+             3 replaced; \
              spans: 9 produced, 5 exported, 2 failed, 1 dropped; 1 export errors"
         );
         if let Some(spans) = &mut stats.spans {
@@ -181,11 +242,12 @@ mod tests {
             lost: 5,
             skipped: 6,
             resets_late: 1,
+            unmatched: 7,
         });
         assert!(
             stats.to_string().starts_with(
                 "stats: 12 events seen, 3 lost, 4 skipped; links: 8 seen, 2 lost, 1 invalid; \
-                 incidents: 5 lost, 6 skipped, 1 resets late; sessions:"
+                 incidents: 5 lost, 6 skipped, 7 unmatched, 1 resets late; sessions:"
             ),
             "{stats}"
         );
@@ -206,5 +268,43 @@ mod tests {
                 .to_string()
                 .ends_with("; journal: 7 not logged; metrics: 5 measurements overflowed")
         );
+    }
+
+    #[test]
+    fn the_exit_summary_accounts_for_every_span_and_loss() {
+        let mut stats = Stats {
+            sessions: Some(SessionStats {
+                in_flight: 0,
+                started: 21,
+                evicted: 11,
+                replaced: 2,
+            }),
+            spans: Some(SpanStats {
+                produced: 74,
+                exported: 60,
+                failed: 4,
+                dropped: 3,
+                cut_off: 7,
+                export_errors: 1,
+            }),
+            ..Stats::default()
+        };
+        assert_eq!(
+            ExitSummary::of(&stats, 4).unwrap().to_string(),
+            "21 sockets traced (11 evicted, 2 replaced, 4 open at exit), 74 spans: 60 exported, \
+             4 failed, 3 dropped (export queue full), 7 cut off by the shutdown deadline"
+        );
+        stats.incidents = Some(IncidentStats {
+            unmatched: 5,
+            ..IncidentStats::default()
+        });
+        assert!(
+            ExitSummary::of(&stats, 4)
+                .unwrap()
+                .to_string()
+                .ends_with("deadline; 5 incident records matched no traced socket")
+        );
+        stats.spans = None;
+        assert!(ExitSummary::of(&stats, 4).is_none());
     }
 }
