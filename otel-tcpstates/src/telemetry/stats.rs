@@ -39,6 +39,9 @@ pub struct LinkStats {
     pub lost: u64,
     /// Read, but their `traceparent` value was not valid: no link.
     pub invalid: u64,
+    /// Read, but not kept on their socket's root: past its 64, or past the
+    /// session table's bound on all sockets' links (memory).
+    pub not_kept: u64,
 }
 
 /// The incident programs' records that never arrived.
@@ -55,6 +58,9 @@ pub struct SessionStats {
     pub in_flight: u64,
     pub started: u64,
     pub evicted: u64,
+    /// Span events (incidents) not kept: past a span's 64, or past the session
+    /// table's bound on all sockets' events (memory).
+    pub events_not_kept: u64,
 }
 
 impl fmt::Display for Stats {
@@ -67,8 +73,8 @@ impl fmt::Display for Stats {
         if let Some(s) = &self.links {
             write!(
                 f,
-                "; links: {} seen, {} lost, {} invalid",
-                s.seen, s.lost, s.invalid
+                "; links: {} seen, {} lost, {} invalid, {} not kept",
+                s.seen, s.lost, s.invalid, s.not_kept
             )?;
         }
         if let Some(s) = &self.incidents {
@@ -77,8 +83,8 @@ impl fmt::Display for Stats {
         if let Some(s) = &self.sessions {
             write!(
                 f,
-                "; sessions: {} in flight, {} started, {} evicted",
-                s.in_flight, s.started, s.evicted
+                "; sessions: {} in flight, {} started, {} evicted, {} span events not kept",
+                s.in_flight, s.started, s.evicted, s.events_not_kept
             )?;
         }
         if let Some(s) = &self.spans {
@@ -136,6 +142,7 @@ mod tests {
             in_flight: 1,
             started: 4,
             evicted: 2,
+            events_not_kept: 3,
         });
         stats.spans = Some(SpanStats {
             produced: 9,
@@ -147,7 +154,8 @@ mod tests {
         });
         assert_eq!(
             stats.to_string(),
-            "stats: 12 events seen, 3 lost, 0 skipped; sessions: 1 in flight, 4 started, 2 evicted; \
+            "stats: 12 events seen, 3 lost, 0 skipped; sessions: 1 in flight, 4 started, 2 evicted, \
+             3 span events not kept; \
              spans: 9 produced, 5 exported, 2 failed, 1 dropped; 1 export errors"
         );
         if let Some(spans) = &mut stats.spans {
@@ -163,6 +171,7 @@ mod tests {
             seen: 8,
             lost: 2,
             invalid: 1,
+            not_kept: 9,
         });
         stats.incidents = Some(IncidentStats {
             lost: 5,
@@ -170,7 +179,8 @@ mod tests {
         });
         assert!(
             stats.to_string().starts_with(
-                "stats: 12 events seen, 3 lost, 4 skipped; links: 8 seen, 2 lost, 1 invalid; \
+                "stats: 12 events seen, 3 lost, 4 skipped; links: 8 seen, 2 lost, 1 invalid, \
+                 9 not kept; \
                  incidents: 5 lost, 6 skipped; sessions:"
             ),
             "{stats}"
