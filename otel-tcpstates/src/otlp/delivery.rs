@@ -1,7 +1,8 @@
-//! Span records from the event loop to the collector: a bounded queue the loop
-//! never waits on (what does not fit is counted dropped), a worker that batches and
-//! encodes them, several requests in flight, and OTLP's retries within each
-//! request's timeout. Counts every span: produced = exported + failed + dropped
+//! Span records from the event loop to the collector: a queue bounded in spans
+//! and in bytes that the loop never waits on (what does not fit is counted
+//! dropped), a worker that batches and encodes them into requests bounded in
+//! bytes, several requests in flight, and OTLP's retries within each request's
+//! timeout. Counts every span: produced = exported + failed + dropped
 //! (the queue full) + cut off (by the shutdown deadline).
 use std::{
     sync::{
@@ -41,6 +42,16 @@ pub struct SpanStats {
 
 /// Requests sent at once: one slow round trip does not stall the stream.
 pub const MAX_IN_FLIGHT: usize = 4;
+/// A request is sent once its encoded spans reach this many bytes, whatever its
+/// span count: requests in flight (and retried) stay bounded in memory, and well
+/// under the 4 MiB a collector's gRPC receiver takes by default. A root with 64
+/// links encodes to ~7 KiB: 2048 of them would be 14 MiB; 2048 spans without
+/// links or events, ~0.5 MiB.
+pub const MAX_REQUEST_BYTES: usize = 1 << 20;
+/// The queue's bound in bytes, per span it may hold (`OTEL_BSP_MAX_QUEUE_SIZE`):
+/// a record alone takes 280, so only records with links or events on the heap
+/// meet this bound before the span count's.
+pub const QUEUE_BYTES_PER_SPAN: usize = 320;
 /// Records handed to the worker at a time (the event loop's cost per span is a push).
 const CHUNK: usize = 1024;
 /// Retries: the first wait, its growth limit; each wait is jittered ±50%.
@@ -71,8 +82,10 @@ struct Settled {
 }
 
 struct Shared {
-    /// Records sent to the worker and not yet taken into a request.
+    /// Records sent to the worker and not yet taken into a request, and their
+    /// bytes ([`SpanRecord::bytes`]).
     queued: AtomicU64,
+    queued_bytes: AtomicU64,
     settled: Mutex<Settled>,
     /// Between a failure said and the next success.
     failing: AtomicBool,
@@ -149,6 +162,7 @@ pub struct Exporter {
     pending: Vec<SpanRecord>,
     shared: Arc<Shared>,
     max_queue: u64,
+    max_queue_bytes: u64,
     produced: u64,
     dropped: u64,
     cut_off: u64,
@@ -161,6 +175,7 @@ impl Exporter {
         let transport = Arc::new(Transport::new(target)?);
         let shared = Arc::new(Shared {
             queued: AtomicU64::new(0),
+            queued_bytes: AtomicU64::new(0),
             settled: Mutex::new(Settled::default()),
             failing: AtomicBool::new(false),
             endpoint: target.url.clone(),
@@ -183,6 +198,7 @@ impl Exporter {
             pending: Vec::with_capacity(CHUNK),
             shared,
             max_queue: batching.max_queue as u64,
+            max_queue_bytes: batching.max_queue.saturating_mul(QUEUE_BYTES_PER_SPAN) as u64,
             produced: 0,
             dropped: 0,
             cut_off: 0,
@@ -210,7 +226,21 @@ impl Exporter {
             return;
         }
         let queued = self.shared.queued.load(Ordering::Relaxed);
-        let room = self.max_queue.saturating_sub(queued) as usize;
+        let mut room = self.max_queue.saturating_sub(queued) as usize;
+        // The bytes' room, in records: those that fit, in order.
+        let mut bytes_room = self
+            .max_queue_bytes
+            .saturating_sub(self.shared.queued_bytes.load(Ordering::Relaxed));
+        let mut bytes = 0;
+        for (at, record) in self.pending.iter().enumerate().take(room) {
+            let cost = record.bytes() as u64;
+            if cost > bytes_room {
+                room = at;
+                break;
+            }
+            bytes_room -= cost;
+            bytes += cost;
+        }
         if room < self.pending.len() {
             let lost = (self.pending.len() - room) as u64;
             if deadline_passed {
@@ -227,9 +257,11 @@ impl Exporter {
         self.shared
             .queued
             .fetch_add(chunk.len() as u64, Ordering::Relaxed);
+        self.shared.queued_bytes.fetch_add(bytes, Ordering::Relaxed);
         if self.tx.send(Msg::Spans(chunk)).is_err() {
             // The worker is gone (only after shutdown): nothing will send them.
             self.shared.queued.store(0, Ordering::Relaxed);
+            self.shared.queued_bytes.store(0, Ordering::Relaxed);
         }
     }
 
@@ -344,12 +376,18 @@ impl Worker {
             match msg {
                 None => return,
                 Some(Msg::Spans(chunk)) => {
-                    self.shared
-                        .queued
-                        .fetch_sub(chunk.len() as u64, Ordering::Relaxed);
-                    for record in &chunk {
-                        self.encoder.add(record);
-                        if self.encoder.len() >= self.batching.max_batch {
+                    for record in chunk {
+                        self.encoder.add(&record);
+                        // Out of the queue once encoded (the rest of the chunk
+                        // waits, counted, while a request waits for a slot).
+                        self.shared.queued.fetch_sub(1, Ordering::Relaxed);
+                        self.shared
+                            .queued_bytes
+                            .fetch_sub(record.bytes() as u64, Ordering::Relaxed);
+                        drop(record);
+                        if self.encoder.len() >= self.batching.max_batch
+                            || self.encoder.bytes() >= MAX_REQUEST_BYTES
+                        {
                             self.dispatch(None).await;
                             batch_started = None;
                         }
