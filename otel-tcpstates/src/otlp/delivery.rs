@@ -493,3 +493,107 @@ fn jitter(wait: Duration) -> Duration {
     let factor = 0.5 + (random % 1000) as f64 / 1000.0;
     wait.mul_f64(factor)
 }
+
+#[cfg(test)]
+mod tests {
+    use std::net::{IpAddr, Ipv4Addr};
+
+    use super::*;
+    use crate::{
+        kernel::traceparent::{Direction, Link},
+        otlp::{
+            config::Protocol,
+            spans::{Body, ResourceKey},
+        },
+        sampling::rules::KeptBy,
+        sessions::{
+            links::Links,
+            table::{EndReason, Role},
+        },
+    };
+
+    /// A root with 64 links: ~2 KiB queued, where a record alone is 280 bytes.
+    fn root_with_links() -> SpanRecord {
+        let mut links = Links::default();
+        for n in 0..64u8 {
+            let link = Link {
+                trace_id: [n + 1; 16],
+                span_id: [n + 1; 8],
+                trace_flags: 1,
+                direction: Direction::Received,
+                method: 1,
+            };
+            links.add(link, usize::MAX);
+        }
+        let here = (IpAddr::V4(Ipv4Addr::LOCALHOST), 8080);
+        SpanRecord {
+            trace_id: [1; 16],
+            span_id: [1; 8],
+            parent_span_id: None,
+            start_unix_ns: 1,
+            end_unix_ns: 2,
+            resource: ResourceKey::default(),
+            local: here,
+            peer: here,
+            error: None,
+            threshold: None,
+            body: Body::Root {
+                role: Role::Server,
+                owner: None,
+                facts: None,
+                skaddr: 1,
+                begin_seen: true,
+                end_reason: EndReason::Closed,
+                links: Some(Box::new(links.clone())),
+                kept_by: KeptBy::default(),
+                counts: None,
+            },
+        }
+    }
+
+    #[test]
+    fn the_queue_is_bounded_in_bytes_and_what_does_not_fit_is_counted_dropped() {
+        // The worker is spawned on a runtime never driven: nothing leaves the queue.
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let _entered = runtime.enter();
+        let target = Target {
+            url: "http://127.0.0.1:9".into(),
+            protocol: Protocol::Grpc,
+            headers: Vec::new(),
+            gzip: false,
+            trust: None,
+        };
+        let batching = Batching {
+            max_queue: CHUNK,
+            max_batch: 2048,
+            delay: Duration::from_secs(60),
+            timeout: Duration::from_secs(1),
+        };
+        let mut exporter = Exporter::start(&target, Vec::new(), batching).unwrap();
+        let root = root_with_links();
+        assert!(root.bytes() > 2000, "{}", root.bytes());
+        for _ in 0..CHUNK {
+            exporter.send(root.clone());
+        }
+        exporter.flush();
+        let fit = (CHUNK * QUEUE_BYTES_PER_SPAN) / root.bytes();
+        let stats = exporter.stats();
+        eprintln!(
+            "{CHUNK} roots of {} bytes into a queue of {CHUNK} spans and {} bytes: {} dropped",
+            root.bytes(),
+            CHUNK * QUEUE_BYTES_PER_SPAN,
+            stats.dropped
+        );
+        assert_eq!(
+            (stats.produced, stats.dropped),
+            (CHUNK as u64, (CHUNK - fit) as u64)
+        );
+        assert_eq!(
+            exporter.shared.queued_bytes.load(Ordering::Relaxed),
+            (fit * root.bytes()) as u64
+        );
+    }
+}
