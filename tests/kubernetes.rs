@@ -701,6 +701,23 @@ fn images_are_pinned_and_resources_bounded() {
         "memory limit {} MiB for a {rss} MiB peak",
         limit / MIB
     );
+    // And the worst the bench makes (scripts/bench.sh --runs memory-keepalive:
+    // links, events and a stalled collector), with a quarter to spare.
+    let worst: f64 = readme
+        .split(" MiB in the keep-alive memory run")
+        .next()
+        .and_then(|before| {
+            before
+                .rsplit(|c: char| !c.is_ascii_digit() && c != '.')
+                .next()
+        })
+        .and_then(|n| n.parse().ok())
+        .expect("README gives the peak RSS in the keep-alive memory run");
+    assert!(
+        worst * MIB <= 0.75 * limit,
+        "memory limit {} MiB for a {worst} MiB peak in the keep-alive memory run",
+        limit / MIB
+    );
 }
 
 /// The DaemonSet's otel-tcpstates container's host paths: each volume mount of a

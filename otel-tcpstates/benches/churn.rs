@@ -23,6 +23,8 @@ mod bulk;
 mod firsthop;
 #[path = "churn/incidents.rs"]
 mod incidents;
+#[path = "churn/keepalive.rs"]
+mod keepalive;
 #[path = "churn/links.rs"]
 mod links;
 #[path = "churn/nginx.rs"]
@@ -71,8 +73,9 @@ static FLOOR_OBJECT: &[u8] =
     aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/tcpstates-floor"));
 
 const USAGE: &str = "usage: cargo bench --bench churn -- [--seconds N] [--warmup N]
-    [--runs baseline,floor,text,otlp,otlp-http,libbpf,baseline,links-churn,links-bulk,links-wrk,memory,sampling,sampling-memory,incidents,first-hop]
+    [--runs baseline,floor,text,otlp,otlp-http,libbpf,baseline,links-churn,links-bulk,links-wrk,memory,sampling,sampling-memory,incidents,first-hop,memory-keepalive]
     [--link-rounds N] [--link-seconds N] [--memory-sockets N] [--hold-connections N] [--no-pin]
+    [--keepalive-connections N] [--keepalive-requests N] [--daemon PATH]
   --runs links = links-churn,links-bulk,links-wrk: each the daemon exporting OTLP/gRPC with
   --no-links and with links, --link-rounds pairs (default 3, the order alternating) of
   --link-seconds measured (default 4) after --warmup
@@ -83,7 +86,12 @@ const USAGE: &str = "usage: cargo bench --bench churn -- [--seconds N] [--warmup
   --link-rounds rounds of --seconds each, the order alternating; then --seconds of bulk
   transfers over a veth link losing 1% each way
   --runs first-hop: the daemon's spans to the bench receiver, through rotel and through
-  the real Collector (scripts/backends.sh), --link-rounds rounds of --seconds each";
+  the real Collector (scripts/backends.sh), --link-rounds rounds of --seconds each
+  --runs memory-keepalive: the daemon with the DaemonSet's flags and environment
+  (deploy/kubernetes), --keepalive-connections (default 65536) keep-alive connections
+  each carrying --keepalive-requests (default 64) requests with distinct traceparents,
+  then a reset, the collector accepting and never answering; its peak RSS against the
+  DaemonSet's memory limit. --daemon PATH runs another build's daemon instead";
 
 #[path = "churn/options.rs"]
 mod options;
@@ -220,7 +228,12 @@ fn run() -> Result<()> {
     // table happens to be (~43k vs ~52k connections/s untraced here), and the
     // client's connect() searches ports among its TIME_WAIT sockets. The tracers
     // see the same transitions either way (FIN_WAIT2 -> CLOSE).
-    let _time_wait = Sysctl::set("net.ipv4.tcp_max_tw_buckets", "0")?;
+    // The keep-alive memory run alone needs no churn (its connections end in resets):
+    // the machine's TIME_WAIT setting is left alone for it.
+    let churns = opts.runs.iter().any(|&m| m != Mode::KeepAliveMemory);
+    let _time_wait = churns
+        .then(|| Sysctl::set("net.ipv4.tcp_max_tw_buckets", "0"))
+        .transpose()?;
 
     let mut rows = Vec::new();
     for &mode in opts.runs.iter().filter(|m| m.is_throughput()) {
@@ -273,6 +286,10 @@ fn run() -> Result<()> {
         eprintln!("[churn] sampling memory run ...");
         sampling::memory_run(&opts).context("sampling memory run")?;
     }
+    if opts.runs.contains(&Mode::KeepAliveMemory) {
+        eprintln!("[churn] keep-alive memory run ...");
+        keepalive::run(&opts).context("keep-alive memory run")?;
+    }
     if opts.runs.contains(&Mode::Memory) {
         eprintln!("[churn] memory run ...");
         memory_run(&opts).context("memory run")?;
@@ -285,6 +302,15 @@ fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().collect();
     let result = match args.get(1).map(String::as_str) {
         Some(FLOOR_CHILD_ARG) => floor_child(),
+        Some(keepalive::KEEPALIVE_CHILD_ARG) => (|| {
+            let n = |i: usize| -> Result<u64> {
+                Ok(args
+                    .get(i)
+                    .context("--keepalive-child needs id n rounds")?
+                    .parse()?)
+            };
+            keepalive::keepalive_child(n(2)?, n(3)? as usize, n(4)?)
+        })(),
         Some(HOLD_CHILD_ARG) => args
             .get(2)
             .context("--hold-child needs a count")

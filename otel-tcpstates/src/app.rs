@@ -519,7 +519,7 @@ impl Sinks {
             Some(e) => (Some(e.traces), e.connection_metrics, e.self_metrics),
             None => (None, None, None),
         };
-        let holds = traces.as_ref().is_some_and(|t| t.sampling.holds_states());
+        let hold_if = traces.as_ref().and_then(|t| t.sampling.hold_if());
         let sinks = Sinks {
             seen: 0,
             text: (printing && !cli.life)
@@ -531,7 +531,10 @@ impl Sinks {
             table: sessions.then(|| {
                 let table =
                     SessionTable::new(cli.max_sockets).congestion_known(probe.congestion_known());
-                if holds { table.holding_states() } else { table }
+                match hold_if {
+                    Some(hold) => table.holding_states_if(hold),
+                    None => table,
+                }
             }),
             traces,
             clock,
@@ -729,6 +732,10 @@ fn stats(sinks: &Sinks, reader: &EventReader, losses: &Losses, cut_off: u64) -> 
             seen: reader.links_seen,
             lost,
             invalid: reader.invalid_traceparents,
+            not_kept: sinks
+                .table
+                .as_ref()
+                .map_or(0, |table| table.stats().links_not_kept),
         }),
         incidents: losses.incidents.map(|(lost, skipped)| IncidentStats {
             lost,
@@ -744,6 +751,7 @@ fn stats(sinks: &Sinks, reader: &EventReader, losses: &Losses, cut_off: u64) -> 
                 started: s.started,
                 evicted: s.evicted,
                 replaced: s.replaced,
+                events_not_kept: s.events_not_kept,
             }
         }),
         spans: sinks.traces.as_ref().map(|t| t.traces.stats()),

@@ -24,10 +24,14 @@ pub(crate) enum Mode {
     Incidents,
     /// The churn's spans through the bench receiver, rotel and the real Collector.
     FirstHop,
+    /// Keep-alive connections carrying many traceparents, the collector stalled:
+    /// peak RSS against the DaemonSet's limit.
+    KeepAliveMemory,
 }
 
 impl Mode {
-    pub(crate) const ALL: [Mode; 14] = [
+    pub(crate) const ALL: [Mode; 15] = [
+        Mode::KeepAliveMemory,
         Mode::FirstHop,
         Mode::Incidents,
         Mode::Sampling,
@@ -77,7 +81,12 @@ impl Mode {
     pub(crate) fn is_throughput(self) -> bool {
         !matches!(
             self,
-            Mode::Memory | Mode::Sampling | Mode::SamplingMemory | Mode::Incidents | Mode::FirstHop
+            Mode::Memory
+                | Mode::Sampling
+                | Mode::SamplingMemory
+                | Mode::Incidents
+                | Mode::FirstHop
+                | Mode::KeepAliveMemory
         ) && !self.is_links()
     }
 
@@ -101,6 +110,7 @@ impl Mode {
             Mode::SamplingMemory => "sampling-memory",
             Mode::Incidents => "incidents",
             Mode::FirstHop => "first-hop",
+            Mode::KeepAliveMemory => "memory-keepalive",
         }
     }
 
@@ -120,6 +130,7 @@ impl Mode {
             Mode::SamplingMemory => "sampling: memory",
             Mode::Incidents => "incidents",
             Mode::FirstHop => "first hop",
+            Mode::KeepAliveMemory => "memory: keep-alive connections, collector stalled",
         }
     }
 }
@@ -142,6 +153,12 @@ pub(crate) struct Options {
     /// Measured seconds per links run: many short alternating windows average out
     /// this machine's drift better than a few long ones.
     pub(crate) link_seconds: u64,
+    /// The keep-alive memory run's connections (two sockets each) and requests on each.
+    pub(crate) keepalive_connections: u64,
+    pub(crate) keepalive_requests: u64,
+    /// The daemon the keep-alive memory run starts, instead of this build's
+    /// (another build's binary, to compare).
+    pub(crate) daemon: Option<String>,
 }
 
 pub(crate) fn parse_options() -> Result<Options> {
@@ -154,6 +171,9 @@ pub(crate) fn parse_options() -> Result<Options> {
         pin: true,
         link_rounds: 3,
         link_seconds: 4,
+        keepalive_connections: 65_536,
+        keepalive_requests: 64,
+        daemon: None,
     };
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
@@ -168,6 +188,9 @@ pub(crate) fn parse_options() -> Result<Options> {
             "--memory-sockets" => o.memory_sockets = value()?.parse()?,
             "--hold-connections" => o.hold_connections = value()?.parse()?,
             "--no-pin" => o.pin = false,
+            "--keepalive-connections" => o.keepalive_connections = value()?.parse()?,
+            "--keepalive-requests" => o.keepalive_requests = value()?.parse()?,
+            "--daemon" => o.daemon = Some(value()?),
             "--link-rounds" => o.link_rounds = value()?.parse()?,
             "--link-seconds" => o.link_seconds = value()?.parse()?,
             "--runs" => {
@@ -187,5 +210,9 @@ pub(crate) fn parse_options() -> Result<Options> {
     ensure!(o.seconds > 0, "--seconds must be at least 1");
     ensure!(o.link_rounds > 0, "--link-rounds must be at least 1");
     ensure!(o.link_seconds > 0, "--link-seconds must be at least 1");
+    ensure!(
+        o.keepalive_connections > 0 && o.keepalive_requests > 0,
+        "--keepalive-connections and --keepalive-requests must be at least 1"
+    );
     Ok(o)
 }

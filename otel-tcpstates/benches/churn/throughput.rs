@@ -131,7 +131,8 @@ pub(crate) fn throughput_run(mode: Mode, opts: &Options) -> Result<Row> {
             | Mode::Sampling
             | Mode::SamplingMemory
             | Mode::Incidents
-            | Mode::FirstHop,
+            | Mode::FirstHop
+            | Mode::KeepAliveMemory,
             _,
         ) => {
             bail!("not a throughput run")

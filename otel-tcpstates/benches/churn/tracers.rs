@@ -39,6 +39,16 @@ impl Tracer {
 
     /// Starts `program` with stdout to /dev/null; returns once its BPF program runs.
     pub(crate) fn start(program: &str, args: &[&str], prog_name: &str) -> Result<Tracer> {
+        Tracer::start_env(program, args, &[], prog_name)
+    }
+
+    /// [`Tracer::start`] with `env` set (after every `OTEL_*` of ours is removed).
+    pub(crate) fn start_env(
+        program: &str,
+        args: &[&str],
+        env: &[(String, String)],
+        prog_name: &str,
+    ) -> Result<Tracer> {
         let before: HashSet<u64> = tracepoint_progs()?.iter().map(|p| p.id).collect();
         let mut command = Command::new(program);
         command
@@ -53,6 +63,7 @@ impl Tracer {
                 command.env_remove(key);
             }
         }
+        command.envs(env.iter().map(|(k, v)| (k, v)));
         let mut child = command
             .spawn()
             .with_context(|| format!("starting {program}"))?;

@@ -1,7 +1,8 @@
-//! Span records from the event loop to the collector: a bounded queue the loop
-//! never waits on (what does not fit is counted dropped), a worker that batches and
-//! encodes them, several requests in flight, and OTLP's retries within each
-//! request's timeout. Counts every span: produced = exported + failed + dropped
+//! Span records from the event loop to the collector: a queue bounded in spans
+//! and in bytes that the loop never waits on (what does not fit is counted
+//! dropped), a worker that batches and encodes them into requests bounded in
+//! bytes, several requests in flight, and OTLP's retries within each request's
+//! timeout. Counts every span: produced = exported + failed + dropped
 //! (the queue full) + cut off (by the shutdown deadline).
 use std::{
     sync::{
@@ -41,6 +42,16 @@ pub struct SpanStats {
 
 /// Requests sent at once: one slow round trip does not stall the stream.
 pub const MAX_IN_FLIGHT: usize = 4;
+/// A request is sent once its encoded spans reach this many bytes, whatever its
+/// span count: requests in flight (and retried) stay bounded in memory, and well
+/// under the 4 MiB a collector's gRPC receiver takes by default. A root with 64
+/// links encodes to ~7 KiB: 2048 of them would be 14 MiB; 2048 spans without
+/// links or events, ~0.5 MiB.
+pub const MAX_REQUEST_BYTES: usize = 1 << 20;
+/// The queue's bound in bytes, per span it may hold (`OTEL_BSP_MAX_QUEUE_SIZE`):
+/// a record alone takes 280, so only records with links or events on the heap
+/// meet this bound before the span count's.
+pub const QUEUE_BYTES_PER_SPAN: usize = 320;
 /// Records handed to the worker at a time (the event loop's cost per span is a push).
 const CHUNK: usize = 1024;
 /// Retries: the first wait, its growth limit; each wait is jittered ±50%.
@@ -71,8 +82,10 @@ struct Settled {
 }
 
 struct Shared {
-    /// Records sent to the worker and not yet taken into a request.
+    /// Records sent to the worker and not yet taken into a request, and their
+    /// bytes ([`SpanRecord::bytes`]).
     queued: AtomicU64,
+    queued_bytes: AtomicU64,
     settled: Mutex<Settled>,
     /// Between a failure said and the next success.
     failing: AtomicBool,
@@ -153,6 +166,7 @@ pub struct Exporter {
     pending: Vec<SpanRecord>,
     shared: Arc<Shared>,
     max_queue: u64,
+    max_queue_bytes: u64,
     produced: u64,
     dropped: u64,
     cut_off: u64,
@@ -165,6 +179,7 @@ impl Exporter {
         let transport = Arc::new(Transport::new(target)?);
         let shared = Arc::new(Shared {
             queued: AtomicU64::new(0),
+            queued_bytes: AtomicU64::new(0),
             settled: Mutex::new(Settled::default()),
             failing: AtomicBool::new(false),
             endpoint: target.url.clone(),
@@ -190,6 +205,7 @@ impl Exporter {
             pending: Vec::with_capacity(CHUNK),
             shared,
             max_queue: batching.max_queue as u64,
+            max_queue_bytes: batching.max_queue.saturating_mul(QUEUE_BYTES_PER_SPAN) as u64,
             produced: 0,
             dropped: 0,
             cut_off: 0,
@@ -217,7 +233,21 @@ impl Exporter {
             return;
         }
         let queued = self.shared.queued.load(Ordering::Relaxed);
-        let room = self.max_queue.saturating_sub(queued) as usize;
+        let mut room = self.max_queue.saturating_sub(queued) as usize;
+        // The bytes' room, in records: those that fit, in order.
+        let mut bytes_room = self
+            .max_queue_bytes
+            .saturating_sub(self.shared.queued_bytes.load(Ordering::Relaxed));
+        let mut bytes = 0;
+        for (at, record) in self.pending.iter().enumerate().take(room) {
+            let cost = record.bytes() as u64;
+            if cost > bytes_room {
+                room = at;
+                break;
+            }
+            bytes_room -= cost;
+            bytes += cost;
+        }
         if room < self.pending.len() {
             let lost = (self.pending.len() - room) as u64;
             if deadline_passed {
@@ -234,9 +264,11 @@ impl Exporter {
         self.shared
             .queued
             .fetch_add(chunk.len() as u64, Ordering::Relaxed);
+        self.shared.queued_bytes.fetch_add(bytes, Ordering::Relaxed);
         if self.tx.send(Msg::Spans(chunk)).is_err() {
             // The worker is gone (only after shutdown): nothing will send them.
             self.shared.queued.store(0, Ordering::Relaxed);
+            self.shared.queued_bytes.store(0, Ordering::Relaxed);
         }
     }
 
@@ -362,16 +394,27 @@ impl Worker {
             match msg {
                 None => return,
                 Some(Msg::Spans(chunk)) => {
-                    self.shared
-                        .queued
-                        .fetch_sub(chunk.len() as u64, Ordering::Relaxed);
                     if self.past_deadline() {
                         // Cut off: nothing sent now could settle in time.
+                        let bytes: u64 = chunk.iter().map(|r| r.bytes() as u64).sum();
+                        self.shared
+                            .queued
+                            .fetch_sub(chunk.len() as u64, Ordering::Relaxed);
+                        self.shared.queued_bytes.fetch_sub(bytes, Ordering::Relaxed);
                         continue;
                     }
-                    for record in &chunk {
-                        self.encoder.add(record);
-                        if self.encoder.len() >= self.batching.max_batch {
+                    for record in chunk {
+                        self.encoder.add(&record);
+                        // Out of the queue once encoded (the rest of the chunk
+                        // waits, counted, while a request waits for a slot).
+                        self.shared.queued.fetch_sub(1, Ordering::Relaxed);
+                        self.shared
+                            .queued_bytes
+                            .fetch_sub(record.bytes() as u64, Ordering::Relaxed);
+                        drop(record);
+                        if self.encoder.len() >= self.batching.max_batch
+                            || self.encoder.bytes() >= MAX_REQUEST_BYTES
+                        {
                             self.dispatch().await;
                             batch_started = None;
                         }
@@ -507,4 +550,108 @@ fn jitter(wait: Duration) -> Duration {
     let random = foldhash::fast::RandomState::default().hash_one(Instant::now());
     let factor = 0.5 + (random % 1000) as f64 / 1000.0;
     wait.mul_f64(factor)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::net::{IpAddr, Ipv4Addr};
+
+    use super::*;
+    use crate::{
+        kernel::traceparent::{Direction, Link},
+        otlp::{
+            config::Protocol,
+            spans::{Body, ResourceKey},
+        },
+        sampling::rules::KeptBy,
+        sessions::{
+            links::Links,
+            table::{EndReason, Role},
+        },
+    };
+
+    /// A root with 64 links: ~2 KiB queued, where a record alone is 280 bytes.
+    fn root_with_links() -> SpanRecord {
+        let mut links = Links::default();
+        for n in 0..64u8 {
+            let link = Link {
+                trace_id: [n + 1; 16],
+                span_id: [n + 1; 8],
+                trace_flags: 1,
+                direction: Direction::Received,
+                method: 1,
+            };
+            links.add(link, usize::MAX);
+        }
+        let here = (IpAddr::V4(Ipv4Addr::LOCALHOST), 8080);
+        SpanRecord {
+            trace_id: [1; 16],
+            span_id: [1; 8],
+            parent_span_id: None,
+            start_unix_ns: 1,
+            end_unix_ns: 2,
+            resource: ResourceKey::default(),
+            local: here,
+            peer: here,
+            error: None,
+            threshold: None,
+            body: Body::Root {
+                role: Role::Server,
+                owner: None,
+                facts: None,
+                skaddr: 1,
+                begin_seen: true,
+                end_reason: EndReason::Closed,
+                links: Some(Box::new(links.clone())),
+                kept_by: KeptBy::default(),
+                counts: None,
+            },
+        }
+    }
+
+    #[test]
+    fn the_queue_is_bounded_in_bytes_and_what_does_not_fit_is_counted_dropped() {
+        // The worker is spawned on a runtime never driven: nothing leaves the queue.
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let _entered = runtime.enter();
+        let target = Target {
+            url: "http://127.0.0.1:9".into(),
+            protocol: Protocol::Grpc,
+            headers: Vec::new(),
+            gzip: false,
+            trust: None,
+        };
+        let batching = Batching {
+            max_queue: CHUNK,
+            max_batch: 2048,
+            delay: Duration::from_secs(60),
+            timeout: Duration::from_secs(1),
+        };
+        let mut exporter = Exporter::start(&target, Vec::new(), batching).unwrap();
+        let root = root_with_links();
+        assert!(root.bytes() > 2000, "{}", root.bytes());
+        for _ in 0..CHUNK {
+            exporter.send(root.clone());
+        }
+        exporter.flush();
+        let fit = (CHUNK * QUEUE_BYTES_PER_SPAN) / root.bytes();
+        let stats = exporter.stats();
+        eprintln!(
+            "{CHUNK} roots of {} bytes into a queue of {CHUNK} spans and {} bytes: {} dropped",
+            root.bytes(),
+            CHUNK * QUEUE_BYTES_PER_SPAN,
+            stats.dropped
+        );
+        assert_eq!(
+            (stats.produced, stats.dropped),
+            (CHUNK as u64, (CHUNK - fit) as u64)
+        );
+        assert_eq!(
+            exporter.shared.queued_bytes.load(Ordering::Relaxed),
+            (fit * root.bytes()) as u64
+        );
+    }
 }

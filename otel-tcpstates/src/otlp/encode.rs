@@ -203,6 +203,11 @@ impl Encoder {
         self.spans
     }
 
+    /// Encoded bytes of the spans in the request being built.
+    pub fn bytes(&self) -> usize {
+        self.groups.iter().map(|g| g.spans.len()).sum()
+    }
+
     pub fn is_empty(&self) -> bool {
         self.spans == 0
     }
@@ -799,7 +804,7 @@ mod tests {
         for event in events {
             table.apply_settled(event, &mut |update| {
                 out.push(match update {
-                    Update::StateEnded(s, e) => mapper.state_span(s, &e, Verdict::default()),
+                    Update::StateEnded(s, e) => mapper.state_span(s, e, Verdict::default()),
                     Update::SessionEnded(s, end, r) => {
                         mapper.root_span(s, end, r, Verdict::default())
                     }

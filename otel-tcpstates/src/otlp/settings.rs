@@ -414,8 +414,9 @@ pub fn target(settings: &Settings) -> Target {
 }
 
 /// Batching from `OTEL_BSP_*` where set. Where unset: a deeper queue than the
-/// SDK's (bursts of connection churn; a queued record is a few hundred bytes, so
-/// 65,536 of them are about 20 MiB at most) and a shorter delay.
+/// SDK's (bursts of connection churn; a queued record is 280 bytes, and the queue
+/// is bounded in bytes too, by `delivery::QUEUE_BYTES_PER_SPAN`: 20 MiB for
+/// 65,536) and a shorter delay.
 fn batching(env: &impl Fn(&str) -> Option<String>) -> Batching {
     let size = |name: &str, default: usize| {
         env(name)

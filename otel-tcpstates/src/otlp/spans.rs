@@ -199,6 +199,22 @@ pub struct EventRecords {
 }
 
 impl SpanRecord {
+    /// What the record takes in memory: itself, and its links or events on the
+    /// heap (what the export queue's bound in bytes counts).
+    pub fn bytes(&self) -> usize {
+        size_of::<Self>()
+            + match &self.body {
+                Body::State {
+                    events: Some(events),
+                    ..
+                } => size_of::<EventRecords>() + events.kept.capacity() * size_of::<EventRecord>(),
+                Body::Root {
+                    links: Some(links), ..
+                } => size_of::<Links>() + links.heap_bytes(),
+                _ => 0,
+            }
+    }
+
     pub fn kind(&self) -> Kind {
         match self.body {
             Body::Root {

@@ -64,6 +64,17 @@ impl Sampling {
         matches!(self.sampler, Sampler::Ratio(t) if !t.keeps_all()) && self.rules.any()
     }
 
+    /// When the table must hold states: which sessions', by trace id. Those the
+    /// probability keeps go on as they end, so holding theirs would only copy.
+    pub fn hold_if(&self) -> Option<impl Fn(&[u8; 16]) -> bool + 'static> {
+        match self.sampler {
+            Sampler::Ratio(threshold) if self.holds_states() => {
+                Some(move |trace_id: &[u8; 16]| !threshold.keeps(trace_id))
+            }
+            _ => None,
+        }
+    }
+
     pub fn stats(&self) -> SamplingStats {
         self.stats
     }
@@ -134,7 +145,7 @@ impl Sampling {
 
 fn kept<'a>(update: &'a Update<'a>, verdict: Verdict) -> Kept<'a> {
     match *update {
-        Update::StateEnded(session, ref ended) => Kept::State(session, ended, verdict),
+        Update::StateEnded(session, ended) => Kept::State(session, ended, verdict),
         Update::SessionEnded(session, end_ns, reason) => {
             Kept::Root(session, end_ns, reason, verdict)
         }
@@ -162,10 +173,9 @@ mod tests {
         events: &[crate::kernel::event::TcpEvent],
     ) -> Through {
         let table = SessionTable::new(NonZeroUsize::new(capacity).unwrap());
-        let mut table = if sampling.holds_states() {
-            table.holding_states()
-        } else {
-            table
+        let mut table = match sampling.hold_if() {
+            Some(hold) => table.holding_states_if(hold),
+            None => table,
         };
         let mut through = Vec::new();
         for event in events {

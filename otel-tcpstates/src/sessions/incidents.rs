@@ -5,6 +5,9 @@ use std::{borrow::Cow, mem};
 
 /// Events one span keeps; later ones are only counted.
 pub const MAX_EVENTS: usize = 64;
+/// Room made for events at a time: a span's list grows by this much, so it
+/// wastes at most this many slots (doubling would waste up to half).
+const GROW_BY: usize = 8;
 
 /// What kind of retransmission, as the socket's state and congestion state say.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -78,17 +81,33 @@ pub struct SpanEvent {
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct SpanEvents {
     pub kept: Vec<SpanEvent>,
-    /// Events beyond [`MAX_EVENTS`].
+    /// Events not kept (OTLP's `dropped_events_count`): beyond [`MAX_EVENTS`],
+    /// or past the session table's bound on all sockets' events.
     pub dropped: u32,
 }
 
 impl SpanEvents {
-    pub fn add(&mut self, event: SpanEvent) {
-        if self.kept.len() < MAX_EVENTS {
+    /// Keeps `event` while the span has fewer than [`MAX_EVENTS`] and room: a
+    /// free slot, or `free` more (what the table's bound on all sockets' event
+    /// slots has left); counts it otherwise. `Some(slots)` it took when kept.
+    pub fn add(&mut self, event: SpanEvent, free: usize) -> Option<usize> {
+        let (len, slots) = (self.kept.len(), self.kept.capacity());
+        if len < MAX_EVENTS && (len < slots || free > 0) {
+            if len == slots {
+                self.kept
+                    .reserve_exact(GROW_BY.min(free).min(MAX_EVENTS - len));
+            }
             self.kept.push(event);
+            Some(self.kept.capacity() - slots)
         } else {
-            self.dropped += 1;
+            self.dropped = self.dropped.saturating_add(1);
+            None
         }
+    }
+
+    /// Heap bytes the events take.
+    pub fn heap_bytes(&self) -> usize {
+        self.kept.capacity() * size_of::<SpanEvent>()
     }
 
     pub fn is_empty(&self) -> bool {
@@ -173,15 +192,23 @@ mod tests {
     fn a_span_keeps_at_most_64_events_and_counts_the_rest() {
         let mut events = SpanEvents::default();
         assert!(events.take().is_none());
-        for ts_ns in 0..70 {
-            events.add(SpanEvent {
-                ts_ns,
-                what: What::ResetReceived,
-            });
+        let event = |ts_ns| SpanEvent {
+            ts_ns,
+            what: What::ResetReceived,
+        };
+        assert_eq!(events.add(event(0), usize::MAX), Some(8));
+        for ts_ns in 1..70 {
+            events.add(event(ts_ns), usize::MAX);
         }
+        assert_eq!(events.add(event(70), usize::MAX), None);
         let taken = events.take().unwrap();
-        assert_eq!((taken.kept.len(), taken.dropped), (MAX_EVENTS, 6));
+        assert_eq!((taken.kept.len(), taken.dropped), (MAX_EVENTS, 7));
+        // Grown by steps, not doubled: 64 events take 64 slots.
+        assert_eq!(taken.kept.capacity(), MAX_EVENTS);
         assert!(events.is_empty());
+        // Without room in the table an event is counted, not kept.
+        assert_eq!(events.add(event(0), 0), None);
+        assert_eq!((events.kept.len(), events.dropped), (0, 1));
     }
 
     #[test]

@@ -17,7 +17,7 @@ use crate::{
     kernel::event::{Comm, Ends, Family, Happened, Incident, TcpEvent, TcpFacts, TcpState},
     kernel::traceparent::Link,
     sessions::incidents::{IncidentCounts, RetransmitKind, SpanEvent, SpanEvents, What},
-    sessions::links::Links,
+    sessions::links::{Added, Links},
     sessions::outcome::{CloseFacts, ErrorType},
 };
 
@@ -37,6 +37,14 @@ const SYNACK_CONNECTIONS: usize = 4096;
 /// RST that comes later still is counted as late, not as unmatched (the kernel's
 /// time-wait socket may send one for up to a minute).
 const ENDED_CONNECTIONS: usize = 4096;
+/// Links the table keeps for all its sessions together, per socket it can hold
+/// (`--max-sockets`): a socket keeps up to 64 ([`crate::sessions::links::MAX_LINKS`])
+/// while the table's total is under this many times its capacity. Memory then
+/// stays bounded by `--max-sockets` whatever the requests per connection (64
+/// links on each of 65,536 sockets would be 113 MiB).
+pub const LINKS_PER_SOCKET: usize = 4;
+/// The same for span events (incidents), in the open states and the states held.
+pub const EVENTS_PER_SOCKET: usize = 4;
 
 /// A connection's ends: (local address, port, remote address, port).
 type Tuple = Ends;
@@ -137,6 +145,9 @@ pub struct Session {
     pub last_comm: Comm,
     /// Trace contexts of the HTTP requests seen on the socket.
     pub links: Links,
+    /// Whether the table holds the states this session ends (see
+    /// [`SessionTable::holding_states`]).
+    pub holds: bool,
     /// How long the handshake state (SYN_SENT or SYN_RECV) lasted, once it ended.
     pub handshake_ns: Option<u64>,
     /// The states ended so far, oldest first, when the table holds them (see
@@ -198,7 +209,7 @@ pub struct StateEnded {
 
 /// What the table reports, in order, as events arrive.
 pub enum Update<'a> {
-    StateEnded(&'a Session, StateEnded),
+    StateEnded(&'a Session, &'a StateEnded),
     SessionEnded(&'a Session, u64, EndReason),
 }
 
@@ -214,7 +225,53 @@ pub struct TableStats {
     /// gone out without them): the kernel's time-wait socket answering a request
     /// long after our FIN, or an RST that came after [`RESET_GRACE_NS`].
     pub resets_late: u64,
+    /// Links not kept: past a socket's 64, or past the table's bound
+    /// ([`LINKS_PER_SOCKET`]). Each root's `dropped_links_count` says its own.
+    pub links_not_kept: u64,
+    /// Span events not kept: past a span's 64, or past the table's bound
+    /// ([`EVENTS_PER_SOCKET`]). Each span's `dropped_events_count` says its own.
+    pub events_not_kept: u64,
 }
+
+/// Slots for links and events the table's sessions have now (each socket's
+/// grow in steps of 8), and their bounds.
+#[derive(Clone, Copy, Debug, Default)]
+struct Budget {
+    links: usize,
+    events: usize,
+    max_links: usize,
+    max_events: usize,
+}
+
+impl Budget {
+    /// Keeps `event` in `events` if the span and the table have room; counts it
+    /// otherwise.
+    fn event(&mut self, events: &mut SpanEvents, event: SpanEvent, stats: &mut TableStats) {
+        match events.add(event, self.max_events.saturating_sub(self.events)) {
+            Some(slots) => self.events += slots,
+            None => stats.events_not_kept += 1,
+        }
+    }
+
+    /// A session left the table with everything it kept.
+    fn release(&mut self, session: &Session) {
+        let held: usize = session.held.iter().map(event_slots).sum();
+        let closing = session
+            .closing
+            .as_ref()
+            .map_or(0, |c| event_slots(&c.ended));
+        self.links -= session.links.kept.capacity();
+        self.events -= session.events.kept.capacity() + held + closing;
+    }
+}
+
+/// Slots (kept or not yet) for the events of an ended state.
+fn event_slots(ended: &StateEnded) -> usize {
+    ended.events.as_ref().map_or(0, |e| e.kept.capacity())
+}
+
+/// Which sessions hold the states they end: given their trace id.
+type HoldIf = Box<dyn Fn(&[u8; 16]) -> bool>;
 
 pub struct SessionTable {
     sessions: LruCache<u64, Session>,
@@ -225,8 +282,9 @@ pub struct SessionTable {
     stats: TableStats,
     /// Keys the trace ids.
     ids: RandomState,
-    /// Whether each session keeps its ended states in `held`.
-    hold: bool,
+    /// Which sessions keep their ended states in `held`.
+    hold: Option<HoldIf>,
+    kept: Budget,
     /// Sockets waiting for their RST, oldest first: (address, CLOSE time,
     /// connection).
     closing: VecDeque<(u64, u64, Tuple)>,
@@ -265,7 +323,12 @@ impl SessionTable {
             listeners: HashMap::new(),
             stats: TableStats::default(),
             ids: RandomState::default(),
-            hold: false,
+            hold: None,
+            kept: Budget {
+                max_links: capacity.get().saturating_mul(LINKS_PER_SOCKET),
+                max_events: capacity.get().saturating_mul(EVENTS_PER_SOCKET),
+                ..Budget::default()
+            },
             closing: VecDeque::new(),
             closing_ends: HashMap::new(),
             ended: LruCache::new(NonZeroUsize::new(ENDED_CONNECTIONS).expect("non-zero")),
@@ -283,9 +346,17 @@ impl SessionTable {
 
     /// Makes every session keep the states it ended in [`Session::held`] until it
     /// ends: for a consumer that decides on a whole session at its end. Memory stays
-    /// bounded by the table's capacity (a session ends few states).
-    pub fn holding_states(mut self) -> Self {
-        self.hold = true;
+    /// bounded by the table's capacity (a session ends few states, and their
+    /// events count against [`EVENTS_PER_SOCKET`]).
+    pub fn holding_states(self) -> Self {
+        self.holding_states_if(|_| true)
+    }
+
+    /// [`SessionTable::holding_states`] for the sessions whose trace id `hold`
+    /// picks: those whose decision waits for their end (a trace already kept has
+    /// no use for them).
+    pub fn holding_states_if(mut self, hold: impl Fn(&[u8; 16]) -> bool + 'static) -> Self {
+        self.hold = Some(Box::new(hold));
         self
     }
 
@@ -331,7 +402,8 @@ impl SessionTable {
                 });
             }
             self.stats.replaced += 1;
-            finish(old, event.ts_ns, EndReason::Replaced, self.hold, out);
+            self.kept.release(&old);
+            finish(old, event.ts_ns, EndReason::Replaced, out);
         }
         if !self.sessions.contains(&event.skaddr) {
             self.start(event, starts, out);
@@ -370,7 +442,7 @@ impl SessionTable {
                 cut_short: None,
                 events: session.events.take(),
             };
-            report(session, ended, self.hold, out);
+            report(session, ended, Some(&mut self.kept), out);
         }
         update_endpoints(session, event);
         session.last_pid = event.pid;
@@ -404,12 +476,13 @@ impl SessionTable {
             // The error the kernel set as it closed the socket; its report
             // follows the CLOSE, too late for the kernel to tie it to the socket.
             if close.sk_err != 0 && !session.events.has_error(close.sk_err) {
-                session.events.add(SpanEvent {
+                let error = SpanEvent {
                     ts_ns: event.ts_ns,
                     what: What::Error {
                         errno: close.sk_err,
                     },
-                });
+                };
+                self.kept.event(&mut session.events, error, &mut self.stats);
             }
         }
         let mut ended = known_start.map(|start_ns| StateEnded {
@@ -438,15 +511,16 @@ impl SessionTable {
                 return;
             }
             if let Some(ended) = ended {
-                report(session, ended, self.hold, out);
+                report(session, ended, Some(&mut self.kept), out);
             }
             if let Some(done) = self.sessions.pop(&event.skaddr) {
                 self.stats.closed += 1;
+                self.kept.release(&done);
                 out(Update::SessionEnded(&done, event.ts_ns, EndReason::Closed));
             }
         } else {
             if let Some(ended) = ended {
-                report(session, ended, self.hold, out);
+                report(session, ended, Some(&mut self.kept), out);
             }
             session.state = event.newstate;
             session.state_since_ns = Some(event.ts_ns);
@@ -470,9 +544,10 @@ impl SessionTable {
         let birth_ns = event
             .ts_ns
             .saturating_sub(if known { event.delta_ns } else { 0 });
+        let trace_id = trace_id(&self.ids, event.skaddr, birth_ns);
         let mut session = Session {
             skaddr: event.skaddr,
-            trace_id: trace_id(&self.ids, event.skaddr, birth_ns),
+            trace_id,
             birth_ns,
             begin_seen,
             role: role_of(event),
@@ -493,6 +568,7 @@ impl SessionTable {
             state_since_ns: known.then_some(event.ts_ns.saturating_sub(event.delta_ns)),
             states_ended: 0,
             links: Links::default(),
+            holds: self.hold.as_ref().is_some_and(|hold| hold(&trace_id)),
             handshake_ns: None,
             held: Vec::new(),
             events: SpanEvents::default(),
@@ -511,6 +587,8 @@ impl SessionTable {
         {
             // Sent by the listener before this socket existed, in its handshake.
             session.counts.retransmits += synacks.kept.len() as u32 + synacks.dropped;
+            // At most a handshake's few retransmissions: kept past the bound.
+            self.kept.events += synacks.kept.capacity();
             session.events = synacks;
         }
         self.stats.started += 1;
@@ -520,7 +598,8 @@ impl SessionTable {
             } else {
                 self.stats.evicted += 1;
             }
-            finish(evicted, event.ts_ns, EndReason::Evicted, self.hold, out);
+            self.kept.release(&evicted);
+            finish(evicted, event.ts_ns, EndReason::Evicted, out);
         }
     }
 
@@ -536,11 +615,17 @@ impl SessionTable {
                     err: 0,
                 },
             };
+            // Bounded apart: a handshake's few retransmissions, of at most
+            // SYNACK_CONNECTIONS connections.
             match self.synacks.get_mut(&tuple) {
-                Some(events) => events.add(event),
+                Some(events) => {
+                    if events.add(event, usize::MAX).is_none() {
+                        self.stats.events_not_kept += 1;
+                    }
+                }
                 None => {
                     let mut events = SpanEvents::default();
-                    events.add(event);
+                    events.add(event, usize::MAX);
                     if self.synacks.push(tuple, events).is_some() {
                         self.stats.incidents_unmatched += 1;
                     }
@@ -612,11 +697,11 @@ impl SessionTable {
             what,
         };
         let Some(closing) = &mut session.closing else {
-            session.events.add(event);
+            self.kept.event(&mut session.events, event, &mut self.stats);
             return;
         };
         let events = closing.ended.events.get_or_insert_default();
-        events.add(event);
+        self.kept.event(events, event, &mut self.stats);
         if let What::ResetSent { .. } = what {
             // The RST an abort sends: now the reason is sure, and nothing more
             // follows.
@@ -687,6 +772,7 @@ impl SessionTable {
         let Some(mut done) = self.sessions.pop(&skaddr) else {
             return;
         };
+        self.kept.release(&done);
         let Some(closing) = done.closing.take() else {
             return;
         };
@@ -695,7 +781,7 @@ impl SessionTable {
             self.closing_ends.remove(&ends);
         }
         self.ended.put(ends, ());
-        report(&mut done, closing.ended, self.hold, out);
+        report(&mut done, closing.ended, None, out);
         self.stats.closed += 1;
         out(Update::SessionEnded(
             &done,
@@ -707,8 +793,16 @@ impl SessionTable {
     /// A request on socket `skaddr` carried `link`'s trace context. A socket not in
     /// the table (never seen, or already ended) keeps nothing.
     pub fn link(&mut self, skaddr: u64, link: Link) {
-        if let Some(session) = self.sessions.get_mut(&skaddr) {
-            session.links.add(link);
+        let Some(session) = self.sessions.get_mut(&skaddr) else {
+            return;
+        };
+        match session
+            .links
+            .add(link, self.kept.max_links.saturating_sub(self.kept.links))
+        {
+            Added::Kept { slots } => self.kept.links += slots,
+            Added::Known => {}
+            Added::NotKept => self.stats.links_not_kept += 1,
         }
     }
 
@@ -721,7 +815,8 @@ impl SessionTable {
             if session.closing.is_some() {
                 self.stats.closed += 1;
             }
-            finish(session, now_ns, reason, self.hold, out);
+            self.kept.release(&session);
+            finish(session, now_ns, reason, out);
         }
     }
 }
@@ -769,15 +864,25 @@ fn trace_id(ids: &RandomState, skaddr: u64, birth_ns: u64) -> [u8; 16] {
         .to_be_bytes()
 }
 
-/// Reports a state the session left, and notes what the session keeps of it.
-fn report(session: &mut Session, ended: StateEnded, hold: bool, out: &mut impl FnMut(Update<'_>)) {
+/// Reports a state the session left, and keeps it if the session holds its
+/// states (moved, not copied). `in_table`: what the table keeps, when the
+/// session stays in it (its events leave with the state unless held).
+fn report(
+    session: &mut Session,
+    ended: StateEnded,
+    in_table: Option<&mut Budget>,
+    out: &mut impl FnMut(Update<'_>),
+) {
     session.states_ended += 1;
     if matches!(ended.state.0, tcp_state::SYN_SENT | tcp_state::SYN_RECV) {
         session.handshake_ns = Some(ended.end_ns - ended.start_ns);
     }
-    let held = hold.then(|| ended.clone());
-    out(Update::StateEnded(session, ended));
-    session.held.extend(held);
+    out(Update::StateEnded(session, &ended));
+    if session.holds {
+        session.held.push(ended);
+    } else if let Some(kept) = in_table {
+        kept.events -= event_slots(&ended);
+    }
 }
 
 /// Ports and addresses get filled in as the socket progresses (connect() picks the
@@ -799,15 +904,10 @@ fn update_endpoints(session: &mut Session, event: &TcpEvent) {
 
 /// Ends a session that did not reach CLOSE: its open state is cut short at `end_ns`.
 /// One that reached CLOSE and waits for its RST ends as closed.
-fn finish(
-    mut session: Session,
-    end_ns: u64,
-    reason: EndReason,
-    hold: bool,
-    out: &mut impl FnMut(Update<'_>),
-) {
+/// Its links and events were released from the table's count already.
+fn finish(mut session: Session, end_ns: u64, reason: EndReason, out: &mut impl FnMut(Update<'_>)) {
     if let Some(closing) = session.closing.take() {
-        report(&mut session, closing.ended, hold, out);
+        report(&mut session, closing.ended, None, out);
         out(Update::SessionEnded(
             &session,
             closing.close_ns,
@@ -828,7 +928,7 @@ fn finish(
             cut_short: Some(reason),
             events: session.events.take(),
         };
-        report(&mut session, ended, hold, out);
+        report(&mut session, ended, None, out);
     }
     out(Update::SessionEnded(
         &session,
@@ -1047,7 +1147,7 @@ pub(crate) mod tests {
                         .iter()
                         .flat_map(|e| e.kept.iter().map(|k| k.what))
                         .collect();
-                    states.push((e, what));
+                    states.push((e.clone(), what));
                 }
                 Update::SessionEnded(s, ..) => sessions.push(s.clone()),
             });
@@ -1663,5 +1763,149 @@ pub(crate) mod tests {
                 Got::State("ESTABLISHED", 1, 150, 400, Some("FIN_WAIT1")),
             ]
         );
+    }
+}
+#[cfg(test)]
+mod memory {
+    //! What the sessions keep, in bytes, at the worst: every socket offered 64
+    //! distinct links, 64 incidents in a state it ended (held for sampling) and
+    //! 64 in the state it is in.
+    use std::mem::size_of;
+
+    use otel_tcpstates_common::tcp_state::*;
+
+    use super::{
+        tests::{SK, ev},
+        *,
+    };
+    use crate::kernel::traceparent::Direction;
+
+    /// What a session takes: itself, its links, its open state's events, its
+    /// held states and their events (the LRU's own entry and hash slot aside).
+    fn bytes(s: &Session) -> usize {
+        let events = |e: &SpanEvents| e.kept.capacity() * size_of::<SpanEvent>();
+        let held: usize = s
+            .held
+            .iter()
+            .filter_map(|h| h.events.as_deref())
+            .map(|e| size_of::<SpanEvents>() + events(e))
+            .sum();
+        size_of::<Session>()
+            + s.links.kept.capacity() * size_of::<Link>()
+            + events(&s.events)
+            + s.held.capacity() * size_of::<StateEnded>()
+            + held
+    }
+
+    fn retransmit(skaddr: u64, ts_ns: u64, state: u8) -> Incident {
+        Incident {
+            skaddr,
+            ts_ns,
+            happened: Happened::Retransmit {
+                state: TcpState(state),
+                err: 0,
+                segs: 1,
+            },
+        }
+    }
+
+    /// `n` sockets at their worst, in a table of `n`.
+    fn worst(n: u64) -> SessionTable {
+        let mut table = SessionTable::new(NonZeroUsize::new(n as usize).unwrap()).holding_states();
+        let mut out = |_: Update<'_>| {};
+        for i in 0..n {
+            let sk = SK + i;
+            table.apply(&ev(sk, 100, 0, CLOSE, SYN_SENT, 0), &mut out);
+            for k in 0..64 {
+                table.incident(&retransmit(sk, 110 + k, SYN_SENT), &mut out);
+            }
+            table.apply(&ev(sk, 300, 200, SYN_SENT, ESTABLISHED, 40000), &mut out);
+            for k in 0..64 {
+                table.incident(&retransmit(sk, 310 + k, ESTABLISHED), &mut out);
+            }
+            for k in 0..64u64 {
+                let link = Link {
+                    trace_id: (u128::from(i) << 64 | u128::from(k + 1)).to_be_bytes(),
+                    span_id: (k + 1).to_be_bytes(),
+                    trace_flags: 1,
+                    direction: Direction::Sent,
+                    method: 1,
+                };
+                table.link(sk, link);
+            }
+        }
+        table
+    }
+
+    #[test]
+    fn sessions_keep_at_most_a_kibibyte_a_socket_with_links_and_events() {
+        const N: u64 = 4096;
+        let table = worst(N);
+        assert_eq!(table.len(), N as usize);
+        let sizes: Vec<usize> = table.sessions().map(bytes).collect();
+        let total: usize = sizes.iter().sum();
+        let most = *sizes.iter().max().unwrap();
+        let per_socket = total / N as usize;
+        eprintln!(
+            "{N} sockets at their worst: {per_socket} bytes a socket on average, \
+             {most} at most (Session itself {} bytes)",
+            size_of::<Session>()
+        );
+        // One socket may keep all it was offered: 64 links, 64 events in each
+        // of two states.
+        assert!(most <= 5 * 1024, "{most} bytes in one session");
+        // All of them together may not: 65,536 sockets take 64 MiB at most.
+        assert!(per_socket <= 1024, "{per_socket} bytes a socket");
+    }
+
+    #[test]
+    fn what_is_not_kept_is_counted_and_the_bounds_are_given_back() {
+        const N: u64 = 512;
+        let mut table = worst(N);
+        let links: usize = table.sessions().map(|s| s.links.kept.len()).sum();
+        let events: usize = table
+            .sessions()
+            .map(|s| {
+                s.events.kept.len()
+                    + s.held
+                        .iter()
+                        .filter_map(|h| h.events.as_deref())
+                        .map(|e| e.kept.len())
+                        .sum::<usize>()
+            })
+            .sum();
+        let stats = table.stats();
+        assert_eq!(links as u64 + stats.links_not_kept, 64 * N);
+        assert_eq!(events as u64 + stats.events_not_kept, 2 * 64 * N);
+        assert!(table.kept.links <= N as usize * LINKS_PER_SOCKET);
+        assert!(table.kept.events <= N as usize * EVENTS_PER_SOCKET);
+        // Each root says its own: dropped_links_count.
+        let dropped: u64 = table.sessions().map(|s| u64::from(s.links.dropped)).sum();
+        assert_eq!(dropped, stats.links_not_kept);
+        table.end_all(1000, EndReason::Shutdown, &mut |_| {});
+        assert!(table.is_empty());
+        assert_eq!((table.kept.links, table.kept.events), (0, 0));
+        // Room again for the next sockets.
+        let mut table = table;
+        table.apply(&ev(SK, 2000, 0, CLOSE, SYN_SENT, 0), &mut |_| {});
+        table.incident(&retransmit(SK, 2010, SYN_SENT), &mut |_| {});
+        assert_eq!(table.sessions().next().unwrap().events.kept.len(), 1);
+    }
+
+    #[test]
+    fn only_the_sessions_whose_decision_waits_hold_their_states() {
+        let mut table = SessionTable::new(NonZeroUsize::new(16).unwrap())
+            .holding_states_if(|trace_id| trace_id[15] % 2 == 0);
+        for sk in 0..8 {
+            for event in tests::client_events(SK + sk, 100) {
+                table.apply(&event, &mut |update| {
+                    if let Update::SessionEnded(s, ..) = update {
+                        let waits = s.trace_id[15] % 2 == 0;
+                        assert_eq!(s.holds, waits);
+                        assert_eq!(s.held.len(), if waits { 4 } else { 0 });
+                    }
+                });
+            }
+        }
     }
 }

@@ -24,6 +24,8 @@ pub mod name {
     pub const LINKS_SEEN: &str = "otel_tcpstates.links.seen";
     pub const LINKS_LOST: &str = "otel_tcpstates.links.lost";
     pub const LINKS_INVALID: &str = "otel_tcpstates.links.invalid";
+    pub const LINKS_NOT_KEPT: &str = "otel_tcpstates.links.not_kept";
+    pub const SPAN_EVENTS_NOT_KEPT: &str = "otel_tcpstates.span_events.not_kept";
     pub const INCIDENTS_LOST: &str = "otel_tcpstates.incidents.lost";
     pub const INCIDENTS_SKIPPED: &str = "otel_tcpstates.incidents.skipped";
     pub const LISTENERS_LOST: &str = "otel_tcpstates.listeners.lost";
@@ -57,6 +59,8 @@ struct Published {
     links_seen: AtomicU64,
     links_lost: AtomicU64,
     links_invalid: AtomicU64,
+    links_not_kept: AtomicU64,
+    events_not_kept: AtomicU64,
     incidents_lost: AtomicU64,
     incidents_skipped: AtomicU64,
     listeners_lost: AtomicU64,
@@ -108,6 +112,7 @@ impl SelfMetrics {
             set(&p.links_seen, s.seen);
             set(&p.links_lost, s.lost);
             set(&p.links_invalid, s.invalid);
+            set(&p.links_not_kept, s.not_kept);
         }
         if let Some(s) = &stats.incidents {
             set(&p.incidents_lost, s.lost);
@@ -121,6 +126,7 @@ impl SelfMetrics {
             set(&p.started, s.started);
             set(&p.evicted, s.evicted);
             set(&p.replaced, s.replaced);
+            set(&p.events_not_kept, s.events_not_kept);
         }
         if let Some(s) = &stats.spans {
             set(&p.produced, s.produced);
@@ -170,7 +176,7 @@ impl SelfMetrics {
 fn register(provider: &SdkMeterProvider, published: &Arc<Published>) {
     let meter = provider.meter("otel-tcpstates");
     type Pick = fn(&Published) -> &AtomicU64;
-    let counters: [(&'static str, &'static str, &'static str, Pick); 26] = [
+    let counters: [(&'static str, &'static str, &'static str, Pick); 28] = [
         (
             name::EVENTS_SEEN,
             "{event}",
@@ -207,6 +213,20 @@ fn register(provider: &SdkMeterProvider, published: &Arc<Published>) {
             "{record}",
             "Link records whose traceparent value was not valid: no link (--links)",
             |p| &p.links_invalid,
+        ),
+        (
+            name::LINKS_NOT_KEPT,
+            "{link}",
+            "Links read but not kept on their socket's root: past its 64, or past the \
+             session table's bound on all sockets' links (memory) (--links)",
+            |p| &p.links_not_kept,
+        ),
+        (
+            name::SPAN_EVENTS_NOT_KEPT,
+            "{event}",
+            "Span events (incidents) not kept: past a span's 64, or past the session \
+             table's bound on all sockets' events (memory)",
+            |p| &p.events_not_kept,
         ),
         (
             name::INCIDENTS_LOST,

@@ -42,6 +42,9 @@ pub struct LinkStats {
     pub lost: u64,
     /// Read, but their `traceparent` value was not valid: no link.
     pub invalid: u64,
+    /// Read, but not kept on their socket's root: past its 64, or past the
+    /// session table's bound on all sockets' links (memory).
+    pub not_kept: u64,
 }
 
 /// The incident programs' records that never arrived, or arrived with no
@@ -67,6 +70,9 @@ pub struct SessionStats {
     /// Ended because a new socket took their kernel address before their CLOSE
     /// was seen (it was lost or skipped).
     pub replaced: u64,
+    /// Span events (incidents) not kept: past a span's 64, or past the session
+    /// table's bound on all sockets' events (memory).
+    pub events_not_kept: u64,
 }
 
 impl fmt::Display for Stats {
@@ -79,8 +85,8 @@ impl fmt::Display for Stats {
         if let Some(s) = &self.links {
             write!(
                 f,
-                "; links: {} seen, {} lost, {} invalid",
-                s.seen, s.lost, s.invalid
+                "; links: {} seen, {} lost, {} invalid, {} not kept",
+                s.seen, s.lost, s.invalid, s.not_kept
             )?;
         }
         if let Some(s) = &self.incidents {
@@ -97,8 +103,8 @@ impl fmt::Display for Stats {
         if let Some(s) = &self.sessions {
             write!(
                 f,
-                "; sessions: {} in flight, {} started, {} evicted, {} replaced",
-                s.in_flight, s.started, s.evicted, s.replaced
+                "; sessions: {} in flight, {} started, {} evicted, {} replaced, {} span events not kept",
+                s.in_flight, s.started, s.evicted, s.replaced, s.events_not_kept
             )?;
         }
         if let Some(s) = &self.spans {
@@ -209,6 +215,7 @@ mod tests {
             started: 4,
             evicted: 2,
             replaced: 3,
+            events_not_kept: 13,
         });
         stats.spans = Some(SpanStats {
             produced: 9,
@@ -221,7 +228,7 @@ mod tests {
         assert_eq!(
             stats.to_string(),
             "stats: 12 events seen, 3 lost, 0 skipped; sessions: 1 in flight, 4 started, 2 evicted, \
-             3 replaced; \
+             3 replaced, 13 span events not kept; \
              spans: 9 produced, 5 exported, 2 failed, 1 dropped; 1 export errors"
         );
         if let Some(spans) = &mut stats.spans {
@@ -237,6 +244,7 @@ mod tests {
             seen: 8,
             lost: 2,
             invalid: 1,
+            not_kept: 9,
         });
         stats.incidents = Some(IncidentStats {
             lost: 5,
@@ -246,7 +254,8 @@ mod tests {
         });
         assert!(
             stats.to_string().starts_with(
-                "stats: 12 events seen, 3 lost, 4 skipped; links: 8 seen, 2 lost, 1 invalid; \
+                "stats: 12 events seen, 3 lost, 4 skipped; links: 8 seen, 2 lost, 1 invalid, \
+                 9 not kept; \
                  incidents: 5 lost, 6 skipped, 7 unmatched, 1 resets late; sessions:"
             ),
             "{stats}"
@@ -278,6 +287,7 @@ mod tests {
                 started: 21,
                 evicted: 11,
                 replaced: 2,
+                events_not_kept: 0,
             }),
             spans: Some(SpanStats {
                 produced: 74,
