@@ -264,7 +264,7 @@ mod tests {
         assert!(
             stats
                 .to_string()
-                .contains("; incidents: 5 lost, 6 skipped; listeners: 3 lost; sessions:"),
+                .contains("1 resets late; listeners: 3 lost; sessions:"),
             "{stats}"
         );
         stats.journal_unsent = Some(7);
