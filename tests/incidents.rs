@@ -144,20 +144,7 @@ impl End {
 
 /// The kernel's count of the socket's retransmitted segments (`TCP_INFO`).
 fn total_retrans(stream: &TcpStream) -> u32 {
-    // SAFETY: a plain C struct, filled in by the kernel up to `len`.
-    let mut info: libc::tcp_info = unsafe { std::mem::zeroed() };
-    let mut len = std::mem::size_of::<libc::tcp_info>() as libc::socklen_t;
-    let rc = unsafe {
-        libc::getsockopt(
-            stream.as_raw_fd(),
-            libc::IPPROTO_TCP,
-            libc::TCP_INFO,
-            (&raw mut info).cast(),
-            &mut len,
-        )
-    };
-    assert_eq!(rc, 0, "TCP_INFO: {}", std::io::Error::last_os_error());
-    info.tcpi_total_retrans
+    support::tcp_info(stream).tcpi_total_retrans
 }
 
 fn events<'a>(span: &'a ReceivedSpan, name: &str) -> Vec<&'a ReceivedEvent> {

@@ -86,20 +86,7 @@ fn assert_failed(root: &ReceivedSpan, error_type: &str, what: &str) {
 
 /// The socket's TCP state, as `TCP_INFO` reports it.
 fn state_of(stream: &TcpStream) -> u8 {
-    // SAFETY: a plain C struct, filled in by the kernel up to `len`.
-    let mut info: libc::tcp_info = unsafe { std::mem::zeroed() };
-    let mut len = std::mem::size_of::<libc::tcp_info>() as libc::socklen_t;
-    let rc = unsafe {
-        libc::getsockopt(
-            stream.as_raw_fd(),
-            libc::IPPROTO_TCP,
-            libc::TCP_INFO,
-            (&raw mut info).cast(),
-            &mut len,
-        )
-    };
-    assert_eq!(rc, 0, "TCP_INFO: {}", std::io::Error::last_os_error());
-    info.tcpi_state
+    support::tcp_info(stream).tcpi_state
 }
 
 fn wait_for_state(stream: &TcpStream, state: u8, what: &str) {

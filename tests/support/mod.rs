@@ -487,6 +487,26 @@ pub fn set_syn_retries(fd: &impl std::os::fd::AsRawFd, retries: libc::c_int) {
     assert_eq!(set, 0, "TCP_SYNCNT: {}", std::io::Error::last_os_error());
 }
 
+/// The kernel's `TCP_INFO` of a socket: its state, retransmissions, … (nix
+/// has no option for it).
+pub fn tcp_info(fd: &impl std::os::fd::AsRawFd) -> libc::tcp_info {
+    // SAFETY: a plain C struct, filled in by the kernel up to `len`.
+    let mut info: libc::tcp_info = unsafe { std::mem::zeroed() };
+    let mut len = std::mem::size_of::<libc::tcp_info>() as libc::socklen_t;
+    // SAFETY: a valid socket, and `info` has room for `len` bytes.
+    let rc = unsafe {
+        libc::getsockopt(
+            fd.as_raw_fd(),
+            libc::IPPROTO_TCP,
+            libc::TCP_INFO,
+            (&raw mut info).cast(),
+            &mut len,
+        )
+    };
+    assert_eq!(rc, 0, "TCP_INFO: {}", std::io::Error::last_os_error());
+    info
+}
+
 pub fn closed_port() -> u16 {
     listen("127.0.0.1").1.port()
 }
