@@ -160,10 +160,13 @@ pub mod socket_flag {
 pub mod inspect {
     pub const DECIDED: u16 = 1;
     pub const HTTP: u16 = 2;
+    /// A sampled request went the other way: the next payload this way is its
+    /// answer, queued as an [`AnswerEvent`](super::AnswerEvent).
+    pub const ANSWER: u16 = 4;
 
     /// Bit offset of a direction's flags.
     pub const fn shift(direction: u8) -> u16 {
-        direction as u16 * 2
+        direction as u16 * 4
     }
 }
 
@@ -179,6 +182,20 @@ pub mod direction {
 /// the one after, which must end the value (or be `-` in a later version).
 pub const TRACEPARENT_COPY: usize = 56;
 
+/// Whether a copied `traceparent` value's flags have the sampled bit: the low
+/// bit of its last hex digit (the value is checked in userspace; an invalid one
+/// makes no link whatever this says).
+#[inline(always)]
+pub const fn traceparent_sampled(value: &[u8; TRACEPARENT_COPY]) -> bool {
+    let digit = value[54];
+    let n = if digit >= b'a' {
+        digit.wrapping_sub(b'a' - 10)
+    } else {
+        digit.wrapping_sub(b'0')
+    };
+    n & 1 == 1
+}
+
 /// HTTP/1.x request methods the packet programs recognise at the start of a
 /// segment, numbered from 1 in [`LinkEvent::method`] by their place here.
 pub const HTTP_METHODS: [&[u8]; 9] = [
@@ -193,12 +210,30 @@ pub const HTTP_METHODS: [&[u8]; 9] = [
 pub struct LinkEvent {
     /// The socket, as [`Event::skaddr`] names it.
     pub skaddr: u64,
+    /// Kernel CLOCK_MONOTONIC nanoseconds when the request's first segment went
+    /// through the socket (out of it, or into it).
+    pub ts_ns: u64,
     pub value: [u8; TRACEPARENT_COPY],
     /// 1-based index into [`HTTP_METHODS`].
     pub method: u8,
     /// [`direction::SENT`] or [`direction::RECEIVED`].
     pub direction: u8,
     pub _pad: [u8; 6],
+}
+
+/// The first payload segment through a socket, the other way, after a sampled
+/// request's (its [`LinkEvent`]): where the answer starts. Told from the other
+/// records on the shared ring by its size.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct AnswerEvent {
+    /// The socket, as [`Event::skaddr`] names it.
+    pub skaddr: u64,
+    /// Kernel CLOCK_MONOTONIC nanoseconds when the segment went through.
+    pub ts_ns: u64,
+    /// The answer's [`direction`]: the opposite of its request's.
+    pub direction: u8,
+    pub _pad: [u8; 7],
 }
 
 /// Something the kernel did to a socket besides changing its state: a
@@ -359,6 +394,7 @@ mod pod {
     unsafe impl aya::Pod for super::NetnsOffsets {}
     unsafe impl aya::Pod for super::LinkEvent {}
     unsafe impl aya::Pod for super::IncidentEvent {}
+    unsafe impl aya::Pod for super::AnswerEvent {}
 }
 
 #[cfg(test)]
@@ -381,10 +417,32 @@ mod tests {
         assert_eq!(size_of::<Config>(), 12);
         assert_eq!(size_of::<SocketState>(), 16);
         // Records on the shared ring are told apart by their size.
-        assert_eq!(size_of::<LinkEvent>(), 72);
-        assert_ne!(size_of::<LinkEvent>(), size_of::<Event>());
+        assert_eq!(size_of::<LinkEvent>(), 80);
         assert_eq!(size_of::<IncidentEvent>(), 64);
+        assert_eq!(size_of::<AnswerEvent>(), 24);
         assert_eq!(offset_of!(IncidentEvent, saddr), 32);
+    }
+
+    #[test]
+    fn the_sampled_flag_is_the_low_bit_of_the_flags() {
+        let value = |flags: &[u8; 2]| {
+            let mut v = [b'\r'; TRACEPARENT_COPY];
+            v[..55].copy_from_slice(b"00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-00");
+            v[53..55].copy_from_slice(flags);
+            v
+        };
+        for (flags, sampled) in [
+            (b"00", false),
+            (b"01", true),
+            (b"02", false),
+            (b"03", true),
+            (b"0a", false),
+            (b"0b", true),
+            (b"fe", false),
+            (b"ff", true),
+        ] {
+            assert_eq!(traceparent_sampled(&value(flags)), sampled, "{flags:?}");
+        }
     }
 
     #[test]

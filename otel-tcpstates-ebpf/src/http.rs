@@ -29,8 +29,8 @@ use aya_ebpf::{
     programs::SkBuffContext,
 };
 use otel_tcpstates_common::{
-    AF_INET, AF_INET6, HTTP_METHODS, LinkEvent, TRACEPARENT_COPY, direction, inspect, lost,
-    socket_flag,
+    AF_INET, AF_INET6, AnswerEvent, HTTP_METHODS, LinkEvent, TRACEPARENT_COPY, direction, inspect,
+    lost, socket_flag, traceparent_sampled,
 };
 
 use crate::{
@@ -174,7 +174,8 @@ fn inspect(ctx: &SkBuffContext, dir: u8) -> Option<()> {
         }
         return None;
     }
-    if flags & inspect::DECIDED != 0 && flags & inspect::HTTP == 0 {
+    let answer = flags & inspect::ANSWER != 0;
+    if !answer && flags & inspect::DECIDED != 0 && flags & inspect::HTTP == 0 {
         return None;
     }
     if !owner_wanted(owner) {
@@ -186,6 +187,16 @@ fn inspect(ctx: &SkBuffContext, dir: u8) -> Option<()> {
     if payload >= len {
         // No payload (an ACK): nothing is decided yet.
         return None;
+    }
+    if answer {
+        // SAFETY: as above; a race with the other direction's program setting
+        // the bit again at once can only lose that request's answer (its span
+        // then ends with the connection's next request or end).
+        unsafe { (*state).inspect &= !(inspect::ANSWER << shift) };
+        queue_answer(sk, dir);
+        if flags & inspect::HTTP == 0 {
+            return None;
+        }
     }
     let start = load::<8>(ctx, payload)?;
     let method = method(&start);
@@ -199,7 +210,33 @@ fn inspect(ctx: &SkBuffContext, dir: u8) -> Option<()> {
     if method == 0 {
         return None;
     }
-    find_traceparent(ctx, payload, method, Out::Ring { sk, dir })
+    if find_traceparent(ctx, payload, method, Out::Ring { sk, dir })? {
+        // A sampled request: the next payload the other way is its answer.
+        let other = inspect::shift(dir ^ 1);
+        // SAFETY: as above.
+        unsafe { (*state).inspect |= inspect::ANSWER << other };
+    }
+    Some(())
+}
+
+/// Queues the [`AnswerEvent`] of a payload segment that went `dir` through
+/// socket `sk`, now.
+#[inline(always)]
+pub(crate) fn queue_answer(sk: u64, dir: u8) {
+    let Some(mut entry) = EVENTS.reserve::<AnswerEvent>(0) else {
+        count_lost(lost::LINKS);
+        return;
+    };
+    let event = entry.as_mut_ptr();
+    // SAFETY: a reserved, exclusively owned AnswerEvent-sized slot, every field
+    // written before submit; the clock helper has no arguments.
+    unsafe {
+        (*event).skaddr = sk;
+        (*event).ts_ns = bpf_ktime_get_ns();
+        (*event).direction = dir;
+        (*event)._pad = [0; 7];
+    }
+    entry.submit(wakeup_flags());
 }
 
 #[inline(always)]
@@ -305,9 +342,10 @@ pub(crate) fn take_handoff(
 }
 
 /// Queues the link of a request handed off in `slot` (taken by
-/// [`take_handoff`]) for the connection socket `skaddr` it created.
+/// [`take_handoff`]) for the connection socket `skaddr` it created at kernel
+/// time `now`.
 #[inline(always)]
-pub(crate) fn link_handed_off(skaddr: u64, slot: *mut Handoff) {
+pub(crate) fn link_handed_off(skaddr: u64, slot: *mut Handoff, now: u64) {
     // SAFETY: this CPU's slot, taken by this program run.
     let method = unsafe { (*slot).method };
     if method == 0 {
@@ -322,6 +360,7 @@ pub(crate) fn link_handed_off(skaddr: u64, slot: *mut Handoff) {
     // written before submit.
     unsafe {
         (*event).skaddr = skaddr;
+        (*event).ts_ns = now;
         (*event).value = (*slot).value;
         (*event).method = method;
         (*event).direction = direction::RECEIVED;
@@ -335,7 +374,14 @@ pub(crate) fn link_handed_off(skaddr: u64, slot: *mut Handoff) {
         count_lost(lost::LINKS);
         return;
     }
+    // SAFETY: the event's copy, ours until submit.
+    let sampled = traceparent_sampled(unsafe { &(*event).value });
     entry.submit(wakeup_flags());
+    if sampled && let Some(state) = SOCKETS.get_ptr_mut(&skaddr) {
+        // The answer to a request that came with the handshake goes out.
+        // SAFETY: a value of the map, from a successful lookup.
+        unsafe { (*state).inspect |= inspect::ANSWER << inspect::shift(direction::SENT) };
+    }
 }
 
 /// Where a found `traceparent` goes.
@@ -347,9 +393,10 @@ enum Out {
     Handoff(*mut Handoff),
 }
 
-/// Scans the request's headers in this nesting level's scratch slot.
+/// Scans the request's headers in this nesting level's scratch slot; whether
+/// the `traceparent` found says the request is sampled.
 #[inline(always)]
-fn find_traceparent(ctx: &SkBuffContext, payload: usize, method: u8, out: Out) -> Option<()> {
+fn find_traceparent(ctx: &SkBuffContext, payload: usize, method: u8, out: Out) -> Option<bool> {
     let depth = SCAN_DEPTH.get_ptr_mut(0)?;
     // SAFETY: a valid, aligned u64 of this CPU's entry, only written atomically:
     // a program that interrupts this one between a load and a store must not
@@ -368,7 +415,7 @@ fn find_traceparent(ctx: &SkBuffContext, payload: usize, method: u8, out: Out) -
 }
 
 #[inline(always)]
-fn scan_in(ctx: &SkBuffContext, payload: usize, method: u8, out: Out, level: u64) -> Option<()> {
+fn scan_in(ctx: &SkBuffContext, payload: usize, method: u8, out: Out, level: u64) -> Option<bool> {
     if level >= u64::from(LEVELS) {
         // Deeper than any nesting the kernel does: no slot is free.
         count_lost(lost::LINKS);
@@ -464,7 +511,7 @@ fn scan_in(ctx: &SkBuffContext, payload: usize, method: u8, out: Out, level: u64
             }
             // SAFETY: as above.
             unsafe { (*slot).method = method };
-            return Some(());
+            return Some(false);
         }
     };
     let Some(mut entry) = EVENTS.reserve::<LinkEvent>(0) else {
@@ -476,6 +523,7 @@ fn scan_in(ctx: &SkBuffContext, payload: usize, method: u8, out: Out, level: u64
     // written before submit; `at + TRACEPARENT_COPY` is within `bytes`.
     unsafe {
         (*event).skaddr = sk;
+        (*event).ts_ns = claim;
         core::ptr::copy_nonoverlapping(
             scan.bytes.as_ptr().add(at),
             (*event).value.as_mut_ptr(),
@@ -492,8 +540,10 @@ fn scan_in(ctx: &SkBuffContext, payload: usize, method: u8, out: Out, level: u64
         count_lost(lost::LINKS);
         return None;
     }
+    // SAFETY: the event's copy, ours until submit.
+    let sampled = traceparent_sampled(unsafe { &(*event).value });
     entry.submit(wakeup_flags());
-    Some(())
+    Some(sampled)
 }
 
 /// The search's state, shared with each call of [`search_word`].

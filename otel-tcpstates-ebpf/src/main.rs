@@ -381,7 +381,7 @@ fn handle(args: &Args) {
     entry.submit(wakeup_flags());
     if let Some(slot) = handoff {
         // After the connection's first event, so its session exists for the link.
-        http::link_handed_off(skaddr, slot);
+        http::link_handed_off(skaddr, slot, now);
     }
 }
 

@@ -7,7 +7,8 @@ use std::{
 
 pub use otel_tcpstates_common::TcpFacts;
 use otel_tcpstates_common::{
-    AF_INET, AF_INET6, Event, IncidentEvent, LinkEvent, TASK_COMM_LEN, incident, tcp_state,
+    AF_INET, AF_INET6, AnswerEvent, Event, IncidentEvent, LinkEvent, TASK_COMM_LEN, incident,
+    tcp_state,
 };
 
 use crate::kernel::traceparent::{self, Link};
@@ -174,6 +175,8 @@ pub const RECORD_SIZE: usize = size_of::<Event>();
 pub const LINK_RECORD_SIZE: usize = size_of::<LinkEvent>();
 /// Size of the record the incident programs write.
 pub const INCIDENT_RECORD_SIZE: usize = size_of::<IncidentEvent>();
+/// Size of the record the packet programs write for a request's answer.
+pub const ANSWER_RECORD_SIZE: usize = size_of::<AnswerEvent>();
 
 /// A connection's ends, as its socket names them: (local address, port, remote
 /// address, port).
@@ -229,10 +232,19 @@ pub struct Incident {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Record {
     Transition(TcpEvent),
-    /// A request on the socket carried this trace context.
+    /// A request on the socket carried this trace context; its first segment
+    /// went through at `ts_ns`.
     Link {
         skaddr: u64,
+        ts_ns: u64,
         link: Link,
+    },
+    /// The first payload segment the other way after a sampled request: its
+    /// answer; `sent`: it went out of the socket.
+    Answer {
+        skaddr: u64,
+        ts_ns: u64,
+        sent: bool,
     },
     /// A request's `traceparent` value was not valid: no link.
     InvalidTraceparent,
@@ -247,7 +259,8 @@ impl Record {
         match self {
             Self::Transition(event) => Some(event.ts_ns),
             Self::Incident(incident) => Some(incident.ts_ns),
-            Self::Link { .. } | Self::InvalidTraceparent | Self::UnknownIncident => None,
+            Self::Link { ts_ns, .. } | Self::Answer { ts_ns, .. } => Some(*ts_ns),
+            Self::InvalidTraceparent | Self::UnknownIncident => None,
         }
     }
 }
@@ -257,6 +270,16 @@ impl Record {
 pub fn decode_record(record: &[u8]) -> Result<Record, DecodeError> {
     if record.len() == INCIDENT_RECORD_SIZE {
         return decode_incident(record);
+    }
+    if record.len() == ANSWER_RECORD_SIZE {
+        // SAFETY: exactly size_of::<AnswerEvent>() bytes of plain data, valid
+        // for any bit pattern; read_unaligned has no alignment needs.
+        let raw: AnswerEvent = unsafe { record.as_ptr().cast::<AnswerEvent>().read_unaligned() };
+        return Ok(Record::Answer {
+            skaddr: raw.skaddr,
+            ts_ns: raw.ts_ns,
+            sent: raw.direction == otel_tcpstates_common::direction::SENT,
+        });
     }
     if record.len() != LINK_RECORD_SIZE {
         return decode(record).map(Record::Transition);
@@ -268,6 +291,7 @@ pub fn decode_record(record: &[u8]) -> Result<Record, DecodeError> {
         match traceparent::parse(&raw.value, raw.method, raw.direction) {
             Some(link) => Record::Link {
                 skaddr: raw.skaddr,
+                ts_ns: raw.ts_ns,
                 link,
             },
             None => Record::InvalidTraceparent,
@@ -473,15 +497,22 @@ pub(crate) mod tests {
         value[..55].copy_from_slice(b"00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01");
         let mut raw = LinkEvent {
             skaddr: 0xffff_8881_0000_0040,
+            ts_ns: 77,
             value,
             method: 3,
             direction: otel_tcpstates_common::direction::RECEIVED,
             _pad: [0; 6],
         };
-        let Ok(Record::Link { skaddr, link }) = decode_record(&record(&raw)) else {
+        let Ok(Record::Link {
+            skaddr,
+            ts_ns,
+            link,
+        }) = decode_record(&record(&raw))
+        else {
             panic!("not a link");
         };
-        assert_eq!(skaddr, raw.skaddr);
+        assert_eq!((skaddr, ts_ns), (raw.skaddr, 77));
+        assert!(otel_tcpstates_common::traceparent_sampled(&raw.value));
         assert_eq!(link.span_id, 0xb7ad_6b71_6920_3331u64.to_be_bytes());
         assert_eq!(
             (link.direction, link.method()),
@@ -493,6 +524,28 @@ pub(crate) mod tests {
             decode_record(&record(&raw_v4())),
             Ok(Record::Transition(decode(&record(&raw_v4())).unwrap()))
         );
+        let answer = AnswerEvent {
+            skaddr: 9,
+            ts_ns: 78,
+            direction: otel_tcpstates_common::direction::RECEIVED,
+            _pad: [0; 7],
+        };
+        assert_eq!(
+            decode_record(&record(&answer)),
+            Ok(Record::Answer {
+                skaddr: 9,
+                ts_ns: 78,
+                sent: false
+            })
+        );
+        // Four sizes, four kinds.
+        let sizes = [
+            RECORD_SIZE,
+            LINK_RECORD_SIZE,
+            INCIDENT_RECORD_SIZE,
+            ANSWER_RECORD_SIZE,
+        ];
+        assert!((1..4).all(|i| !sizes[..i].contains(&sizes[i])));
     }
 
     #[test]

@@ -35,11 +35,16 @@ pub struct Link {
 
 impl Link {
     pub fn method(&self) -> &'static str {
-        HTTP_METHODS
-            .get(usize::from(self.method).wrapping_sub(1))
-            .and_then(|name| std::str::from_utf8(name).ok())
-            .unwrap_or("_OTHER")
+        method_name(self.method)
     }
+}
+
+/// The name of request method `method` (1-based index into [`HTTP_METHODS`]).
+pub fn method_name(method: u8) -> &'static str {
+    HTTP_METHODS
+        .get(usize::from(method).wrapping_sub(1))
+        .and_then(|name| std::str::from_utf8(name).ok())
+        .unwrap_or("_OTHER")
 }
 
 /// A `traceparent` value as the kernel copied it, with the request's method and
