@@ -105,12 +105,21 @@ impl Sinks {
     fn record(&mut self, record: &Record) -> io::Result<()> {
         match record {
             Record::Transition(event) => self.event(event),
-            Record::Link { skaddr, link } => {
+            Record::Link {
+                skaddr,
+                ts_ns,
+                link,
+            } => {
                 if let Some(table) = &mut self.table {
-                    table.link(*skaddr, *link);
+                    table.link(*skaddr, *ts_ns, *link);
                 }
                 Ok(())
             }
+            Record::Answer {
+                skaddr,
+                ts_ns,
+                sent,
+            } => self.with_table(|table, out| table.answer(*skaddr, *ts_ns, *sent, &mut &mut *out)),
             Record::InvalidTraceparent | Record::UnknownIncident => Ok(()),
             Record::Incident(incident) => {
                 self.with_table(|table, out| table.incident(incident, &mut &mut *out))
@@ -736,6 +745,9 @@ fn stats(sinks: &Sinks, reader: &EventReader, losses: &Losses, cut_off: u64) -> 
                 .table
                 .as_ref()
                 .map_or(0, |table| table.stats().links_not_kept),
+            requests_sampled: table.map_or(0, |t| t.requests_sampled),
+            request_spans: table.map_or(0, |t| t.request_spans),
+            requests_not_kept: table.map_or(0, |t| t.requests_not_kept),
         }),
         incidents: losses.incidents.map(|(lost, skipped)| IncidentStats {
             lost,

@@ -149,6 +149,12 @@ pub struct Cli {
     #[arg(long = "no-keep-slow-handshakes")]
     pub no_keep_slow_handshakes: bool,
 
+    /// With sampling and links: do not keep every connection that carried a request
+    /// its application sampled (the links from that request's trace then may lead
+    /// nowhere; its request span is made all the same)
+    #[arg(long = "no-keep-sampled-requests")]
+    pub no_keep_sampled_requests: bool,
+
     /// With sampling: also keep every connection that lived at least this long (e.g. 30s)
     #[arg(long = "keep-longer-than", value_name = "DURATION",
           value_parser = humantime::parse_duration)]
@@ -212,6 +218,7 @@ impl Cli {
             retransmits: !self.no_keep_retransmits,
             slow_handshake_ns: (!self.no_keep_slow_handshakes).then(|| ns(self.slow_handshake)),
             longer_than_ns: self.keep_longer_than.map(ns),
+            sampled_requests: self.links && !self.no_keep_sampled_requests,
         }
     }
 }
@@ -340,7 +347,10 @@ mod tests {
 
     #[test]
     fn keep_rules_default_on_and_turn_off_one_by_one() {
-        assert_eq!(parse(&[]).unwrap().keep_rules(), KeepRules::default());
+        assert_eq!(
+            parse(&["--links"]).unwrap().keep_rules(),
+            KeepRules::default()
+        );
         let rules = parse(&[
             "--no-keep-errors",
             "--slow-handshake",
@@ -358,12 +368,18 @@ mod tests {
                 retransmits: true,
                 slow_handshake_ns: Some(250_000_000),
                 longer_than_ns: Some(60_000_000_000),
+                // Without links no request is seen.
+                sampled_requests: false,
             }
         );
         let rules = parse(&["--no-keep-retransmits", "--no-keep-slow-handshakes"])
             .unwrap()
             .keep_rules();
         assert!(rules.errors && !rules.retransmits && rules.slow_handshake_ns.is_none());
+        let rules = parse(&["--links", "--no-keep-sampled-requests"])
+            .unwrap()
+            .keep_rules();
+        assert!(!rules.sampled_requests && rules.errors);
     }
 
     #[test]

@@ -10,6 +10,7 @@ use crate::{
         settings::Sampler,
         threshold::Threshold,
     },
+    sessions::requests::RequestEnded,
     sessions::table::{EndReason, Session, StateEnded, Update},
 };
 
@@ -25,6 +26,9 @@ pub struct Verdict {
 /// An update of a kept trace.
 pub enum Kept<'a> {
     State(&'a Session, &'a StateEnded, Verdict),
+    /// A request the application sampled: its span goes in the application's
+    /// trace, whatever the decision on the connection's.
+    Request(&'a Session, &'a RequestEnded),
     Root(&'a Session, u64, EndReason, Verdict),
 }
 
@@ -40,6 +44,8 @@ pub struct SamplingStats {
     pub spans_sampled_out: u64,
     /// Spans waiting in the session table for their session's end.
     pub spans_waiting: u64,
+    /// Request spans passed on (in their applications' traces).
+    pub request_spans: u64,
 }
 
 pub struct Sampling {
@@ -81,6 +87,17 @@ impl Sampling {
 
     /// Passes on to `out` what `update` makes of kept traces.
     pub fn route(&mut self, update: &Update<'_>, mut out: impl FnMut(Kept<'_>)) {
+        if let Update::RequestEnded(session, ended) = *update {
+            // Sampled by the application, as a parent-based sampler keeps a
+            // child: only a sampler that sends nothing leaves it out.
+            if self.sampler == Sampler::AlwaysOff {
+                self.stats.spans_sampled_out += 1;
+            } else {
+                self.stats.request_spans += 1;
+                out(Kept::Request(session, ended));
+            }
+            return;
+        }
         let threshold = match self.sampler {
             Sampler::AlwaysOn => {
                 if let Update::SessionEnded(..) = update {
@@ -98,7 +115,9 @@ impl Sampling {
             Sampler::Ratio(threshold) => threshold,
         };
         let session = match update {
-            Update::StateEnded(session, _) | Update::SessionEnded(session, ..) => session,
+            Update::StateEnded(session, _)
+            | Update::RequestEnded(session, _)
+            | Update::SessionEnded(session, ..) => session,
         };
         let by_probability = threshold.keeps(&session.trace_id);
         match *update {
@@ -111,6 +130,8 @@ impl Sampling {
             )),
             Update::StateEnded(..) if self.holds_states() => self.stats.spans_waiting += 1,
             Update::StateEnded(..) => self.stats.spans_sampled_out += 1,
+            // Passed on above.
+            Update::RequestEnded(..) => {}
             Update::SessionEnded(session, end_ns, reason) => {
                 let kept_by = self.rules.check(session, end_ns);
                 let held = session.held.len() as u64;
@@ -146,6 +167,7 @@ impl Sampling {
 fn kept<'a>(update: &'a Update<'a>, verdict: Verdict) -> Kept<'a> {
     match *update {
         Update::StateEnded(session, ended) => Kept::State(session, ended, verdict),
+        Update::RequestEnded(session, ended) => Kept::Request(session, ended),
         Update::SessionEnded(session, end_ns, reason) => {
             Kept::Root(session, end_ns, reason, verdict)
         }
@@ -191,6 +213,7 @@ mod tests {
                         Kept::Root(s, _, _, v) => {
                             (s.skaddr, "root", v.threshold.is_some(), v.kept_by.names())
                         }
+                        Kept::Request(s, _) => (s.skaddr, "request", false, String::new()),
                     })
                 })
             });

@@ -11,11 +11,13 @@ impl KeptBy {
     pub const RETRANSMIT: Self = Self(2);
     pub const SLOW_HANDSHAKE: Self = Self(4);
     pub const LONG_LIVED: Self = Self(8);
-    const NAMES: [(Self, &'static str); 4] = [
+    pub const SAMPLED_REQUEST: Self = Self(16);
+    const NAMES: [(Self, &'static str); 5] = [
         (Self::ERROR, "error"),
         (Self::RETRANSMIT, "retransmit"),
         (Self::SLOW_HANDSHAKE, "slow_handshake"),
         (Self::LONG_LIVED, "long_lived"),
+        (Self::SAMPLED_REQUEST, "sampled_request"),
     ];
 
     pub fn is_empty(self) -> bool {
@@ -66,6 +68,9 @@ pub struct KeepRules {
     pub slow_handshake_ns: Option<u64>,
     /// Connections that lived at least this long.
     pub longer_than_ns: Option<u64>,
+    /// Connections that carried a request its application sampled (with
+    /// links): every link from a request's trace then leads to its connection.
+    pub sampled_requests: bool,
 }
 
 impl Default for KeepRules {
@@ -76,6 +81,7 @@ impl Default for KeepRules {
             retransmits: true,
             slow_handshake_ns: Some(100_000_000),
             longer_than_ns: None,
+            sampled_requests: true,
         }
     }
 }
@@ -87,6 +93,7 @@ impl KeepRules {
             || self.retransmits
             || self.slow_handshake_ns.is_some()
             || self.longer_than_ns.is_some()
+            || self.sampled_requests
     }
 
     /// The rules that keep `session`, which ended at kernel time `end_ns`.
@@ -116,6 +123,10 @@ impl KeepRules {
                     Some(end_ns.saturating_sub(session.birth_ns)),
                     self.longer_than_ns,
                 ),
+            )
+            .with(
+                KeptBy::SAMPLED_REQUEST,
+                self.sampled_requests && session.requests.as_ref().is_some_and(|r| r.seen > 0),
             )
     }
 }

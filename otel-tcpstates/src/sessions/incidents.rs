@@ -68,6 +68,11 @@ pub enum What {
     Congestion {
         state: u8,
     },
+    /// Not an incident: on the span of the request a connection was opened for,
+    /// where its handshake ended.
+    Established,
+    /// Not an incident: on the same span, where the request's first segment went.
+    RequestSent,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

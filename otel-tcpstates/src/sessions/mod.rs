@@ -7,4 +7,5 @@ pub mod container_lookups;
 pub mod incidents;
 pub mod links;
 pub mod outcome;
+pub mod requests;
 pub mod table;

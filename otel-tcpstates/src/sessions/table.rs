@@ -19,6 +19,7 @@ use crate::{
     sessions::incidents::{IncidentCounts, RetransmitKind, SpanEvent, SpanEvents, What},
     sessions::links::{Added, Links},
     sessions::outcome::{CloseFacts, ErrorType},
+    sessions::requests::{Admit, Handshake, MAX_PENDING, Request, RequestEnded, Requests},
 };
 
 /// How long, in kernel time, the last span of a socket that may have been
@@ -45,6 +46,13 @@ const ENDED_CONNECTIONS: usize = 4096;
 pub const LINKS_PER_SOCKET: usize = 4;
 /// The same for span events (incidents), in the open states and the states held.
 pub const EVENTS_PER_SOCKET: usize = 4;
+/// Requests in flight (each a span to come in its application's trace), on
+/// average per socket the table holds: past this, sampled requests are counted,
+/// not made spans.
+pub const REQUESTS_PER_SOCKET: usize = 1;
+/// Handshake incidents kept to copy onto the span of the request a connection
+/// was opened for.
+const HANDSHAKE_EVENTS: usize = 8;
 
 /// A connection's ends: (local address, port, remote address, port).
 type Tuple = Ends;
@@ -161,6 +169,11 @@ pub struct Session {
     pub ca_state: u8,
     /// An aborted socket's CLOSE, waiting for its RST.
     pub closing: Option<Box<Closing>>,
+    /// The sampled requests seen on the socket: those in flight, and counts.
+    pub requests: Option<Box<Requests>>,
+    /// The handshake's incidents (SYN or SYN-ACK retransmissions), for the span
+    /// of the request the connection was opened for.
+    pub handshake_events: Option<Box<SpanEvents>>,
 }
 
 /// A CLOSE whose last span waits for the RST that follows it.
@@ -210,6 +223,9 @@ pub struct StateEnded {
 /// What the table reports, in order, as events arrive.
 pub enum Update<'a> {
     StateEnded(&'a Session, &'a StateEnded),
+    /// A sampled request's span ends (its answer came, or the session ends:
+    /// then before its [`Update::SessionEnded`]).
+    RequestEnded(&'a Session, &'a RequestEnded),
     SessionEnded(&'a Session, u64, EndReason),
 }
 
@@ -231,6 +247,13 @@ pub struct TableStats {
     /// Span events not kept: past a span's 64, or past the table's bound
     /// ([`EVENTS_PER_SOCKET`]). Each span's `dropped_events_count` says its own.
     pub events_not_kept: u64,
+    /// Sampled requests seen on the sockets followed.
+    pub requests_sampled: u64,
+    /// Request spans made (each ended: answered, or its session ended).
+    pub request_spans: u64,
+    /// Sampled requests made no span: past a socket's in flight or repeats, or
+    /// the table's bound ([`REQUESTS_PER_SOCKET`]).
+    pub requests_not_kept: u64,
 }
 
 /// Slots for links and events the table's sessions have now (each socket's
@@ -239,8 +262,11 @@ pub struct TableStats {
 struct Budget {
     links: usize,
     events: usize,
+    /// Requests in flight.
+    requests: usize,
     max_links: usize,
     max_events: usize,
+    max_requests: usize,
 }
 
 impl Budget {
@@ -262,6 +288,17 @@ impl Budget {
             .map_or(0, |c| event_slots(&c.ended));
         self.links -= session.links.kept.capacity();
         self.events -= session.events.kept.capacity() + held + closing;
+        if let Some(requests) = &session.requests {
+            for request in &requests.pending {
+                self.request_gone(request);
+            }
+        }
+    }
+
+    /// A request in flight left the table with its events.
+    fn request_gone(&mut self, request: &Request) {
+        self.requests -= 1;
+        self.events -= request.events.kept.capacity();
     }
 }
 
@@ -327,6 +364,7 @@ impl SessionTable {
             kept: Budget {
                 max_links: capacity.get().saturating_mul(LINKS_PER_SOCKET),
                 max_events: capacity.get().saturating_mul(EVENTS_PER_SOCKET),
+                max_requests: capacity.get().saturating_mul(REQUESTS_PER_SOCKET),
                 ..Budget::default()
             },
             closing: VecDeque::new(),
@@ -403,7 +441,7 @@ impl SessionTable {
             }
             self.stats.replaced += 1;
             self.kept.release(&old);
-            finish(old, event.ts_ns, EndReason::Replaced, out);
+            finish(old, event.ts_ns, EndReason::Replaced, &mut self.stats, out);
         }
         if !self.sessions.contains(&event.skaddr) {
             self.start(event, starts, out);
@@ -513,9 +551,10 @@ impl SessionTable {
             if let Some(ended) = ended {
                 report(session, ended, Some(&mut self.kept), out);
             }
-            if let Some(done) = self.sessions.pop(&event.skaddr) {
+            if let Some(mut done) = self.sessions.pop(&event.skaddr) {
                 self.stats.closed += 1;
                 self.kept.release(&done);
+                end_requests(&mut done, event.ts_ns, &mut self.stats, out);
                 out(Update::SessionEnded(&done, event.ts_ns, EndReason::Closed));
             }
         } else {
@@ -575,6 +614,8 @@ impl SessionTable {
             counts: IncidentCounts::default(),
             ca_state: 0,
             closing: None,
+            requests: None,
+            handshake_events: None,
         };
         if event.oldstate.0 == tcp_state::LISTEN
             && !self.synacks.is_empty()
@@ -599,7 +640,13 @@ impl SessionTable {
                 self.stats.evicted += 1;
             }
             self.kept.release(&evicted);
-            finish(evicted, event.ts_ns, EndReason::Evicted, out);
+            finish(
+                evicted,
+                event.ts_ns,
+                EndReason::Evicted,
+                &mut self.stats,
+                out,
+            );
         }
     }
 
@@ -696,6 +743,15 @@ impl SessionTable {
             ts_ns: incident.ts_ns,
             what,
         };
+        if let Some(requests) = &mut session.requests {
+            // Each request in flight went through it too.
+            for request in &mut requests.pending {
+                if let What::Retransmit { err: 0, .. } = what {
+                    request.retransmits += 1;
+                }
+                self.kept.event(&mut request.events, event, &mut self.stats);
+            }
+        }
         let Some(closing) = &mut session.closing else {
             self.kept.event(&mut session.events, event, &mut self.stats);
             return;
@@ -783,6 +839,7 @@ impl SessionTable {
         self.ended.put(ends, ());
         report(&mut done, closing.ended, None, out);
         self.stats.closed += 1;
+        end_requests(&mut done, closing.close_ns, &mut self.stats, out);
         out(Update::SessionEnded(
             &done,
             closing.close_ns,
@@ -790,20 +847,107 @@ impl SessionTable {
         ));
     }
 
-    /// A request on socket `skaddr` carried `link`'s trace context. A socket not in
-    /// the table (never seen, or already ended) keeps nothing.
-    pub fn link(&mut self, skaddr: u64, link: Link) {
+    /// A request on socket `skaddr` carried `link`'s trace context, its first
+    /// segment at kernel time `ts_ns`. A socket not in the table (never seen, or
+    /// already ended) keeps nothing. A sampled request starts its span.
+    pub fn link(&mut self, skaddr: u64, ts_ns: u64, link: Link) {
         let Some(session) = self.sessions.get_mut(&skaddr) else {
             return;
         };
-        match session
+        let added = session
             .links
-            .add(link, self.kept.max_links.saturating_sub(self.kept.links))
-        {
+            .add(link, self.kept.max_links.saturating_sub(self.kept.links));
+        match added {
             Added::Kept { slots } => self.kept.links += slots,
             Added::Known => {}
             Added::NotKept => self.stats.links_not_kept += 1,
         }
+        if link.trace_flags & 1 == 0 {
+            return;
+        }
+        self.stats.requests_sampled += 1;
+        let room = self.kept.requests < self.kept.max_requests;
+        let requests = session.requests.get_or_insert_default();
+        if requests.admit(&link, added, room) == Admit::No {
+            self.stats.requests_not_kept += 1;
+            return;
+        }
+        // The first request on a connection whose opening was seen (its
+        // traceparent the only one the socket has seen): the connection was
+        // opened for it, and the request waited for its handshake.
+        let first = matches!(added, Added::Kept { .. })
+            && session.links.kept.len() == 1
+            && session.links.dropped == 0;
+        let handshake =
+            (first && session.begin_seen && matches!(session.role, Role::Client | Role::Server))
+                .then(|| Handshake {
+                    state: TcpState(if session.role == Role::Client {
+                        tcp_state::SYN_SENT
+                    } else {
+                        tcp_state::SYN_RECV
+                    }),
+                    end_ns: session.handshake_ns.map(|d| session.birth_ns + d),
+                });
+        let mut request = Request {
+            link,
+            index: requests.made,
+            start_ns: if handshake.is_some() {
+                session.birth_ns.min(ts_ns)
+            } else {
+                ts_ns
+            },
+            sent_ns: ts_ns,
+            handshake,
+            events: SpanEvents::default(),
+            retransmits: 0,
+        };
+        if handshake.is_some()
+            && let Some(events) = &session.handshake_events
+        {
+            for &event in &events.kept {
+                if let What::Retransmit { err: 0, .. } = event.what {
+                    request.retransmits += 1;
+                }
+                self.kept.event(&mut request.events, event, &mut self.stats);
+            }
+        }
+        if handshake.is_some() && session.handshake_ns.is_none() {
+            // Still in the handshake: its incidents so far.
+            for &event in &session.events.kept {
+                self.kept.event(&mut request.events, event, &mut self.stats);
+            }
+        }
+        self.kept.requests += 1;
+        requests.start(request);
+        debug_assert!(requests.pending.len() <= MAX_PENDING);
+    }
+
+    /// The first payload segment the other way after a sampled request on socket
+    /// `skaddr`, at kernel time `ts_ns` (`sent`: it went out of the socket): the
+    /// oldest such request's span ends.
+    pub fn answer(
+        &mut self,
+        skaddr: u64,
+        ts_ns: u64,
+        sent: bool,
+        out: &mut impl FnMut(Update<'_>),
+    ) {
+        let Some(session) = self.sessions.get_mut(&skaddr) else {
+            return;
+        };
+        let Some(request) = session.requests.as_mut().and_then(|r| r.answered(sent)) else {
+            return;
+        };
+        self.kept.request_gone(&request);
+        self.stats.request_spans += 1;
+        let ended = RequestEnded {
+            end_ns: ts_ns.max(request.start_ns),
+            request,
+            answered: true,
+            state: session.state,
+            error: None,
+        };
+        out(Update::RequestEnded(session, &ended));
     }
 
     /// Ends every session in flight (at kernel time `now_ns`), oldest activity
@@ -816,7 +960,7 @@ impl SessionTable {
                 self.stats.closed += 1;
             }
             self.kept.release(&session);
-            finish(session, now_ns, reason, out);
+            finish(session, now_ns, reason, &mut self.stats, out);
         }
     }
 }
@@ -876,6 +1020,20 @@ fn report(
     session.states_ended += 1;
     if matches!(ended.state.0, tcp_state::SYN_SENT | tcp_state::SYN_RECV) {
         session.handshake_ns = Some(ended.end_ns - ended.start_ns);
+        if let Some(requests) = &mut session.requests {
+            // A request that came with the handshake (a deferred accept).
+            for request in &mut requests.pending {
+                if let Some(handshake) = &mut request.handshake {
+                    handshake.end_ns.get_or_insert(ended.end_ns);
+                }
+            }
+        }
+        if let Some(events) = ended.events.as_deref().filter(|e| !e.kept.is_empty()) {
+            let mut kept = events.clone();
+            kept.kept.truncate(HANDSHAKE_EVENTS);
+            kept.kept.shrink_to_fit();
+            session.handshake_events = Some(Box::new(kept));
+        }
     }
     out(Update::StateEnded(session, &ended));
     if session.holds {
@@ -905,9 +1063,16 @@ fn update_endpoints(session: &mut Session, event: &TcpEvent) {
 /// Ends a session that did not reach CLOSE: its open state is cut short at `end_ns`.
 /// One that reached CLOSE and waits for its RST ends as closed.
 /// Its links and events were released from the table's count already.
-fn finish(mut session: Session, end_ns: u64, reason: EndReason, out: &mut impl FnMut(Update<'_>)) {
+fn finish(
+    mut session: Session,
+    end_ns: u64,
+    reason: EndReason,
+    stats: &mut TableStats,
+    out: &mut impl FnMut(Update<'_>),
+) {
     if let Some(closing) = session.closing.take() {
         report(&mut session, closing.ended, None, out);
+        end_requests(&mut session, closing.close_ns, stats, out);
         out(Update::SessionEnded(
             &session,
             closing.close_ns,
@@ -930,11 +1095,43 @@ fn finish(mut session: Session, end_ns: u64, reason: EndReason, out: &mut impl F
         };
         report(&mut session, ended, None, out);
     }
-    out(Update::SessionEnded(
-        &session,
-        end_ns.max(session.birth_ns),
-        reason,
-    ));
+    let end_ns = end_ns.max(session.birth_ns);
+    end_requests(&mut session, end_ns, stats, out);
+    out(Update::SessionEnded(&session, end_ns, reason));
+}
+
+/// Ends the spans of the requests still in flight as their session ends at
+/// `end_ns` (what the table kept of them was released with the session).
+fn end_requests(
+    session: &mut Session,
+    end_ns: u64,
+    stats: &mut TableStats,
+    out: &mut impl FnMut(Update<'_>),
+) {
+    let Some(pending) = session
+        .requests
+        .as_mut()
+        .map(|r| std::mem::take(&mut r.pending))
+        .filter(|p| !p.is_empty())
+    else {
+        return;
+    };
+    let state = if session.facts.is_some() {
+        TcpState(tcp_state::CLOSE)
+    } else {
+        session.state
+    };
+    for request in pending {
+        stats.request_spans += 1;
+        let ended = RequestEnded {
+            end_ns: end_ns.max(request.start_ns),
+            request,
+            answered: false,
+            state,
+            error: session.error,
+        };
+        out(Update::RequestEnded(session, &ended));
+    }
 }
 
 #[cfg(test)]
@@ -1018,6 +1215,7 @@ pub(crate) mod tests {
         let mut got = Vec::new();
         let mut sessions = Vec::new();
         let mut collect = |update: Update<'_>| match update {
+            Update::RequestEnded(..) => {}
             Update::StateEnded(_, e) => got.push(Got::State(
                 name(e.state),
                 e.index,
@@ -1065,6 +1263,7 @@ pub(crate) mod tests {
         t.end_all(10_000, EndReason::Shutdown, &mut |u| match u {
             Update::SessionEnded(s, end, reason) => roots.push((s.skaddr, end, reason)),
             Update::StateEnded(..) => states += 1,
+            Update::RequestEnded(..) => {}
         });
         // Each left in SYN_SENT: that state's span, then its root.
         assert_eq!((roots.len(), states, t.len()), (101, 101, 0));
@@ -1121,6 +1320,7 @@ pub(crate) mod tests {
             happened,
         };
         table.incident(&incident, &mut |update| match update {
+            Update::RequestEnded(..) => {}
             Update::StateEnded(_, e) => got.push(Got::State(
                 name(e.state),
                 e.index,
@@ -1141,6 +1341,7 @@ pub(crate) mod tests {
         let (mut states, mut sessions) = (Vec::new(), Vec::new());
         for event in events {
             table.apply_settled(event, &mut |update| match update {
+                Update::RequestEnded(..) => {}
                 Update::StateEnded(_, e) => {
                     let what = e
                         .events
@@ -1295,6 +1496,7 @@ pub(crate) mod tests {
                 happened: reset_of(CLOSE, 40000),
             },
             &mut |u| match u {
+                Update::RequestEnded(..) => {}
                 Update::SessionEnded(s, ..) => ended.push((s.error, s.counts)),
                 Update::StateEnded(_, e) => {
                     let what: Vec<What> = e
@@ -1795,6 +1997,9 @@ mod memory {
             + events(&s.events)
             + s.held.capacity() * size_of::<StateEnded>()
             + held
+            + s.requests
+                .as_ref()
+                .map_or(0, |r| size_of::<Requests>() + r.heap_bytes())
     }
 
     fn retransmit(skaddr: u64, ts_ns: u64, state: u8) -> Incident {
@@ -1831,7 +2036,7 @@ mod memory {
                     direction: Direction::Sent,
                     method: 1,
                 };
-                table.link(sk, link);
+                table.link(sk, 320, link);
             }
         }
         table
@@ -1874,9 +2079,28 @@ mod memory {
                         .sum::<usize>()
             })
             .sum();
+        // The first request of a socket is offered a copy of the handshake's
+        // events it kept (at most 8), in the same bound.
+        let on_requests: usize = table
+            .sessions()
+            .filter_map(|s| s.requests.as_ref())
+            .flat_map(|r| r.pending.iter().map(|p| p.events.kept.len()))
+            .sum();
+        let offered: usize = table
+            .sessions()
+            .filter(|s| s.requests.as_ref().is_some_and(|r| r.made > 0))
+            .filter_map(|s| s.handshake_events.as_ref())
+            .map(|e| e.kept.len())
+            .sum();
         let stats = table.stats();
         assert_eq!(links as u64 + stats.links_not_kept, 64 * N);
-        assert_eq!(events as u64 + stats.events_not_kept, 2 * 64 * N);
+        let requests = table.stats().requests_sampled - table.stats().requests_not_kept;
+        assert_eq!(requests, table.kept.requests as u64);
+        assert!(table.kept.requests <= N as usize * REQUESTS_PER_SOCKET);
+        assert_eq!(
+            (events + on_requests) as u64 + stats.events_not_kept,
+            2 * 64 * N + offered as u64
+        );
         assert!(table.kept.links <= N as usize * LINKS_PER_SOCKET);
         assert!(table.kept.events <= N as usize * EVENTS_PER_SOCKET);
         // Each root says its own: dropped_links_count.
@@ -1884,7 +2108,10 @@ mod memory {
         assert_eq!(dropped, stats.links_not_kept);
         table.end_all(1000, EndReason::Shutdown, &mut |_| {});
         assert!(table.is_empty());
-        assert_eq!((table.kept.links, table.kept.events), (0, 0));
+        assert_eq!(
+            (table.kept.links, table.kept.events, table.kept.requests),
+            (0, 0, 0)
+        );
         // Room again for the next sockets.
         let mut table = table;
         table.apply(&ev(SK, 2000, 0, CLOSE, SYN_SENT, 0), &mut |_| {});
@@ -1907,5 +2134,191 @@ mod memory {
                 });
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod requests {
+    //! Sampled requests: each a span from its first segment (or its connection's
+    //! start) to its answer's first segment, with what happened in between.
+    use otel_tcpstates_common::tcp_state::*;
+
+    use super::{
+        tests::{SK, client_events, ev},
+        *,
+    };
+    use crate::kernel::traceparent::Direction;
+
+    fn link(n: u8, sampled: bool) -> Link {
+        Link {
+            trace_id: [n; 16],
+            span_id: [n; 8],
+            trace_flags: u8::from(sampled),
+            direction: Direction::Sent,
+            method: 1,
+        }
+    }
+
+    fn retransmit(ts_ns: u64, state: u8) -> Incident {
+        Incident {
+            skaddr: SK,
+            ts_ns,
+            happened: Happened::Retransmit {
+                state: TcpState(state),
+                err: 0,
+                segs: 1,
+            },
+        }
+    }
+
+    #[test]
+    fn a_sampled_request_is_timed_from_its_first_segment_to_its_answer() {
+        let mut t = SessionTable::new(NonZeroUsize::new(16).unwrap());
+        let mut got = Vec::new();
+        let mut rules = Vec::new();
+        let mut collect = |u: Update<'_>| match u {
+            Update::RequestEnded(_, e) => got.push(e.clone()),
+            Update::SessionEnded(s, end, _) => {
+                rules.push(crate::sampling::rules::KeepRules::default().check(s, end))
+            }
+            Update::StateEnded(..) => {}
+        };
+        let events = client_events(SK, 1000);
+        // A SYN sent again: the handshake the first request waits for.
+        t.apply(&events[0], &mut collect);
+        t.incident(&retransmit(1020, SYN_SENT), &mut collect);
+        t.apply(&events[1], &mut collect);
+        t.link(SK, 1100, link(1, true));
+        // Not sampled: a link, no span.
+        t.link(SK, 1101, link(2, false));
+        t.incident(&retransmit(1150, ESTABLISHED), &mut collect);
+        // An answer the same way as the request answers nothing.
+        t.answer(SK, 1190, true, &mut collect);
+        t.answer(SK, 1200, false, &mut collect);
+        // No request in flight: nothing.
+        t.answer(SK, 1250, false, &mut collect);
+        t.link(SK, 1300, link(3, true));
+        for event in &events[2..] {
+            t.apply_settled(event, &mut collect);
+        }
+        assert_eq!(got.len(), 2, "{got:#?}");
+        let first = &got[0];
+        // The connection was opened for it: from connect() on.
+        assert_eq!(
+            (first.request.start_ns, first.request.sent_ns, first.end_ns),
+            (1000, 1100, 1200)
+        );
+        assert!(first.answered);
+        assert_eq!(
+            first.request.handshake,
+            Some(Handshake {
+                state: TcpState(SYN_SENT),
+                end_ns: Some(1050)
+            })
+        );
+        let at: Vec<u64> = first.request.events.kept.iter().map(|e| e.ts_ns).collect();
+        assert_eq!(at, [1020, 1150]);
+        assert_eq!(first.request.retransmits, 2);
+        assert_eq!(first.state, TcpState(ESTABLISHED));
+        // The second, on the same connection: from its own first segment to the
+        // connection's end, which came before any answer.
+        let second = &got[1];
+        assert_eq!(
+            (second.request.start_ns, second.end_ns, second.answered),
+            (1300, 2065, false)
+        );
+        assert_eq!(second.request.handshake, None);
+        assert_eq!((second.request.index, second.state), (1, TcpState(CLOSE)));
+        assert!(second.request.events.kept.is_empty());
+        let stats = t.stats();
+        assert_eq!(
+            (
+                stats.requests_sampled,
+                stats.request_spans,
+                stats.requests_not_kept
+            ),
+            (2, 2, 0)
+        );
+        // The connection carried a sampled request: the rule keeps it.
+        use crate::sampling::rules::KeptBy;
+        assert_eq!(rules, [KeptBy::RETRANSMIT | KeptBy::SAMPLED_REQUEST]);
+    }
+
+    #[test]
+    fn a_request_on_a_socket_already_open_or_in_its_handshake() {
+        let mut t = SessionTable::new(NonZeroUsize::new(16).unwrap());
+        let got = std::cell::RefCell::new(Vec::new());
+        let mut collect = |u: Update<'_>| {
+            if let Update::RequestEnded(_, e) = u {
+                got.borrow_mut().push(e.clone());
+            }
+        };
+        // Already open when the tracer started: not opened for it.
+        t.apply(
+            &ev(SK, 5000, 4000, ESTABLISHED, FIN_WAIT1, 80),
+            &mut collect,
+        );
+        t.link(SK, 5100, link(1, true));
+        t.apply_settled(&ev(SK, 5200, 100, FIN_WAIT1, CLOSE, 80), &mut collect);
+        {
+            let got = got.borrow();
+            assert_eq!(got.len(), 1);
+            assert_eq!(
+                (got[0].request.start_ns, got[0].request.handshake),
+                (5100, None)
+            );
+        }
+        // A request that came with the handshake (a deferred accept): its
+        // handshake's end is filled in when the handshake ends.
+        let sk = SK + 64;
+        let mut server = vec![ev(sk, 7000, 0, LISTEN, SYN_RECV, 80)];
+        t.apply(&server[0], &mut collect);
+        t.link(
+            sk,
+            7000,
+            Link {
+                direction: Direction::Received,
+                ..link(2, true)
+            },
+        );
+        server.push(ev(sk, 7010, 10, SYN_RECV, ESTABLISHED, 80));
+        t.apply(&server[1], &mut collect);
+        t.answer(sk, 7500, true, &mut collect);
+        let got = got.borrow();
+        let served = &got[1];
+        assert_eq!(
+            served.request.handshake,
+            Some(Handshake {
+                state: TcpState(SYN_RECV),
+                end_ns: Some(7010)
+            })
+        );
+        assert_eq!((served.request.start_ns, served.end_ns), (7000, 7500));
+    }
+
+    #[test]
+    fn requests_in_flight_are_bounded_by_the_table_and_given_back() {
+        // Room for one request in flight in all.
+        let mut t = SessionTable::new(NonZeroUsize::new(1).unwrap());
+        let spans = std::cell::Cell::new(0);
+        let mut collect = |u: Update<'_>| {
+            spans.set(spans.get() + usize::from(matches!(u, Update::RequestEnded(..))))
+        };
+        let events = client_events(SK, 1000);
+        t.apply(&events[0], &mut collect);
+        t.apply(&events[1], &mut collect);
+        t.link(SK, 1100, link(1, true));
+        t.link(SK, 1101, link(2, true));
+        assert_eq!(t.stats().requests_not_kept, 1);
+        t.answer(SK, 1200, false, &mut collect);
+        // Its room given back.
+        t.link(SK, 1300, link(3, true));
+        t.answer(SK, 1400, false, &mut collect);
+        assert_eq!(spans.get(), 2);
+        assert_eq!(t.kept.requests, 0);
+        t.link(SK, 1500, link(4, true));
+        assert_eq!(t.kept.requests, 1);
+        t.end_all(2000, EndReason::Shutdown, &mut collect);
+        assert_eq!((spans.get(), t.kept.requests, t.kept.events), (3, 0, 0));
     }
 }

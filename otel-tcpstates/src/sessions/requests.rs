@@ -1,0 +1,228 @@
+//! The sampled requests of one socket: each becomes a `tcp.request` span in its
+//! application's own trace, timed by the kernel from the request's first segment
+//! (or from the connection's start, when the connection was opened for it) to
+//! its answer's first segment, with the incidents in between.
+use crate::{
+    kernel::{event::TcpState, traceparent::Link},
+    sessions::{incidents::SpanEvents, links::Added, outcome::ErrorType},
+};
+
+/// Requests a socket may have in flight at once (HTTP/1.1 pipelining); more are
+/// counted, not kept.
+pub const MAX_PENDING: usize = 4;
+/// Request spans made for traceparents the socket carried before (a retry, or a
+/// proxy or pooled client that reuses one context): at most this many per
+/// socket, so a context that repeats does not grow its trace without bound.
+pub const MAX_REPEATS: u16 = 4;
+
+/// The handshake a request waited for: the connection was opened for it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Handshake {
+    /// SYN_SENT (the client's) or SYN_RECV (the server's).
+    pub state: TcpState,
+    /// When it ended (ESTABLISHED), if it did before the request's span ended.
+    pub end_ns: Option<u64>,
+}
+
+/// A sampled request in flight.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Request {
+    pub link: Link,
+    /// 0-based among the socket's request spans: names its span.
+    pub index: u32,
+    /// Where its span starts: the request's first segment, or the connection's
+    /// start when the connection was opened for it.
+    pub start_ns: u64,
+    /// When the request's first segment went through the socket.
+    pub sent_ns: u64,
+    /// Set when the connection was opened for this request.
+    pub handshake: Option<Handshake>,
+    /// The incidents while it was in flight (the handshake's too).
+    pub events: SpanEvents,
+    /// Segments retransmitted while it was in flight.
+    pub retransmits: u32,
+}
+
+/// A request whose span ends: its answer came, or its connection ended.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RequestEnded {
+    pub request: Request,
+    pub end_ns: u64,
+    /// The answer's first segment ended it (else the connection's end did).
+    pub answered: bool,
+    /// The connection's state then.
+    pub state: TcpState,
+    /// How the connection failed, when it ended in error with the request in
+    /// flight.
+    pub error: Option<ErrorType>,
+}
+
+/// The sampled requests of one socket.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Requests {
+    /// In flight, oldest first.
+    pub pending: Vec<Request>,
+    /// Sampled requests seen (what the `sampled_request` keep rule looks at).
+    pub seen: u32,
+    /// Request spans made so far: numbers the next.
+    pub made: u32,
+    /// Request spans not made (past [`MAX_PENDING`] or [`MAX_REPEATS`], or the
+    /// table's bound).
+    pub not_kept: u32,
+    /// Spans made for traceparents seen before on the socket.
+    repeats: u16,
+    /// The last traceparent the socket's links could not keep (past their 64):
+    /// repeats of it are told by it alone.
+    last_unkept: Option<([u8; 16], [u8; 8])>,
+}
+
+/// Whether a sampled request gets a span, given what the socket's links made of
+/// its traceparent.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Admit {
+    Yes,
+    /// Counted in [`Requests::not_kept`].
+    No,
+}
+
+impl Requests {
+    /// A sampled request seen: whether it gets a span. `added`: what the
+    /// socket's links made of its traceparent; `room`: whether the socket and
+    /// the table have room for one more request in flight.
+    pub fn admit(&mut self, link: &Link, added: Added, room: bool) -> Admit {
+        self.seen = self.seen.saturating_add(1);
+        let ids = (link.trace_id, link.span_id);
+        let repeat = match added {
+            Added::Kept { .. } => false,
+            Added::Known => true,
+            Added::NotKept => self.last_unkept.replace(ids) == Some(ids),
+        };
+        if !room || self.pending.len() >= MAX_PENDING || (repeat && self.repeats >= MAX_REPEATS) {
+            self.not_kept = self.not_kept.saturating_add(1);
+            return Admit::No;
+        }
+        if repeat {
+            self.repeats += 1;
+        }
+        Admit::Yes
+    }
+
+    /// Starts the span of an admitted request.
+    pub fn start(&mut self, request: Request) {
+        self.made = self.made.saturating_add(1);
+        self.pending.push(request);
+    }
+
+    /// The oldest request in flight the other way from `answer_sent` (whether
+    /// the answer went out of the socket), for its answer.
+    pub fn answered(&mut self, answer_sent: bool) -> Option<Request> {
+        use crate::kernel::traceparent::Direction;
+        let at = self
+            .pending
+            .iter()
+            .position(|r| (r.link.direction == Direction::Received) == answer_sent)?;
+        Some(self.pending.remove(at))
+    }
+
+    /// Heap bytes the requests in flight take, their events too.
+    pub fn heap_bytes(&self) -> usize {
+        self.pending.capacity() * size_of::<Request>()
+            + self
+                .pending
+                .iter()
+                .map(|r| r.events.heap_bytes())
+                .sum::<usize>()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::kernel::traceparent::Direction;
+
+    fn link(n: u8, direction: Direction) -> Link {
+        Link {
+            trace_id: [n; 16],
+            span_id: [n; 8],
+            trace_flags: 1,
+            direction,
+            method: 1,
+        }
+    }
+
+    fn request(n: u8, direction: Direction) -> Request {
+        Request {
+            link: link(n, direction),
+            index: u32::from(n),
+            start_ns: 0,
+            sent_ns: 0,
+            handshake: None,
+            events: SpanEvents::default(),
+            retransmits: 0,
+        }
+    }
+
+    #[test]
+    fn repeats_of_a_context_are_bounded_and_counted() {
+        let mut requests = Requests::default();
+        let kept = Added::Kept { slots: 0 };
+        assert_eq!(
+            requests.admit(&link(1, Direction::Sent), kept, true),
+            Admit::Yes
+        );
+        for _ in 0..MAX_REPEATS {
+            assert_eq!(
+                requests.admit(&link(1, Direction::Sent), Added::Known, true),
+                Admit::Yes
+            );
+        }
+        assert_eq!(
+            requests.admit(&link(1, Direction::Sent), Added::Known, true),
+            Admit::No
+        );
+        // New contexts still get theirs.
+        assert_eq!(
+            requests.admit(&link(2, Direction::Sent), kept, true),
+            Admit::Yes
+        );
+        assert_eq!((requests.seen, requests.not_kept), (7, 1));
+    }
+
+    #[test]
+    fn a_context_the_links_could_not_keep_is_a_repeat_when_it_comes_again() {
+        let mut requests = Requests::default();
+        let unkept = link(9, Direction::Sent);
+        assert_eq!(requests.admit(&unkept, Added::NotKept, true), Admit::Yes);
+        for _ in 0..MAX_REPEATS {
+            assert_eq!(requests.admit(&unkept, Added::NotKept, true), Admit::Yes);
+        }
+        assert_eq!(requests.admit(&unkept, Added::NotKept, true), Admit::No);
+        assert_eq!(requests.not_kept, 1);
+    }
+
+    #[test]
+    fn in_flight_requests_are_bounded_and_answered_oldest_first_by_direction() {
+        let mut requests = Requests::default();
+        for n in 0..MAX_PENDING as u8 {
+            assert_eq!(
+                requests.admit(&link(n, Direction::Sent), Added::Kept { slots: 0 }, true),
+                Admit::Yes
+            );
+            requests.start(request(n, Direction::Sent));
+        }
+        assert_eq!(
+            requests.admit(&link(99, Direction::Sent), Added::Kept { slots: 0 }, true),
+            Admit::No
+        );
+        assert_eq!(
+            requests.admit(&link(98, Direction::Sent), Added::Kept { slots: 0 }, false),
+            Admit::No
+        );
+        // A request sent is answered by a segment received.
+        assert_eq!(requests.answered(true), None);
+        assert_eq!(requests.answered(false).map(|r| r.index), Some(0));
+        assert_eq!(requests.answered(false).map(|r| r.index), Some(1));
+        assert_eq!(requests.pending.len(), MAX_PENDING - 2);
+        assert_eq!(requests.made, MAX_PENDING as u32);
+    }
+}
