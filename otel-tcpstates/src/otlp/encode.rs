@@ -16,6 +16,7 @@ use prost::{
 
 use crate::{
     kernel::event::{Comm, TcpState},
+    kernel::traceparent,
     otlp::spans::{self, Body, EventRecords, ResourceKey, SpanRecord, attr, event as span_event},
     sampling::threshold::Threshold,
     sessions::incidents::{What, congestion_name, reset_reason_name},
@@ -71,6 +72,9 @@ mod field {
 /// A link's flags: the W3C trace flags, and "the context is remote" (it came in a
 /// request's header), known.
 const LINK_REMOTE_FLAGS: u32 = 0x100 | 0x200;
+/// A request span's link to its connection: sampled, and not remote (this
+/// process made that span).
+const CONNECTION_LINK_FLAGS: u32 = 0x01 | 0x100;
 
 /// The resource attributes every span carries (service, host, SDK, those of
 /// `OTEL_RESOURCE_ATTRIBUTES`), as OTLP key-values.
@@ -293,6 +297,7 @@ impl Encoder {
         match r.body {
             Body::State { state, .. } => out.extend_from_slice(&self.fixed.name[state.0 as usize]),
             Body::Root { .. } => bytes(out, field::NAME, spans::ROOT_NAME.as_bytes()),
+            Body::Request { .. } => bytes(out, field::NAME, spans::REQUEST_NAME.as_bytes()),
         }
         varint(out, field::KIND, r.kind() as u64);
         fixed64(out, field::START, r.start_unix_ns);
@@ -331,15 +336,7 @@ impl Encoder {
                 kept_by,
                 counts,
             } => {
-                let (client, server) = r.client_server();
-                if let Some((addr, port)) = client {
-                    self.ip_attr(out, attr::CLIENT_ADDRESS, addr);
-                    int_attr(out, attr::CLIENT_PORT, port.into());
-                }
-                if let Some((addr, port)) = server {
-                    self.ip_attr(out, attr::SERVER_ADDRESS, addr);
-                    int_attr(out, attr::SERVER_PORT, port.into());
-                }
+                self.ends(out, r);
                 if let Some((pid, comm)) = owner {
                     int_attr(out, attr::PROCESS_PID, pid.into());
                     self.comm_attr(out, attr::PROCESS_EXECUTABLE_NAME, comm);
@@ -367,6 +364,47 @@ impl Encoder {
                     int_attr(out, attr::RESETS_RECEIVED, counts.resets_received.into());
                 }
             }
+            Body::Request {
+                role,
+                owner,
+                direction,
+                trace_flags: _,
+                method,
+                handshake,
+                answer_ns,
+                state,
+                connection: _,
+                events: _,
+            } => {
+                self.ends(out, r);
+                if let Some((pid, comm)) = owner {
+                    int_attr(out, attr::PROCESS_PID, pid.into());
+                    self.comm_attr(out, attr::PROCESS_EXECUTABLE_NAME, comm);
+                }
+                str_attr(
+                    out,
+                    attr::HTTP_REQUEST_METHOD,
+                    traceparent::method_name(method).as_bytes(),
+                );
+                str_attr(out, attr::LINK_DIRECTION, direction.as_str().as_bytes());
+                out.extend_from_slice(&self.fixed.role[role as usize]);
+                out.extend_from_slice(&self.fixed.state[state.0 as usize]);
+                bool_attr(out, attr::CONNECTION_NEW, handshake.is_some());
+                if let Some((state, duration_ns)) = handshake {
+                    str_attr(
+                        out,
+                        attr::HANDSHAKE_STATE,
+                        spans::state_name(state).as_bytes(),
+                    );
+                    if let Some(ns) = duration_ns {
+                        int_attr(out, attr::HANDSHAKE_US, micros(ns));
+                    }
+                }
+                bool_attr(out, attr::REQUEST_ANSWERED, answer_ns.is_some());
+                if let Some(ns) = answer_ns {
+                    int_attr(out, attr::REQUEST_ANSWER_US, micros(ns));
+                }
+            }
         }
         if let Some(error) = r.error {
             str_attr(out, attr::ERROR_TYPE, error.as_str().as_bytes());
@@ -380,6 +418,14 @@ impl Encoder {
             Body::Root {
                 links: Some(links), ..
             } => write_links(out, links),
+            Body::Request {
+                events, connection, ..
+            } => {
+                if let Some(events) = events {
+                    write_events(out, events);
+                }
+                write_connection_link(out, *connection);
+            }
             _ => {}
         }
         if let Some(error) = r.error {
@@ -391,7 +437,25 @@ impl Encoder {
             varint(out, field::STATUS_CODE, STATUS_ERROR);
         }
         encode_key(field::FLAGS, WireType::ThirtyTwoBit, out);
-        out.extend_from_slice(&SPAN_FLAGS.to_le_bytes());
+        let flags = match r.body {
+            // In the application's trace, under a span of another process.
+            Body::Request { trace_flags, .. } => u32::from(trace_flags) | LINK_REMOTE_FLAGS,
+            _ => SPAN_FLAGS,
+        };
+        out.extend_from_slice(&flags.to_le_bytes());
+    }
+
+    /// `client.*` and `server.*`, as far as the span's role tells.
+    fn ends(&mut self, out: &mut Vec<u8>, r: &SpanRecord) {
+        let (client, server) = r.client_server();
+        if let Some((addr, port)) = client {
+            self.ip_attr(out, attr::CLIENT_ADDRESS, addr);
+            int_attr(out, attr::CLIENT_PORT, port.into());
+        }
+        if let Some((addr, port)) = server {
+            self.ip_attr(out, attr::SERVER_ADDRESS, addr);
+            int_attr(out, attr::SERVER_PORT, port.into());
+        }
     }
 
     /// The encoded `trace_state` field for `threshold`, made once.
@@ -493,6 +557,7 @@ fn write_events(out: &mut Vec<u8>, events: &EventRecords) {
                 let state = congestion_name(state);
                 str_kv(&mut body, tag, attr::CONGESTION_STATE, state.as_bytes());
             }
+            What::Established | What::RequestSent => {}
         }
         bytes(out, field::EVENTS, &body);
     }
@@ -508,7 +573,25 @@ fn event_name(what: &What) -> &'static str {
         What::ResetReceived => span_event::RESET_RECEIVED,
         What::Error { .. } => span_event::ERROR,
         What::Congestion { .. } => span_event::CONGESTION,
+        What::Established => span_event::ESTABLISHED,
+        What::RequestSent => span_event::REQUEST_SENT,
     }
+}
+
+/// A request span's link to its connection's `tcp.session` root: a span of this
+/// process, in a trace it sampled.
+fn write_connection_link(out: &mut Vec<u8>, (trace_id, span_id): ([u8; 16], [u8; 8])) {
+    key(out, field::LINKS, WireType::LengthDelimited);
+    len_varint(out, (len_field(16) + len_field(8) + 5) as u64);
+    bytes(out, field::LINK_TRACE_ID, &trace_id);
+    bytes(out, field::LINK_SPAN_ID, &span_id);
+    key(out, field::LINK_FLAGS, WireType::ThirtyTwoBit);
+    out.extend_from_slice(&CONNECTION_LINK_FLAGS.to_le_bytes());
+}
+
+/// Whole microseconds of `ns`, as an attribute's integer.
+fn micros(ns: u64) -> i64 {
+    i64::try_from(ns / 1000).unwrap_or(i64::MAX)
 }
 
 /// A root's `links` and `dropped_links_count`.
@@ -805,6 +888,7 @@ mod tests {
             table.apply_settled(event, &mut |update| {
                 out.push(match update {
                     Update::StateEnded(s, e) => mapper.state_span(s, e, Verdict::default()),
+                    Update::RequestEnded(s, e) => mapper.request_span(s, e),
                     Update::SessionEnded(s, end, r) => {
                         mapper.root_span(s, end, r, Verdict::default())
                     }
@@ -1145,6 +1229,43 @@ mod tests {
                         }
                     }
                 ),
+            (
+                (
+                    proptest::sample::select(vec![Role::Client, Role::Server]),
+                    proptest::option::of((any::<u32>(), comm())),
+                    any::<bool>(),
+                    any::<u8>(),
+                    0u8..12,
+                ),
+                (
+                    proptest::option::of((state(), proptest::option::of(any::<u64>()))),
+                    proptest::option::of(any::<u64>()),
+                    state(),
+                    (any::<[u8; 16]>(), any::<[u8; 8]>()),
+                    events(),
+                ),
+            )
+                .prop_map(
+                    |(
+                        (role, owner, sent, trace_flags, method),
+                        (handshake, answer_ns, state, connection, events),
+                    )| Body::Request {
+                        role,
+                        owner,
+                        direction: if sent {
+                            Direction::Sent
+                        } else {
+                            Direction::Received
+                        },
+                        trace_flags,
+                        method,
+                        handshake,
+                        answer_ns,
+                        state,
+                        connection,
+                        events,
+                    }
+                ),
         ]
     }
 
@@ -1210,9 +1331,67 @@ mod tests {
             KeptBy::RETRANSMIT,
             KeptBy::SLOW_HANDSHAKE,
             KeptBy::LONG_LIVED,
+            KeptBy::SAMPLED_REQUEST,
         ];
         proptest::collection::vec(proptest::sample::select(rules.to_vec()), 0..3)
             .prop_map(|picked| picked.into_iter().fold(KeptBy::default(), |a, b| a | b))
+    }
+
+    /// A span's events as opentelemetry-proto's types, and its dropped count.
+    fn expected_events(events: &EventRecords) -> (Vec<span::Event>, u32) {
+        let kv = |key: &str, value: any_value::Value| KeyValue {
+            key: key.into(),
+            value: Some(AnyValue { value: Some(value) }),
+            ..Default::default()
+        };
+        let s = |key: &str, value: String| kv(key, any_value::Value::StringValue(value));
+        let i = |key: &str, value: i64| kv(key, any_value::Value::IntValue(value));
+        let kept = events
+            .kept
+            .iter()
+            .map(|e| {
+                let (name, attributes) = match e.what {
+                    What::Retransmit { kind, err } => {
+                        let mut a = vec![s(attr::RETRANSMIT_KIND, kind.as_str().into())];
+                        if err != 0 {
+                            a.push(s(attr::RETRANSMIT_ERROR, errno_name(-err).into_owned()));
+                        }
+                        ("tcp.retransmit", a)
+                    }
+                    What::ResetSent { reason } => (
+                        "tcp.reset.sent",
+                        vec![s(
+                            attr::RESET_REASON,
+                            reset_reason_name(reason).into_owned(),
+                        )],
+                    ),
+                    What::ResetReceived => ("tcp.reset.received", vec![]),
+                    What::Established => ("tcp.established", vec![]),
+                    What::RequestSent => ("tcp.request.sent", vec![]),
+                    What::Error { errno } => (
+                        "tcp.error",
+                        vec![
+                            i(attr::ERRNO, errno.into()),
+                            s(attr::ERRNO_NAME, errno_name(errno).into_owned()),
+                        ],
+                    ),
+                    What::Congestion { state } => (
+                        "tcp.congestion",
+                        vec![s(
+                            attr::CONGESTION_STATE,
+                            congestion_name(state).into_owned(),
+                        )],
+                    ),
+                };
+                span::Event {
+                    time_unix_nano: e.unix_ns,
+                    name: name.into(),
+                    attributes,
+                    ..Default::default()
+                }
+            })
+            .collect();
+        (kept, events.dropped)
     }
 
     /// The mapping, written independently with opentelemetry-proto's types.
@@ -1256,56 +1435,68 @@ mod tests {
                     attributes.push(s(attr::END_REASON, reason.as_str().into()));
                 }
                 if let Some(events) = events {
-                    span_events = events
-                        .kept
-                        .iter()
-                        .map(|e| {
-                            let (name, attributes) = match e.what {
-                                What::Retransmit { kind, err } => {
-                                    let mut a =
-                                        vec![s(attr::RETRANSMIT_KIND, kind.as_str().into())];
-                                    if err != 0 {
-                                        a.push(s(
-                                            attr::RETRANSMIT_ERROR,
-                                            errno_name(-err).into_owned(),
-                                        ));
-                                    }
-                                    ("tcp.retransmit", a)
-                                }
-                                What::ResetSent { reason } => (
-                                    "tcp.reset.sent",
-                                    vec![s(
-                                        attr::RESET_REASON,
-                                        reset_reason_name(reason).into_owned(),
-                                    )],
-                                ),
-                                What::ResetReceived => ("tcp.reset.received", vec![]),
-                                What::Error { errno } => (
-                                    "tcp.error",
-                                    vec![
-                                        i(attr::ERRNO, errno.into()),
-                                        s(attr::ERRNO_NAME, errno_name(errno).into_owned()),
-                                    ],
-                                ),
-                                What::Congestion { state } => (
-                                    "tcp.congestion",
-                                    vec![s(
-                                        attr::CONGESTION_STATE,
-                                        congestion_name(state).into_owned(),
-                                    )],
-                                ),
-                            };
-                            span::Event {
-                                time_unix_nano: e.unix_ns,
-                                name: name.into(),
-                                attributes,
-                                ..Default::default()
-                            }
-                        })
-                        .collect();
-                    dropped_events_count = events.dropped;
+                    (span_events, dropped_events_count) = expected_events(events);
                 }
                 (state.to_string(), 1)
+            }
+            Body::Request {
+                role,
+                owner,
+                direction,
+                trace_flags: _,
+                method,
+                handshake,
+                answer_ns,
+                state,
+                connection,
+                ref events,
+            } => {
+                let (local, peer) = (r.local, r.peer);
+                let (client, server) = match role {
+                    Role::Client => (local, peer),
+                    _ => (peer, local),
+                };
+                attributes.extend([
+                    s(attr::CLIENT_ADDRESS, client.0.to_string()),
+                    i(attr::CLIENT_PORT, client.1.into()),
+                    s(attr::SERVER_ADDRESS, server.0.to_string()),
+                    i(attr::SERVER_PORT, server.1.into()),
+                ]);
+                if let Some((pid, comm)) = owner {
+                    attributes.push(i(attr::PROCESS_PID, pid.into()));
+                    attributes.push(s(attr::PROCESS_EXECUTABLE_NAME, comm.to_string()));
+                }
+                let b = |key: &str, value: bool| kv(key, any_value::Value::BoolValue(value));
+                attributes.extend([
+                    s(
+                        attr::HTTP_REQUEST_METHOD,
+                        traceparent::method_name(method).into(),
+                    ),
+                    s(attr::LINK_DIRECTION, direction.as_str().into()),
+                    s(attr::ROLE, role.as_str().into()),
+                    s(attr::STATE, state.to_string()),
+                    b(attr::CONNECTION_NEW, handshake.is_some()),
+                ]);
+                if let Some((state, ns)) = handshake {
+                    attributes.push(s(attr::HANDSHAKE_STATE, state.to_string()));
+                    if let Some(ns) = ns {
+                        attributes.push(i(attr::HANDSHAKE_US, micros(ns)));
+                    }
+                }
+                attributes.push(b(attr::REQUEST_ANSWERED, answer_ns.is_some()));
+                if let Some(ns) = answer_ns {
+                    attributes.push(i(attr::REQUEST_ANSWER_US, micros(ns)));
+                }
+                if let Some(events) = events {
+                    (span_events, dropped_events_count) = expected_events(events);
+                }
+                span_links = vec![span::Link {
+                    trace_id: connection.0.to_vec(),
+                    span_id: connection.1.to_vec(),
+                    flags: 0x101,
+                    ..Default::default()
+                }];
+                (spans::REQUEST_NAME.into(), 1)
             }
             Body::Root {
                 role,
@@ -1395,7 +1586,10 @@ mod tests {
             span_id: r.span_id.to_vec(),
             parent_span_id: r.parent_span_id.map(|p| p.to_vec()).unwrap_or_default(),
             trace_state: r.threshold.map(Threshold::trace_state).unwrap_or_default(),
-            flags: SPAN_FLAGS,
+            flags: match r.body {
+                Body::Request { trace_flags, .. } => u32::from(trace_flags) | 0x300,
+                _ => SPAN_FLAGS,
+            },
             name,
             kind,
             start_time_unix_nano: r.start_unix_ns,

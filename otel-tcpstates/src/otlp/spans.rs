@@ -15,10 +15,13 @@ use crate::{
     sessions::incidents::{IncidentCounts, SpanEvents, What},
     sessions::links::Links,
     sessions::outcome::ErrorType,
+    sessions::requests::RequestEnded,
     sessions::table::{EndReason, Role, Session, StateEnded},
 };
 
 pub const ROOT_NAME: &str = "tcp.session";
+/// A sampled request's span, in its application's trace.
+pub const REQUEST_NAME: &str = "tcp.request";
 
 /// Attribute keys: OpenTelemetry semantic conventions, plus our own under `tcpstates.`.
 pub mod attr {
@@ -94,6 +97,20 @@ pub mod attr {
     /// On a `tcp.congestion` event: the state entered (`open`, `disorder`, `cwr`,
     /// `recovery`, `loss`).
     pub const CONGESTION_STATE: &str = "tcpstates.congestion.state";
+
+    /// On a `tcp.request` span: whether the connection was opened for the request
+    /// (the first request on a connection whose opening was seen: the span then
+    /// starts with the connection and covers its handshake).
+    pub const CONNECTION_NEW: &str = "tcpstates.connection.new";
+    /// On a `tcp.request` span of a new connection: its handshake state
+    /// (`SYN_SENT`, `SYN_RECV`) and how long it took, in microseconds.
+    pub const HANDSHAKE_STATE: &str = "tcpstates.handshake.state";
+    pub const HANDSHAKE_US: &str = "tcpstates.handshake.duration_us";
+    /// On a `tcp.request` span: whether the answer's first segment ended it
+    /// (else its connection's end did), and the time from the request's first
+    /// segment to the answer's, in microseconds (on the wire and in the peer).
+    pub const REQUEST_ANSWERED: &str = "tcpstates.request.answered";
+    pub const REQUEST_ANSWER_US: &str = "tcpstates.request.answer_us";
 }
 
 /// Span event names, one per kind of incident.
@@ -103,6 +120,10 @@ pub mod event {
     pub const RESET_RECEIVED: &str = "tcp.reset.received";
     pub const ERROR: &str = "tcp.error";
     pub const CONGESTION: &str = "tcp.congestion";
+    /// On a `tcp.request` span of a new connection: the handshake ended.
+    pub const ESTABLISHED: &str = "tcp.established";
+    /// On a `tcp.request` span of a new connection: the request's first segment.
+    pub const REQUEST_SENT: &str = "tcp.request.sent";
 }
 
 /// How spans are built.
@@ -166,6 +187,29 @@ pub enum Body {
         /// The incidents in the state: on the heap, and only for spans that had any.
         events: Option<Box<EventRecords>>,
     },
+    /// A `tcp.request` span: a sampled request, in its application's trace.
+    Request {
+        role: Role,
+        owner: Option<(u32, Comm)>,
+        /// `sent` (this end made the request) or `received`.
+        direction: crate::kernel::traceparent::Direction,
+        /// The request's W3C trace flags: the span's own.
+        trace_flags: u8,
+        /// 1-based index into the HTTP methods (see [`crate::kernel::traceparent::Link::method`]).
+        method: u8,
+        /// The handshake it waited for: state and duration (ns); `None`
+        /// when the connection was not opened for it.
+        handshake: Option<(TcpState, Option<u64>)>,
+        /// From the request's first segment to the answer's (ns), when it came.
+        answer_ns: Option<u64>,
+        /// The connection's state at the span's end.
+        state: TcpState,
+        /// The connection's `tcp.session` root: (trace id, span id).
+        connection: ([u8; 16], [u8; 8]),
+        /// The incidents while in flight, and for a new connection its
+        /// handshake's end and the request's first segment (as events).
+        events: Option<Box<EventRecords>>,
+    },
     /// The `tcp.session` root.
     Root {
         role: Role,
@@ -207,6 +251,10 @@ impl SpanRecord {
                 Body::State {
                     events: Some(events),
                     ..
+                }
+                | Body::Request {
+                    events: Some(events),
+                    ..
                 } => size_of::<EventRecords>() + events.kept.capacity() * size_of::<EventRecord>(),
                 Body::Root {
                     links: Some(links), ..
@@ -229,7 +277,7 @@ impl SpanRecord {
 
     /// Client and server ends, as far as the role tells.
     pub fn client_server(&self) -> (Option<Endpoint>, Option<Endpoint>) {
-        let Body::Root { role, .. } = self.body else {
+        let (Body::Root { role, .. } | Body::Request { role, .. }) = self.body else {
             return (None, None);
         };
         match role {
@@ -326,6 +374,14 @@ impl SpanMapper {
         record.resource.container = self.containers.cached(pid, cgroup_id);
     }
 
+    /// The span id of a session's request span `index`.
+    fn request_span_id(&self, session: &Session, index: u32) -> [u8; 8] {
+        let id = self
+            .ids
+            .hash_one((4u8, session.skaddr, session.birth_ns, index));
+        id.max(1).to_be_bytes()
+    }
+
     fn span_id(&self, session: &Session, child: Option<u32>) -> [u8; 8] {
         let id = self
             .ids
@@ -410,6 +466,61 @@ impl SpanMapper {
                 verdict,
                 body,
             )
+        }
+    }
+
+    /// The `tcp.request` span of a sampled request: in the application's trace,
+    /// a child of the span that sent the request, linked to the connection's
+    /// root.
+    pub fn request_span(&self, session: &Session, ended: &RequestEnded) -> SpanRecord {
+        let request = &ended.request;
+        let mut events = self.events(session, &request.events);
+        if let Some(handshake) = request.handshake {
+            // Where the handshake ended and the request went out, inside a span
+            // that starts with the connection.
+            let at = |ts_ns, what| EventRecord {
+                unix_ns: self.unix_ns(session, ts_ns),
+                what,
+            };
+            if let Some(end_ns) = handshake.end_ns.filter(|&t| t <= ended.end_ns) {
+                events.kept.push(at(end_ns, What::Established));
+            }
+            events.kept.push(at(request.sent_ns, What::RequestSent));
+            events.kept.sort_by_key(|e| e.unix_ns);
+        }
+        let body = Body::Request {
+            role: session.role,
+            owner: session.owner.map(|owner| (owner.pid, owner.comm)),
+            direction: request.link.direction,
+            trace_flags: request.link.trace_flags,
+            method: request.link.method,
+            handshake: request.handshake.map(|h| {
+                (
+                    h.state,
+                    h.end_ns.map(|end| end.saturating_sub(request.start_ns)),
+                )
+            }),
+            answer_ns: ended
+                .answered
+                .then(|| ended.end_ns.saturating_sub(request.sent_ns)),
+            state: ended.state,
+            connection: (session.trace_id, self.span_id(session, None)),
+            events: (!events.kept.is_empty() || events.dropped > 0).then_some(events),
+        };
+        SpanRecord {
+            trace_id: request.link.trace_id,
+            span_id: self.request_span_id(session, request.index),
+            parent_span_id: Some(request.link.span_id),
+            start_unix_ns: self.unix_ns(session, request.start_ns),
+            end_unix_ns: self.unix_ns(session, ended.end_ns),
+            resource: self.resource(session),
+            local: (session.local_addr, session.local_port),
+            peer: (session.remote_addr, session.remote_port),
+            error: ended.error,
+            // The application's sampling decided; its threshold, if any, is in
+            // its own trace state, which the request did not carry to us.
+            threshold: None,
+            body,
         }
     }
 

@@ -111,6 +111,7 @@ impl Traces {
             Kept::Root(session, end_ns, reason, verdict) => {
                 self.mapper.root_span(session, end_ns, reason, verdict)
             }
+            Kept::Request(session, ended) => self.mapper.request_span(session, ended),
         }
     }
 

@@ -25,6 +25,9 @@ pub mod name {
     pub const LINKS_LOST: &str = "otel_tcpstates.links.lost";
     pub const LINKS_INVALID: &str = "otel_tcpstates.links.invalid";
     pub const LINKS_NOT_KEPT: &str = "otel_tcpstates.links.not_kept";
+    pub const REQUESTS_SAMPLED: &str = "otel_tcpstates.requests.sampled";
+    pub const REQUEST_SPANS: &str = "otel_tcpstates.requests.spans";
+    pub const REQUESTS_NOT_KEPT: &str = "otel_tcpstates.requests.not_kept";
     pub const SPAN_EVENTS_NOT_KEPT: &str = "otel_tcpstates.span_events.not_kept";
     pub const INCIDENTS_LOST: &str = "otel_tcpstates.incidents.lost";
     pub const INCIDENTS_SKIPPED: &str = "otel_tcpstates.incidents.skipped";
@@ -60,6 +63,9 @@ struct Published {
     links_lost: AtomicU64,
     links_invalid: AtomicU64,
     links_not_kept: AtomicU64,
+    requests_sampled: AtomicU64,
+    request_spans: AtomicU64,
+    requests_not_kept: AtomicU64,
     events_not_kept: AtomicU64,
     incidents_lost: AtomicU64,
     incidents_skipped: AtomicU64,
@@ -113,6 +119,9 @@ impl SelfMetrics {
             set(&p.links_lost, s.lost);
             set(&p.links_invalid, s.invalid);
             set(&p.links_not_kept, s.not_kept);
+            set(&p.requests_sampled, s.requests_sampled);
+            set(&p.request_spans, s.request_spans);
+            set(&p.requests_not_kept, s.requests_not_kept);
         }
         if let Some(s) = &stats.incidents {
             set(&p.incidents_lost, s.lost);
@@ -176,7 +185,7 @@ impl SelfMetrics {
 fn register(provider: &SdkMeterProvider, published: &Arc<Published>) {
     let meter = provider.meter("otel-tcpstates");
     type Pick = fn(&Published) -> &AtomicU64;
-    let counters: [(&'static str, &'static str, &'static str, Pick); 28] = [
+    let counters: [(&'static str, &'static str, &'static str, Pick); 31] = [
         (
             name::EVENTS_SEEN,
             "{event}",
@@ -220,6 +229,25 @@ fn register(provider: &SdkMeterProvider, published: &Arc<Published>) {
             "Links read but not kept on their socket's root: past its 64, or past the \
              session table's bound on all sockets' links (memory) (--links)",
             |p| &p.links_not_kept,
+        ),
+        (
+            name::REQUESTS_SAMPLED,
+            "{request}",
+            "Requests whose traceparent said their application sampled them (--links)",
+            |p| &p.requests_sampled,
+        ),
+        (
+            name::REQUEST_SPANS,
+            "{span}",
+            "tcp.request spans made in applications' traces, one per sampled request (--links)",
+            |p| &p.request_spans,
+        ),
+        (
+            name::REQUESTS_NOT_KEPT,
+            "{request}",
+            "Sampled requests that made no tcp.request span: past a socket's 4 in flight or \
+             4 repeated traceparents, or the session table's bound (memory) (--links)",
+            |p| &p.requests_not_kept,
         ),
         (
             name::SPAN_EVENTS_NOT_KEPT,

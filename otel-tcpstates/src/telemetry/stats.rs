@@ -45,6 +45,14 @@ pub struct LinkStats {
     /// Read, but not kept on their socket's root: past its 64, or past the
     /// session table's bound on all sockets' links (memory).
     pub not_kept: u64,
+    /// Requests whose traceparent said the application sampled them.
+    pub requests_sampled: u64,
+    /// `tcp.request` spans made of them (each ended: answered, or its
+    /// connection ended).
+    pub request_spans: u64,
+    /// Sampled requests that made no span: past a socket's in flight or
+    /// repeats, or the session table's bound (memory).
+    pub requests_not_kept: u64,
 }
 
 /// The incident programs' records that never arrived, or arrived with no
@@ -85,8 +93,15 @@ impl fmt::Display for Stats {
         if let Some(s) = &self.links {
             write!(
                 f,
-                "; links: {} seen, {} lost, {} invalid, {} not kept",
-                s.seen, s.lost, s.invalid, s.not_kept
+                "; links: {} seen, {} lost, {} invalid, {} not kept; \
+                 requests: {} sampled, {} spans, {} not kept",
+                s.seen,
+                s.lost,
+                s.invalid,
+                s.not_kept,
+                s.requests_sampled,
+                s.request_spans,
+                s.requests_not_kept
             )?;
         }
         if let Some(s) = &self.incidents {
@@ -245,6 +260,9 @@ mod tests {
             lost: 2,
             invalid: 1,
             not_kept: 9,
+            requests_sampled: 6,
+            request_spans: 4,
+            requests_not_kept: 1,
         });
         stats.incidents = Some(IncidentStats {
             lost: 5,
@@ -255,7 +273,7 @@ mod tests {
         assert!(
             stats.to_string().starts_with(
                 "stats: 12 events seen, 3 lost, 4 skipped; links: 8 seen, 2 lost, 1 invalid, \
-                 9 not kept; \
+                 9 not kept; requests: 6 sampled, 4 spans, 1 not kept; \
                  incidents: 5 lost, 6 skipped, 7 unmatched, 1 resets late; sessions:"
             ),
             "{stats}"
