@@ -67,11 +67,14 @@ if [[ $want_test -eq 1 ]]; then
   # a private namespace; systemd-analyze and strace check the systemd unit and the
   # daemon's system calls; iptables drops and rejects loopback packets; bpftool
   # reads the programs' recursion_misses (tests/losses.rs); ip makes the network
-  # namespaces and tc reads their links; curl, python3 and timeout are clients and servers in the tests.
+  # namespaces and tc reads their links; curl, python3 and timeout are clients and
+  # servers in the tests, node the instrumented app in tests/apps/node (npm installs
+  # its packages below).
   tools=(
     setpriv:util-linux unshare:util-linux mount:mount timeout:coreutils
     bash:bash sh:dash systemd-analyze:systemd strace:strace iptables:iptables
     bpftool:bpftool ip:iproute2 tc:iproute2 curl:curl python3:python3
+    node:nodejs npm:npm
   )
   missing_tools() {
     local entry
@@ -130,15 +133,41 @@ if [[ $want_test -eq 1 ]]; then
   fi
 
   # The OpenTelemetry Python SDK and its OTLP/HTTP exporter, for the instrumented
-  # application in tests/apps/ whose W3C traceparent headers tests/links.rs
-  # follows into span links; the test runs it with PYTHONPATH=$otel_py_dir.
+  # applications in tests/apps/ whose W3C traceparent headers the tests follow
+  # into span links, with the instrumentation of the requests library (its
+  # 0.xxbN release goes with the SDK's 1.xx.N) and requests itself for
+  # tests/apps/traced_requests.py; the tests run them with PYTHONPATH=$otel_py_dir.
   OTEL_PYTHON_VERSION=1.45.2
+  OTEL_PYTHON_CONTRIB_VERSION=0.66b2
+  REQUESTS_VERSION=2.34.2
   otel_py_dir="${CARGO_HOME:-$HOME/.cargo}/otel-tcpstates-python"
   if [[ ! -d "$otel_py_dir/opentelemetry_sdk-$OTEL_PYTHON_VERSION.dist-info" ||
-        ! -d "$otel_py_dir/opentelemetry_exporter_otlp_proto_http-$OTEL_PYTHON_VERSION.dist-info" ]]; then
-    pip_into "$otel_py_dir" "opentelemetry-sdk $OTEL_PYTHON_VERSION" \
+        ! -d "$otel_py_dir/opentelemetry_exporter_otlp_proto_http-$OTEL_PYTHON_VERSION.dist-info" ||
+        ! -d "$otel_py_dir/opentelemetry_instrumentation_requests-$OTEL_PYTHON_CONTRIB_VERSION.dist-info" ||
+        ! -d "$otel_py_dir/requests-$REQUESTS_VERSION.dist-info" ]]; then
+    pip_into "$otel_py_dir" \
+      "opentelemetry-sdk $OTEL_PYTHON_VERSION, opentelemetry-instrumentation-requests $OTEL_PYTHON_CONTRIB_VERSION" \
       "opentelemetry-sdk==$OTEL_PYTHON_VERSION" \
-      "opentelemetry-exporter-otlp-proto-http==$OTEL_PYTHON_VERSION"
+      "opentelemetry-exporter-otlp-proto-http==$OTEL_PYTHON_VERSION" \
+      "opentelemetry-instrumentation-requests==$OTEL_PYTHON_CONTRIB_VERSION" \
+      "requests==$REQUESTS_VERSION"
+  fi
+
+  # The OpenTelemetry JS SDK and its http instrumentation, for
+  # tests/apps/node/traced_node.js: `npm ci` of the lock file there, into a
+  # directory of its own outside the repository (a clean clone has no
+  # node_modules); the tests run the app with NODE_PATH=$otel_node_dir/node_modules.
+  # A copy of the lock file it was installed from says whether it is current.
+  otel_node_dir="${CARGO_HOME:-$HOME/.cargo}/otel-tcpstates-node"
+  node_app="$root/tests/apps/node"
+  if ! cmp -s "$node_app/package-lock.json" "$otel_node_dir/installed-package-lock.json" ||
+     [[ ! -d "$otel_node_dir/node_modules" ]]; then
+    log "installing the OpenTelemetry JS SDK into $otel_node_dir"
+    rm -rf "$otel_node_dir"
+    mkdir -p "$otel_node_dir"
+    cp "$node_app/package.json" "$node_app/package-lock.json" "$otel_node_dir/"
+    (cd "$otel_node_dir" && npm ci --no-audit --no-fund --loglevel=error) >&2
+    cp "$node_app/package-lock.json" "$otel_node_dir/installed-package-lock.json"
   fi
 fi
 
