@@ -110,6 +110,9 @@ impl Requests {
     /// Starts the span of an admitted request.
     pub fn start(&mut self, request: Request) {
         self.made = self.made.saturating_add(1);
+        // One slot at a time (a first push would make room for 4): most
+        // sockets have one request in flight at most.
+        self.pending.reserve_exact(1);
         self.pending.push(request);
     }
 

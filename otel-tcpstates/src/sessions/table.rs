@@ -2053,8 +2053,11 @@ mod memory {
         let per_socket = total / N as usize;
         eprintln!(
             "{N} sockets at their worst: {per_socket} bytes a socket on average, \
-             {most} at most (Session itself {} bytes)",
-            size_of::<Session>()
+             {most} at most (Session itself {} bytes, a request in flight {}, a \
+             socket's requests {} and their list)",
+            size_of::<Session>(),
+            size_of::<Request>(),
+            size_of::<Requests>()
         );
         // One socket may keep all it was offered: 64 links, 64 events in each
         // of two states.
