@@ -194,7 +194,7 @@ fn inspect(ctx: &SkBuffContext, dir: u8) -> Option<()> {
         // then ends with the connection's next request or end).
         unsafe { (*state).inspect &= !(inspect::ANSWER << shift) };
         queue_answer(sk, dir);
-        if flags & inspect::HTTP == 0 {
+        if flags & inspect::DECIDED != 0 && flags & inspect::HTTP == 0 {
             return None;
         }
     }
