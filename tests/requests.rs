@@ -11,20 +11,10 @@
 //! none; and sampling keeps every connection a sampled request used.
 mod support;
 
-use std::{
-    collections::BTreeMap,
-    path::{Path, PathBuf},
-    process::{Command, Output, Stdio},
-    sync::mpsc,
-    thread,
-    time::Duration,
-};
+use std::collections::BTreeMap;
 
-use nix::{
-    sys::signal::{Signal, kill},
-    unistd::Pid,
-};
 use support::{
+    apps::{App, AppRequest, DELAY_MS, LONG, Mode, Runtime, run_app},
     load,
     netfault::Fault,
     otlp::{FAST, KIND_CLIENT, KIND_INTERNAL, ROOT, ReceivedSpan, Receiver, Value},
@@ -33,164 +23,9 @@ use support::{
 
 const DAEMON_SERVICE: &str = "otel-tcpstates";
 const REQUEST: &str = "tcp.request";
-/// How long an app may run and spans may take to arrive: far beyond what
-/// either takes, so only a hang fails.
-const LONG: Duration = Duration::from_secs(240);
-/// The server's delay before each answer: the least a request span's wait for
-/// its answer can be, on either end.
-const DELAY_MS: u64 = 20;
 /// How far a span of the daemon may seem to stick out of the application's
 /// span that contains it: the two clocks' conversions to wall time.
 const CLOCKS_NS: u64 = 5_000_000;
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Runtime {
-    Node,
-    Python,
-}
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Mode {
-    KeepAlive,
-    New,
-}
-
-/// One request the app made, as it reports it.
-#[derive(Clone, Debug)]
-struct AppRequest {
-    trace_id: String,
-    span_id: String,
-    sampled: bool,
-    client_port: u16,
-    server_port: u16,
-}
-
-#[derive(Debug)]
-struct App {
-    pid: u32,
-    requests: Vec<AppRequest>,
-}
-
-/// Where `scripts/setup.sh --test` installs a runtime's packages.
-fn packages(runtime: Runtime) -> PathBuf {
-    let cargo_home = std::env::var_os("CARGO_HOME")
-        .map(PathBuf::from)
-        .or_else(|| std::env::var_os("HOME").map(|home| PathBuf::from(home).join(".cargo")))
-        .expect("neither CARGO_HOME nor HOME is set");
-    let (dir, inside) = match runtime {
-        Runtime::Node => (
-            "otel-tcpstates-node/node_modules",
-            "@opentelemetry/sdk-trace-node",
-        ),
-        Runtime::Python => (
-            "otel-tcpstates-python",
-            "opentelemetry/instrumentation/requests",
-        ),
-    };
-    let dir = cargo_home.join(dir);
-    assert!(
-        dir.join(inside).is_dir(),
-        "{} is not installed in {}; run scripts/setup.sh --test",
-        inside,
-        dir.display()
-    );
-    dir
-}
-
-/// Runs the app to its end and reads its report.
-#[allow(clippy::too_many_arguments)]
-fn run_app(
-    rx: &Receiver,
-    runtime: Runtime,
-    family: u8,
-    mode: Mode,
-    requests: usize,
-    ratio: f64,
-    port: Option<u16>,
-) -> App {
-    let apps = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/apps");
-    let mut command = match runtime {
-        Runtime::Node => {
-            let mut c = Command::new("node");
-            c.arg(apps.join("node/traced_node.js"))
-                .env("NODE_PATH", packages(runtime));
-            c
-        }
-        Runtime::Python => {
-            let mut c = Command::new("python3");
-            c.arg(apps.join("traced_requests.py"))
-                .env("PYTHONPATH", packages(runtime));
-            c
-        }
-    };
-    // The app's OpenTelemetry settings are these alone, whatever this process has.
-    for (key, _) in std::env::vars_os() {
-        if key.to_string_lossy().starts_with("OTEL_") {
-            command.env_remove(key);
-        }
-    }
-    let args = [
-        ("--family", family.to_string()),
-        ("--requests", requests.to_string()),
-        (
-            "--mode",
-            match mode {
-                Mode::KeepAlive => "keepalive",
-                Mode::New => "new",
-            }
-            .to_owned(),
-        ),
-        ("--ratio", ratio.to_string()),
-        ("--delay-ms", DELAY_MS.to_string()),
-        ("--port", port.unwrap_or(0).to_string()),
-    ];
-    for (flag, value) in &args {
-        command.args([flag, value.as_str()]);
-    }
-    command
-        .env("OTEL_EXPORTER_OTLP_ENDPOINT", rx.http_endpoint())
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
-    let child = command.spawn().expect("the app");
-    let pid = child.id();
-    let (done, finished) = mpsc::channel::<std::io::Result<Output>>();
-    thread::spawn(move || {
-        let _ = done.send(child.wait_with_output());
-    });
-    let out = match finished.recv_timeout(LONG) {
-        Ok(out) => out.expect("waiting for the app"),
-        Err(_) => {
-            let _ = kill(Pid::from_raw(pid as i32), Signal::SIGKILL);
-            panic!("{runtime:?} app did not finish within {LONG:?}");
-        }
-    };
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        out.status.success(),
-        "{runtime:?} app {args:?} failed with {}:\n{stderr}",
-        out.status
-    );
-    let report: serde_json::Value = serde_json::from_slice(&out.stdout)
-        .unwrap_or_else(|e| panic!("the app's report is not JSON ({e}); stderr:\n{stderr}"));
-    let port = |v: &serde_json::Value| u16::try_from(v.as_u64().expect("a port")).unwrap();
-    let text = |v: &serde_json::Value| v.as_str().expect("text").to_owned();
-    App {
-        pid,
-        requests: report["requests"]
-            .as_array()
-            .expect("requests")
-            .iter()
-            .map(|r| AppRequest {
-                trace_id: text(&r["trace_id"]),
-                span_id: text(&r["span_id"]),
-                sampled: r["sampled"].as_bool().expect("sampled"),
-                client_port: port(&r["client_port"]),
-                server_port: port(&r["server_port"]),
-            })
-            .collect(),
-    }
-}
 
 fn service(span: &ReceivedSpan) -> Option<&str> {
     match span.resource.get("service.name") {
@@ -328,7 +163,7 @@ fn sampled_requests_get_their_spans(test: &str, runtime: Runtime, mode: Mode, fa
         FAST,
     );
     // Half sampled, by trace id: 16 requests hold both kinds but once in 2^15.
-    let app = run_app(&rx, runtime, family, mode, 16, 0.5, None);
+    let app = run_app(&rx.http_endpoint(), runtime, family, mode, 16, 0.5, None);
     let sampled = app.requests.iter().filter(|r| r.sampled).count();
     assert!(
         (1..app.requests.len()).contains(&sampled),
@@ -439,7 +274,15 @@ fn a_dropped_syn_shows_its_handshake_inside_the_apps_trace() {
     );
     let port = load::quiet_port();
     let fault = Fault::drop_first_syn(port);
-    let app = run_app(&rx, Runtime::Node, 4, Mode::New, 1, 1.0, Some(port));
+    let app = run_app(
+        &rx.http_endpoint(),
+        Runtime::Node,
+        4,
+        Mode::New,
+        1,
+        1.0,
+        Some(port),
+    );
     assert_eq!(fault.matched(), 1, "the first SYN was dropped");
     drop(fault);
     let spans = collect(&rx, tracer, &app);
@@ -493,7 +336,15 @@ fn at_one_percent_every_connection_of_a_sampled_request_is_kept() {
         ],
         FAST,
     );
-    let app = run_app(&rx, Runtime::Node, 4, Mode::New, 24, 0.5, None);
+    let app = run_app(
+        &rx.http_endpoint(),
+        Runtime::Node,
+        4,
+        Mode::New,
+        24,
+        0.5,
+        None,
+    );
     let spans = collect(&rx, tracer, &app);
     let sampled = app.requests.iter().filter(|r| r.sampled).count();
     assert!((1..app.requests.len()).contains(&sampled), "{app:#?}");

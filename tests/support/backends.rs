@@ -348,6 +348,31 @@ impl Jaeger {
             thread::sleep(Duration::from_millis(100));
         }
     }
+
+    /// Waits until Jaeger's trace `trace_id_hex` has the spans `done` looks for
+    /// (`what` they are, for the failure), or `timeout`: the trace as it is then.
+    pub fn wait_for_trace_where(
+        &self,
+        trace_id_hex: &str,
+        what: &str,
+        timeout: Duration,
+        done: impl Fn(&[Value]) -> bool,
+    ) -> Value {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let trace = self.trace(trace_id_hex);
+            if let Some(trace) = &trace
+                && done(trace["spans"].as_array().map_or(&[][..], Vec::as_slice))
+            {
+                return trace.clone();
+            }
+            assert!(
+                Instant::now() < deadline,
+                "Jaeger's trace {trace_id_hex} has no {what} after {timeout:?}: {trace:#?}"
+            );
+            thread::sleep(Duration::from_millis(100));
+        }
+    }
 }
 
 /// Hex of an id's bytes, as Jaeger's API writes trace and span ids.
