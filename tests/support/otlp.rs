@@ -179,6 +179,14 @@ struct Store {
     span_count: u64,
     /// Set by [`Receiver::start_counting`]: spans are counted, not kept.
     count_only: bool,
+    /// Set by [`Receiver::start_counting_by_name`]: spans are counted by name too,
+    /// and their links.
+    by_name: bool,
+    /// Spans received by name (with `by_name`).
+    names: BTreeMap<String, u64>,
+    /// Links received on spans, and those their senders left out (OTLP
+    /// `dropped_links_count`), with `by_name`.
+    links: (u64, u64),
     /// Each metric's latest data point.
     metrics: BTreeMap<String, ReceivedMetric>,
     /// Each metric's data points, with their attributes, by name.
@@ -342,6 +350,21 @@ impl Receiver {
         )
     }
 
+    /// Like [`Receiver::start_counting`], but also counting spans by name
+    /// ([`Receiver::span_count_named`]) and their links ([`Receiver::link_count`]):
+    /// what a load of one kind of span made, without keeping it.
+    pub fn start_counting_by_name() -> Receiver {
+        Self::start_with(
+            Store {
+                count_only: true,
+                by_name: true,
+                ..Store::default()
+            },
+            (0, 0),
+            None,
+        )
+    }
+
     /// [`Receiver::start_counting`] on given ports: a counting collector that can
     /// go away and come back where the daemon expects it.
     pub fn start_counting_at(grpc_port: u16, http_port: u16) -> Receiver {
@@ -451,6 +474,18 @@ impl Receiver {
     /// Spans received so far over both transports, stored or only counted.
     pub fn span_count(&self) -> u64 {
         lock(&self.store).span_count
+    }
+
+    /// Spans named `name` received so far ([`Receiver::start_counting_by_name`]
+    /// only; 0 otherwise).
+    pub fn span_count_named(&self, name: &str) -> u64 {
+        lock(&self.store).names.get(name).copied().unwrap_or(0)
+    }
+
+    /// Links received on spans so far, and those their senders left out (OTLP
+    /// `dropped_links_count`): [`Receiver::start_counting_by_name`] only.
+    pub fn link_count(&self) -> (u64, u64) {
+        lock(&self.store).links
     }
 
     /// Polls until `done(&spans)` holds or `timeout` passes; returns the spans
@@ -717,7 +752,30 @@ fn record(store: &Shared, transport: &'static str, request: ExportTraceServiceRe
         .map(|s| s.spans.len())
         .sum();
     // Checked before flattening, which is the costly part.
-    let spans = if lock(store).count_only {
+    let (count_only, by_name) = {
+        let store = lock(store);
+        (store.count_only, store.by_name)
+    };
+    if by_name {
+        let mut store = lock(store);
+        let store = &mut *store;
+        for span in request
+            .resource_spans
+            .iter()
+            .flat_map(|r| &r.scope_spans)
+            .flat_map(|s| &s.spans)
+        {
+            match store.names.get_mut(span.name.as_str()) {
+                Some(n) => *n += 1,
+                None => {
+                    store.names.insert(span.name.clone(), 1);
+                }
+            }
+            store.links.0 += span.links.len() as u64;
+            store.links.1 += u64::from(span.dropped_links_count);
+        }
+    }
+    let spans = if count_only {
         Vec::new()
     } else {
         flatten(transport, request)

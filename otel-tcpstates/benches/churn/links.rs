@@ -2,10 +2,15 @@
 //! this process, once with `--no-links` and once with links (its `cgroup_skb`
 //! programs `http_egress` and `http_ingress` on the cgroup v2 root), side by side
 //! under three workloads: the churn, one bulk loopback connection (at least 1 GiB
-//! measured), and wrk against nginx over keep-alive, without and with a W3C
-//! `traceparent` header on every request. Per run: the workload's rate, the packet
+//! measured), and wrk against nginx over keep-alive: without a header, with one
+//! fixed W3C `traceparent` on every request (it repeats on each connection: a
+//! socket makes at most 1 + 4 `tcp.request` spans of it), and with a distinct
+//! sampled `traceparent` on every request (each makes a `tcp.request` span per end
+//! of its connection, two on loopback). Per run: the workload's rate, the packet
 //! programs' runs/s and ns per run (`bpftool`, `kernel.bpf_stats_enabled`), the
-//! daemon's CPU; then on ÷ off against the issue's goals.
+//! daemon's CPU; under wrk, the `tcp.request` spans and links that reached the
+//! receiver from the measured window and the daemon's CPU per request span; then
+//! on ÷ off against the issue's goals.
 
 use std::{
     collections::HashSet,
@@ -16,17 +21,24 @@ use std::{
 use anyhow::{Context as _, Result, bail};
 
 use super::{
-    Churn, DAEMON_PROG, Exited, Mode, Options, ProgStats, Tracer, bulk::Bulk, cpu_seconds,
-    lost_events, machine_user_seconds, nginx::Nginx, otlp, otlp_args, prog_stats, progs,
-    settled_count, summary,
+    Churn, DAEMON_PROG, Exited, Mode, Options, ProgStats, Tracer,
+    bulk::Bulk,
+    cpu_seconds, lost_events, machine_user_seconds, median,
+    nginx::{Nginx, Requests},
+    otlp, otlp_args, prog_stats, progs, settled_count, summary, thread_cpu_seconds,
 };
 
 /// bpftool's names for the daemon's packet programs, in the table's order.
 const PACKET_PROGS: [&str; 2] = ["http_egress", "http_ingress"];
-/// The header wrk sends on every request in the header case, and its trace id (the
-/// links that come back are counted by it).
+/// The header wrk sends on every request in the fixed-traceparent case.
 const TRACEPARENT: &str = "traceparent: 00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
-const TRACE_ID: &str = "4bf92f3577b34da6a3ce929d0e0e4736";
+/// The span the daemon makes of each sampled request (per end of its connection).
+const REQUEST_SPAN: &str = "tcp.request";
+/// After a wrk run, the receiver's counts of request spans and links are final
+/// once they have not moved for this long (the daemon exports every second)...
+const SETTLE_QUIET: Duration = Duration::from_millis(1500);
+/// ...or once this much has passed (noted).
+const SETTLE_LIMIT: Duration = Duration::from_secs(30);
 /// How long the packet programs may take to show up once the daemon traces.
 const PROGS_TIMEOUT: Duration = Duration::from_secs(10);
 /// The bulk window goes on until at least this much has moved...
@@ -45,7 +57,10 @@ enum Case {
     Churn,
     Bulk,
     Wrk,
-    WrkHeader,
+    /// One fixed traceparent on every request: mostly repeats.
+    WrkFixed,
+    /// A distinct sampled traceparent on every request.
+    WrkTraceparents,
 }
 
 impl Case {
@@ -53,7 +68,7 @@ impl Case {
         match mode {
             Mode::LinksChurn => &[Case::Churn],
             Mode::LinksBulk => &[Case::Bulk],
-            Mode::LinksWrk => &[Case::Wrk, Case::WrkHeader],
+            Mode::LinksWrk => &[Case::Wrk, Case::WrkFixed, Case::WrkTraceparents],
             _ => &[],
         }
     }
@@ -63,7 +78,22 @@ impl Case {
             Case::Churn => "churn, conns/s",
             Case::Bulk => "bulk, 1 connection, GB/s",
             Case::Wrk => "wrk → nginx, no header, requests/s",
-            Case::WrkHeader => "wrk → nginx, traceparent on every request, requests/s",
+            Case::WrkFixed => {
+                "wrk → nginx, one fixed traceparent on every request (repeats), requests/s"
+            }
+            Case::WrkTraceparents => {
+                "wrk → nginx, a distinct sampled traceparent on every request, requests/s"
+            }
+        }
+    }
+
+    /// What wrk sends (wrk cases only).
+    fn requests(self) -> Option<Requests> {
+        match self {
+            Case::Wrk => Some(Requests::Plain),
+            Case::WrkFixed => Some(Requests::Header(TRACEPARENT)),
+            Case::WrkTraceparents => Some(Requests::DistinctTraceparents),
+            Case::Churn | Case::Bulk => None,
         }
     }
 
@@ -79,11 +109,12 @@ impl Case {
         match self {
             Case::Bulk => Some((0.97, "bulk: GB/s on ÷ off ≥ 0.97")),
             Case::Churn => Some((1.0 - NOISE, "churn: conns/s on ÷ off within noise (≥ 0.95)")),
-            Case::WrkHeader => Some((
+            Case::WrkTraceparents => Some((
                 0.95,
-                "wrk → nginx, traceparent on every request: requests/s on ÷ off ≥ 0.95",
+                "wrk → nginx, a distinct sampled traceparent on every request: requests/s \
+                 on ÷ off ≥ 0.95",
             )),
-            Case::Wrk => None,
+            Case::Wrk | Case::WrkFixed => None,
         }
     }
 }
@@ -96,10 +127,34 @@ struct Run {
     /// None: it failed (see the notes).
     rate: Option<f64>,
     usage: Option<Usage>,
-    /// Links with our trace id that reached the receiver, and those the daemon
-    /// counted as dropped (OTLP `dropped_links_count`): wrk's header case only.
-    links_received: Option<(u64, u64)>,
+    /// What reached the receiver from the window (wrk cases only).
+    requests: Option<RequestSpans>,
     notes: Vec<String>,
+}
+
+/// A wrk window's requests and what the daemon made of them, counted once the
+/// receiver's counts settled after it (the warm-up's settled before it).
+#[derive(Clone, Copy, Debug)]
+struct RequestSpans {
+    /// Requests wrk completed in the window.
+    requests: u64,
+    /// `tcp.request` spans received.
+    spans: u64,
+    /// Links received on spans, and those the daemon left out
+    /// (`dropped_links_count`).
+    links: (u64, u64),
+    /// The daemon's CPU seconds from the window's start until the counts settled
+    /// (the window, and the export of what it made).
+    daemon_cpu_s: f64,
+    /// The bench's receiver thread's CPU seconds over the same span.
+    receiver_cpu_s: f64,
+}
+
+impl RequestSpans {
+    /// The daemon's CPU µs per request span (None: no request span).
+    fn daemon_us_per_span(&self) -> Option<f64> {
+        (self.spans > 0).then(|| 1e6 * self.daemon_cpu_s / self.spans as f64)
+    }
 }
 
 /// Runs each links mode `opts.link_rounds` times off and on (off first in odd
@@ -141,13 +196,13 @@ fn under_daemon(mode: Mode, links: bool, round: u64, opts: &Options) -> Vec<Run>
                 links,
                 rate: None,
                 usage: None,
-                links_received: None,
+                requests: None,
                 notes: vec![format!("failed: {err:#}")],
             })
             .collect()
     };
-    // Spans are few under wrk (its connections are kept alive): store them, to
-    // count the links that arrive. The churn makes ~150k spans/s: count only.
+    // Spans are never stored: the churn makes ~150k spans/s, wrk with distinct
+    // traceparents two per request. Under wrk they are counted by name.
     let daemon = match Daemon::start(links, mode == Mode::LinksWrk) {
         Ok(daemon) => daemon,
         Err(err) => return failed(err),
@@ -185,7 +240,7 @@ fn under_daemon(mode: Mode, links: bool, round: u64, opts: &Options) -> Vec<Run>
             links,
             rate: Some(m.rate),
             usage: Some(m.usage),
-            links_received: (case == Case::WrkHeader).then_some(stopped.links).flatten(),
+            requests: m.requests,
             notes: m.notes,
         })
         .collect();
@@ -202,6 +257,8 @@ struct Daemon {
     tracer: Tracer,
     receiver: otlp::Receiver,
     links: bool,
+    /// The receiver counts spans by name, and links.
+    by_name: bool,
     /// The maps of its tracepoint program: its packet programs share them (other
     /// daemons' programs, from tests running alongside, say, do not).
     maps: HashSet<u64>,
@@ -210,18 +267,27 @@ struct Daemon {
 }
 
 struct Stopped {
-    /// Links received with our trace id, and dropped ones, if spans were stored.
-    links: Option<(u64, u64)>,
     notes: Vec<String>,
 }
 
+/// The receiver's counts once settled, and the CPU spent until then.
+struct Settled {
+    request_spans: u64,
+    links: (u64, u64),
+    daemon_cpu_s: f64,
+    receiver_cpu_s: f64,
+    /// Still moving after [`SETTLE_LIMIT`].
+    unsettled: bool,
+}
+
 impl Daemon {
-    /// The daemon exporting OTLP/gRPC to a fresh receiver (storing spans, or only
-    /// counting them), with `--links` or `--no-links`; returns once its
-    /// tracepoint program runs and, with links, its packet programs are loaded.
-    fn start(links: bool, store_spans: bool) -> Result<Daemon> {
-        let receiver = match store_spans {
-            true => otlp::Receiver::start(),
+    /// The daemon exporting OTLP/gRPC to a fresh receiver (counting spans, and
+    /// with `by_name` their names and links), with `--links` or `--no-links`;
+    /// returns once its tracepoint program runs and, with links, its packet
+    /// programs are loaded.
+    fn start(links: bool, by_name: bool) -> Result<Daemon> {
+        let receiver = match by_name {
+            true => otlp::Receiver::start_counting_by_name(),
             false => otlp::Receiver::start_counting(),
         };
         let mut args = otlp_args("grpc", &receiver.grpc_endpoint());
@@ -236,6 +302,7 @@ impl Daemon {
             tracer,
             receiver,
             links,
+            by_name,
             maps,
             packet_progs: Vec::new(),
         };
@@ -307,6 +374,7 @@ impl Daemon {
             packets,
             foreign,
             daemon_cpu_s: daemon_user + daemon_system,
+            receiver_cpu_s: thread_cpu_seconds(otlp::RECEIVER_THREAD)?,
             other_user_s: machine_user_seconds()?
                 - own_user
                 - daemon_user
@@ -315,9 +383,45 @@ impl Daemon {
         })
     }
 
+    /// Once the receiver's request span and link counts have not moved for
+    /// [`SETTLE_QUIET`] (or after [`SETTLE_LIMIT`]): they, and the daemon's and
+    /// the receiver's CPU seconds then.
+    fn settled(&self) -> Result<Settled> {
+        let counts = || {
+            (
+                self.receiver.span_count_named(REQUEST_SPAN),
+                self.receiver.link_count(),
+            )
+        };
+        let start = Instant::now();
+        let mut last = counts();
+        let mut since = Instant::now();
+        let unsettled = loop {
+            if since.elapsed() >= SETTLE_QUIET {
+                break false;
+            }
+            if start.elapsed() >= SETTLE_LIMIT {
+                break true;
+            }
+            thread::sleep(Duration::from_millis(100));
+            let now = counts();
+            if now != last {
+                (last, since) = (now, Instant::now());
+            }
+        };
+        let (user, system) = cpu_seconds(&self.tracer.pid().to_string())?;
+        Ok(Settled {
+            request_spans: last.0,
+            links: last.1,
+            daemon_cpu_s: user + system,
+            receiver_cpu_s: thread_cpu_seconds(otlp::RECEIVER_THREAD)?,
+            unsettled,
+        })
+    }
+
     /// Stops the daemon; notes on anything amiss: packet programs with links off
     /// (or left behind after the exit), lost events, spans not delivered, links
-    /// with links off or none with links on.
+    /// or request spans with links off, no link with links on (under wrk).
     fn stop(self) -> Stopped {
         let mut notes = Vec::new();
         if !self.links {
@@ -333,31 +437,26 @@ impl Daemon {
             Ok(exited) => exited,
             Err(err) => {
                 notes.push(format!("stopping the daemon: {err:#}"));
-                return Stopped { links: None, notes };
+                return Stopped { notes };
             }
         };
         notes.extend(delivery(&exited, &self.receiver));
         if lingering(&self.packet_progs) {
             notes.push("its packet programs still loaded 3 s after it exited".into());
         }
-        let spans = self.receiver.spans();
-        let links = (!spans.is_empty()).then(|| {
-            let ours = spans
-                .iter()
-                .flat_map(|s| &s.links)
-                .filter(|l| l.trace_id == TRACE_ID)
-                .count() as u64;
-            let dropped = spans.iter().map(|s| u64::from(s.dropped_links_count)).sum();
-            (ours, dropped)
-        });
-        match links {
-            Some((n, d)) if !self.links && n + d > 0 => {
-                notes.push(format!("--no-links, yet {n} links received ({d} dropped)"))
-            }
-            Some((0, 0)) if self.links => notes.push("links on, but no link received".into()),
-            _ => {}
+        // Counted (by name, and links) under wrk only.
+        let (n, d) = self.receiver.link_count();
+        let requests = self.receiver.span_count_named(REQUEST_SPAN);
+        if !self.links && n + d + requests > 0 {
+            notes.push(format!(
+                "--no-links, yet {n} links ({d} dropped) and {requests} {REQUEST_SPAN} \
+                 spans received"
+            ));
         }
-        Stopped { links, notes }
+        if self.links && self.by_name && n + d == 0 {
+            notes.push("links on, but no link received".into());
+        }
+        Stopped { notes }
     }
 }
 
@@ -419,6 +518,8 @@ struct Mark {
     /// Other tracers' programs loaded then (see [`Daemon::foreign_progs`]).
     foreign: Vec<u64>,
     daemon_cpu_s: f64,
+    /// The bench's OTLP receiver thread (user + system).
+    receiver_cpu_s: f64,
     other_user_s: f64,
 }
 
@@ -430,6 +531,9 @@ struct Usage {
     packets_cpu_pct: Option<f64>,
     /// The daemon's CPU (all threads), % of one CPU.
     daemon_cpu_pct: f64,
+    /// The bench's OTLP receiver thread's CPU, % of one CPU: the spans' cost at
+    /// the receiving end, on the same two cores.
+    receiver_cpu_pct: f64,
     /// User CPU of the rest of the machine, % of one CPU.
     other_cpu_pct: f64,
     /// Other tracers' programs loaded at either end of the window.
@@ -463,6 +567,7 @@ impl Usage {
             packets_cpu_pct: (!a.packets.is_empty())
                 .then(|| 100.0 * packets_ns as f64 / 1e9 / secs),
             daemon_cpu_pct: 100.0 * (b.daemon_cpu_s - a.daemon_cpu_s) / secs,
+            receiver_cpu_pct: 100.0 * (b.receiver_cpu_s - a.receiver_cpu_s) / secs,
             // Tick-granular counters can make it slightly negative.
             other_cpu_pct: (100.0 * (b.other_user_s - a.other_user_s) / secs).max(0.0),
             foreign: a
@@ -480,6 +585,7 @@ impl Usage {
 struct Measured {
     rate: f64,
     usage: Usage,
+    requests: Option<RequestSpans>,
     notes: Vec<String>,
 }
 
@@ -500,6 +606,7 @@ fn churn(daemon: &Daemon, opts: &Options) -> Result<Measured> {
     Ok(Measured {
         rate: (c1 - c0) as f64 / t1.duration_since(t0).as_secs_f64(),
         usage: Usage::between(&a, &b),
+        requests: None,
         notes,
     })
 }
@@ -529,11 +636,15 @@ fn bulk(daemon: &Daemon, opts: &Options) -> Result<Measured> {
     Ok(Measured {
         rate: bytes as f64 / t1.duration_since(t0).as_secs_f64() / 1e9,
         usage: Usage::between(&a, &b),
+        requests: None,
         notes,
     })
 }
 
-/// wrk against a fresh nginx, without then with the traceparent header: requests/s.
+/// wrk against a fresh nginx: without a header, with the fixed traceparent, then
+/// with distinct ones; requests/s. Around each measured window the receiver's
+/// counts settle (the warm-up's spans before it, the window's after it), so that
+/// the request spans and links counted are the window's own.
 /// With pinning, nginx runs on CPU 0 and wrk on CPU 1 (each one thread); the
 /// daemon and the receiver are left to the scheduler.
 fn wrk(daemon: &Daemon, opts: &Options) -> Result<Vec<Measured>> {
@@ -543,22 +654,41 @@ fn wrk(daemon: &Daemon, opts: &Options) -> Result<Vec<Measured>> {
     };
     let nginx = Nginx::start(nginx_cpu)?;
     let mut measured = Vec::new();
-    for headers in [&[][..], &[TRACEPARENT][..]] {
+    for case in Case::of(Mode::LinksWrk) {
+        let requests = case.requests().expect("a wrk case");
         if opts.warmup > 0 {
-            nginx.wrk(opts.warmup, headers, wrk_cpu)?;
+            nginx.wrk(opts.warmup, requests, wrk_cpu)?;
         }
+        let before = daemon.settled()?;
         let a = daemon.mark(nginx.cpu_seconds().0)?;
         let result = nginx
-            .wrk(opts.link_seconds, headers, wrk_cpu)
+            .wrk(opts.link_seconds, requests, wrk_cpu)
             .context("wrk")?;
         let b = daemon.mark(nginx.cpu_seconds().0)?;
+        let after = daemon.settled()?;
         let mut notes = result.errors;
         if result.requests == 0 {
             notes.push("wrk made no request".into());
         }
+        if before.unsettled || after.unsettled {
+            notes.push(format!(
+                "the receiver's counts still moved {SETTLE_LIMIT:?} after a wrk run: \
+                 request spans and links not the window's alone"
+            ));
+        }
         measured.push(Measured {
             rate: result.requests_per_s,
             usage: Usage::between(&a, &b),
+            requests: Some(RequestSpans {
+                requests: result.requests,
+                spans: after.request_spans - before.request_spans,
+                links: (
+                    after.links.0 - before.links.0,
+                    after.links.1 - before.links.1,
+                ),
+                daemon_cpu_s: after.daemon_cpu_s - a.daemon_cpu_s,
+                receiver_cpu_s: after.receiver_cpu_s - before.receiver_cpu_s,
+            }),
             notes,
         });
     }
@@ -607,7 +737,7 @@ fn print(runs: &[Run], opts: &Options) {
         PACKET_PROGS[0], PACKET_PROGS[1], opts.link_seconds, opts.warmup, opts.link_rounds
     );
     println!(
-        "\n| workload | links | round | rate | on ÷ off (round) | {e} pkts/s | {e} ns/pkt | {i} pkts/s | {i} ns/pkt | packet programs CPU % | daemon CPU % | links received (dropped) | other CPU % |",
+        "\n| workload | links | round | rate | on ÷ off (round) | {e} pkts/s | {e} ns/pkt | {i} pkts/s | {i} ns/pkt | packet programs CPU % | daemon CPU % | receiver CPU % | other CPU % |",
         e = PACKET_PROGS[0],
         i = PACKET_PROGS[1],
     );
@@ -633,11 +763,11 @@ fn print(runs: &[Run], opts: &Options) {
             opt(packet(1).and_then(|p| p.1), 0),
             opt(r.usage.as_ref().and_then(|u| u.packets_cpu_pct), 1),
             opt(r.usage.as_ref().map(|u| u.daemon_cpu_pct), 0),
-            r.links_received
-                .map_or("-".into(), |(n, d)| format!("{n} ({d})")),
+            opt(r.usage.as_ref().map(|u| u.receiver_cpu_pct), 0),
             opt(r.usage.as_ref().map(|u| u.other_cpu_pct), 0),
         );
     }
+    print_requests(runs);
     for r in runs.iter().filter(|r| !r.notes.is_empty()) {
         let state = if r.links { "on" } else { "off" };
         println!(
@@ -714,4 +844,89 @@ fn print(runs: &[Run], opts: &Options) {
             opt(busiest, 0),
         );
     }
+    print_request_summary(runs);
+}
+
+/// The wrk windows' requests and what reached the receiver from them.
+fn print_requests(runs: &[Run]) {
+    let wrk: Vec<(&Run, &RequestSpans)> = runs
+        .iter()
+        .filter_map(|r| r.requests.as_ref().map(|q| (r, q)))
+        .collect();
+    if wrk.is_empty() {
+        return;
+    }
+    println!(
+        "\nUnder wrk, per measured window: the `{REQUEST_SPAN}` spans and links that reached the \
+         receiver (counted once its counts had not moved for {:.1} s after the warm-up and \
+         after the window, so the window's own); links: on the connections' roots (64 \
+         kept per socket, the rest counted as dropped) and each request span's link to its \
+         connection; † from the window's start until then: the window and the export of \
+         what it made; daemon µs per request span: distinct traceparents only.",
+        SETTLE_QUIET.as_secs_f64()
+    );
+    println!(
+        "\n| workload | links | round | wrk requests | {REQUEST_SPAN} spans | spans per request | links received (dropped) | daemon CPU s † | daemon µs per request span † | receiver CPU s † |"
+    );
+    println!("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|");
+    for (r, q) in wrk {
+        let per_request = (q.requests > 0).then(|| q.spans as f64 / q.requests as f64);
+        println!(
+            "| {} | {} | {} | {} | {} | {} | {} ({}) | {:.2} | {} | {:.2} |",
+            r.case.label(),
+            if r.links { "on" } else { "off" },
+            r.round,
+            q.requests,
+            q.spans,
+            per_request.map_or("-".into(), |v| format!("{v:.2}")),
+            q.links.0,
+            q.links.1,
+            q.daemon_cpu_s,
+            // Elsewhere the daemon's CPU is not the request spans'.
+            (r.case == Case::WrkTraceparents)
+                .then(|| q.daemon_us_per_span())
+                .flatten()
+                .map_or("-".into(), |v| format!("{v:.1}")),
+            q.receiver_cpu_s,
+        );
+    }
+}
+
+/// Distinct traceparents, links on: the request spans over all rounds and the
+/// daemon's CPU per request span.
+fn print_request_summary(runs: &[Run]) {
+    let on: Vec<&RequestSpans> = runs
+        .iter()
+        .filter(|r| r.case == Case::WrkTraceparents && r.links)
+        .filter_map(|r| r.requests.as_ref())
+        .collect();
+    if on.is_empty() {
+        return;
+    }
+    let requests: u64 = on.iter().map(|q| q.requests).sum();
+    let spans: u64 = on.iter().map(|q| q.spans).sum();
+    let cpu_s: f64 = on.iter().map(|q| q.daemon_cpu_s).sum();
+    let mut per_span: Vec<f64> = on.iter().filter_map(|q| q.daemon_us_per_span()).collect();
+    per_span.sort_by(f64::total_cmp);
+    let spread = match (per_span.first(), per_span.last()) {
+        (Some(least), Some(most)) => format!(
+            "median {:.1} µs ({least:.1}–{most:.1}) over {} window(s); all windows: {}",
+            median(per_span.clone()),
+            per_span.len(),
+            match spans {
+                0 => "-".to_owned(),
+                _ => format!("{:.1} µs", 1e6 * cpu_s / spans as f64),
+            }
+        ),
+        _ => "no request span".to_owned(),
+    };
+    println!(
+        "\n{}, links on: {spans} `{REQUEST_SPAN}` spans received for {requests} requests \
+         ({}), the daemon's CPU per request span (window and export): {spread}.",
+        Case::WrkTraceparents.label(),
+        match requests {
+            0 => "-".to_owned(),
+            _ => format!("{:.2} per request", spans as f64 / requests as f64),
+        },
+    );
 }

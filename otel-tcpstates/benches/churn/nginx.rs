@@ -1,6 +1,8 @@
 //! nginx (Debian's package) serving a two-byte response on 127.0.0.1 from a
 //! generated configuration in a temporary directory, and wrk (Debian's) against it
 //! over keep-alive connections: the workload where a per-request scan costs most.
+//! wrk sends no header, one fixed header line, or a distinct sampled W3C
+//! `traceparent` on every request (a Lua script, [`TRACEPARENTS_LUA`]).
 //! `scripts/bench.sh` installs both.
 
 use std::{
@@ -27,6 +29,50 @@ use super::{DieWithParent as _, cpu_seconds, pin_to_cpu, wait_or_kill};
 const WRK_THREADS: u32 = 1;
 const WRK_CONNECTIONS: u32 = 32;
 const READY_TIMEOUT: Duration = Duration::from_secs(10);
+/// [`TRACEPARENTS_LUA`]'s file in nginx's temporary directory.
+const TRACEPARENTS_SCRIPT: &str = "traceparents.lua";
+
+/// wrk's script for [`Requests::DistinctTraceparents`]: every request carries its
+/// own sampled `traceparent`, `00-<trace id>-<span id>-01`. The trace id is a
+/// random 32-bit word fixed per wrk thread, a random word per request, the thread's
+/// number and a counter; the span id a random word and the counter: never all
+/// zero, never the same twice within a run. wrk's Lua is LuaJIT, whose
+/// `string.format("%08x", n)` takes numbers below 2^31, hence the 31-bit words.
+const TRACEPARENTS_LUA: &str = r#"-- otel-tcpstates bench: a distinct sampled traceparent on every request.
+local threads = 0
+function setup(thread)
+  threads = threads + 1
+  thread:set("thread_number", threads)
+end
+
+local run = 1
+local counter = 0
+local headers = {}
+
+function init(args)
+  math.randomseed(os.time() * 64 + (thread_number or 0))
+  run = math.random(1, 0x7fffffff)
+end
+
+function request()
+  counter = counter + 1
+  headers["traceparent"] = string.format("00-%08x%08x%08x%08x-%08x%08x-01",
+    run, math.random(0, 0x7fffffff), thread_number or 0, counter,
+    math.random(0, 0x7fffffff), counter)
+  return wrk.format(nil, nil, headers)
+end
+"#;
+
+/// What wrk puts on each request.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Requests {
+    /// Nothing beyond wrk's own headers.
+    Plain,
+    /// This header line (`name: value`) on every request.
+    Header(&'static str),
+    /// A distinct sampled `traceparent` on every request ([`TRACEPARENTS_LUA`]).
+    DistinctTraceparents,
+}
 
 pub struct Nginx {
     master: Child,
@@ -44,6 +90,7 @@ impl Nginx {
         let port = free_port()?;
         let conf = dir.join("nginx.conf");
         fs::write(&conf, config(&dir, port))?;
+        fs::write(dir.join(TRACEPARENTS_SCRIPT), TRACEPARENTS_LUA)?;
         let master = Command::new("nginx")
             .arg("-p")
             .arg(&dir)
@@ -97,8 +144,8 @@ impl Nginx {
         fs::read_to_string(self.dir.join("error.log")).unwrap_or_default()
     }
 
-    /// One wrk run of `seconds` against this nginx, with the `-H` headers given.
-    pub fn wrk(&self, seconds: u64, headers: &[&str], cpu: Option<usize>) -> Result<Wrk> {
+    /// One wrk run of `seconds` against this nginx, its requests as `requests` says.
+    pub fn wrk(&self, seconds: u64, requests: Requests, cpu: Option<usize>) -> Result<Wrk> {
         let mut command = Command::new("wrk");
         command.args([
             "-t",
@@ -110,8 +157,14 @@ impl Nginx {
             "--timeout",
             "5s",
         ]);
-        for header in headers {
-            command.args(["-H", header]);
+        match requests {
+            Requests::Plain => {}
+            Requests::Header(header) => {
+                command.args(["-H", header]);
+            }
+            Requests::DistinctTraceparents => {
+                command.arg("-s").arg(self.dir.join(TRACEPARENTS_SCRIPT));
+            }
         }
         let mut child = command
             .arg(format!("http://127.0.0.1:{}/", self.port))

@@ -14,7 +14,8 @@ pub(crate) enum Mode {
     LinksChurn,
     /// One bulk connection, links off vs on.
     LinksBulk,
-    /// wrk against nginx, with and without a traceparent header, links off vs on.
+    /// wrk against nginx: no header, one fixed traceparent, a distinct sampled
+    /// traceparent on every request; links off vs on.
     LinksWrk,
     /// The churn: always_on vs --sample-ratio 0.01 vs text.
     Sampling,
