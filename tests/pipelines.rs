@@ -580,7 +580,8 @@ fn requests_sit_in_the_apps_trace_in_jaeger() {
             );
             let waited = int_tag(span, "tcpstates.request.answer_us").unwrap_or(0);
             assert!(
-                waited >= (DELAY_MS * 1000) as i64,
+                // Less a millisecond: Node's timers may end up to 1 ms early.
+                waited >= ((DELAY_MS - 1) * 1000) as i64,
                 "{direction} of request {n}: answered after {waited} µs, before the server's {DELAY_MS} ms"
             );
             // As the tracer sent it: Jaeger did not move it to fit in its parent.

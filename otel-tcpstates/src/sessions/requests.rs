@@ -71,9 +71,10 @@ pub struct Requests {
     pub not_kept: u32,
     /// Spans made for traceparents seen before on the socket.
     repeats: u16,
-    /// The last traceparent the socket's links could not keep (past their 64):
-    /// repeats of it are told by it alone.
-    last_unkept: Option<([u8; 16], [u8; 8])>,
+    /// The parent id of the last traceparent the socket's links could not keep
+    /// (past their 64): repeats of it are told by it alone (a parent id is 64
+    /// random bits: enough to tell, in 8 bytes a socket).
+    last_unkept: Option<[u8; 8]>,
 }
 
 /// Whether a sampled request gets a span, given what the socket's links made of
@@ -91,11 +92,10 @@ impl Requests {
     /// the table have room for one more request in flight.
     pub fn admit(&mut self, link: &Link, added: Added, room: bool) -> Admit {
         self.seen = self.seen.saturating_add(1);
-        let ids = (link.trace_id, link.span_id);
         let repeat = match added {
             Added::Kept { .. } => false,
             Added::Known => true,
-            Added::NotKept => self.last_unkept.replace(ids) == Some(ids),
+            Added::NotKept => self.last_unkept.replace(link.span_id) == Some(link.span_id),
         };
         if !room || self.pending.len() >= MAX_PENDING || (repeat && self.repeats >= MAX_REPEATS) {
             self.not_kept = self.not_kept.saturating_add(1);
@@ -124,7 +124,13 @@ impl Requests {
             .pending
             .iter()
             .position(|r| (r.link.direction == Direction::Received) == answer_sent)?;
-        Some(self.pending.remove(at))
+        let request = self.pending.remove(at);
+        if self.pending.is_empty() {
+            // Most sockets have no request in flight most of the time: their
+            // slot goes back (112 bytes a socket, over the table).
+            self.pending = Vec::new();
+        }
+        Some(request)
     }
 
     /// Heap bytes the requests in flight take, their events too.
