@@ -91,8 +91,10 @@ pub struct Cli {
     pub trace_self: bool,
 
     /// Link each socket's root span to the HTTP/1.x requests that used it, from
-    /// their W3C traceparent headers (packet programs on the cgroup v2 root; needs
-    /// CAP_NET_ADMIN; off by default for what it costs, see BENCHMARKS.md)
+    /// their W3C traceparent headers, and put a tcp.request span for each sampled
+    /// request into its application's trace (packet programs on the cgroup v2
+    /// root; needs CAP_NET_ADMIN; off by default for what it costs, see
+    /// BENCHMARKS.md)
     #[arg(long = "links", overrides_with = "no_links")]
     pub links: bool,
 
