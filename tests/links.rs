@@ -11,17 +11,12 @@ mod support;
 use std::{
     collections::{BTreeMap, BTreeSet},
     path::{Path, PathBuf},
-    process::{Command, Output, Stdio},
-    sync::mpsc,
-    thread,
+    process::Command,
     time::Duration,
 };
 
-use nix::{
-    sys::signal::{Signal, kill},
-    unistd::Pid,
-};
 use support::{
+    apps,
     otlp::{FAST, KIND_CLIENT, KIND_SERVER, ROOT, ReceivedLink, ReceivedSpan, Receiver, Value},
     *,
 };
@@ -111,12 +106,6 @@ fn daemon(rx: &Receiver, extra: &[&str]) -> Tracer {
 fn run_app(rx: &Receiver, family: u8, traced: usize, mix: bool) -> App {
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/apps/traced_http.py");
     let mut command = Command::new("python3");
-    // The app's OpenTelemetry settings are these alone, whatever this process has.
-    for (key, _) in std::env::vars_os() {
-        if key.to_string_lossy().starts_with("OTEL_") {
-            command.env_remove(key);
-        }
-    }
     command
         .arg(&script)
         .args([
@@ -126,24 +115,8 @@ fn run_app(rx: &Receiver, family: u8, traced: usize, mix: bool) -> App {
             &traced.to_string(),
         ])
         .args(mix.then_some("--mix"))
-        .env("PYTHONPATH", python_dir())
-        .env("OTEL_EXPORTER_OTLP_ENDPOINT", rx.http_endpoint())
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
-    let child = command.spawn().expect("python3");
-    let pid = child.id();
-    let (done, finished) = mpsc::channel::<std::io::Result<Output>>();
-    thread::spawn(move || {
-        let _ = done.send(child.wait_with_output());
-    });
-    let out = match finished.recv_timeout(LONG) {
-        Ok(out) => out.expect("waiting for the app"),
-        Err(_) => {
-            let _ = kill(Pid::from_raw(pid as i32), Signal::SIGKILL);
-            panic!("{} did not finish within {LONG:?}", script.display());
-        }
-    };
+        .env("PYTHONPATH", python_dir());
+    let (pid, out) = apps::run_to_end(command, &rx.http_endpoint(), &script.display().to_string());
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(
         out.status.success(),
@@ -274,13 +247,6 @@ fn brief(links: &[ReceivedLink]) -> Vec<String> {
         .collect()
 }
 
-fn service(span: &ReceivedSpan) -> Option<&str> {
-    match span.resource.get("service.name") {
-        Some(Value::Str(name)) => Some(name),
-        _ => None,
-    }
-}
-
 /// The daemon's roots of the sockets with these local and peer ports on `address`.
 fn roots<'a>(
     spans: &'a [ReceivedSpan],
@@ -292,7 +258,7 @@ fn roots<'a>(
         .iter()
         .filter(|s| {
             s.name == ROOT
-                && service(s) == Some(DAEMON_SERVICE)
+                && s.service_name() == Some(DAEMON_SERVICE)
                 && s.str_attr("network.local.address") == Some(address)
                 && s.int_attr("network.local.port") == Some(i64::from(local))
                 && s.int_attr("network.peer.port") == Some(i64::from(peer))
@@ -369,7 +335,7 @@ fn root_of<'a>(
 fn check_app_spans(spans: &[ReceivedSpan], app: &App) {
     let mine: Vec<&ReceivedSpan> = spans
         .iter()
-        .filter(|s| service(s) == Some(APP_SERVICE))
+        .filter(|s| s.service_name() == Some(APP_SERVICE))
         .collect();
     let client_spans: BTreeSet<(String, String)> = mine
         .iter()
@@ -421,7 +387,10 @@ fn check_nothing_else_linked(spans: &[ReceivedSpan], app: &App) {
     if let Some(raw) = &app.not_http {
         forbidden.extend(raw.span_ids.iter().cloned());
     }
-    for span in spans.iter().filter(|s| service(s) == Some(DAEMON_SERVICE)) {
+    for span in spans
+        .iter()
+        .filter(|s| s.service_name() == Some(DAEMON_SERVICE))
+    {
         if span.name == "tcp.request" {
             // A sampled request's span, in the app's trace: its one link is to
             // its connection's root.
@@ -564,7 +533,10 @@ fn without_links_roots_have_no_links() {
         for socket in sockets(&app) {
             root_of(&spans, &app, socket);
         }
-        for span in spans.iter().filter(|s| service(s) == Some(DAEMON_SERVICE)) {
+        for span in spans
+            .iter()
+            .filter(|s| s.service_name() == Some(DAEMON_SERVICE))
+        {
             assert_eq!(
                 (span.links.as_slice(), span.dropped_links_count),
                 (&[][..], 0),

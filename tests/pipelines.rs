@@ -151,18 +151,12 @@ fn tag<'a>(tags: &'a Json, key: &str) -> Option<&'a Json> {
 const LINKED_TRACE: &str = "4bf92f3577b34da6a3ce929d0e0e4736";
 const LINKED_SPAN: &str = "00f067aa0ba902b7";
 
-/// tracer → collector (agent.yaml) → Jaeger. Jaeger's query API gives back each
-/// trace whole, as the daemon sent it: every span, the durations the kernel
-/// measured, `error=true` on a refused connect, the request's context as a
-/// reference, `host.name` and the owner's `container.id` on the process.
-#[test]
-fn the_agent_config_carries_whole_traces_into_jaeger() {
-    if !root_or_skip("the_agent_config_carries_whole_traces_into_jaeger") {
-        return;
-    }
+/// Jaeger; a collector running agent.yaml that sends it traces, and what would go
+/// to Tempo and Prometheus to the test's own receiver (the same spans: what the
+/// daemon sent, to compare Jaeger with; and the metrics); the daemon with links
+/// exporting to the collector over gRPC.
+fn agent_into_jaeger() -> (Jaeger, Receiver, Collector, Tracer) {
     let jaeger = Jaeger::start();
-    // Where Tempo and Prometheus would be: the test's own receiver gets the same
-    // spans (what the daemon sent, to compare Jaeger with) and the metrics.
     let rx = Receiver::start();
     let collector = Collector::start(
         "collector-config/agent.yaml",
@@ -187,6 +181,19 @@ fn the_agent_config_carries_whole_traces_into_jaeger() {
         ],
         FAST,
     );
+    (jaeger, rx, collector, tracer)
+}
+
+/// tracer → collector (agent.yaml) → Jaeger. Jaeger's query API gives back each
+/// trace whole, as the daemon sent it: every span, the durations the kernel
+/// measured, `error=true` on a refused connect, the request's context as a
+/// reference, `host.name` and the owner's `container.id` on the process.
+#[test]
+fn the_agent_config_carries_whole_traces_into_jaeger() {
+    if !root_or_skip("the_agent_config_carries_whole_traces_into_jaeger") {
+        return;
+    }
+    let (jaeger, rx, collector, tracer) = agent_into_jaeger();
 
     // 1. A connection from a process in a container's cgroup, carrying an HTTP
     //    request with a traceparent; the test accepts, answers and closes it.
@@ -440,31 +447,7 @@ fn requests_sit_in_the_apps_trace_in_jaeger() {
     if !root_or_skip("requests_sit_in_the_apps_trace_in_jaeger") {
         return;
     }
-    let jaeger = Jaeger::start();
-    // Where Tempo and Prometheus would be: the same spans, as the tracer sent them.
-    let rx = Receiver::start();
-    let collector = Collector::start(
-        "collector-config/agent.yaml",
-        &[
-            format!("exporters.otlp_grpc/jaeger.endpoint={}", jaeger.otlp_grpc),
-            format!("exporters.otlp_grpc/tempo.endpoint={}", rx.grpc_addr()),
-            format!(
-                "exporters.otlp_http/prometheus.endpoint={}",
-                rx.http_endpoint()
-            ),
-            "processors.batch.timeout=50ms".to_owned(),
-        ],
-    );
-    let tracer = Tracer::start_with_env(
-        &[
-            "--otlp-endpoint",
-            &collector.grpc_endpoint(),
-            "--otlp-protocol",
-            "grpc",
-            "--links",
-        ],
-        FAST,
-    );
+    let (jaeger, rx, collector, tracer) = agent_into_jaeger();
     // Three requests, all sampled, on one keep-alive connection; the app's
     // spans to the collector's OTLP/HTTP receiver (agent.yaml's :4318).
     let app = run_app(

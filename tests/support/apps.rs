@@ -83,6 +83,35 @@ pub fn packages(runtime: Runtime) -> PathBuf {
     dir
 }
 
+/// Runs an instrumented app to its end, its OpenTelemetry settings only its
+/// exporter's endpoint `otlp_http` (whatever this process has), killed past
+/// [`LONG`]: its pid and output.
+pub fn run_to_end(mut command: Command, otlp_http: &str, what: &str) -> (u32, Output) {
+    for (key, _) in std::env::vars_os() {
+        if key.to_string_lossy().starts_with("OTEL_") {
+            command.env_remove(key);
+        }
+    }
+    command
+        .env("OTEL_EXPORTER_OTLP_ENDPOINT", otlp_http)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let child = command.spawn().unwrap_or_else(|e| panic!("{what}: {e}"));
+    let pid = child.id();
+    let (done, finished) = mpsc::channel::<std::io::Result<Output>>();
+    thread::spawn(move || {
+        let _ = done.send(child.wait_with_output());
+    });
+    match finished.recv_timeout(LONG) {
+        Ok(out) => (pid, out.expect("waiting for the app")),
+        Err(_) => {
+            let _ = kill(Pid::from_raw(pid as i32), Signal::SIGKILL);
+            panic!("{what} did not finish within {LONG:?}");
+        }
+    }
+}
+
 /// Runs the app to its end and reads its report. `otlp_http` is the base URL of
 /// the OTLP/HTTP receiver it exports its spans to (`OTEL_EXPORTER_OTLP_ENDPOINT`:
 /// it appends /v1/traces); `ratio` is the share of its requests it samples, by
@@ -112,12 +141,6 @@ pub fn run_app(
             c
         }
     };
-    // The app's OpenTelemetry settings are these alone, whatever this process has.
-    for (key, _) in std::env::vars_os() {
-        if key.to_string_lossy().starts_with("OTEL_") {
-            command.env_remove(key);
-        }
-    }
     let args = [
         ("--family", family.to_string()),
         ("--requests", requests.to_string()),
@@ -136,24 +159,7 @@ pub fn run_app(
     for (flag, value) in &args {
         command.args([flag, value.as_str()]);
     }
-    command
-        .env("OTEL_EXPORTER_OTLP_ENDPOINT", otlp_http)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
-    let child = command.spawn().expect("the app");
-    let pid = child.id();
-    let (done, finished) = mpsc::channel::<std::io::Result<Output>>();
-    thread::spawn(move || {
-        let _ = done.send(child.wait_with_output());
-    });
-    let out = match finished.recv_timeout(LONG) {
-        Ok(out) => out.expect("waiting for the app"),
-        Err(_) => {
-            let _ = kill(Pid::from_raw(pid as i32), Signal::SIGKILL);
-            panic!("{runtime:?} app did not finish within {LONG:?}");
-        }
-    };
+    let (pid, out) = run_to_end(command, otlp_http, &format!("{runtime:?} app"));
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(
         out.status.success(),

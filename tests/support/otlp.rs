@@ -151,6 +151,14 @@ impl ReceivedSpan {
         self.attributes.get(key)
     }
 
+    /// Its resource's `service.name`.
+    pub fn service_name(&self) -> Option<&str> {
+        match self.resource.get("service.name") {
+            Some(Value::Str(name)) => Some(name),
+            _ => None,
+        }
+    }
+
     pub fn str_attr(&self, key: &str) -> Option<&str> {
         self.attr(key)?.as_str()
     }
