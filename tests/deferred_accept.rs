@@ -14,7 +14,7 @@ use std::{
 };
 
 use support::{
-    otlp::{FAST, KIND_CLIENT, KIND_SERVER, ROOT, ReceivedSpan, Receiver, WAIT},
+    otlp::{KIND_CLIENT, KIND_SERVER, ROOT, ReceivedSpan, Receiver, WAIT},
     *,
 };
 
@@ -78,21 +78,7 @@ fn a_deferred_accept_carries_its_requests_link() {
     const CLIENTS: usize = 8;
     let port = 23_000 + (std::process::id() % 1000) as u16;
     let rx = Receiver::start();
-    let tracer = Tracer::start_with_env(
-        &[
-            "--otlp-endpoint",
-            &rx.grpc_endpoint(),
-            "--otlp-protocol",
-            "grpc",
-            "--links",
-        ],
-        FAST,
-    );
-    assert!(
-        !tracer.stderr().iter().any(|l| l.contains("links are off")),
-        "{:?}",
-        tracer.stderr()
-    );
+    let tracer = Tracer::linking_to(&rx, &[]);
     let mut child = Command::new("python3")
         .args(["-c", SERVER, &port.to_string()])
         .stdout(Stdio::piped())

@@ -17,7 +17,7 @@ use std::{
 
 use support::{
     apps,
-    otlp::{FAST, KIND_CLIENT, KIND_SERVER, ROOT, ReceivedLink, ReceivedSpan, Receiver, Value},
+    otlp::{KIND_CLIENT, KIND_SERVER, ROOT, ReceivedLink, ReceivedSpan, Receiver, Value},
     *,
 };
 
@@ -89,15 +89,6 @@ fn python_dir() -> PathBuf {
         dir.display()
     );
     dir
-}
-
-/// The daemon, exporting over OTLP/gRPC to `rx` (links are on by default then),
-/// attached once it says where it exports to.
-fn daemon(rx: &Receiver, extra: &[&str]) -> Tracer {
-    let endpoint = rx.grpc_endpoint();
-    let mut args = vec!["--otlp-endpoint", &endpoint, "--otlp-protocol", "grpc"];
-    args.extend_from_slice(extra);
-    Tracer::start_with_env(&args, FAST)
 }
 
 /// Runs the app to its end: `--traced N` requests in CLIENT spans over one
@@ -424,7 +415,7 @@ fn links_follow_the_apps_client_spans(test: &str, family: u8) {
         return;
     }
     let rx = Receiver::start();
-    let tracer = daemon(&rx, &["--links"]);
+    let tracer = Tracer::exporting_to(&rx, &["--links"]);
     let app = run_app(&rx, family, 6, true);
     let spans = collect(&rx, tracer, &app);
     check_app_spans(&spans, &app);
@@ -496,7 +487,7 @@ fn links_beyond_64_are_counted_as_dropped() {
     }
     const REQUESTS: usize = 70;
     let rx = Receiver::start();
-    let tracer = daemon(&rx, &["--links"]);
+    let tracer = Tracer::exporting_to(&rx, &["--links"]);
     let app = run_app(&rx, 4, REQUESTS, false);
     let spans = collect(&rx, tracer, &app);
     check_app_spans(&spans, &app);
@@ -526,7 +517,7 @@ fn without_links_roots_have_no_links() {
     }
     for extra in [&[][..], &["--links", "--no-links"][..]] {
         let rx = Receiver::start();
-        let tracer = daemon(&rx, extra);
+        let tracer = Tracer::exporting_to(&rx, extra);
         let app = run_app(&rx, 4, 6, true);
         let spans = collect(&rx, tracer, &app);
         check_app_spans(&spans, &app);

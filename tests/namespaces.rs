@@ -16,7 +16,7 @@ use std::{
 use support::{
     load::abort_on_close,
     netns::Netns,
-    otlp::{FAST, KIND_SERVER, ROOT, ReceivedSpan, Receiver, WAIT},
+    otlp::{KIND_SERVER, ROOT, ReceivedSpan, Receiver, WAIT},
     *,
 };
 
@@ -168,15 +168,7 @@ fn listeners_on_one_port_in_two_namespaces_keep_their_own_connections() {
     let mut server_b = Server::start(&b, addr_b, port);
 
     let rx = Receiver::start();
-    let tracer = Tracer::start_with_env(
-        &[
-            "--otlp-endpoint",
-            &rx.grpc_endpoint(),
-            "--otlp-protocol",
-            "grpc",
-        ],
-        FAST,
-    );
+    let tracer = Tracer::exporting_to(&rx, &[]);
     let only = |pid: u32| Tracer::start(&["-s", "-p", &pid.to_string()]);
     let (only_a, only_b) = (only(server_a.pid), only(server_b.pid));
 

@@ -17,7 +17,7 @@ use support::{
     apps::{App, AppRequest, DELAY_MS, LONG, Mode, Runtime, run_app},
     load,
     netfault::Fault,
-    otlp::{FAST, KIND_CLIENT, KIND_INTERNAL, ROOT, ReceivedSpan, Receiver},
+    otlp::{KIND_CLIENT, KIND_INTERNAL, ROOT, ReceivedSpan, Receiver},
     *,
 };
 
@@ -31,20 +31,6 @@ fn daemons<'a>(spans: &'a [ReceivedSpan], name: &'a str) -> impl Iterator<Item =
     spans
         .iter()
         .filter(move |s| s.name == name && s.service_name() == Some(DAEMON_SERVICE))
-}
-
-/// The daemon with links, exporting over OTLP/gRPC to `rx`, and `extra`.
-fn daemon(rx: &Receiver, extra: &[&str]) -> Tracer {
-    let endpoint = rx.grpc_endpoint();
-    let mut args = vec![
-        "--otlp-endpoint",
-        &endpoint,
-        "--otlp-protocol",
-        "grpc",
-        "--links",
-    ];
-    args.extend_from_slice(extra);
-    Tracer::start_with_env(&args, FAST)
 }
 
 /// The daemon's request spans in the trace of `request`.
@@ -160,7 +146,7 @@ fn sampled_requests_get_their_spans(test: &str, runtime: Runtime, mode: Mode, fa
         return;
     }
     let rx = Receiver::start();
-    let tracer = daemon(&rx, &[]);
+    let tracer = Tracer::linking_to(&rx, &[]);
     // Half sampled, by trace id: 16 requests hold both kinds but once in 2^15.
     let app = run_app(&rx.http_endpoint(), runtime, family, mode, 16, 0.5, None);
     let sampled = app.requests.iter().filter(|r| r.sampled).count();
@@ -260,7 +246,7 @@ fn a_dropped_syn_shows_its_handshake_inside_the_apps_trace() {
     }
     let _serial = load::serial();
     let rx = Receiver::start();
-    let tracer = daemon(&rx, &[]);
+    let tracer = Tracer::linking_to(&rx, &[]);
     let port = load::quiet_port();
     let fault = Fault::drop_first_syn(port);
     let app = run_app(
@@ -312,7 +298,7 @@ fn at_one_percent_every_connection_of_a_sampled_request_is_kept() {
         return;
     }
     let rx = Receiver::start();
-    let tracer = daemon(&rx, &["--sample-ratio", "0.01"]);
+    let tracer = Tracer::linking_to(&rx, &["--sample-ratio", "0.01"]);
     let app = run_app(
         &rx.http_endpoint(),
         Runtime::Node,

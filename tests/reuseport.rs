@@ -17,7 +17,7 @@ use std::{
 
 use support::{
     load::abort_on_close,
-    otlp::{FAST, KIND_SERVER, ROOT, ReceivedSpan, Receiver, WAIT},
+    otlp::{KIND_SERVER, ROOT, ReceivedSpan, Receiver, WAIT},
     *,
 };
 
@@ -197,15 +197,7 @@ fn the_surviving_listener_owns_the_connections_it_accepts() {
     let port = port_for(1);
     let (mut first, mut survivor) = (Server::start(port), Server::start(port));
     let rx = Receiver::start();
-    let tracer = Tracer::start_with_env(
-        &[
-            "--otlp-endpoint",
-            &rx.grpc_endpoint(),
-            "--otlp-protocol",
-            "grpc",
-        ],
-        FAST,
-    );
+    let tracer = Tracer::exporting_to(&rx, &[]);
     let only = Tracer::start(&["-s", "-p", &survivor.pid.to_string()]);
 
     first.step(1, "listening");
@@ -261,21 +253,7 @@ fn each_listener_of_a_port_owns_what_it_accepted() {
     let port = port_for(2);
     let (mut a, mut b) = (Server::start(port), Server::start(port));
     let rx = Receiver::start();
-    let tracer = Tracer::start_with_env(
-        &[
-            "--otlp-endpoint",
-            &rx.grpc_endpoint(),
-            "--otlp-protocol",
-            "grpc",
-            "--links",
-        ],
-        FAST,
-    );
-    assert!(
-        !tracer.stderr().iter().any(|l| l.contains("links are off")),
-        "{:?}",
-        tracer.stderr()
-    );
+    let tracer = Tracer::linking_to(&rx, &[]);
     a.step(1, "listening");
     b.step(1, "listening");
     let clients: Vec<(u16, u32)> = (0..CLIENTS)

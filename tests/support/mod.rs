@@ -186,6 +186,27 @@ impl Tracer {
         Self::start_with_env(args, &[])
     }
 
+    /// The daemon exporting over OTLP/gRPC to `rx` (its batches sent at once),
+    /// with `extra` flags.
+    pub fn exporting_to(rx: &otlp::Receiver, extra: &[&str]) -> Tracer {
+        let endpoint = rx.grpc_endpoint();
+        let mut args = vec!["--otlp-endpoint", &endpoint, "--otlp-protocol", "grpc"];
+        args.extend_from_slice(extra);
+        Self::start_with_env(&args, otlp::FAST)
+    }
+
+    /// [`Tracer::exporting_to`] with `--links`, the packet programs attached: it
+    /// says nothing of links being off.
+    pub fn linking_to(rx: &otlp::Receiver, extra: &[&str]) -> Tracer {
+        let tracer = Self::exporting_to(rx, &[&["--links"], extra].concat());
+        assert!(
+            !tracer.stderr().iter().any(|l| l.contains("links are off")),
+            "{:?}",
+            tracer.stderr()
+        );
+        tracer
+    }
+
     /// [`Tracer::start`] with extra environment variables.
     pub fn start_with_env(args: &[&str], env: &[(&str, &str)]) -> Tracer {
         Self::spawn(Path::new(BIN), args, env)
