@@ -50,22 +50,7 @@ fn start(rx: &Receiver) -> Tracer {
 /// Waits until the daemon printed the CLOSE of every (local, peer) pair, stops
 /// it, and returns what it exported.
 fn finish(tracer: Tracer, rx: &Receiver, pairs: &[(u16, u16)]) -> Vec<ReceivedSpan> {
-    tracer.wait_for("every end's CLOSE", |lines| {
-        let closed: Vec<(u16, u16)> = rows(lines, false)
-            .into_iter()
-            .filter(|r| r.new == "CLOSE")
-            .map(|r| (r.lport, r.rport))
-            .collect();
-        pairs.iter().all(|p| closed.contains(p))
-    });
-    let done = tracer.stop();
-    assert!(done.status.success(), "{:?}", done.stderr);
-    let lost: Vec<&String> = done
-        .stderr
-        .iter()
-        .filter(|l| l.contains("events lost"))
-        .collect();
-    assert_eq!(lost, Vec::<&String>::new(), "no event lost");
+    tracer.stop_after_closes(pairs, &["events lost"]);
     rx.spans()
 }
 

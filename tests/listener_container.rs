@@ -22,7 +22,7 @@ use std::{
 
 use support::{
     load::abort_on_close,
-    otlp::{FAST, KIND_SERVER, ROOT, ReceivedSpan, Receiver, Value, WAIT},
+    otlp::{FAST, KIND_SERVER, ROOT, ReceivedSpan, Receiver, Value, WAIT, server_roots},
     *,
 };
 
@@ -145,17 +145,6 @@ fn with_container(spans: &[ReceivedSpan], port: u16, peers: &[u16], id: &str) ->
         .count()
 }
 
-fn server_roots(spans: &[ReceivedSpan], port: u16) -> usize {
-    spans
-        .iter()
-        .filter(|s| {
-            s.name == ROOT
-                && s.kind == KIND_SERVER
-                && s.int_attr("network.local.port") == Some(i64::from(port))
-        })
-        .count()
-}
-
 #[test]
 fn a_live_listeners_container_names_its_failed_connections() {
     if !root_or_skip("a_live_listeners_container_names_its_failed_connections") {
@@ -219,7 +208,7 @@ exec unshare --cgroup --mount --propagation private sh -c 'umount "$0"; mount -t
     let before: Vec<u16> = (0..EACH)
         .map(|_| connect_and_reset(&server, port))
         .collect();
-    let spans = rx.wait_for(WAIT, |s| server_roots(s, port) >= EACH);
+    let spans = rx.wait_for(WAIT, |s| server_roots(s, port).len() >= EACH);
     let named_before = with_container(&spans, port, &before, &id);
 
     let churn = Command::new("python3")
@@ -254,7 +243,7 @@ exec unshare --cgroup --mount --propagation private sh -c 'umount "$0"; mount -t
     let after: Vec<u16> = (0..EACH)
         .map(|_| connect_and_reset(&server, port))
         .collect();
-    let spans = rx.wait_for(WAIT, |s| server_roots(s, port) >= 2 * EACH);
+    let spans = rx.wait_for(WAIT, |s| server_roots(s, port).len() >= 2 * EACH);
     let named_after = with_container(&spans, port, &after, &id);
     eprintln!(
         "server roots with the container's id: {named_before} of {EACH} before {CHURN} other \

@@ -16,7 +16,7 @@ use std::{
 use support::{
     load::abort_on_close,
     netns::Netns,
-    otlp::{KIND_SERVER, ROOT, ReceivedSpan, Receiver, WAIT},
+    otlp::{Receiver, WAIT, server_roots},
     *,
 };
 
@@ -135,18 +135,6 @@ fn connect_and_reset(ns: &Netns, addr: Ipv4Addr, port: u16) -> u16 {
         drop(client);
         local.port()
     })
-}
-
-/// The server ends in `spans`: roots of kind server on `port`.
-fn server_roots(spans: &[ReceivedSpan], port: u16) -> Vec<&ReceivedSpan> {
-    spans
-        .iter()
-        .filter(|s| {
-            s.name == ROOT
-                && s.kind == KIND_SERVER
-                && s.int_attr("network.local.port") == Some(i64::from(port))
-        })
-        .collect()
 }
 
 /// Two namespaces, a server in each on the same port; clients in each connect

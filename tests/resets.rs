@@ -44,22 +44,7 @@ fn start(rx: &Receiver, extra: &[&str]) -> Tracer {
 /// Waits until the daemon printed the CLOSE of every (local, peer) pair, stops
 /// it, and returns what it exported and what it logged.
 fn finish(tracer: Tracer, rx: &Receiver, pairs: &[(u16, u16)]) -> (Vec<ReceivedSpan>, Vec<String>) {
-    tracer.wait_for("every end's CLOSE", |lines| {
-        let closed: Vec<(u16, u16)> = rows(lines, false)
-            .into_iter()
-            .filter(|r| r.new == "CLOSE")
-            .map(|r| (r.lport, r.rport))
-            .collect();
-        pairs.iter().all(|p| closed.contains(p))
-    });
-    let done = tracer.stop();
-    assert!(done.status.success(), "{:?}", done.stderr);
-    let lost: Vec<&String> = done
-        .stderr
-        .iter()
-        .filter(|l| l.contains("events lost") || l.contains("records lost"))
-        .collect();
-    assert_eq!(lost, Vec::<&String>::new(), "no record lost");
+    let done = tracer.stop_after_closes(pairs, &["events lost", "records lost"]);
     (rx.spans(), done.stderr)
 }
 

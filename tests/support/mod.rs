@@ -334,6 +334,29 @@ impl Tracer {
         }
     }
 
+    /// Waits until the daemon (printing, `-s`) printed the CLOSE of every
+    /// (local, peer) pair, stops it, and checks that it exited well and logged
+    /// no line with any of `losses` ("events lost", …).
+    pub fn stop_after_closes(self, pairs: &[(u16, u16)], losses: &[&str]) -> Finished {
+        self.wait_for("every end's CLOSE", |lines| {
+            let closed: Vec<(u16, u16)> = rows(lines, false)
+                .into_iter()
+                .filter(|r| r.new == "CLOSE")
+                .map(|r| (r.lport, r.rport))
+                .collect();
+            pairs.iter().all(|p| closed.contains(p))
+        });
+        let done = self.stop();
+        assert!(done.status.success(), "{:?}", done.stderr);
+        let lost: Vec<&String> = done
+            .stderr
+            .iter()
+            .filter(|l| losses.iter().any(|what| l.contains(what)))
+            .collect();
+        assert_eq!(lost, Vec::<&String>::new(), "nothing lost");
+        done
+    }
+
     pub fn stop(self) -> Finished {
         self.stop_with(Signal::SIGINT)
     }

@@ -965,6 +965,18 @@ fn hex(bytes: &[u8]) -> String {
 
 /// What the tests look for in exported traces.
 pub const ROOT: &str = "tcp.session";
+
+/// The server ends in `spans`: roots of kind server on `port`.
+pub fn server_roots(spans: &[ReceivedSpan], port: u16) -> Vec<&ReceivedSpan> {
+    spans
+        .iter()
+        .filter(|s| {
+            s.name == ROOT
+                && s.kind == KIND_SERVER
+                && s.int_attr("network.local.port") == Some(i64::from(port))
+        })
+        .collect()
+}
 pub const KIND_INTERNAL: i32 = 1;
 pub const KIND_SERVER: i32 = 2;
 pub const KIND_CLIENT: i32 = 3;
