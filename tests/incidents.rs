@@ -356,7 +356,22 @@ fn one_dropped_syn_is_one_retransmit_about_one_rto_into_syn_sent_and_no_error() 
         return;
     }
     let _serial = load::serial();
-    let (spans, cp, sp) = one_connection_with(Fault::drop_first_syn, "one SYN dropped");
+    // In about 1 run of 50 with a core kept busy, none of the daemon's programs
+    // ran in the softirq that sent the SYN again: no record reached the ring and
+    // the kernel counted no skip (`recursion_misses` stayed 0; seen with a counter
+    // inside the programs). Userspace cannot see such a loss, so the connection is
+    // made again then, at most twice more; a daemon that never shows the
+    // retransmission still fails.
+    let mut attempt = 1;
+    let (spans, cp, sp) = loop {
+        let (spans, cp, sp) = one_connection_with(Fault::drop_first_syn, "one SYN dropped");
+        let seen = !events(End::of(&spans, cp, sp).state("SYN_SENT"), RETRANSMIT).is_empty();
+        if seen || attempt == 3 {
+            break (spans, cp, sp);
+        }
+        eprintln!("attempt {attempt}: no record of the SYN's retransmission; again");
+        attempt += 1;
+    };
     let end = End::of(&spans, cp, sp);
     assert_eq!(end.error_type(), None);
     assert_ne!(end.root.status_code, STATUS_ERROR);
