@@ -296,8 +296,11 @@ pub mod lost {
     /// Listeners the kernel's listener maps could not store: their accepted
     /// connections may get no owner, or another listener's.
     pub const LISTENERS: u32 = 3;
+    /// TLS requests whose TCP socket was not found (or not followed), or that
+    /// the TLS programs' per-thread maps had no room for.
+    pub const TLS: u32 = 4;
     /// Number of slots.
-    pub const KINDS: u32 = 4;
+    pub const KINDS: u32 = 5;
 }
 
 /// Names of the global variables and maps in the eBPF object, used by both sides.
@@ -329,6 +332,20 @@ pub mod names {
     ];
     /// A raw tracepoint: its record has no socket address, its argument does.
     pub const ERROR_REPORT: &str = "inet_sk_error_report";
+    /// The TLS programs' uprobes: (program, function, return probe).
+    pub const TLS_UPROBES: [(&str, &str, bool); 6] = [
+        ("ssl_write", "SSL_write", false),
+        ("ssl_write_ex", "SSL_write_ex", false),
+        ("ssl_read", "SSL_read", false),
+        ("ssl_read_ex", "SSL_read_ex", false),
+        ("ssl_read_ret", "SSL_read", true),
+        ("ssl_read_ex_ret", "SSL_read_ex", true),
+    ];
+    /// The TLS programs' tracepoints: (program, tracepoint category, name).
+    pub const TLS_TRACEPOINTS: [(&str, &str, &str); 2] = [
+        ("tls_sent", "sock", "sock_send_length"),
+        ("tls_received", "sock", "sock_recv_length"),
+    ];
 }
 
 /// TCP states as numbered in include/net/tcp_states.h.

@@ -22,7 +22,7 @@ use aya_ebpf::{
     bindings::__sk_buff,
     helpers::{
         bpf_ktime_get_ns,
-        generated::{bpf_loop, bpf_skb_load_bytes},
+        generated::{bpf_loop, bpf_probe_read_user, bpf_skb_load_bytes},
     },
     macros::{cgroup_skb, map},
     maps::PerCpuArray,
@@ -109,7 +109,7 @@ pub fn http_ingress(ctx: SkBuffContext) -> i32 {
 /// The request method a payload starts with (its 1-based place in
 /// [`HTTP_METHODS`]), followed by a space; 0 for none.
 #[inline(always)]
-fn method(start: &[u8; 8]) -> u8 {
+pub(crate) fn method(start: &[u8; 8]) -> u8 {
     let mut i = 0;
     while i < HTTP_METHODS.len() {
         let name = HTTP_METHODS[i];
@@ -210,7 +210,7 @@ fn inspect(ctx: &SkBuffContext, dir: u8) -> Option<()> {
     if method == 0 {
         return None;
     }
-    if find_traceparent(ctx, payload, method, Out::Ring { sk, dir })? {
+    if find_traceparent(Packet(ctx, payload), method, Out::Ring { sk, dir })? {
         // A sampled request: the next payload the other way is its answer.
         let other = inspect::shift(dir ^ 1);
         // SAFETY: as above.
@@ -240,7 +240,7 @@ pub(crate) fn queue_answer(sk: u64, dir: u8) {
 }
 
 #[inline(always)]
-fn owner_wanted(owner: u32) -> bool {
+pub(crate) fn owner_wanted(owner: u32) -> bool {
     let config = CONFIG.load();
     !((config.pid != 0 && owner != config.pid)
         || (config.exclude_pid != 0 && owner == config.exclude_pid))
@@ -303,7 +303,7 @@ fn hand_off(ctx: &SkBuffContext, family: u16, owner: u32) -> Option<()> {
         let start = load::<8>(ctx, payload)?;
         let method = method(&start);
         if method != 0 {
-            let _ = find_traceparent(ctx, payload, method, Out::Handoff(slot));
+            let _ = find_traceparent(Packet(ctx, payload), method, Out::Handoff(slot));
         }
     }
     // SAFETY: as above.
@@ -384,19 +384,88 @@ pub(crate) fn link_handed_off(skaddr: u64, slot: *mut Handoff, now: u64) {
     }
 }
 
+/// Where the bytes scanned come from. A trait, not an enum: each program gets
+/// only its own source's helper (a `cgroup_skb` program may not call
+/// `bpf_probe_read_user`).
+pub(crate) trait Source {
+    /// How many bytes there are to scan, at most [`SCAN_BYTES`].
+    fn len(&self) -> usize;
+    /// Copies the first `n` bytes (1 to [`SCAN_BYTES`]) into `to`; false when
+    /// the kernel could not read them.
+    fn copy(&self, to: &mut [u8; SCAN_BYTES + SLACK], n: usize) -> bool;
+}
+
+/// A segment's payload, from this offset of the packet on.
+pub(crate) struct Packet<'a>(pub &'a SkBuffContext, pub usize);
+
+impl Source for Packet<'_> {
+    #[inline(always)]
+    fn len(&self) -> usize {
+        let len = (self.0.len() as usize).saturating_sub(self.1);
+        if len > SCAN_BYTES { SCAN_BYTES } else { len }
+    }
+
+    #[inline(always)]
+    fn copy(&self, to: &mut [u8; SCAN_BYTES + SLACK], n: usize) -> bool {
+        if n == 0 || n > SCAN_BYTES {
+            return false;
+        }
+        // The same `n`, in a form the verifier bounds to 1..=SCAN_BYTES whatever
+        // the compiler makes of the check above.
+        let n = ((n - 1) & (SCAN_BYTES - 1)) + 1;
+        // SAFETY: `n` bytes fit in `to`; the helper checks the packet's bounds.
+        unsafe {
+            bpf_skb_load_bytes(
+                self.0.as_ptr(),
+                self.1 as u32,
+                to.as_mut_ptr().cast(),
+                n as u32,
+            ) == 0
+        }
+    }
+}
+
+/// A process's plaintext (a TLS library's buffer), this long.
+pub(crate) struct User(pub *const u8, pub usize);
+
+impl Source for User {
+    #[inline(always)]
+    fn len(&self) -> usize {
+        if self.1 > SCAN_BYTES {
+            SCAN_BYTES
+        } else {
+            self.1
+        }
+    }
+
+    #[inline(always)]
+    fn copy(&self, to: &mut [u8; SCAN_BYTES + SLACK], n: usize) -> bool {
+        // As for a packet.
+        if n == 0 || n > SCAN_BYTES {
+            return false;
+        }
+        let n = ((n - 1) & (SCAN_BYTES - 1)) + 1;
+        // SAFETY: `n` bytes fit in `to`; the helper checks the user address.
+        unsafe { bpf_probe_read_user(to.as_mut_ptr().cast(), n as u32, self.0.cast()) == 0 }
+    }
+}
+
 /// Where a found `traceparent` goes.
 #[derive(Clone, Copy)]
-enum Out {
+pub(crate) enum Out {
     /// A [`LinkEvent`] for the socket `sk`, request gone `dir`.
     Ring { sk: u64, dir: u8 },
     /// This CPU's hand-off slot, for the connection the segment creates.
     Handoff(*mut Handoff),
+    /// A TLS request's, until its socket is known: the value is copied here
+    /// and nothing is queued.
+    Value(*mut [u8; TRACEPARENT_COPY]),
 }
 
 /// Scans the request's headers in this nesting level's scratch slot; whether
 /// the `traceparent` found says the request is sampled.
 #[inline(always)]
-fn find_traceparent(ctx: &SkBuffContext, payload: usize, method: u8, out: Out) -> Option<bool> {
+pub(crate) fn find_traceparent(source: impl Source, method: u8, out: Out) -> Option<bool> {
     let depth = SCAN_DEPTH.get_ptr_mut(0)?;
     // SAFETY: a valid, aligned u64 of this CPU's entry, only written atomically:
     // a program that interrupts this one between a load and a store must not
@@ -408,14 +477,14 @@ fn find_traceparent(ctx: &SkBuffContext, payload: usize, method: u8, out: Out) -
         atomic_add(depth, 1);
         level
     };
-    let found = scan_in(ctx, payload, method, out, level);
+    let found = scan_in(source, method, out, level);
     // SAFETY: as above; adding 2^64 - 1 takes the one back.
     unsafe { atomic_add(depth, u64::MAX) };
     found
 }
 
 #[inline(always)]
-fn scan_in(ctx: &SkBuffContext, payload: usize, method: u8, out: Out, level: u64) -> Option<bool> {
+fn scan_in(source: impl Source, method: u8, out: Out, level: u64) -> Option<bool> {
     if level >= u64::from(LEVELS) {
         // Deeper than any nesting the kernel does: no slot is free.
         count_lost(lost::LINKS);
@@ -433,27 +502,8 @@ fn scan_in(ctx: &SkBuffContext, payload: usize, method: u8, out: Out, level: u64
     let claim = unsafe { bpf_ktime_get_ns() };
     // SAFETY: a field of the slot; volatile so the write is not moved or elided.
     unsafe { core::ptr::write_volatile(&raw mut scan.claim, claim) };
-    let len = ctx.len() as usize;
-    let n = if len - payload > SCAN_BYTES {
-        SCAN_BYTES
-    } else {
-        len - payload
-    };
-    // Checked here, on the register passed, so the verifier sees a size of 1 to
-    // SCAN_BYTES.
-    if n == 0 || n > SCAN_BYTES {
-        return None;
-    }
-    // SAFETY: `n` bytes fit in `bytes`; the helper checks the packet's bounds.
-    let loaded = unsafe {
-        bpf_skb_load_bytes(
-            ctx.as_ptr(),
-            payload as u32,
-            scan.bytes.as_mut_ptr().cast(),
-            n as u32,
-        )
-    };
-    if loaded != 0 {
+    let n = source.len();
+    if !source.copy(&mut scan.bytes, n) {
         return None;
     }
     let mut search = Search {
@@ -494,6 +544,23 @@ fn scan_in(ctx: &SkBuffContext, payload: usize, method: u8, out: Out, level: u64
 
     let (sk, dir) = match out {
         Out::Ring { sk, dir } => (sk, dir),
+        Out::Value(value) => {
+            // SAFETY: the caller's buffer; `at + TRACEPARENT_COPY` is within `bytes`.
+            unsafe {
+                core::ptr::copy_nonoverlapping(
+                    scan.bytes.as_ptr().add(at),
+                    value.cast::<u8>(),
+                    TRACEPARENT_COPY,
+                );
+            }
+            // SAFETY: a field of the slot, read after the copy.
+            if unsafe { core::ptr::read_volatile(&raw const scan.claim) } != claim {
+                count_lost(lost::LINKS);
+                return None;
+            }
+            // SAFETY: the caller's copy, just written.
+            return Some(traceparent_sampled(unsafe { &*value }));
+        }
         Out::Handoff(slot) => {
             // SAFETY: this CPU's hand-off slot (see `hand_off`); `at +
             // TRACEPARENT_COPY` is within `bytes`.

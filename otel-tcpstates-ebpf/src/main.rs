@@ -9,6 +9,7 @@
 
 mod http;
 mod incidents;
+mod tls;
 
 use aya_ebpf::{
     EbpfContext as _, Global,

@@ -499,6 +499,7 @@ fn attach(cli: &Cli, offsets: &KernelOffsets, exporting: bool) -> Result<(Probe,
         // Links and incidents go on the spans of sockets: only traces have a use
         // for them.
         exporting && cli.links,
+        (!cli.no_tls).then_some(cli.tls_libraries.as_slice()),
         exporting && !cli.no_incidents,
     )?;
     let reader = EventReader::new(ring, Duration::from_millis(cli.poll_ms))
@@ -748,6 +749,7 @@ fn stats(sinks: &Sinks, reader: &EventReader, losses: &Losses, cut_off: u64) -> 
             requests_sampled: table.map_or(0, |t| t.requests_sampled),
             request_spans: table.map_or(0, |t| t.request_spans),
             requests_not_kept: table.map_or(0, |t| t.requests_not_kept),
+            tls_unmatched: losses.tls,
         }),
         incidents: losses.incidents.map(|(lost, skipped)| IncidentStats {
             lost,

@@ -102,6 +102,18 @@ pub struct Cli {
     #[arg(long = "no-links", overrides_with = "links")]
     pub no_links: bool,
 
+    /// With --links: do not read requests inside TLS. By default uprobes on
+    /// OpenSSL's SSL_write/SSL_read (the system's libssl.so.3, node, and the
+    /// libssl of running processes; needs uprobes: CAP_SYS_ADMIN, or CAP_PERFMON
+    /// and CAP_BPF) find the traceparent before encryption and after decryption
+    #[arg(long = "no-tls")]
+    pub no_tls: bool,
+
+    /// With --links: also read TLS requests in this file, a library or an
+    /// executable that exports OpenSSL's SSL_write and SSL_read (repeatable)
+    #[arg(long = "tls-library", value_name = "PATH")]
+    pub tls_libraries: Vec<std::path::PathBuf>,
+
     /// tcplife mode: one line per closed connection (owner, KiB the peer acknowledged
     /// and KiB received, lifespan)
     #[arg(long = "life")]

@@ -13,9 +13,11 @@ use otel_tcpstates_common::{
     TcpOffsets, lost, names,
 };
 
+use std::path::PathBuf;
+
 use crate::kernel::{
     btf::{self, Btf},
-    cgroup, incident_programs, program_stats,
+    cgroup, incident_programs, program_stats, tls_programs,
 };
 
 const KERNEL_BTF: &str = "/sys/kernel/btf/vmlinux";
@@ -50,6 +52,8 @@ pub struct Probe {
     congestion_known: bool,
     /// The packet programs are attached: link records can be lost.
     links_attached: bool,
+    /// The TLS programs are attached: TLS requests can go unmatched.
+    tls_attached: bool,
     /// The incident programs were wanted: incident records can be lost.
     incidents: bool,
     /// The programs' skips when they were detached (they are gone after).
@@ -67,6 +71,8 @@ pub struct Losses {
     /// Link records the ring buffer had no room for (or whose scratch space a
     /// nested program took); `None` without the packet programs.
     pub links: Option<u64>,
+    /// TLS requests whose socket was not found; `None` without the TLS programs.
+    pub tls: Option<u64>,
     /// Incident records the ring buffer had no room for, and those the kernel
     /// skipped; `None` without the incident programs.
     pub incidents: Option<(u64, u64)>,
@@ -256,7 +262,8 @@ impl Probe {
     /// Returns the attached probe and the ring buffer its events arrive on.
     /// The kernel remembers at least `max_sockets` sockets' current state. With
     /// `links`, the packet programs that find `traceparent` headers are attached
-    /// too, or a warning says why they could not be; with `incidents`, the
+    /// too, or a warning says why they could not be, and with them, given `tls`
+    /// (files besides those found), the TLS programs; with `incidents`, the
     /// programs that see retransmissions, resets, errors and congestion states.
     pub fn load(
         filters: &Filters,
@@ -264,6 +271,7 @@ impl Probe {
         ring_buffer_bytes: u32,
         max_sockets: NonZeroUsize,
         links: bool,
+        tls: Option<&[PathBuf]>,
         incidents: bool,
     ) -> Result<(Self, RingBuf<MapData>)> {
         let config = Config {
@@ -331,6 +339,24 @@ impl Probe {
             && incident_programs::attach(&mut ebpf, offsets.tcp.enabled != 0, &mut attached);
         let packet_programs = links.then(|| attach_packet_programs(&mut ebpf, &mut attached));
         let links_attached = matches!(packet_programs, Some(Ok(())));
+        // TLS plaintext: with the links, unless turned off.
+        let tls_attached = links_attached
+            && tls.is_some_and(|extra| {
+                match tls_programs::attach(&mut ebpf, extra, &mut attached) {
+                    Ok(done) => {
+                        let files: Vec<String> =
+                            done.files.iter().map(|f| f.display().to_string()).collect();
+                        tracing::info!("TLS requests read in {}", files.join(", "));
+                        true
+                    }
+                    Err(err) => {
+                        tracing::warn!(
+                            "links from TLS requests are off: {err:#} (uprobes need CAP_SYS_ADMIN, or CAP_PERFMON and CAP_BPF, and the library's file; --tls-library names more)"
+                        );
+                        false
+                    }
+                }
+            });
         if let Some(Err(err)) = packet_programs {
             // One line: the cause's first (a verifier log follows it).
             let why = if err.chain().nth(1).is_some() {
@@ -362,6 +388,7 @@ impl Probe {
                 lost,
                 congestion_known,
                 links_attached,
+                tls_attached,
                 incidents,
                 final_skips: None,
             },
@@ -405,6 +432,7 @@ impl Probe {
             state_changes: lost(lost::STATE_CHANGES)?,
             state_changes_skipped: skips.state_changes,
             links: self.links_attached.then(|| lost(lost::LINKS)).transpose()?,
+            tls: self.tls_attached.then(|| lost(lost::TLS)).transpose()?,
             incidents: self
                 .incidents
                 .then(|| Ok::<_, anyhow::Error>((lost(lost::INCIDENTS)?, skips.incidents)))

@@ -1,6 +1,7 @@
 //! In: the kernel — the tracepoint program's state changes, the incident programs'
 //! retransmissions, resets, errors and congestion states, and the packet programs'
-//! `traceparent` headers, on one ring buffer. Out: decoded [`event::Record`]s.
+//! `traceparent` headers, and the TLS programs' ones read from OpenSSL's
+//! plaintext, on one ring buffer. Out: decoded [`event::Record`]s.
 //! It knows nothing of sessions, text output or OTLP.
 pub mod btf;
 pub mod cgroup;
@@ -11,4 +12,5 @@ pub mod loader;
 pub mod preflight;
 pub mod program_stats;
 pub mod reader;
+pub mod tls_programs;
 pub mod traceparent;

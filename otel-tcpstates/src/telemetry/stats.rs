@@ -53,6 +53,10 @@ pub struct LinkStats {
     /// Sampled requests that made no span: past a socket's in flight or
     /// repeats, or the session table's bound (memory).
     pub requests_not_kept: u64,
+    /// With the TLS programs: requests read from TLS plaintext whose TCP
+    /// socket was not found (or not followed), or that the kernel's per-thread
+    /// maps had no room for.
+    pub tls_unmatched: Option<u64>,
 }
 
 /// The incident programs' records that never arrived, or arrived with no
@@ -103,6 +107,9 @@ impl fmt::Display for Stats {
                 s.request_spans,
                 s.requests_not_kept
             )?;
+            if let Some(unmatched) = s.tls_unmatched {
+                write!(f, ", {unmatched} TLS unmatched")?;
+            }
         }
         if let Some(s) = &self.incidents {
             write!(
@@ -263,6 +270,7 @@ mod tests {
             requests_sampled: 6,
             request_spans: 4,
             requests_not_kept: 1,
+            tls_unmatched: None,
         });
         stats.incidents = Some(IncidentStats {
             lost: 5,

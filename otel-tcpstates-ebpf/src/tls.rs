@@ -1,0 +1,311 @@
+//! The TLS programs: uprobes on OpenSSL's `SSL_write`/`SSL_write_ex` and
+//! `SSL_read`/`SSL_read_ex` find the `traceparent` of HTTP/1.x requests in the
+//! plaintext, before encryption on the sending end and after decryption on the
+//! receiving one, and queue it as a [`LinkEvent`] for the TCP socket that
+//! carried the request, exactly as the packet programs do for plaintext.
+//!
+//! The socket is never taken from the TLS session: stacks that encrypt into
+//! memory (Node's TLS, Python's asyncio) write the ciphertext later, from their
+//! event loop, and read it before they decrypt. What holds there and with a
+//! socket BIO alike is the thread:
+//! - a request `SSL_write` took waits in [`TLS_SENDS`] for the thread's next
+//!   send on a TCP socket (`sock:sock_send_length`): inside the call with a
+//!   socket BIO, right after it from the same loop with a memory BIO;
+//! - a thread that reads TLS has the TCP socket it last received from noted in
+//!   [`TLS_LAST_RECV`] (`sock:sock_recv_length`): inside `SSL_read` with a
+//!   socket BIO, just before it with a memory BIO.
+//!
+//! Bounded and never waiting: LRU maps per thread, the scan of the packet
+//! programs (its first [`crate::http`] bytes, in their per-CPU scratch), one
+//! lookup per send or receive of any thread, and a record that finds no
+//! followed socket is counted in `LOST` as a TLS request unmatched.
+use aya_ebpf::{
+    EbpfContext as _,
+    helpers::{bpf_get_current_pid_tgid, bpf_ktime_get_ns, bpf_probe_read_user},
+    macros::{map, tracepoint, uprobe, uretprobe},
+    maps::LruHashMap,
+    programs::{ProbeContext, RetProbeContext, TracePointContext},
+};
+use otel_tcpstates_common::{
+    IPPROTO_TCP, LinkEvent, TRACEPARENT_COPY, direction, inspect, lost, traceparent_sampled,
+};
+
+use crate::{
+    EVENTS, SOCKETS, count_lost,
+    http::{self, Out, User},
+    wakeup_flags,
+};
+
+/// Threads a map follows at once: TLS threads in flight, not sockets.
+const THREADS: u32 = 8192;
+
+/// A request `SSL_write` took, waiting for the thread's next TCP send.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct PendingSend {
+    value: [u8; TRACEPARENT_COPY],
+    method: u8,
+    _pad: [u8; 7],
+}
+
+#[map]
+static TLS_SENDS: LruHashMap<u64, PendingSend> = LruHashMap::with_max_entries(THREADS, 0);
+
+/// An `SSL_read` in progress on a thread: where the plaintext goes, and for
+/// `SSL_read_ex` where the count does (0 for `SSL_read`, which returns it).
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct ReadCall {
+    buf: u64,
+    readbytes: u64,
+}
+
+#[map]
+static TLS_READS: LruHashMap<u64, ReadCall> = LruHashMap::with_max_entries(THREADS, 0);
+
+/// The TCP socket each thread that reads TLS last received from (0: none yet).
+/// Only threads that called `SSL_read` are here, so the receive tracepoint
+/// writes nothing for any other thread.
+#[map]
+static TLS_LAST_RECV: LruHashMap<u64, u64> = LruHashMap::with_max_entries(THREADS, 0);
+
+/// The first bytes of a buffer, for the method check.
+#[inline(always)]
+fn start_of(buf: u64, len: usize) -> Option<[u8; 8]> {
+    if len < 8 {
+        return None;
+    }
+    // SAFETY: the helper checks the user address; a failed read is None.
+    unsafe { bpf_probe_read_user(buf as *const [u8; 8]) }.ok()
+}
+
+/// `SSL_write`'s and `SSL_write_ex`'s plaintext `buf` of `len` bytes: the
+/// request it starts, if any, waits for the thread's next TCP send.
+#[inline(always)]
+fn written(buf: u64, len: usize) {
+    let Some(start) = start_of(buf, len) else {
+        return;
+    };
+    let method = http::method(&start);
+    if method == 0 {
+        return;
+    }
+    let mut pending = PendingSend {
+        value: [0; TRACEPARENT_COPY],
+        method,
+        _pad: [0; 7],
+    };
+    if http::find_traceparent(
+        User(buf as *const u8, len),
+        method,
+        Out::Value(&raw mut pending.value),
+    )
+    .is_some()
+    {
+        let tid = bpf_get_current_pid_tgid();
+        if TLS_SENDS.insert(&tid, &pending, 0).is_err() {
+            count_lost(lost::TLS);
+        }
+    }
+}
+
+// int SSL_write(SSL *ssl, const void *buf, int num)
+#[uprobe]
+pub fn ssl_write(ctx: ProbeContext) -> u32 {
+    let buf: u64 = ctx.arg(1).unwrap_or(0);
+    let num: i32 = ctx.arg::<u64>(2).unwrap_or(0) as i32;
+    if buf != 0 && num > 0 {
+        written(buf, num as usize);
+    }
+    0
+}
+
+// int SSL_write_ex(SSL *s, const void *buf, size_t num, size_t *written)
+#[uprobe]
+pub fn ssl_write_ex(ctx: ProbeContext) -> u32 {
+    let buf: u64 = ctx.arg(1).unwrap_or(0);
+    let num: u64 = ctx.arg(2).unwrap_or(0);
+    if buf != 0 && num > 0 {
+        written(buf, num.min(u64::from(u32::MAX)) as usize);
+    }
+    0
+}
+
+/// An `SSL_read` begins: the thread is one that reads TLS from now on.
+#[inline(always)]
+fn read_begins(buf: u64, readbytes: u64) {
+    let tid = bpf_get_current_pid_tgid();
+    let _ = TLS_READS.insert(&tid, &ReadCall { buf, readbytes }, 0);
+    // SAFETY: a plain lookup; the value is not kept.
+    if unsafe { TLS_LAST_RECV.get(&tid) }.is_none() {
+        let _ = TLS_LAST_RECV.insert(&tid, &0, 0);
+    }
+}
+
+// int SSL_read(SSL *ssl, void *buf, int num)
+#[uprobe]
+pub fn ssl_read(ctx: ProbeContext) -> u32 {
+    read_begins(ctx.arg(1).unwrap_or(0), 0);
+    0
+}
+
+// int SSL_read_ex(SSL *ssl, void *buf, size_t num, size_t *readbytes)
+#[uprobe]
+pub fn ssl_read_ex(ctx: ProbeContext) -> u32 {
+    read_begins(ctx.arg(1).unwrap_or(0), ctx.arg(3).unwrap_or(0));
+    0
+}
+
+/// `SSL_read` returned `ret`: the request its plaintext starts, if any, is
+/// linked to the socket the thread last received from.
+#[inline(always)]
+fn read_ends(ret: i64) {
+    let tid = bpf_get_current_pid_tgid();
+    // SAFETY: plain values copied out of a successful lookup.
+    let Some(call) = (unsafe { TLS_READS.get(&tid) }).copied() else {
+        return;
+    };
+    let _ = TLS_READS.remove(&tid);
+    let len = if call.readbytes == 0 {
+        if ret <= 0 {
+            return;
+        }
+        ret as u64
+    } else {
+        if ret != 1 {
+            return;
+        }
+        // SAFETY: the helper checks the user address.
+        match unsafe { bpf_probe_read_user(call.readbytes as *const u64) } {
+            Ok(n) => n,
+            Err(_) => return,
+        }
+    };
+    let len = len.min(u64::from(u32::MAX)) as usize;
+    let Some(start) = start_of(call.buf, len) else {
+        return;
+    };
+    let method = http::method(&start);
+    if method == 0 {
+        return;
+    }
+    // SAFETY: plain value copied out of a successful lookup.
+    let sk = unsafe { TLS_LAST_RECV.get(&tid) }.copied().unwrap_or(0);
+    if !followed(sk) {
+        count_lost(lost::TLS);
+        return;
+    }
+    let out = Out::Ring {
+        sk,
+        dir: direction::RECEIVED,
+    };
+    if http::find_traceparent(User(call.buf as *const u8, len), method, out) == Some(true) {
+        // A sampled request: its answer is the next payload the socket sends.
+        expect_answer(sk, direction::SENT);
+    }
+}
+
+#[uretprobe]
+pub fn ssl_read_ret(ctx: RetProbeContext) -> u32 {
+    read_ends(i64::from(ctx.ret::<u64>() as i32));
+    0
+}
+
+#[uretprobe]
+pub fn ssl_read_ex_ret(ctx: RetProbeContext) -> u32 {
+    read_ends(i64::from(ctx.ret::<u64>() as i32));
+    0
+}
+
+/// Whether the state program follows socket `sk` and its owner passes the filter.
+#[inline(always)]
+fn followed(sk: u64) -> bool {
+    if sk == 0 {
+        return false;
+    }
+    // SAFETY: plain values copied out of a successful lookup.
+    match unsafe { SOCKETS.get(&sk) } {
+        Some(state) => http::owner_wanted(state.owner_pid),
+        None => false,
+    }
+}
+
+/// Sets the answer bit of direction `dir` on socket `sk`: its next payload
+/// that way is queued as the answer (by the packet programs, when attached).
+#[inline(always)]
+fn expect_answer(sk: u64, dir: u8) {
+    if let Some(state) = SOCKETS.get_ptr_mut(&sk) {
+        // SAFETY: a value of the map, from a successful lookup; as the packet
+        // programs set it.
+        unsafe { (*state).inspect |= inspect::ANSWER << inspect::shift(dir) };
+    }
+}
+
+/// The record `sock:sock_send_length` and `sock:sock_recv_length` share: the
+/// socket at 8, its protocol at 18, the length (or error) at 20.
+#[inline(always)]
+fn sock_record(ctx: &TracePointContext) -> Option<u64> {
+    // SAFETY: userspace checked the format file for these fields at these offsets.
+    let (sk, protocol, ret) = unsafe {
+        let base = ctx.as_ptr().cast::<u8>();
+        (
+            core::ptr::read_volatile(base.add(8).cast::<u64>()),
+            core::ptr::read_volatile(base.add(18).cast::<u16>()),
+            core::ptr::read_volatile(base.add(20).cast::<i32>()),
+        )
+    };
+    (protocol == IPPROTO_TCP && ret > 0 && sk != 0).then_some(sk)
+}
+
+/// A thread sent on a socket: the request its last `SSL_write` took, if one
+/// waits, went out on it.
+#[tracepoint]
+pub fn tls_sent(ctx: TracePointContext) -> u32 {
+    let tid = bpf_get_current_pid_tgid();
+    // SAFETY: plain values copied out of a successful lookup.
+    let Some(pending) = (unsafe { TLS_SENDS.get(&tid) }).copied() else {
+        return 0;
+    };
+    let Some(sk) = sock_record(&ctx) else {
+        return 0;
+    };
+    let _ = TLS_SENDS.remove(&tid);
+    if !followed(sk) {
+        count_lost(lost::TLS);
+        return 0;
+    }
+    let Some(mut entry) = EVENTS.reserve::<LinkEvent>(0) else {
+        count_lost(lost::LINKS);
+        return 0;
+    };
+    let event = entry.as_mut_ptr();
+    // SAFETY: a reserved, exclusively owned LinkEvent-sized slot, every field
+    // written before submit.
+    unsafe {
+        (*event).skaddr = sk;
+        (*event).ts_ns = bpf_ktime_get_ns();
+        (*event).value = pending.value;
+        (*event).method = pending.method;
+        (*event).direction = direction::SENT;
+        (*event)._pad = [0; 6];
+    }
+    entry.submit(wakeup_flags());
+    if traceparent_sampled(&pending.value) {
+        expect_answer(sk, direction::RECEIVED);
+    }
+    0
+}
+
+/// A thread received from a socket: noted when the thread reads TLS.
+#[tracepoint]
+pub fn tls_received(ctx: TracePointContext) -> u32 {
+    let tid = bpf_get_current_pid_tgid();
+    let Some(last) = TLS_LAST_RECV.get_ptr_mut(&tid) else {
+        return 0;
+    };
+    if let Some(sk) = sock_record(&ctx) {
+        // SAFETY: this thread's entry, written only by this thread.
+        unsafe { *last = sk };
+    }
+    0
+}
