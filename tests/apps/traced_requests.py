@@ -18,7 +18,11 @@ ThreadingHTTPServer, HTTP/1.1, keep-alive) is not instrumented: it records the
 traceparent each request carried and the port of the connection it came on.
 
     traced_requests.py --family 4|6 --requests N [--mode keepalive|new]
-        [--ratio R] [--delay-ms D] [--method GET] [--port P]
+        [--ratio R] [--delay-ms D] [--method GET] [--port P] [--tls DIR]
+
+--tls DIR: HTTPS, both ends through Python's ssl (the system's libssl): the
+server's certificate and key are DIR/cert.pem and DIR/key.pem, which the
+client trusts.
 
 --mode keepalive (the default): one requests.Session for every request, so all
 go over one connection; new: a Session of its own per request, closed after it,
@@ -45,6 +49,7 @@ import json
 import os
 import re
 import socket
+import ssl
 import sys
 import threading
 import time
@@ -141,7 +146,7 @@ class Server6(Server):
     address_family = socket.AF_INET6
 
 
-def send(session, method, url, where, client_spans):
+def send(session, method, url, where, client_spans, verify):
     """One request, its response read whole, on `session` (keep-alive) or, with
     None, on a connection of its own, closed after it. Returns the status, the
     traceparent the instrumentation put in the request and its CLIENT span's
@@ -149,10 +154,12 @@ def send(session, method, url, where, client_spans):
     only forgets its connection pools, which close their connections when
     they are garbage-collected, and a response refers to its pool."""
     if session is not None:
-        response = session.request(method, url, timeout=TIMEOUT)
+        response = session.request(method, url, timeout=TIMEOUT, verify=verify)
     else:
         with requests.Session() as one:
-            response = one.request(method, url, headers={"Connection": "close"}, timeout=TIMEOUT)
+            response = one.request(
+                method, url, headers={"Connection": "close"}, timeout=TIMEOUT, verify=verify
+            )
     with response:
         if response.status_code != 200 or response.content != b"ok\n":
             raise RuntimeError(f"{where}: status {response.status_code}, body {response.content!r}")
@@ -174,6 +181,7 @@ def main():
     parser.add_argument("--delay-ms", type=int, default=0)
     parser.add_argument("--method", default="GET")
     parser.add_argument("--port", type=int, default=0)
+    parser.add_argument("--tls", metavar="DIR")
     args = parser.parse_args()
     if args.requests < 1:
         parser.error("--requests must be at least 1")
@@ -206,6 +214,13 @@ def main():
     Handler.delay = args.delay_ms / 1000
     server = server_class((host, args.port), Handler)
     server_port = server.server_address[1]
+    verify = True
+    if args.tls:
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        context.load_cert_chain(os.path.join(args.tls, "cert.pem"), os.path.join(args.tls, "key.pem"))
+        server.socket = context.wrap_socket(server.socket, server_side=True)
+        verify = os.path.join(args.tls, "cert.pem")
+    scheme = "https" if args.tls else "http"
     server_thread = threading.Thread(target=server.serve_forever)
     server_thread.start()
     url_host = f"[{host}]" if args.family == 6 else host
@@ -217,8 +232,10 @@ def main():
             if trace.get_current_span().get_span_context().is_valid:
                 raise RuntimeError("a span is active where a request is made")
             where = f"{args.method} /{n}"
-            url = f"http://{url_host}:{server_port}/{n}"
-            status, traceparent, span_context = send(session, args.method, url, where, client_spans)
+            url = f"{scheme}://{url_host}:{server_port}/{n}"
+            status, traceparent, span_context = send(
+                session, args.method, url, where, client_spans, verify
+            )
             match = TRACEPARENT.match(traceparent or "")
             if not match:
                 raise RuntimeError(f"{where}: sent no valid traceparent ({traceparent!r})")

@@ -116,7 +116,6 @@ pub fn run_to_end(mut command: Command, otlp_http: &str, what: &str) -> (u32, Ou
 /// the OTLP/HTTP receiver it exports its spans to (`OTEL_EXPORTER_OTLP_ENDPOINT`:
 /// it appends /v1/traces); `ratio` is the share of its requests it samples, by
 /// trace id; `port` its server's (`None`: any free one).
-#[allow(clippy::too_many_arguments)]
 pub fn run_app(
     otlp_http: &str,
     runtime: Runtime,
@@ -125,6 +124,24 @@ pub fn run_app(
     requests: usize,
     ratio: f64,
     port: Option<u16>,
+) -> App {
+    run_app_over(
+        otlp_http, runtime, family, mode, requests, ratio, port, false,
+    )
+}
+
+/// [`run_app`], over HTTPS when `tls`: the app's server has the test
+/// certificate in `tests/apps/certs`, which its client trusts.
+#[allow(clippy::too_many_arguments)]
+pub fn run_app_over(
+    otlp_http: &str,
+    runtime: Runtime,
+    family: u8,
+    mode: Mode,
+    requests: usize,
+    ratio: f64,
+    port: Option<u16>,
+    tls: bool,
 ) -> App {
     let apps = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/apps");
     let mut command = match runtime {
@@ -141,7 +158,7 @@ pub fn run_app(
             c
         }
     };
-    let args = [
+    let mut args = vec![
         ("--family", family.to_string()),
         ("--requests", requests.to_string()),
         (
@@ -156,6 +173,9 @@ pub fn run_app(
         ("--delay-ms", DELAY_MS.to_string()),
         ("--port", port.unwrap_or(0).to_string()),
     ];
+    if tls {
+        args.push(("--tls", apps.join("certs").display().to_string()));
+    }
     for (flag, value) in &args {
         command.args([flag, value.as_str()]);
     }
