@@ -145,6 +145,26 @@ fn python_requests_over_https_a_connection_each_ipv6() {
     );
 }
 
+#[test]
+fn node_https_keepalive_ipv4() {
+    https_requests_are_linked(
+        "node_https_keepalive_ipv4",
+        Runtime::Node,
+        Mode::KeepAlive,
+        4,
+    );
+}
+
+#[test]
+fn node_https_a_connection_each_ipv6() {
+    https_requests_are_linked(
+        "node_https_a_connection_each_ipv6",
+        Runtime::Node,
+        Mode::New,
+        6,
+    );
+}
+
 /// A TLS connection that carries no HTTP (a line protocol) makes no link, on
 /// either end.
 #[test]

@@ -333,9 +333,11 @@ pub mod names {
     /// A raw tracepoint: its record has no socket address, its argument does.
     pub const ERROR_REPORT: &str = "inet_sk_error_report";
     /// The TLS programs' uprobes: (program, function, return probe).
-    pub const TLS_UPROBES: [(&str, &str, bool); 6] = [
+    pub const TLS_UPROBES: [(&str, &str, bool); 8] = [
         ("ssl_write", "SSL_write", false),
         ("ssl_write_ex", "SSL_write_ex", false),
+        ("ssl_write_ret", "SSL_write", true),
+        ("ssl_write_ex_ret", "SSL_write_ex", true),
         ("ssl_read", "SSL_read", false),
         ("ssl_read_ex", "SSL_read_ex", false),
         ("ssl_read_ret", "SSL_read", true),

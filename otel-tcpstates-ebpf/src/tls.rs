@@ -39,15 +39,28 @@ use crate::{
 /// Threads a map follows at once: TLS threads in flight, not sockets.
 const THREADS: u32 = 8192;
 
-/// A request `SSL_write` took, waiting for the thread's next TCP send.
+/// A request in plaintext given to `SSL_write`: in [`TLS_WRITES`] during the
+/// call, then, when the library took it and no send carried it inside the call,
+/// in [`TLS_SENDS`] until the thread's next TCP send.
 #[repr(C)]
 #[derive(Clone, Copy)]
 pub struct PendingSend {
     value: [u8; TRACEPARENT_COPY],
     method: u8,
-    _pad: [u8; 7],
+    /// A send inside the call carried it (a socket BIO): nothing left to wait.
+    sent: u8,
+    _pad: [u8; 6],
+    /// For `SSL_write_ex`, where the count taken goes (0 for `SSL_write`,
+    /// which returns it).
+    written: u64,
 }
 
+/// Requests inside an `SSL_write` call, per thread.
+#[map]
+static TLS_WRITES: LruHashMap<u64, PendingSend> = LruHashMap::with_max_entries(THREADS, 0);
+
+/// Requests taken by an `SSL_write` that returned before any send carried them
+/// (a memory BIO), per thread.
 #[map]
 static TLS_SENDS: LruHashMap<u64, PendingSend> = LruHashMap::with_max_entries(THREADS, 0);
 
@@ -55,13 +68,13 @@ static TLS_SENDS: LruHashMap<u64, PendingSend> = LruHashMap::with_max_entries(TH
 /// `SSL_read_ex` where the count does (0 for `SSL_read`, which returns it).
 #[repr(C)]
 #[derive(Clone, Copy)]
-pub struct ReadCall {
+pub struct Call {
     buf: u64,
     readbytes: u64,
 }
 
 #[map]
-static TLS_READS: LruHashMap<u64, ReadCall> = LruHashMap::with_max_entries(THREADS, 0);
+static TLS_READS: LruHashMap<u64, Call> = LruHashMap::with_max_entries(THREADS, 0);
 
 /// The TCP socket each thread that reads TLS last received from (0: none yet).
 /// Only threads that called `SSL_read` are here, so the receive tracepoint
@@ -79,10 +92,10 @@ fn start_of(buf: u64, len: usize) -> Option<[u8; 8]> {
     unsafe { bpf_probe_read_user(buf as *const [u8; 8]) }.ok()
 }
 
-/// `SSL_write`'s and `SSL_write_ex`'s plaintext `buf` of `len` bytes: the
-/// request it starts, if any, waits for the thread's next TCP send.
+/// `SSL_write` begins with the plaintext `buf` of `len` bytes: the request it
+/// starts, if any, is noted for the sends inside the call, or after it.
 #[inline(always)]
-fn written(buf: u64, len: usize) {
+fn write_begins(buf: u64, len: usize, written: u64) {
     let Some(start) = start_of(buf, len) else {
         return;
     };
@@ -93,7 +106,9 @@ fn written(buf: u64, len: usize) {
     let mut pending = PendingSend {
         value: [0; TRACEPARENT_COPY],
         method,
-        _pad: [0; 7],
+        sent: 0,
+        _pad: [0; 6],
+        written,
     };
     if http::find_traceparent(
         User(buf as *const u8, len),
@@ -103,7 +118,7 @@ fn written(buf: u64, len: usize) {
     .is_some()
     {
         let tid = bpf_get_current_pid_tgid();
-        if TLS_SENDS.insert(&tid, &pending, 0).is_err() {
+        if TLS_WRITES.insert(&tid, &pending, 0).is_err() {
             count_lost(lost::TLS);
         }
     }
@@ -113,9 +128,9 @@ fn written(buf: u64, len: usize) {
 #[uprobe]
 pub fn ssl_write(ctx: ProbeContext) -> u32 {
     let buf: u64 = ctx.arg(1).unwrap_or(0);
-    let num: i32 = ctx.arg::<u64>(2).unwrap_or(0) as i32;
+    let num = ctx.arg::<u64>(2).unwrap_or(0) as i32;
     if buf != 0 && num > 0 {
-        written(buf, num as usize);
+        write_begins(buf, num as usize, 0);
     }
     0
 }
@@ -126,16 +141,77 @@ pub fn ssl_write_ex(ctx: ProbeContext) -> u32 {
     let buf: u64 = ctx.arg(1).unwrap_or(0);
     let num: u64 = ctx.arg(2).unwrap_or(0);
     if buf != 0 && num > 0 {
-        written(buf, num.min(u64::from(u32::MAX)) as usize);
+        write_begins(
+            buf,
+            num.min(u64::from(u32::MAX)) as usize,
+            ctx.arg(3).unwrap_or(0),
+        );
     }
     0
+}
+
+/// `SSL_write` returned `ret`: a request it took that no send carried yet
+/// waits for the thread's next TCP send. One it did not take (the handshake
+/// still going, as Node's first request on a connection meets it) waits for
+/// nothing: the next send would be the handshake's.
+#[inline(always)]
+fn write_ends(ret: i64) {
+    let tid = bpf_get_current_pid_tgid();
+    // SAFETY: plain values copied out of a successful lookup.
+    let Some(pending) = (unsafe { TLS_WRITES.get(&tid) }).copied() else {
+        return;
+    };
+    let _ = TLS_WRITES.remove(&tid);
+    let taken = if pending.written == 0 {
+        ret > 0
+    } else {
+        ret == 1
+    };
+    if taken && pending.sent == 0 && TLS_SENDS.insert(&tid, &pending, 0).is_err() {
+        count_lost(lost::TLS);
+    }
+}
+
+#[uretprobe]
+pub fn ssl_write_ret(ctx: RetProbeContext) -> u32 {
+    write_ends(i64::from(ctx.ret::<u64>() as i32));
+    0
+}
+
+#[uretprobe]
+pub fn ssl_write_ex_ret(ctx: RetProbeContext) -> u32 {
+    write_ends(i64::from(ctx.ret::<u64>() as i32));
+    0
+}
+
+/// The thread's call in `calls` returned `ret`: its buffer and how many bytes
+/// it took or gave, when that is some.
+#[inline(always)]
+fn call_ended(calls: &LruHashMap<u64, Call>, ret: i64) -> Option<(u64, usize)> {
+    let tid = bpf_get_current_pid_tgid();
+    // SAFETY: plain values copied out of a successful lookup.
+    let call = (unsafe { calls.get(&tid) }).copied()?;
+    let _ = calls.remove(&tid);
+    let len = if call.readbytes == 0 {
+        if ret <= 0 {
+            return None;
+        }
+        ret as u64
+    } else {
+        if ret != 1 {
+            return None;
+        }
+        // SAFETY: the helper checks the user address.
+        unsafe { bpf_probe_read_user(call.readbytes as *const u64) }.ok()?
+    };
+    (call.buf != 0).then_some((call.buf, len.min(u64::from(u32::MAX)) as usize))
 }
 
 /// An `SSL_read` begins: the thread is one that reads TLS from now on.
 #[inline(always)]
 fn read_begins(buf: u64, readbytes: u64) {
     let tid = bpf_get_current_pid_tgid();
-    let _ = TLS_READS.insert(&tid, &ReadCall { buf, readbytes }, 0);
+    let _ = TLS_READS.insert(&tid, &Call { buf, readbytes }, 0);
     // SAFETY: a plain lookup; the value is not kept.
     if unsafe { TLS_LAST_RECV.get(&tid) }.is_none() {
         let _ = TLS_LAST_RECV.insert(&tid, &0, 0);
@@ -161,28 +237,10 @@ pub fn ssl_read_ex(ctx: ProbeContext) -> u32 {
 #[inline(always)]
 fn read_ends(ret: i64) {
     let tid = bpf_get_current_pid_tgid();
-    // SAFETY: plain values copied out of a successful lookup.
-    let Some(call) = (unsafe { TLS_READS.get(&tid) }).copied() else {
+    let Some((buf, len)) = call_ended(&TLS_READS, ret) else {
         return;
     };
-    let _ = TLS_READS.remove(&tid);
-    let len = if call.readbytes == 0 {
-        if ret <= 0 {
-            return;
-        }
-        ret as u64
-    } else {
-        if ret != 1 {
-            return;
-        }
-        // SAFETY: the helper checks the user address.
-        match unsafe { bpf_probe_read_user(call.readbytes as *const u64) } {
-            Ok(n) => n,
-            Err(_) => return,
-        }
-    };
-    let len = len.min(u64::from(u32::MAX)) as usize;
-    let Some(start) = start_of(call.buf, len) else {
+    let Some(start) = start_of(buf, len) else {
         return;
     };
     let method = http::method(&start);
@@ -199,7 +257,7 @@ fn read_ends(ret: i64) {
         sk,
         dir: direction::RECEIVED,
     };
-    if http::find_traceparent(User(call.buf as *const u8, len), method, out) == Some(true) {
+    if http::find_traceparent(User(buf as *const u8, len), method, out) == Some(true) {
         // A sampled request: its answer is the next payload the socket sends.
         expect_answer(sk, direction::SENT);
     }
@@ -262,14 +320,27 @@ fn sock_record(ctx: &TracePointContext) -> Option<u64> {
 #[tracepoint]
 pub fn tls_sent(ctx: TracePointContext) -> u32 {
     let tid = bpf_get_current_pid_tgid();
-    // SAFETY: plain values copied out of a successful lookup.
-    let Some(pending) = (unsafe { TLS_SENDS.get(&tid) }).copied() else {
-        return 0;
+    // Inside an `SSL_write` (a socket BIO), or after one (a memory BIO).
+    let (pending, inside) = match TLS_WRITES.get_ptr_mut(&tid) {
+        // SAFETY: this thread's entry, written only by this thread.
+        Some(call) if unsafe { (*call).sent } == 0 => (unsafe { *call }, Some(call)),
+        Some(_) => return 0,
+        // SAFETY: plain values copied out of a successful lookup.
+        None => match unsafe { TLS_SENDS.get(&tid) } {
+            Some(pending) => (*pending, None),
+            None => return 0,
+        },
     };
     let Some(sk) = sock_record(&ctx) else {
         return 0;
     };
-    let _ = TLS_SENDS.remove(&tid);
+    match inside {
+        // SAFETY: as above.
+        Some(call) => unsafe { (*call).sent = 1 },
+        None => {
+            let _ = TLS_SENDS.remove(&tid);
+        }
+    }
     if !followed(sk) {
         count_lost(lost::TLS);
         return 0;

@@ -95,7 +95,7 @@ pub fn attach(ebpf: &mut Ebpf, extra: &[PathBuf], links: &mut Vec<Link>) -> Resu
     Ok(Attached { files })
 }
 
-/// The six uprobes on one file, or none: a file that lacks one of the
+/// The uprobes on one file, or none: a file that lacks one of the
 /// functions (`SSL_read_ex` came with OpenSSL 1.1.1) gets those it has.
 fn attach_file(ebpf: &mut Ebpf, file: &Path, links: &mut Vec<Link>) -> Result<()> {
     let mut attached = 0;

@@ -17,13 +17,15 @@
  * /v1/traces), in batches, all flushed before the report is printed.
  *
  *     node traced_node.js --family 4|6 --requests N [--mode keepalive|new]
- *         [--ratio R] [--delay-ms D] [--method GET] [--port P]
+ *         [--ratio R] [--delay-ms D] [--method GET] [--port P] [--tls DIR]
  *
  * --mode keepalive (the default): one http.Agent with keepAlive and maxSockets 1,
  * so every request goes over one connection; new: a connection of its own per
  * request (agent: false and `Connection: close`). Requests are made one after
  * another; the server answers each 200 with a small body, --delay-ms after it
  * came. --port: the server's port (0, the default: any free one).
+ * --tls DIR: HTTPS (the `https` module, Node's own OpenSSL) with the server's
+ * certificate and key in DIR/cert.pem and DIR/key.pem, which the client trusts.
  *
  * The packages come from package.json/package-lock.json next to this file;
  * scripts/setup.sh --test installs them with `npm ci` outside the repository, and
@@ -76,6 +78,7 @@ function parseArguments() {
       'delay-ms': { type: 'string', default: '0' },
       method: { type: 'string', default: 'GET' },
       port: { type: 'string', default: '0' },
+      tls: { type: 'string' },
     },
     strict: true,
   });
@@ -91,7 +94,16 @@ function parseArguments() {
   if (!(ratio >= 0 && ratio <= 1)) fail('--ratio is a number from 0 to 1');
   if (!Number.isInteger(delayMs) || delayMs < 0) fail('--delay-ms is a whole number >= 0');
   if (!/^[A-Z]+$/.test(values.method)) fail('--method is an upper-case HTTP method');
-  return { family, requests, mode: values.mode, ratio, delayMs, method: values.method, port };
+  let tls = null;
+  if (values.tls !== undefined) {
+    const fs = require('node:fs');
+    const path = require('node:path');
+    tls = {
+      cert: fs.readFileSync(path.join(values.tls, 'cert.pem')),
+      key: fs.readFileSync(path.join(values.tls, 'key.pem')),
+    };
+  }
+  return { family, requests, mode: values.mode, ratio, delayMs, method: values.method, port, tls };
 }
 
 const args = parseArguments();
@@ -150,12 +162,23 @@ registerInstrumentations({
   ],
 });
 
-// Only now, so that the instrumentation patches it.
+// Only now, so that the instrumentation patches them.
 const http = require('http');
+const https = require('https');
+// The module requests go through: https with --tls.
+const web = args.tls ? https : http;
 
 // What the server saw of each request, by the traceparent it carried.
 const served = new Map();
-const server = http.createServer((req, res) => {
+// Responses whose last byte the server handed over: their SERVER spans end
+// then ('finish'), which over TLS may come after the client read the response.
+let finished = 0;
+let onFinished = () => {};
+const handler = (req, res) => {
+  res.on('finish', () => {
+    finished += 1;
+    onFinished();
+  });
   const traceparent = req.headers.traceparent;
   const seen = { remotePort: req.socket.remotePort, count: 0 };
   req.on('data', () => {});
@@ -174,7 +197,10 @@ const server = http.createServer((req, res) => {
       res.end(body);
     }, args.delayMs);
   });
-});
+};
+const server = args.tls
+  ? https.createServer({ key: args.tls.key, cert: args.tls.cert }, handler)
+  : http.createServer(handler);
 
 function listen(host) {
   return new Promise((resolve, reject) => {
@@ -191,8 +217,9 @@ function request(host, port, agent, path) {
   return new Promise((resolve, reject) => {
     const headers = agent === false ? { Connection: 'close' } : {};
     const options = { host, port, path, method: args.method, agent, headers, timeout: TIMEOUT_MS };
+    if (args.tls) options.ca = args.tls.cert;
     // No span is active here: the instrumentation's CLIENT span is the root.
-    const req = http.request(options, (res) => {
+    const req = web.request(options, (res) => {
       const socket = res.socket;
       const ports = { local: socket.localPort, remote: socket.remotePort };
       let body = '';
@@ -213,7 +240,9 @@ async function main() {
   const host = args.family === 4 ? '127.0.0.1' : '::1';
   const serverPort = await listen(host);
   const agent =
-    args.mode === 'keepalive' ? new http.Agent({ keepAlive: true, maxSockets: 1 }) : false;
+    args.mode === 'keepalive'
+      ? new web.Agent({ keepAlive: true, maxSockets: 1, ...(args.tls ? { ca: args.tls.cert } : {}) })
+      : false;
   const report = [];
   let firstSocket = null;
   for (let n = 0; n < args.requests; n++) {
@@ -269,6 +298,10 @@ async function main() {
     });
   }
   if (agent) agent.destroy();
+  await new Promise((resolve) => {
+    onFinished = () => finished >= args.requests && resolve();
+    onFinished();
+  });
   await new Promise((resolve) => server.close(resolve));
   // Every span ended by now (the SERVER ones when their responses finished):
   // export them all before telling anyone the run is over.
