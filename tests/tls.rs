@@ -72,6 +72,29 @@ fn check_links(spans: &[ReceivedSpan], app: &App) {
     }
 }
 
+/// Each request (all are sampled) has its `tcp.request` span on both ends in
+/// the app's trace, under its CLIENT span, answered: the answer of a request
+/// read in TLS is found as for plaintext.
+fn check_request_spans(spans: &[ReceivedSpan], app: &App) {
+    for request in &app.requests {
+        let mut directions: Vec<&str> = spans
+            .iter()
+            .filter(|s| s.name == "tcp.request" && s.trace_id == request.trace_id)
+            .map(|s| {
+                assert_eq!(s.parent_span_id, request.span_id, "{s:#?}");
+                assert_eq!(
+                    s.bool_attr("tcpstates.request.answered"),
+                    Some(true),
+                    "{s:#?}"
+                );
+                s.str_attr("tcpstates.link.direction").unwrap_or_default()
+            })
+            .collect();
+        directions.sort_unstable();
+        assert_eq!(directions, ["received", "sent"], "{request:?}");
+    }
+}
+
 /// Runs the app over HTTPS with the daemon linking, and checks the links.
 fn https_requests_are_linked(test: &str, runtime: Runtime, mode: Mode, family: u8) {
     if !root_or_skip(test) {
@@ -115,6 +138,7 @@ fn https_requests_are_linked(test: &str, runtime: Runtime, mode: Mode, family: u
     assert!(done.status.success(), "{:?}", done.stderr);
     let spans = rx.spans();
     check_links(&spans, &app);
+    check_request_spans(&spans, &app);
     assert!(
         !done
             .stderr
@@ -163,6 +187,96 @@ fn node_https_a_connection_each_ipv6() {
         Mode::New,
         6,
     );
+}
+
+/// curl (the system's libssl) as the client: three requests over one kept-alive
+/// connection, each with its own `traceparent`, to a Python HTTPS server; every
+/// one is a link on both ends, in order.
+#[test]
+fn curl_over_https_links_each_request() {
+    if !root_or_skip("curl_over_https_links_each_request") {
+        return;
+    }
+    let _serial = load::serial();
+    let rx = Receiver::start();
+    let tracer = Tracer::linking_to(&rx, &[]);
+    let certs = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/apps/certs");
+    let script = r#"
+import http.server, os, ssl, subprocess, sys, threading
+certs = sys.argv[1]
+class Handler(http.server.BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    def log_message(self, *args):
+        pass
+    def do_GET(self):
+        body = b"ok\n"
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+context.load_cert_chain(certs + "/cert.pem", certs + "/key.pem")
+server.socket = context.wrap_socket(server.socket, server_side=True)
+port = server.server_address[1]
+threading.Thread(target=server.serve_forever, daemon=True).start()
+ids = sys.argv[2:]
+command = ["curl", "-sS", "--cacert", certs + "/cert.pem", "-o", "/dev/null", "-w", "%{local_port}\n"]
+for n, tp in enumerate(ids):
+    if n:
+        command.append("--next")
+    command += ["--cacert", certs + "/cert.pem", "-o", "/dev/null", "-w", "%{local_port}\n",
+                "-H", "traceparent: " + tp, f"https://localhost:{port}/{n}"]
+out = subprocess.run(command, check=True, capture_output=True, text=True).stdout.split()
+if len(set(out)) != 1:
+    raise SystemExit(f"curl used more than one connection: {out}")
+print(out[0], port)
+"#;
+    let ids = [
+        "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01",
+        "00-1af7651916cd43dd8448eb211c80319c-c7ad6b7169203331-00",
+        "00-2af7651916cd43dd8448eb211c80319c-d7ad6b7169203331-01",
+    ];
+    let mut child = Command::new("python3")
+        .args(["-c", script, &certs.display().to_string()])
+        .args(ids)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("python3");
+    let mut out = String::new();
+    child
+        .stdout
+        .take()
+        .unwrap()
+        .read_to_string(&mut out)
+        .unwrap();
+    let status = child.wait().unwrap();
+    let mut err = String::new();
+    child
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut err)
+        .unwrap();
+    assert!(status.success(), "{err}");
+    let ports: Vec<u16> = out.split_whitespace().map(|p| p.parse().unwrap()).collect();
+    let (client, server) = (ports[0], ports[1]);
+    let both = |spans: &[ReceivedSpan]| {
+        root(spans, client, server).is_some() && root(spans, server, client).is_some()
+    };
+    rx.wait_for(LONG, both);
+    let done = tracer.stop();
+    assert!(done.status.success(), "{:?}", done.stderr);
+    let spans = rx.spans();
+    for (local, peer, direction) in [(client, server, "sent"), (server, client, "received")] {
+        let root = root(&spans, local, peer).unwrap_or_else(|| panic!("no root of {local}"));
+        let want: Vec<(String, String)> = ids
+            .iter()
+            .map(|id| (id[3..52].to_owned(), direction.to_owned()))
+            .collect();
+        assert_eq!(links(root), want, "{direction} end {local} -> {peer}");
+    }
 }
 
 /// A TLS connection that carries no HTTP (a line protocol) makes no link, on
