@@ -19,7 +19,7 @@ use support::{
 };
 
 /// The daemon's root of the socket with these local and peer ports.
-fn root<'a>(spans: &'a [ReceivedSpan], local: u16, peer: u16) -> Option<&'a ReceivedSpan> {
+fn root(spans: &[ReceivedSpan], local: u16, peer: u16) -> Option<&ReceivedSpan> {
     spans.iter().find(|s| {
         s.name == ROOT
             && s.int_attr("network.local.port") == Some(i64::from(local))
@@ -102,7 +102,7 @@ fn https_requests_are_linked(test: &str, runtime: Runtime, mode: Mode, family: u
     }
     let _serial = load::serial();
     let rx = Receiver::start();
-    let tracer = Tracer::linking_to(&rx, &[]);
+    let tracer = Tracer::linking_to(&rx, &["--tls"]);
     assert!(
         tracer
             .stderr()
@@ -199,7 +199,7 @@ fn curl_over_https_links_each_request() {
     }
     let _serial = load::serial();
     let rx = Receiver::start();
-    let tracer = Tracer::linking_to(&rx, &[]);
+    let tracer = Tracer::linking_to(&rx, &["--tls"]);
     let certs = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/apps/certs");
     let script = r#"
 import http.server, os, ssl, subprocess, sys, threading
@@ -288,7 +288,7 @@ fn a_tls_connection_without_http_makes_no_link() {
     }
     let _serial = load::serial();
     let rx = Receiver::start();
-    let tracer = Tracer::linking_to(&rx, &[]);
+    let tracer = Tracer::linking_to(&rx, &["--tls"]);
     let certs = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/apps/certs");
     // A TLS echo of a few lines that look like headers but start no request.
     let script = r#"

@@ -332,16 +332,17 @@ pub mod names {
     ];
     /// A raw tracepoint: its record has no socket address, its argument does.
     pub const ERROR_REPORT: &str = "inet_sk_error_report";
-    /// The TLS programs' uprobes: (program, function, return probe).
+    /// The TLS programs' uprobes: (program, function, return probe). Names of
+    /// at most 15 bytes: the kernel keeps no more of a program's name.
     pub const TLS_UPROBES: [(&str, &str, bool); 8] = [
         ("ssl_write", "SSL_write", false),
         ("ssl_write_ex", "SSL_write_ex", false),
         ("ssl_write_ret", "SSL_write", true),
-        ("ssl_write_ex_ret", "SSL_write_ex", true),
+        ("ssl_write_exret", "SSL_write_ex", true),
         ("ssl_read", "SSL_read", false),
         ("ssl_read_ex", "SSL_read_ex", false),
         ("ssl_read_ret", "SSL_read", true),
-        ("ssl_read_ex_ret", "SSL_read_ex", true),
+        ("ssl_read_exret", "SSL_read_ex", true),
     ];
     /// The TLS programs' tracepoints: (program, tracepoint category, name).
     pub const TLS_TRACEPOINTS: [(&str, &str, &str); 2] = [

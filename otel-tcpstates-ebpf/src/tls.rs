@@ -179,7 +179,7 @@ pub fn ssl_write_ret(ctx: RetProbeContext) -> u32 {
 }
 
 #[uretprobe]
-pub fn ssl_write_ex_ret(ctx: RetProbeContext) -> u32 {
+pub fn ssl_write_exret(ctx: RetProbeContext) -> u32 {
     write_ends(i64::from(ctx.ret::<u64>() as i32));
     0
 }
@@ -270,7 +270,7 @@ pub fn ssl_read_ret(ctx: RetProbeContext) -> u32 {
 }
 
 #[uretprobe]
-pub fn ssl_read_ex_ret(ctx: RetProbeContext) -> u32 {
+pub fn ssl_read_exret(ctx: RetProbeContext) -> u32 {
     read_ends(i64::from(ctx.ret::<u64>() as i32));
     0
 }

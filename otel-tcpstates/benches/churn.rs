@@ -31,6 +31,8 @@ mod links;
 mod nginx;
 #[path = "churn/sampling.rs"]
 mod sampling;
+#[path = "churn/tls_links.rs"]
+mod tls_links;
 
 use std::{
     collections::HashSet,
@@ -73,7 +75,7 @@ static FLOOR_OBJECT: &[u8] =
     aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/tcpstates-floor"));
 
 const USAGE: &str = "usage: cargo bench --bench churn -- [--seconds N] [--warmup N]
-    [--runs baseline,floor,text,otlp,otlp-http,libbpf,baseline,links-churn,links-bulk,links-wrk,memory,sampling,sampling-memory,incidents,first-hop,memory-keepalive]
+    [--runs baseline,floor,text,otlp,otlp-http,libbpf,baseline,links-churn,links-bulk,links-wrk,memory,sampling,sampling-memory,incidents,first-hop,memory-keepalive,tls]
     [--link-rounds N] [--link-seconds N] [--memory-sockets N] [--hold-connections N] [--no-pin]
     [--keepalive-connections N] [--keepalive-requests N] [--daemon PATH]
   --runs links = links-churn,links-bulk,links-wrk: each the daemon exporting OTLP/gRPC with
@@ -91,7 +93,10 @@ const USAGE: &str = "usage: cargo bench --bench churn -- [--seconds N] [--warmup
   (deploy/kubernetes), --keepalive-connections (default 65536) keep-alive connections
   each carrying --keepalive-requests (default 64) requests with distinct traceparents,
   then a reset, the collector accepting and never answering; its peak RSS against the
-  DaemonSet's memory limit. --daemon PATH runs another build's daemon instead";
+  DaemonSet's memory limit. --daemon PATH runs another build's daemon instead
+  --runs tls: wrk over HTTPS against nginx with TLS, a distinct sampled traceparent on
+  every request, under the daemon with --links: without and with --tls,
+  --link-rounds pairs (the order alternating) of --link-seconds measured after --warmup";
 
 #[path = "churn/options.rs"]
 mod options;
@@ -275,6 +280,9 @@ fn run() -> Result<()> {
     }
     if opts.runs.contains(&Mode::Sampling) {
         sampling::churn_run(&opts);
+    }
+    if opts.runs.contains(&Mode::Tls) {
+        tls_links::run(&opts);
     }
     if opts.runs.contains(&Mode::FirstHop) {
         firsthop::run(&opts);

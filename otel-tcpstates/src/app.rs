@@ -499,7 +499,7 @@ fn attach(cli: &Cli, offsets: &KernelOffsets, exporting: bool) -> Result<(Probe,
         // Links and incidents go on the spans of sockets: only traces have a use
         // for them.
         exporting && cli.links,
-        (!cli.no_tls).then_some(cli.tls_libraries.as_slice()),
+        cli.tls.then_some(cli.tls_libraries.as_slice()),
         exporting && !cli.no_incidents,
     )?;
     let reader = EventReader::new(ring, Duration::from_millis(cli.poll_ms))

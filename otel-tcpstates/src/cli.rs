@@ -102,16 +102,17 @@ pub struct Cli {
     #[arg(long = "no-links", overrides_with = "links")]
     pub no_links: bool,
 
-    /// With --links: do not read requests inside TLS. By default uprobes on
-    /// OpenSSL's SSL_write/SSL_read (the system's libssl.so.3, node, and the
-    /// libssl of running processes; needs uprobes: CAP_SYS_ADMIN, or CAP_PERFMON
-    /// and CAP_BPF) find the traceparent before encryption and after decryption
-    #[arg(long = "no-tls")]
-    pub no_tls: bool,
+    /// With --links: also read the requests inside TLS, from uprobes on OpenSSL's
+    /// SSL_write/SSL_read (the system's libssl.so.3, node, and the libssl of
+    /// running processes; needs CAP_SYS_ADMIN, or CAP_PERFMON and CAP_BPF). Off by
+    /// default for what it costs: every SSL_write and SSL_read of every process
+    /// then takes a trap into the kernel (see BENCHMARKS.md)
+    #[arg(long = "tls", requires = "links")]
+    pub tls: bool,
 
-    /// With --links: also read TLS requests in this file, a library or an
+    /// With --tls: also read TLS requests in this file, a library or an
     /// executable that exports OpenSSL's SSL_write and SSL_read (repeatable)
-    #[arg(long = "tls-library", value_name = "PATH")]
+    #[arg(long = "tls-library", value_name = "PATH", requires = "tls")]
     pub tls_libraries: Vec<std::path::PathBuf>,
 
     /// tcplife mode: one line per closed connection (owner, KiB the peer acknowledged

@@ -78,18 +78,31 @@ pub struct Nginx {
     master: Child,
     dir: PathBuf,
     port: u16,
+    /// "https" when it serves TLS, else "http".
+    scheme: &'static str,
 }
 
 impl Nginx {
     /// Starts nginx (master and one worker, both on `cpu` if given) and returns once
     /// it accepts connections.
     pub fn start(cpu: Option<usize>) -> Result<Nginx> {
+        Self::start_with(cpu, None)
+    }
+
+    /// [`Nginx::start`] serving HTTPS with the certificate and key in `certs`
+    /// (`cert.pem`, `key.pem`): Debian's nginx does its TLS with the system's
+    /// `libssl.so.3`, as wrk does.
+    pub fn start_tls(cpu: Option<usize>, certs: &std::path::Path) -> Result<Nginx> {
+        Self::start_with(cpu, Some(certs))
+    }
+
+    fn start_with(cpu: Option<usize>, certs: Option<&std::path::Path>) -> Result<Nginx> {
         let dir = std::env::temp_dir().join(format!("churn-nginx-{}", std::process::id()));
         let _ = fs::remove_dir_all(&dir);
         fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
         let port = free_port()?;
         let conf = dir.join("nginx.conf");
-        fs::write(&conf, config(&dir, port))?;
+        fs::write(&conf, config(&dir, port, certs))?;
         fs::write(dir.join(TRACEPARENTS_SCRIPT), TRACEPARENTS_LUA)?;
         let master = Command::new("nginx")
             .arg("-p")
@@ -105,7 +118,13 @@ impl Nginx {
             .on_cpu(cpu)
             .spawn()
             .context("starting nginx (scripts/bench.sh installs it)")?;
-        let mut nginx = Nginx { master, dir, port };
+        let scheme = if certs.is_some() { "https" } else { "http" };
+        let mut nginx = Nginx {
+            master,
+            dir,
+            port,
+            scheme,
+        };
         let deadline = Instant::now() + READY_TIMEOUT;
         while TcpStream::connect((Ipv4Addr::LOCALHOST, port)).is_err() {
             if let Some(status) = nginx.master.try_wait()? {
@@ -167,7 +186,7 @@ impl Nginx {
             }
         }
         let mut child = command
-            .arg(format!("http://127.0.0.1:{}/", self.port))
+            .arg(format!("{}://127.0.0.1:{}/", self.scheme, self.port))
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -208,7 +227,16 @@ impl Drop for Nginx {
 
 /// The whole configuration: one worker, keep-alive without a request limit, no
 /// access log, every path inside `dir`.
-fn config(dir: &std::path::Path, port: u16) -> String {
+fn config(dir: &std::path::Path, port: u16, certs: Option<&std::path::Path>) -> String {
+    let listen = match certs {
+        Some(certs) => format!(
+            "listen 127.0.0.1:{port} ssl;
+        ssl_certificate {0}/cert.pem;
+        ssl_certificate_key {0}/key.pem;",
+            certs.display()
+        ),
+        None => format!("listen 127.0.0.1:{port};"),
+    };
     let dir = dir.display();
     format!(
         "user nobody nogroup;
@@ -229,7 +257,7 @@ http {{
     keepalive_timeout 60s;
     keepalive_requests 1000000000;
     server {{
-        listen 127.0.0.1:{port};
+        {listen}
         location / {{
             default_type text/plain;
             return 200 \"ok\";

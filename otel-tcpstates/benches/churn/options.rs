@@ -28,10 +28,13 @@ pub(crate) enum Mode {
     /// Keep-alive connections carrying many traceparents, the collector stalled:
     /// peak RSS against the DaemonSet's limit.
     KeepAliveMemory,
+    /// wrk over HTTPS against nginx with TLS: the TLS part off vs attached.
+    Tls,
 }
 
 impl Mode {
-    pub(crate) const ALL: [Mode; 15] = [
+    pub(crate) const ALL: [Mode; 16] = [
+        Mode::Tls,
         Mode::KeepAliveMemory,
         Mode::FirstHop,
         Mode::Incidents,
@@ -88,6 +91,7 @@ impl Mode {
                 | Mode::Incidents
                 | Mode::FirstHop
                 | Mode::KeepAliveMemory
+                | Mode::Tls
         ) && !self.is_links()
     }
 
@@ -112,6 +116,7 @@ impl Mode {
             Mode::Incidents => "incidents",
             Mode::FirstHop => "first-hop",
             Mode::KeepAliveMemory => "memory-keepalive",
+            Mode::Tls => "tls",
         }
     }
 
@@ -132,6 +137,7 @@ impl Mode {
             Mode::Incidents => "incidents",
             Mode::FirstHop => "first hop",
             Mode::KeepAliveMemory => "memory: keep-alive connections, collector stalled",
+            Mode::Tls => "TLS part: wrk over HTTPS against nginx",
         }
     }
 }

@@ -132,7 +132,8 @@ pub(crate) fn throughput_run(mode: Mode, opts: &Options) -> Result<Row> {
             | Mode::SamplingMemory
             | Mode::Incidents
             | Mode::FirstHop
-            | Mode::KeepAliveMemory,
+            | Mode::KeepAliveMemory
+            | Mode::Tls,
             _,
         ) => {
             bail!("not a throughput run")

@@ -339,7 +339,7 @@ impl Probe {
             && incident_programs::attach(&mut ebpf, offsets.tcp.enabled != 0, &mut attached);
         let packet_programs = links.then(|| attach_packet_programs(&mut ebpf, &mut attached));
         let links_attached = matches!(packet_programs, Some(Ok(())));
-        // TLS plaintext: with the links, unless turned off.
+        // TLS plaintext: with the links, when asked for.
         let tls_attached = links_attached
             && tls.is_some_and(|extra| {
                 match tls_programs::attach(&mut ebpf, extra, &mut attached) {

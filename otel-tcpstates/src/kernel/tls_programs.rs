@@ -111,7 +111,7 @@ fn attach_file(ebpf: &mut Ebpf, file: &Path, links: &mut Vec<Link>) -> Result<()
                 attached += 1;
             }
             Err(err) => {
-                first_err.get_or_insert(anyhow!(err).context(format!("{function}")));
+                first_err.get_or_insert(anyhow!(err).context(function));
             }
         }
     }
