@@ -6,10 +6,7 @@
 //! plaintext HTTP. A TLS connection with no HTTP inside makes no link.
 mod support;
 
-use std::{
-    io::Read as _,
-    process::{Command, Stdio},
-};
+use std::process::Command;
 
 use support::{
     apps::{App, LONG, Mode, Runtime, run_app_over},
@@ -70,6 +67,40 @@ fn check_links(spans: &[ReceivedSpan], app: &App) {
             assert_eq!(links(root), want, "{direction} end {local} -> {peer}");
         }
     }
+}
+
+/// Runs a Python `script` (argv: the test certificates' directory, then `args`)
+/// that prints its client's and its server's ports, waits for both ends' roots,
+/// stops the daemon and returns the ports and what the receiver got.
+fn run_script(
+    rx: &Receiver,
+    tracer: Tracer,
+    script: &str,
+    args: &[&str],
+) -> (u16, u16, Vec<ReceivedSpan>) {
+    let certs = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/apps/certs");
+    let out = Command::new("python3")
+        .args(["-c", script, &certs.display().to_string()])
+        .args(args)
+        .output()
+        .expect("python3");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let ports: Vec<u16> = String::from_utf8_lossy(&out.stdout)
+        .split_whitespace()
+        .map(|p| p.parse().unwrap())
+        .collect();
+    let (client, server) = (ports[0], ports[1]);
+    let both = |spans: &[ReceivedSpan]| {
+        root(spans, client, server).is_some() && root(spans, server, client).is_some()
+    };
+    rx.wait_for(LONG, both);
+    let done = tracer.stop();
+    assert!(done.status.success(), "{:?}", done.stderr);
+    (client, server, rx.spans())
 }
 
 /// Each request (all are sampled) has its `tcp.request` span on both ends in
@@ -200,7 +231,6 @@ fn curl_over_https_links_each_request() {
     let _serial = load::serial();
     let rx = Receiver::start();
     let tracer = Tracer::linking_to(&rx, &["--tls"]);
-    let certs = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/apps/certs");
     let script = r#"
 import http.server, os, ssl, subprocess, sys, threading
 certs = sys.argv[1]
@@ -237,38 +267,7 @@ print(out[0], port)
         "00-1af7651916cd43dd8448eb211c80319c-c7ad6b7169203331-00",
         "00-2af7651916cd43dd8448eb211c80319c-d7ad6b7169203331-01",
     ];
-    let mut child = Command::new("python3")
-        .args(["-c", script, &certs.display().to_string()])
-        .args(ids)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("python3");
-    let mut out = String::new();
-    child
-        .stdout
-        .take()
-        .unwrap()
-        .read_to_string(&mut out)
-        .unwrap();
-    let status = child.wait().unwrap();
-    let mut err = String::new();
-    child
-        .stderr
-        .take()
-        .unwrap()
-        .read_to_string(&mut err)
-        .unwrap();
-    assert!(status.success(), "{err}");
-    let ports: Vec<u16> = out.split_whitespace().map(|p| p.parse().unwrap()).collect();
-    let (client, server) = (ports[0], ports[1]);
-    let both = |spans: &[ReceivedSpan]| {
-        root(spans, client, server).is_some() && root(spans, server, client).is_some()
-    };
-    rx.wait_for(LONG, both);
-    let done = tracer.stop();
-    assert!(done.status.success(), "{:?}", done.stderr);
-    let spans = rx.spans();
+    let (client, server, spans) = run_script(&rx, tracer, script, ids.as_slice());
     for (local, peer, direction) in [(client, server, "sent"), (server, client, "received")] {
         let root = root(&spans, local, peer).unwrap_or_else(|| panic!("no root of {local}"));
         let want: Vec<(String, String)> = ids
@@ -289,7 +288,6 @@ fn a_tls_connection_without_http_makes_no_link() {
     let _serial = load::serial();
     let rx = Receiver::start();
     let tracer = Tracer::linking_to(&rx, &["--tls"]);
-    let certs = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/apps/certs");
     // A TLS echo of a few lines that look like headers but start no request.
     let script = r#"
 import socket, ssl, sys, threading
@@ -315,37 +313,7 @@ with socket.create_connection(("127.0.0.1", port)) as raw:
                 got += tls.recv(4096)
         print(tls.getsockname()[1], port)
 "#;
-    let mut child = Command::new("python3")
-        .args(["-c", script, &certs.display().to_string()])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("python3");
-    let mut out = String::new();
-    child
-        .stdout
-        .take()
-        .unwrap()
-        .read_to_string(&mut out)
-        .unwrap();
-    let status = child.wait().unwrap();
-    let mut err = String::new();
-    child
-        .stderr
-        .take()
-        .unwrap()
-        .read_to_string(&mut err)
-        .unwrap();
-    assert!(status.success(), "{err}");
-    let ports: Vec<u16> = out.split_whitespace().map(|p| p.parse().unwrap()).collect();
-    let (client, server) = (ports[0], ports[1]);
-    let both = |spans: &[ReceivedSpan]| {
-        root(spans, client, server).is_some() && root(spans, server, client).is_some()
-    };
-    rx.wait_for(LONG, both);
-    let done = tracer.stop();
-    assert!(done.status.success(), "{:?}", done.stderr);
-    let spans = rx.spans();
+    let (client, server, spans) = run_script(&rx, tracer, script, &[]);
     for (local, peer) in [(client, server), (server, client)] {
         let root = root(&spans, local, peer).unwrap_or_else(|| panic!("no root of {local}"));
         assert_eq!(

@@ -1,19 +1,11 @@
 //! Attaching the incident programs (retransmissions, resets, errors, congestion
 //! states): each one only when its tracepoint exists with the layout it reads,
 //! so an older kernel loses that kind of incident, not the tracer.
-use std::{fs, path::Path};
-
 use anyhow::{Context as _, Result, anyhow};
-use aya::{
-    Ebpf,
-    programs::{RawTracePoint, TracePoint},
-};
+use aya::{Ebpf, programs::RawTracePoint};
 use otel_tcpstates_common::names;
 
-use crate::kernel::{
-    loader::Link,
-    preflight::{self, TRACEFS},
-};
+use crate::kernel::attach::{self, Link};
 
 /// The fields each program reads, at the offsets it reads them (Linux 6.10+).
 const LAYOUTS: [&[(&str, usize, usize)]; 5] = [
@@ -39,28 +31,6 @@ const LAYOUTS: [&[(&str, usize, usize)]; 5] = [
     &[("skaddr", 8, 8), ("cong_state", 62, 1)],
 ];
 
-fn attach_tracepoint(
-    ebpf: &mut Ebpf,
-    program: &str,
-    category: &str,
-    name: &str,
-    layout: &[(&str, usize, usize)],
-    links: &mut Vec<Link>,
-) -> Result<()> {
-    let format_path = Path::new(TRACEFS).join(format!("events/{category}/{name}/format"));
-    let format = fs::read_to_string(&format_path)
-        .with_context(|| format!("this kernel has no tracepoint {category}:{name}"))?;
-    preflight::check_fields(&format!("{category}:{name}"), &format, layout)?;
-    let program: &mut TracePoint = ebpf
-        .program_mut(program)
-        .ok_or_else(|| anyhow!("eBPF object has no program {program}"))?
-        .try_into()?;
-    program.load().context("the kernel verifier rejected it")?;
-    let id = program.attach(category, name)?;
-    links.push(Box::new(program.take_link(id)?));
-    Ok(())
-}
-
 fn attach_error_report(ebpf: &mut Ebpf, links: &mut Vec<Link>) -> Result<()> {
     let program: &mut RawTracePoint = ebpf
         .program_mut(names::ERROR_REPORT)
@@ -80,7 +50,7 @@ fn attach_error_report(ebpf: &mut Ebpf, links: &mut Vec<Link>) -> Result<()> {
 pub fn attach(ebpf: &mut Ebpf, errors_readable: bool, links: &mut Vec<Link>) -> bool {
     let mut congestion = false;
     for ((program, category, name), layout) in names::INCIDENT_PROGRAMS.into_iter().zip(LAYOUTS) {
-        match attach_tracepoint(ebpf, program, category, name, layout, links) {
+        match attach::tracepoint(ebpf, program, category, name, layout, links) {
             Ok(()) => congestion |= name == "tcp_cong_state_set",
             Err(err) => warn(&format!("{category}:{name}"), &err),
         }

@@ -16,6 +16,7 @@ use otel_tcpstates_common::{
 use std::path::PathBuf;
 
 use crate::kernel::{
+    attach::Link,
     btf::{self, Btf},
     cgroup, incident_programs, program_stats, tls_programs,
 };
@@ -40,9 +41,6 @@ pub struct Filters {
 
 /// The attached program. Dropping it, or [`Probe::detach`], detaches from the
 /// tracepoint.
-/// An attached program's link, of whichever kind: dropping it detaches it.
-pub(super) type Link = Box<dyn Send>;
-
 pub struct Probe {
     // Owns the programs: kept as long as events are wanted.
     ebpf: Option<Ebpf>,

@@ -3,6 +3,7 @@
 //! `traceparent` headers, and the TLS programs' ones read from OpenSSL's
 //! plaintext, on one ring buffer. Out: decoded [`event::Record`]s.
 //! It knows nothing of sessions, text output or OTLP.
+pub mod attach;
 pub mod btf;
 pub mod cgroup;
 pub mod clock;

@@ -17,14 +17,11 @@ use std::{
 use anyhow::{Context as _, Result, anyhow, bail};
 use aya::{
     Ebpf,
-    programs::{TracePoint, UProbe, uprobe::UProbeScope},
+    programs::{UProbe, uprobe::UProbeScope},
 };
 use otel_tcpstates_common::names;
 
-use crate::kernel::{
-    loader::Link,
-    preflight::{self, TRACEFS},
-};
+use crate::kernel::attach::{self, Link};
 
 /// Where distributions put the system's OpenSSL 3 library.
 const SYSTEM_LIBSSL: [&str; 6] = [
@@ -52,19 +49,7 @@ pub struct Attached {
 /// An error when nothing could be attached: the caller warns, once.
 pub fn attach(ebpf: &mut Ebpf, extra: &[PathBuf], links: &mut Vec<Link>) -> Result<Attached> {
     for (program, category, name) in names::TLS_TRACEPOINTS {
-        let format_path = Path::new(TRACEFS).join(format!("events/{category}/{name}/format"));
-        let format = fs::read_to_string(&format_path)
-            .with_context(|| format!("this kernel has no tracepoint {category}:{name}"))?;
-        preflight::check_fields(&format!("{category}:{name}"), &format, SOCK_LAYOUT)?;
-        let tracepoint: &mut TracePoint = ebpf
-            .program_mut(program)
-            .ok_or_else(|| anyhow!("eBPF object has no program {program}"))?
-            .try_into()?;
-        tracepoint
-            .load()
-            .with_context(|| format!("the kernel verifier rejected {program}"))?;
-        let id = tracepoint.attach(category, name)?;
-        links.push(Box::new(tracepoint.take_link(id)?));
+        attach::tracepoint(ebpf, program, category, name, SOCK_LAYOUT, links).context(program)?;
     }
     for (program, _, _) in names::TLS_UPROBES {
         let uprobe: &mut UProbe = ebpf
