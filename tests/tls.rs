@@ -69,15 +69,17 @@ fn check_links(spans: &[ReceivedSpan], app: &App) {
     }
 }
 
-/// Runs a Python `script` (argv: the test certificates' directory, then `args`)
-/// that prints its client's and its server's ports, waits for both ends' roots,
-/// stops the daemon and returns the ports and what the receiver got.
-fn run_script(
-    rx: &Receiver,
-    tracer: Tracer,
-    script: &str,
-    args: &[&str],
-) -> (u16, u16, Vec<ReceivedSpan>) {
+/// Test `test`: under the daemon with `--links --tls`, runs a Python `script`
+/// (argv: the test certificates' directory, then `args`) that prints its
+/// client's and its server's ports, waits for both ends' roots, stops the daemon
+/// and returns the ports and what the receiver got (None: not root, skipped).
+fn run_script(test: &str, script: &str, args: &[&str]) -> Option<(u16, u16, Vec<ReceivedSpan>)> {
+    if !root_or_skip(test) {
+        return None;
+    }
+    let _serial = load::serial();
+    let rx = Receiver::start();
+    let tracer = Tracer::linking_to(&rx, &["--tls"]);
     let certs = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/apps/certs");
     let out = Command::new("python3")
         .args(["-c", script, &certs.display().to_string()])
@@ -100,7 +102,7 @@ fn run_script(
     rx.wait_for(LONG, both);
     let done = tracer.stop();
     assert!(done.status.success(), "{:?}", done.stderr);
-    (client, server, rx.spans())
+    Some((client, server, rx.spans()))
 }
 
 /// Each request (all are sampled) has its `tcp.request` span on both ends in
@@ -225,12 +227,6 @@ fn node_https_a_connection_each_ipv6() {
 /// one is a link on both ends, in order.
 #[test]
 fn curl_over_https_links_each_request() {
-    if !root_or_skip("curl_over_https_links_each_request") {
-        return;
-    }
-    let _serial = load::serial();
-    let rx = Receiver::start();
-    let tracer = Tracer::linking_to(&rx, &["--tls"]);
     let script = r#"
 import http.server, os, ssl, subprocess, sys, threading
 certs = sys.argv[1]
@@ -267,7 +263,11 @@ print(out[0], port)
         "00-1af7651916cd43dd8448eb211c80319c-c7ad6b7169203331-00",
         "00-2af7651916cd43dd8448eb211c80319c-d7ad6b7169203331-01",
     ];
-    let (client, server, spans) = run_script(&rx, tracer, script, ids.as_slice());
+    let Some((client, server, spans)) =
+        run_script("curl_over_https_links_each_request", script, &ids)
+    else {
+        return;
+    };
     for (local, peer, direction) in [(client, server, "sent"), (server, client, "received")] {
         let root = root(&spans, local, peer).unwrap_or_else(|| panic!("no root of {local}"));
         let want: Vec<(String, String)> = ids
@@ -282,12 +282,6 @@ print(out[0], port)
 /// either end.
 #[test]
 fn a_tls_connection_without_http_makes_no_link() {
-    if !root_or_skip("a_tls_connection_without_http_makes_no_link") {
-        return;
-    }
-    let _serial = load::serial();
-    let rx = Receiver::start();
-    let tracer = Tracer::linking_to(&rx, &["--tls"]);
     // A TLS echo of a few lines that look like headers but start no request.
     let script = r#"
 import socket, ssl, sys, threading
@@ -313,7 +307,11 @@ with socket.create_connection(("127.0.0.1", port)) as raw:
                 got += tls.recv(4096)
         print(tls.getsockname()[1], port)
 "#;
-    let (client, server, spans) = run_script(&rx, tracer, script, &[]);
+    let Some((client, server, spans)) =
+        run_script("a_tls_connection_without_http_makes_no_link", script, &[])
+    else {
+        return;
+    };
     for (local, peer) in [(client, server), (server, client)] {
         let root = root(&spans, local, peer).unwrap_or_else(|| panic!("no root of {local}"));
         assert_eq!(
