@@ -17,7 +17,7 @@ use std::{
 
 use support::{
     load::abort_on_close,
-    otlp::{KIND_SERVER, ROOT, ReceivedSpan, Receiver, WAIT},
+    otlp::{self, ReceivedSpan, Receiver, WAIT},
     *,
 };
 
@@ -155,13 +155,8 @@ fn connect_and_reset(port: u16, servers: &[&Server]) -> (u16, u32) {
 
 /// The server ends on `port` in `spans`, by peer port.
 fn server_roots(spans: &[ReceivedSpan], port: u16) -> BTreeMap<u16, &ReceivedSpan> {
-    spans
-        .iter()
-        .filter(|s| {
-            s.name == ROOT
-                && s.kind == KIND_SERVER
-                && s.int_attr("network.local.port") == Some(i64::from(port))
-        })
+    otlp::server_roots(spans, port)
+        .into_iter()
         .filter_map(|s| Some((s.int_attr("network.peer.port")? as u16, s)))
         .collect()
 }
