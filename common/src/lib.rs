@@ -163,6 +163,9 @@ pub mod inspect {
     /// A sampled request went the other way: the next payload this way is its
     /// answer, queued as an [`AnswerEvent`](super::AnswerEvent).
     pub const ANSWER: u16 = 4;
+    /// The direction is HTTP/2: its frames are walked (the h2 programs' flow
+    /// state) and never judged again.
+    pub const H2: u16 = 8;
 
     /// Bit offset of a direction's flags.
     pub const fn shift(direction: u8) -> u16 {
@@ -236,6 +239,69 @@ pub struct AnswerEvent {
     pub _pad: [u8; 7],
 }
 
+/// The bytes of an HTTP/2 header block an [`H2Event`] carries at most (a power
+/// of two: the programs bound their copies with it).
+pub const H2_CHUNK: usize = 256;
+
+/// The 24 bytes a client's HTTP/2 connection begins with (RFC 9113, 3.4).
+pub const H2_PREFACE: &[u8; 24] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+
+/// What an [`H2Event`] says.
+pub mod h2_kind {
+    /// The direction begins: a client's after its preface (it carries the
+    /// requests), a server's at its first SETTINGS frame. Userspace starts a
+    /// new header decoder for it.
+    pub const BEGIN: u8 = 0;
+    /// The next `len` bytes of the direction's header stream: on the requests'
+    /// side, every HEADERS and CONTINUATION frame whole (frame header and
+    /// payload); on the answers' side, the 9-byte header of each HEADERS frame.
+    pub const BYTES: u8 = 1;
+    /// The programs lost their place in the direction (a gap in the sequence
+    /// numbers, a record the ring had no room for): it is given up.
+    pub const BROKEN: u8 = 2;
+    /// The TLS connection `conn` is carried by TCP socket `skaddr`.
+    pub const BIND: u8 = 3;
+}
+
+/// Bits of [`H2Event::flags`].
+pub mod h2_flag {
+    /// `conn` is a TLS connection (an `SSL *` of process `pid`), not a
+    /// socket: [`super::h2_kind::BIND`] names its socket.
+    pub const TLS: u8 = 1;
+    /// The direction carries the requests (it began with the preface).
+    pub const REQUESTS: u8 = 2;
+}
+
+/// One record of an HTTP/2 direction's header stream, as the packet programs
+/// (plaintext `h2c`) or the TLS programs (plaintext before encryption and
+/// after decryption) walk it: userspace keeps one HPACK decoder per direction
+/// and finds each request's `traceparent`. Told from the other records on the
+/// shared ring by its size.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct H2Event {
+    /// The connection: a socket, as [`Event::skaddr`] names it, or with
+    /// [`h2_flag::TLS`] an `SSL *` of process `pid`.
+    pub conn: u64,
+    /// Kernel CLOCK_MONOTONIC nanoseconds when the bytes went through.
+    pub ts_ns: u64,
+    /// [`h2_kind::BIND`]: the socket; 0 otherwise.
+    pub skaddr: u64,
+    /// The process (tgid) of a TLS connection, whose `SSL *` is unique only in
+    /// it; 0 for a socket.
+    pub pid: u32,
+    /// Bytes of `data` used.
+    pub len: u16,
+    /// [`direction`] of the bytes through the socket.
+    pub direction: u8,
+    /// [`h2_kind`].
+    pub kind: u8,
+    /// [`h2_flag`] bits.
+    pub flags: u8,
+    pub _pad: [u8; 7],
+    pub data: [u8; H2_CHUNK],
+}
+
 /// Something the kernel did to a socket besides changing its state: a
 /// retransmission, a reset, an error, a congestion state. Told from the other
 /// records on the shared ring by its size.
@@ -299,8 +365,11 @@ pub mod lost {
     /// TLS requests whose TCP socket was not found (or not followed), or that
     /// the TLS programs' per-thread maps had no room for.
     pub const TLS: u32 = 4;
+    /// HTTP/2 header bytes ([`super::H2Event`]) the ring buffer had no room
+    /// for, or the flow maps had no room to follow: that direction is given up.
+    pub const H2: u32 = 5;
     /// Number of slots.
-    pub const KINDS: u32 = 5;
+    pub const KINDS: u32 = 6;
 }
 
 /// Names of the global variables and maps in the eBPF object, used by both sides.
@@ -415,6 +484,7 @@ mod pod {
     unsafe impl aya::Pod for super::LinkEvent {}
     unsafe impl aya::Pod for super::IncidentEvent {}
     unsafe impl aya::Pod for super::AnswerEvent {}
+    unsafe impl aya::Pod for super::H2Event {}
 }
 
 #[cfg(test)]
@@ -440,6 +510,7 @@ mod tests {
         assert_eq!(size_of::<LinkEvent>(), 80);
         assert_eq!(size_of::<IncidentEvent>(), 64);
         assert_eq!(size_of::<AnswerEvent>(), 24);
+        assert_eq!(size_of::<H2Event>(), 296);
         assert_eq!(offset_of!(IncidentEvent, saddr), 32);
     }
 

@@ -34,7 +34,7 @@ use otel_tcpstates_common::{
 };
 
 use crate::{
-    Args, CONFIG, EVENTS, SOCKETS, address, atomic_add, count_lost, load as field, wakeup_flags,
+    Args, CONFIG, EVENTS, SOCKETS, address, atomic_add, count_lost, h2, load as field, wakeup_flags,
 };
 
 /// How much of a request's headers is scanned for `traceparent:`.
@@ -174,6 +174,15 @@ fn inspect(ctx: &SkBuffContext, dir: u8) -> Option<()> {
         }
         return None;
     }
+    if flags & inspect::H2 != 0 {
+        let (_, payload, l4) = headers(ctx)?;
+        let len = ctx.len() as usize;
+        if payload < len {
+            let seq = u32::from_be_bytes(load::<4>(ctx, l4 + 4)?);
+            h2::segment(skb, sk, dir, payload as u32, seq, (len - payload) as u32);
+        }
+        return None;
+    }
     let answer = flags & inspect::ANSWER != 0;
     if !answer && flags & inspect::DECIDED != 0 && flags & inspect::HTTP == 0 {
         return None;
@@ -182,7 +191,7 @@ fn inspect(ctx: &SkBuffContext, dir: u8) -> Option<()> {
         return None;
     }
 
-    let (_, payload, _) = headers(ctx)?;
+    let (_, payload, l4) = headers(ctx)?;
     let len = ctx.len() as usize;
     if payload >= len {
         // No payload (an ACK): nothing is decided yet.
@@ -201,7 +210,21 @@ fn inspect(ctx: &SkBuffContext, dir: u8) -> Option<()> {
     let start = load::<8>(ctx, payload)?;
     let method = method(&start);
     if flags & inspect::DECIDED == 0 {
-        let decided = inspect::DECIDED | if method != 0 { inspect::HTTP } else { 0 };
+        let kind = if method != 0 {
+            inspect::HTTP
+        } else if h2::segment_begins(
+            skb,
+            sk,
+            dir,
+            payload as u32,
+            u32::from_be_bytes(load::<4>(ctx, l4 + 4)?),
+            (len - payload) as u32,
+        ) {
+            inspect::H2
+        } else {
+            0
+        };
+        let decided = inspect::DECIDED | kind;
         // SAFETY: as above; the other direction's bits are kept. A race with the
         // other direction's program could lose a bit: it is then decided again,
         // on that direction's next payload. (No 32-bit atomics on this target.)

@@ -7,6 +7,7 @@
 #![feature(core_intrinsics)]
 #![allow(internal_features)]
 
+mod h2;
 mod http;
 mod incidents;
 mod tls;

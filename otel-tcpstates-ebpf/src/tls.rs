@@ -31,7 +31,7 @@ use otel_tcpstates_common::{
 };
 
 use crate::{
-    EVENTS, SOCKETS, count_lost,
+    EVENTS, SOCKETS, count_lost, h2,
     http::{self, Out, User},
     wakeup_flags,
 };
@@ -69,6 +69,7 @@ static TLS_SENDS: LruHashMap<u64, PendingSend> = LruHashMap::with_max_entries(TH
 #[repr(C)]
 #[derive(Clone, Copy)]
 pub struct Call {
+    ssl: u64,
     buf: u64,
     readbytes: u64,
 }
@@ -81,6 +82,28 @@ static TLS_READS: LruHashMap<u64, Call> = LruHashMap::with_max_entries(THREADS, 
 /// writes nothing for any other thread.
 #[map]
 static TLS_LAST_RECV: LruHashMap<u64, u64> = LruHashMap::with_max_entries(THREADS, 0);
+
+/// An `SSL_write` in progress on an HTTP/2 connection (or one that may begin
+/// it): its plaintext is walked ([`h2`]) when it returns, and the first TCP
+/// send inside it names the connection's socket.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct H2Write {
+    ssl: u64,
+    buf: u64,
+    /// As in [`PendingSend`].
+    written: u64,
+    /// The socket of the first TCP send inside the call (0: none yet).
+    sk: u64,
+}
+
+#[map]
+static TLS_H2_WRITES: LruHashMap<u64, H2Write> = LruHashMap::with_max_entries(THREADS, 0);
+
+/// An HTTP/2 connection whose `SSL_write` took plaintext and sent nothing (a
+/// memory BIO): its socket is the thread's next TCP send's.
+#[map]
+static TLS_H2_BINDS: LruHashMap<u64, u64> = LruHashMap::with_max_entries(THREADS, 0);
 
 /// The first bytes of a buffer, for the method check.
 #[inline(always)]
@@ -131,6 +154,7 @@ pub fn ssl_write(ctx: ProbeContext) -> u32 {
     let num = ctx.arg::<u64>(2).unwrap_or(0) as i32;
     if buf != 0 && num > 0 {
         write_begins(buf, num as usize, 0);
+        h2_write_begins(ctx.arg(0).unwrap_or(0), buf, num as u32, 0);
     }
     0
 }
@@ -141,13 +165,70 @@ pub fn ssl_write_ex(ctx: ProbeContext) -> u32 {
     let buf: u64 = ctx.arg(1).unwrap_or(0);
     let num: u64 = ctx.arg(2).unwrap_or(0);
     if buf != 0 && num > 0 {
-        write_begins(
-            buf,
-            num.min(u64::from(u32::MAX)) as usize,
-            ctx.arg(3).unwrap_or(0),
-        );
+        let written = ctx.arg(3).unwrap_or(0);
+        let num = num.min(u64::from(u32::MAX)) as u32;
+        write_begins(buf, num as usize, written);
+        h2_write_begins(ctx.arg(0).unwrap_or(0), buf, num, written);
     }
     0
+}
+
+/// `SSL_write` begins on connection `ssl`: noted when the connection is
+/// HTTP/2, or its plaintext may begin it.
+#[inline(always)]
+fn h2_write_begins(ssl: u64, buf: u64, len: u32, written: u64) {
+    let tid = bpf_get_current_pid_tgid();
+    if ssl != 0 && h2::followed_or_starts(ssl, (tid >> 32) as u32, direction::SENT, buf, len) {
+        let call = H2Write {
+            ssl,
+            buf,
+            written,
+            sk: 0,
+        };
+        if TLS_H2_WRITES.insert(&tid, &call, 0).is_err() {
+            count_lost(lost::TLS);
+        }
+    }
+}
+
+/// `SSL_write` on an HTTP/2 connection returned `ret`: the plaintext it took
+/// is walked, and the socket named, from inside the call or the thread's next
+/// send.
+#[inline(always)]
+fn h2_write_ends(ret: i64) {
+    let tid = bpf_get_current_pid_tgid();
+    // SAFETY: plain values copied out of a successful lookup.
+    let Some(call) = (unsafe { TLS_H2_WRITES.get(&tid) }).copied() else {
+        return;
+    };
+    let _ = TLS_H2_WRITES.remove(&tid);
+    let taken = if call.written == 0 {
+        if ret <= 0 {
+            return;
+        }
+        ret as u64
+    } else {
+        if ret != 1 {
+            return;
+        }
+        // SAFETY: the helper checks the user address.
+        let Ok(n) = (unsafe { bpf_probe_read_user(call.written as *const u64) }) else {
+            return;
+        };
+        n
+    };
+    let pid = (tid >> 32) as u32;
+    let len = taken.min(u64::from(u32::MAX)) as u32;
+    let Some(flow) = h2::plaintext(call.ssl, pid, direction::SENT, call.buf, len) else {
+        return;
+    };
+    if call.sk != 0 {
+        if followed(call.sk) {
+            h2::bind(flow, call.ssl, pid, direction::SENT, call.sk);
+        }
+    } else if TLS_H2_BINDS.insert(&tid, &call.ssl, 0).is_err() {
+        count_lost(lost::TLS);
+    }
 }
 
 /// `SSL_write` returned `ret`: a request it took that no send carried yet
@@ -174,20 +255,24 @@ fn write_ends(ret: i64) {
 
 #[uretprobe]
 pub fn ssl_write_ret(ctx: RetProbeContext) -> u32 {
-    write_ends(i64::from(ctx.ret::<u64>() as i32));
+    let ret = i64::from(ctx.ret::<u64>() as i32);
+    write_ends(ret);
+    h2_write_ends(ret);
     0
 }
 
 #[uretprobe]
 pub fn ssl_write_exret(ctx: RetProbeContext) -> u32 {
-    write_ends(i64::from(ctx.ret::<u64>() as i32));
+    let ret = i64::from(ctx.ret::<u64>() as i32);
+    write_ends(ret);
+    h2_write_ends(ret);
     0
 }
 
 /// The thread's call in `calls` returned `ret`: its buffer and how many bytes
 /// it took or gave, when that is some.
 #[inline(always)]
-fn call_ended(calls: &LruHashMap<u64, Call>, ret: i64) -> Option<(u64, usize)> {
+fn call_ended(calls: &LruHashMap<u64, Call>, ret: i64) -> Option<(u64, u64, usize)> {
     let tid = bpf_get_current_pid_tgid();
     // SAFETY: plain values copied out of a successful lookup.
     let call = (unsafe { calls.get(&tid) }).copied()?;
@@ -204,14 +289,22 @@ fn call_ended(calls: &LruHashMap<u64, Call>, ret: i64) -> Option<(u64, usize)> {
         // SAFETY: the helper checks the user address.
         unsafe { bpf_probe_read_user(call.readbytes as *const u64) }.ok()?
     };
-    (call.buf != 0).then_some((call.buf, len.min(u64::from(u32::MAX)) as usize))
+    (call.buf != 0).then_some((call.ssl, call.buf, len.min(u64::from(u32::MAX)) as usize))
 }
 
 /// An `SSL_read` begins: the thread is one that reads TLS from now on.
 #[inline(always)]
-fn read_begins(buf: u64, readbytes: u64) {
+fn read_begins(ssl: u64, buf: u64, readbytes: u64) {
     let tid = bpf_get_current_pid_tgid();
-    let _ = TLS_READS.insert(&tid, &Call { buf, readbytes }, 0);
+    let _ = TLS_READS.insert(
+        &tid,
+        &Call {
+            ssl,
+            buf,
+            readbytes,
+        },
+        0,
+    );
     // SAFETY: a plain lookup; the value is not kept.
     if unsafe { TLS_LAST_RECV.get(&tid) }.is_none() {
         let _ = TLS_LAST_RECV.insert(&tid, &0, 0);
@@ -221,14 +314,18 @@ fn read_begins(buf: u64, readbytes: u64) {
 // int SSL_read(SSL *ssl, void *buf, int num)
 #[uprobe]
 pub fn ssl_read(ctx: ProbeContext) -> u32 {
-    read_begins(ctx.arg(1).unwrap_or(0), 0);
+    read_begins(ctx.arg(0).unwrap_or(0), ctx.arg(1).unwrap_or(0), 0);
     0
 }
 
 // int SSL_read_ex(SSL *ssl, void *buf, size_t num, size_t *readbytes)
 #[uprobe]
 pub fn ssl_read_ex(ctx: ProbeContext) -> u32 {
-    read_begins(ctx.arg(1).unwrap_or(0), ctx.arg(3).unwrap_or(0));
+    read_begins(
+        ctx.arg(0).unwrap_or(0),
+        ctx.arg(1).unwrap_or(0),
+        ctx.arg(3).unwrap_or(0),
+    );
     0
 }
 
@@ -237,9 +334,19 @@ pub fn ssl_read_ex(ctx: ProbeContext) -> u32 {
 #[inline(always)]
 fn read_ends(ret: i64) {
     let tid = bpf_get_current_pid_tgid();
-    let Some((buf, len)) = call_ended(&TLS_READS, ret) else {
+    let Some((ssl, buf, len)) = call_ended(&TLS_READS, ret) else {
         return;
     };
+    let pid = (tid >> 32) as u32;
+    if let Some(flow) = h2::plaintext(ssl, pid, direction::RECEIVED, buf, len as u32) {
+        // HTTP/2: the socket is the one the thread last received from.
+        // SAFETY: plain value copied out of a successful lookup.
+        let sk = unsafe { TLS_LAST_RECV.get(&tid) }.copied().unwrap_or(0);
+        if followed(sk) {
+            h2::bind(flow, ssl, pid, direction::RECEIVED, sk);
+        }
+        return;
+    }
     let Some(start) = start_of(buf, len) else {
         return;
     };
@@ -320,6 +427,7 @@ fn sock_record(ctx: &TracePointContext) -> Option<u64> {
 #[tracepoint]
 pub fn tls_sent(ctx: TracePointContext) -> u32 {
     let tid = bpf_get_current_pid_tgid();
+    h2_sent(&ctx, tid);
     // Inside an `SSL_write` (a socket BIO), or after one (a memory BIO).
     let (pending, inside) = match TLS_WRITES.get_ptr_mut(&tid) {
         // SAFETY: this thread's entry, written only by this thread.
@@ -365,6 +473,36 @@ pub fn tls_sent(ctx: TracePointContext) -> u32 {
         expect_answer(sk, direction::RECEIVED);
     }
     0
+}
+
+/// A thread sent on a socket: it names the socket of the HTTP/2 connection
+/// whose `SSL_write` is in progress, or took plaintext and sent nothing.
+#[inline(always)]
+fn h2_sent(ctx: &TracePointContext, tid: u64) {
+    if let Some(call) = TLS_H2_WRITES.get_ptr_mut(&tid) {
+        // SAFETY: this thread's entry, written only by this thread.
+        if unsafe { (*call).sk } == 0
+            && let Some(sk) = sock_record(ctx)
+        {
+            // SAFETY: as above.
+            unsafe { (*call).sk = sk };
+        }
+        return;
+    }
+    // SAFETY: plain value copied out of a successful lookup.
+    let Some(ssl) = (unsafe { TLS_H2_BINDS.get(&tid) }).copied() else {
+        return;
+    };
+    let Some(sk) = sock_record(ctx) else {
+        return;
+    };
+    let _ = TLS_H2_BINDS.remove(&tid);
+    let pid = (tid >> 32) as u32;
+    if followed(sk)
+        && let Some(flow) = h2::tls_flow(ssl, pid, direction::SENT)
+    {
+        h2::bind(flow, ssl, pid, direction::SENT, sk);
+    }
 }
 
 /// A thread received from a socket: noted when the thread reads TLS.

@@ -120,7 +120,7 @@ impl Sinks {
                 ts_ns,
                 sent,
             } => self.with_table(|table, out| table.answer(*skaddr, *ts_ns, *sent, &mut &mut *out)),
-            Record::InvalidTraceparent | Record::UnknownIncident => Ok(()),
+            Record::InvalidTraceparent | Record::UnknownIncident | Record::H2(_) => Ok(()),
             Record::Incident(incident) => {
                 self.with_table(|table, out| table.incident(incident, &mut &mut *out))
             }
@@ -273,12 +273,12 @@ struct Reports {
     lost: u64,
     dropped: u64,
     /// The other losses, in the order of [`other_losses`].
-    others: [u64; 5],
+    others: [u64; 6],
 }
 
 /// The losses besides state changes lost to a full ring: each count, what it
 /// counts, and why (with what to do).
-fn other_losses(stats: &Stats) -> [(u64, &'static str, String); 5] {
+fn other_losses(stats: &Stats) -> [(u64, &'static str, String); 6] {
     let links = stats.links.unwrap_or_default();
     let incidents = stats.incidents.unwrap_or_default();
     let full = || format!("ring buffer full; {LOST_ADVICE}");
@@ -299,6 +299,13 @@ fn other_losses(stats: &Stats) -> [(u64, &'static str, String); 5] {
             stats.listeners_lost,
             "listening sockets not remembered",
             "the kernel's listener maps were full; their connections may name no owner".to_owned(),
+        ),
+        (
+            links.http2_lost,
+            "HTTP/2 request header streams given up",
+            "a gap in the stream, a header block that did not decode, or the ring buffer full; \
+             those connections' later requests make no link"
+                .to_owned(),
         ),
     ]
 }
@@ -750,6 +757,9 @@ fn stats(sinks: &Sinks, reader: &EventReader, losses: &Losses, cut_off: u64) -> 
             request_spans: table.map_or(0, |t| t.request_spans),
             requests_not_kept: table.map_or(0, |t| t.requests_not_kept),
             tls_unmatched: losses.tls,
+            http2_lost: losses.h2.unwrap_or(0)
+                + reader.http2.counts.broken
+                + reader.http2.counts.not_kept,
         }),
         incidents: losses.incidents.map(|(lost, skipped)| IncidentStats {
             lost,

@@ -180,10 +180,64 @@ pub fn run_app_over(
         command.args([flag, value.as_str()]);
     }
     let (pid, out) = run_to_end(command, otlp_http, &format!("{runtime:?} app"));
+    report(pid, &out, &format!("{runtime:?} app {args:?}"))
+}
+
+/// gRPC calls, each over its own HTTP/2 stream.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Calls {
+    Unary,
+    /// Bidirectional streaming: three messages each way a call.
+    Stream,
+}
+
+/// Runs the gRPC app (`tests/apps/node/traced_grpc.js`: `@grpc/grpc-js` with
+/// the OpenTelemetry gRPC instrumentation) to its end: `calls` calls one after
+/// another over one channel, so one TCP connection, plaintext HTTP/2 (`h2c`) or
+/// over TLS with the test certificate; its report, one request a call.
+pub fn run_grpc(
+    otlp_http: &str,
+    family: u8,
+    kind: Calls,
+    calls: usize,
+    ratio: f64,
+    tls: bool,
+) -> App {
+    let apps = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/apps");
+    let mut command = Command::new("node");
+    command
+        .arg(apps.join("node/traced_grpc.js"))
+        .env("NODE_PATH", packages(Runtime::Node));
+    let mut args = vec![
+        ("--family", family.to_string()),
+        ("--calls", calls.to_string()),
+        (
+            "--kind",
+            match kind {
+                Calls::Unary => "unary",
+                Calls::Stream => "stream",
+            }
+            .to_owned(),
+        ),
+        ("--ratio", ratio.to_string()),
+        ("--delay-ms", DELAY_MS.to_string()),
+    ];
+    if tls {
+        args.push(("--tls", apps.join("certs").display().to_string()));
+    }
+    for (flag, value) in &args {
+        command.args([flag, value.as_str()]);
+    }
+    let (pid, out) = run_to_end(command, otlp_http, "gRPC app");
+    report(pid, &out, &format!("gRPC app {args:?}"))
+}
+
+/// An app's report, from its output (`what` names it in a failure).
+fn report(pid: u32, out: &Output, what: &str) -> App {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(
         out.status.success(),
-        "{runtime:?} app {args:?} failed with {}:\n{stderr}",
+        "{what} failed with {}:\n{stderr}",
         out.status
     );
     let report: serde_json::Value = serde_json::from_slice(&out.stdout)

@@ -2,6 +2,7 @@
 //! read what it printed.
 #![allow(dead_code)]
 
+pub mod app_links;
 pub mod apps;
 pub mod backends;
 pub mod deploy;

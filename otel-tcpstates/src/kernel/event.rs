@@ -7,8 +7,8 @@ use std::{
 
 pub use otel_tcpstates_common::TcpFacts;
 use otel_tcpstates_common::{
-    AF_INET, AF_INET6, AnswerEvent, Event, IncidentEvent, LinkEvent, TASK_COMM_LEN, incident,
-    tcp_state,
+    AF_INET, AF_INET6, AnswerEvent, Event, H2Event, IncidentEvent, LinkEvent, TASK_COMM_LEN,
+    incident, tcp_state,
 };
 
 use crate::kernel::traceparent::{self, Link};
@@ -177,6 +177,8 @@ pub const LINK_RECORD_SIZE: usize = size_of::<LinkEvent>();
 pub const INCIDENT_RECORD_SIZE: usize = size_of::<IncidentEvent>();
 /// Size of the record the packet programs write for a request's answer.
 pub const ANSWER_RECORD_SIZE: usize = size_of::<AnswerEvent>();
+/// Size of one HTTP/2 record ([`H2Event`]).
+pub const H2_RECORD_SIZE: usize = size_of::<H2Event>();
 
 /// A connection's ends, as its socket names them: (local address, port, remote
 /// address, port).
@@ -251,6 +253,9 @@ pub enum Record {
     Incident(Incident),
     /// An incident record of a kind this build does not know.
     UnknownIncident,
+    /// Bytes of an HTTP/2 connection's header stream, for
+    /// [`super::http2::Http2`] to decode into links and answers.
+    H2(H2Event),
 }
 
 impl Record {
@@ -260,6 +265,7 @@ impl Record {
             Self::Transition(event) => Some(event.ts_ns),
             Self::Incident(incident) => Some(incident.ts_ns),
             Self::Link { ts_ns, .. } | Self::Answer { ts_ns, .. } => Some(*ts_ns),
+            Self::H2(event) => Some(event.ts_ns),
             Self::InvalidTraceparent | Self::UnknownIncident => None,
         }
     }
@@ -270,6 +276,13 @@ impl Record {
 pub fn decode_record(record: &[u8]) -> Result<Record, DecodeError> {
     if record.len() == INCIDENT_RECORD_SIZE {
         return decode_incident(record);
+    }
+    if record.len() == H2_RECORD_SIZE {
+        // SAFETY: exactly size_of::<H2Event>() bytes of plain data, valid for
+        // any bit pattern; read_unaligned has no alignment needs.
+        return Ok(Record::H2(unsafe {
+            record.as_ptr().cast::<H2Event>().read_unaligned()
+        }));
     }
     if record.len() == ANSWER_RECORD_SIZE {
         // SAFETY: exactly size_of::<AnswerEvent>() bytes of plain data, valid

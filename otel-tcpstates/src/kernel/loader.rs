@@ -71,6 +71,10 @@ pub struct Losses {
     pub links: Option<u64>,
     /// TLS requests whose socket was not found; `None` without the TLS programs.
     pub tls: Option<u64>,
+    /// HTTP/2 directions the kernel gave up (a record the ring had no room
+    /// for, a gap in the stream, a flow map full); `None` without the packet
+    /// programs.
+    pub h2: Option<u64>,
     /// Incident records the ring buffer had no room for, and those the kernel
     /// skipped; `None` without the incident programs.
     pub incidents: Option<(u64, u64)>,
@@ -431,6 +435,7 @@ impl Probe {
             state_changes_skipped: skips.state_changes,
             links: self.links_attached.then(|| lost(lost::LINKS)).transpose()?,
             tls: self.tls_attached.then(|| lost(lost::TLS)).transpose()?,
+            h2: self.links_attached.then(|| lost(lost::H2)).transpose()?,
             incidents: self
                 .incidents
                 .then(|| Ok::<_, anyhow::Error>((lost(lost::INCIDENTS)?, skips.incidents)))

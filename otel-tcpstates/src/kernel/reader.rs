@@ -11,9 +11,12 @@ use tokio::{
     time::{Interval, MissedTickBehavior, interval},
 };
 
+use otel_tcpstates_common::tcp_state;
+
 use crate::kernel::{
     clock,
     event::{self, Record},
+    http2::Http2,
 };
 
 /// How long one drain may run at most: under sustained overload the buffer
@@ -41,6 +44,8 @@ pub struct EventReader {
     pub links_seen: u64,
     /// Of those, the ones whose value was not a valid `traceparent`: no link.
     pub invalid_traceparents: u64,
+    /// HTTP/2 header streams, decoded into link and answer records.
+    pub http2: Http2,
 }
 
 impl EventReader {
@@ -60,6 +65,7 @@ impl EventReader {
             malformed: 0,
             links_seen: 0,
             invalid_traceparents: 0,
+            http2: Http2::default(),
         })
     }
 
@@ -123,6 +129,18 @@ impl EventReader {
         self.read_through_ns
     }
 
+    /// Counts a link record in `links_seen`, and an invalid one in `invalid`.
+    fn count(links_seen: &mut u64, invalid: &mut u64, record: &Record) {
+        match record {
+            Record::Link { .. } => *links_seen += 1,
+            Record::InvalidTraceparent => {
+                *links_seen += 1;
+                *invalid += 1;
+            }
+            _ => {}
+        }
+    }
+
     /// Takes what is still queued, only telling its kinds apart, and says how many
     /// records that was: what the shutdown deadline left no time for, counted as lost.
     pub fn discard(&mut self) -> Discarded {
@@ -158,15 +176,27 @@ impl EventReader {
                     if let Some(ts_ns) = event.ts_ns() {
                         self.read_through_ns = self.read_through_ns.max(ts_ns);
                     }
-                    match event {
-                        Record::Link { .. } => self.links_seen += 1,
-                        Record::InvalidTraceparent => {
-                            self.links_seen += 1;
-                            self.invalid_traceparents += 1;
+                    if let Record::H2(h2) = &event {
+                        // Its links and answers, made by the connection's decoder.
+                        let mut made = Vec::new();
+                        self.http2.record(h2, |record| made.push(record));
+                        for record in &made {
+                            Self::count(
+                                &mut self.links_seen,
+                                &mut self.invalid_traceparents,
+                                record,
+                            );
+                            sink(record)?;
                         }
-                        _ => {}
+                    } else {
+                        if let Record::Transition(t) = &event
+                            && t.newstate.0 == tcp_state::CLOSE
+                        {
+                            self.http2.closed(t.skaddr);
+                        }
+                        Self::count(&mut self.links_seen, &mut self.invalid_traceparents, &event);
+                        sink(&event)?;
                     }
-                    sink(&event)?;
                 }
                 Err(err) => {
                     if self.malformed == 0 {

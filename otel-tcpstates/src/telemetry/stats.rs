@@ -57,6 +57,11 @@ pub struct LinkStats {
     /// socket was not found (or not followed), or that the kernel's per-thread
     /// maps had no room for.
     pub tls_unmatched: Option<u64>,
+    /// HTTP/2 connections' request headers given up: by the kernel (no room
+    /// on the ring or in its flow map, a gap in the stream), or by their
+    /// decoder (a header block that did not decode), and records of TLS
+    /// connections whose socket was never named.
+    pub http2_lost: u64,
 }
 
 /// The incident programs' records that never arrived, or arrived with no
@@ -109,6 +114,10 @@ impl fmt::Display for Stats {
             )?;
             if let Some(unmatched) = s.tls_unmatched {
                 write!(f, ", {unmatched} TLS unmatched")?;
+            }
+            // Only once one was: nothing to say before.
+            if s.http2_lost > 0 {
+                write!(f, ", {} HTTP/2 lost", s.http2_lost)?;
             }
         }
         if let Some(s) = &self.incidents {
@@ -271,6 +280,7 @@ mod tests {
             request_spans: 4,
             requests_not_kept: 1,
             tls_unmatched: None,
+            http2_lost: 0,
         });
         stats.incidents = Some(IncidentStats {
             lost: 5,

@@ -1,0 +1,483 @@
+#!/usr/bin/env node
+/*
+ * A gRPC client and server in one Node.js process (@grpc/grpc-js), instrumented
+ * with the OpenTelemetry JS SDK and its gRPC instrumentation, for the
+ * otel-tcpstates tests: the W3C traceparent the instrumentation puts in each
+ * call's metadata (a header in the call's HTTP/2 HEADERS frame) is what
+ * otel-tcpstates turns into span links on the sockets' tcp.session roots.
+ *
+ * The SDK and GrpcInstrumentation are registered before `@grpc/grpc-js` is
+ * loaded, as an instrumented app does: the instrumentation then makes a CLIENT
+ * span for each call (the trace's root: no span is active when a call is made)
+ * and injects its context into the call's metadata, and a SERVER span for each
+ * call the server gets, under the context it carries. The sampler is
+ * ParentBased(TraceIdRatioBased(--ratio)), so whether a call is sampled depends
+ * on its trace id; an unsampled call still carries a traceparent, its flags 00
+ * (01 when sampled). Spans are exported over OTLP/HTTP (protobuf encoding) to
+ * $OTEL_EXPORTER_OTLP_ENDPOINT (a base URL: traces go to /v1/traces), in
+ * batches, all flushed before the report is printed.
+ *
+ *     node traced_grpc.js --family 4|6 --calls N --kind unary|stream
+ *         [--ratio R] [--delay-ms D] [--port P] [--tls DIR]
+ *
+ * The service is defined here, without a .proto file: otel.test.Echo, its
+ * messages JSON in the gRPC frames. --kind unary: /otel.test.Echo/Unary, one
+ * request, one response; stream: /otel.test.Echo/Stream, bidirectional: the
+ * client writes 3 messages, each after the echo of the one before, the server
+ * echoes each, then both ends close. The server answers (echoes) --delay-ms
+ * after a message came. All calls go over one client channel, so over one
+ * HTTP/2 connection (each call a stream of its own), one call after another.
+ * The server listens on 127.0.0.1 (--family 4) or ::1 (6), port --port (0, the
+ * default: any free one); plaintext HTTP/2 (h2c) unless --tls DIR: TLS with the
+ * server's certificate and key in DIR/cert.pem and DIR/key.pem, which the
+ * client trusts.
+ *
+ * The packages come from package.json/package-lock.json next to this file;
+ * scripts/setup.sh --test installs them with `npm ci` outside the repository, and
+ * the tests run this file with NODE_PATH=<that directory>/node_modules.
+ *
+ * On success it prints one JSON object on stdout:
+ *   {"server_port": P, "pid": PID, "family": 4, "kind": "unary", "tls": false,
+ *    "requests": [{"trace_id", "span_id", "sampled", "traceparent",
+ *                  "client_port", "server_port", "status"}, ...]}
+ * one entry per call, in call order, where trace_id, span_id and sampled come
+ * from the traceparent the server got (the CLIENT span's context), client_port
+ * is the client socket's local port as both ends saw it (the client's through
+ * channelz, the server's through call.getPeer()), and status is the call's gRPC
+ * status code (0). Any failure (a bad status, metadata the server did not get,
+ * ports that do not agree, a call on a connection of its own, spans that could
+ * not be exported) exits with status 1 and a message on stderr.
+ */
+'use strict';
+
+const { parseArgs } = require('node:util');
+
+const api = require('@opentelemetry/api');
+const { ExportResultCode } = require('@opentelemetry/core');
+const { OTLPTraceExporter } = require('@opentelemetry/exporter-trace-otlp-proto');
+const { registerInstrumentations } = require('@opentelemetry/instrumentation');
+const { GrpcInstrumentation } = require('@opentelemetry/instrumentation-grpc');
+const { resourceFromAttributes } = require('@opentelemetry/resources');
+const {
+  BatchSpanProcessor,
+  ParentBasedSampler,
+  TraceIdRatioBasedSampler,
+} = require('@opentelemetry/sdk-trace-base');
+const { NodeTracerProvider } = require('@opentelemetry/sdk-trace-node');
+
+const SERVICE = 'traced-grpc';
+const TRACEPARENT = /^00-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})$/;
+// Messages per streaming call.
+const STREAM_MESSAGES = 3;
+// How long any one call (or any one step after them) may take before the app
+// gives up: far longer than anything takes, so only a hang trips it.
+const TIMEOUT_MS = 120_000;
+
+function fail(message) {
+  process.stderr.write(`traced_grpc.js: ${message}\n`);
+  process.exit(1);
+}
+
+function parseArguments() {
+  const { values } = parseArgs({
+    options: {
+      family: { type: 'string' },
+      calls: { type: 'string' },
+      kind: { type: 'string' },
+      ratio: { type: 'string', default: '1.0' },
+      'delay-ms': { type: 'string', default: '0' },
+      port: { type: 'string', default: '0' },
+      tls: { type: 'string' },
+    },
+    strict: true,
+  });
+  const family = Number(values.family);
+  const calls = Number(values.calls);
+  const ratio = Number(values.ratio);
+  const delayMs = Number(values['delay-ms']);
+  const port = Number(values.port);
+  if (!Number.isInteger(port) || port < 0 || port > 65535) fail('--port is a port number (0: any)');
+  if (family !== 4 && family !== 6) fail('--family 4 or 6 is required');
+  if (!Number.isInteger(calls) || calls < 1) fail('--calls N (N >= 1) is required');
+  if (values.kind !== 'unary' && values.kind !== 'stream') {
+    fail('--kind unary or stream is required');
+  }
+  if (!(ratio >= 0 && ratio <= 1)) fail('--ratio is a number from 0 to 1');
+  if (!Number.isInteger(delayMs) || delayMs < 0) fail('--delay-ms is a whole number >= 0');
+  let tls = null;
+  if (values.tls !== undefined) {
+    const fs = require('node:fs');
+    const path = require('node:path');
+    tls = {
+      cert: fs.readFileSync(path.join(values.tls, 'cert.pem')),
+      key: fs.readFileSync(path.join(values.tls, 'key.pem')),
+    };
+  }
+  return { family, calls, kind: values.kind, ratio, delayMs, port, tls };
+}
+
+const args = parseArguments();
+
+// Export results, so that spans that could not be exported fail the run; and
+// the spans exported, to check each call got its CLIENT and SERVER span.
+const exportFailures = [];
+const exported = [];
+class CheckedExporter {
+  constructor(inner) {
+    this.inner = inner;
+  }
+  export(spans, resultCallback) {
+    this.inner.export(spans, (result) => {
+      if (result.code === ExportResultCode.SUCCESS) {
+        for (const span of spans) {
+          const context = span.spanContext();
+          exported.push({
+            kind: span.kind,
+            traceId: context.traceId,
+            spanId: context.spanId,
+            parentSpanId: span.parentSpanContext ? span.parentSpanContext.spanId : undefined,
+          });
+        }
+      } else {
+        exportFailures.push(String(result.error || 'export failed'));
+      }
+      resultCallback(result);
+    });
+  }
+  shutdown() {
+    return this.inner.shutdown();
+  }
+  forceFlush() {
+    return this.inner.forceFlush ? this.inner.forceFlush() : Promise.resolve();
+  }
+}
+
+if (!process.env.OTEL_EXPORTER_OTLP_ENDPOINT && !process.env.OTEL_EXPORTER_OTLP_TRACES_ENDPOINT) {
+  fail('OTEL_EXPORTER_OTLP_ENDPOINT is not set');
+}
+const provider = new NodeTracerProvider({
+  resource: resourceFromAttributes({ 'service.name': SERVICE }),
+  sampler: new ParentBasedSampler({ root: new TraceIdRatioBasedSampler(args.ratio) }),
+  // The exporter reads OTEL_EXPORTER_OTLP_ENDPOINT and appends /v1/traces.
+  spanProcessors: [new BatchSpanProcessor(new CheckedExporter(new OTLPTraceExporter()))],
+});
+// The global tracer provider, the W3C trace-context propagator and the
+// AsyncLocalStorage context manager.
+provider.register();
+
+registerInstrumentations({ instrumentations: [new GrpcInstrumentation()] });
+
+// Only now, so that the instrumentation patches it.
+const grpc = require('@grpc/grpc-js');
+
+// The service, without a .proto file: messages are JSON.
+const serialize = (value) => Buffer.from(JSON.stringify(value));
+const deserialize = (buffer) => JSON.parse(buffer.toString('utf8'));
+const method = (name, streaming) => ({
+  path: `/otel.test.Echo/${name}`,
+  requestStream: streaming,
+  responseStream: streaming,
+  requestSerialize: serialize,
+  requestDeserialize: deserialize,
+  responseSerialize: serialize,
+  responseDeserialize: deserialize,
+});
+const ECHO = { unary: method('Unary', false), stream: method('Stream', true) };
+
+// What the server saw of each call, by the traceparent it carried.
+const served = new Map();
+// Calls whose SERVER spans have ended: a unary call's when its handler answers,
+// a stream's when the server's side of it finished, which may come after the
+// client got the call's status.
+let finished = 0;
+let onFinished = () => {};
+function serverFinished() {
+  finished += 1;
+  onFinished();
+}
+
+// The port at the end of a getPeer() ("127.0.0.1:P", "::1:P" or "[::1]:P").
+function peerPort(peer) {
+  const match = /:(\d+)$/.exec(peer);
+  return match ? Number(match[1]) : null;
+}
+
+// Records what a call carried; false when it had no valid traceparent.
+function record(call) {
+  const values = call.metadata.get('traceparent');
+  const traceparent = values.length === 1 ? String(values[0]) : null;
+  const seen = { peer: call.getPeer(), remotePort: peerPort(call.getPeer()), count: 1 };
+  if (traceparent === null || !TRACEPARENT.test(traceparent)) {
+    process.stderr.write(
+      `traced_grpc.js: the server got a call without a valid traceparent ` +
+        `(${JSON.stringify(values.map(String))})\n`,
+    );
+    return false;
+  }
+  const earlier = served.get(traceparent);
+  if (earlier) seen.count = earlier.count + 1;
+  served.set(traceparent, seen);
+  return true;
+}
+
+const handlers = {
+  unary(call, callback) {
+    if (!record(call)) {
+      callback({ code: grpc.status.INVALID_ARGUMENT, details: 'no traceparent' });
+      serverFinished();
+      return;
+    }
+    setTimeout(() => {
+      // The SERVER span ends in the instrumentation's callback, before this
+      // returns.
+      callback(null, { echo: call.request });
+      serverFinished();
+    }, args.delayMs);
+  },
+  stream(call) {
+    // Added after the instrumentation's own 'finish' listener, which ends the
+    // SERVER span.
+    call.on('finish', serverFinished);
+    if (!record(call)) {
+      call.emit('error', { code: grpc.status.INVALID_ARGUMENT, details: 'no traceparent' });
+      return;
+    }
+    let pending = 0;
+    let ended = false;
+    call.on('data', (message) => {
+      pending += 1;
+      setTimeout(() => {
+        call.write({ echo: message });
+        pending -= 1;
+        if (ended && pending === 0) call.end();
+      }, args.delayMs);
+    });
+    call.on('end', () => {
+      ended = true;
+      if (pending === 0) call.end();
+    });
+  },
+};
+
+// A promise that rejects if `promise` takes longer than TIMEOUT_MS.
+function step(what, promise) {
+  let timer;
+  const timeout = new Promise((_, reject) => {
+    timer = setTimeout(() => reject(new Error(`${what}: timed out`)), TIMEOUT_MS);
+  });
+  return Promise.race([promise, timeout]).finally(() => clearTimeout(timer));
+}
+
+// The client channel's sockets, as channelz sees them.
+const channelz = grpc.getChannelzHandlers();
+function channelzGet(name, request) {
+  return new Promise((resolve, reject) => {
+    channelz[name]({ request }, (error, value) =>
+      error ? reject(new Error(`channelz ${name}: ${error.details}`)) : resolve(value),
+    );
+  });
+}
+async function clientSockets(client) {
+  const channelId = client.getChannel().getChannelzRef().id;
+  const { channel } = await channelzGet('GetChannel', { channel_id: channelId });
+  const sockets = [];
+  for (const { subchannel_id } of channel.subchannel_ref) {
+    const { subchannel } = await channelzGet('GetSubchannel', { subchannel_id });
+    for (const { socket_id } of subchannel.socket_ref) {
+      sockets.push((await channelzGet('GetSocket', { socket_id })).socket);
+    }
+  }
+  return sockets;
+}
+
+function deadline() {
+  return new Date(Date.now() + TIMEOUT_MS);
+}
+
+// One unary call, to its status.
+function unaryCall(client, n, metadata) {
+  return new Promise((resolve, reject) => {
+    let response;
+    const call = client.unary({ n }, metadata, { deadline: deadline() }, (error, value) => {
+      if (error) reject(new Error(`call ${n}: ${error.message}`));
+      else response = value;
+    });
+    // After the callback.
+    call.on('status', (status) => {
+      if (status.code !== grpc.status.OK) return;
+      if (!response || !response.echo || response.echo.n !== n) {
+        reject(new Error(`call ${n}: response ${JSON.stringify(response)}`));
+      } else {
+        resolve(status);
+      }
+    });
+  });
+}
+
+// One streaming call, to its status: each message written after the echo of
+// the one before, then the client's side ended.
+function streamCall(client, n, metadata) {
+  return new Promise((resolve, reject) => {
+    const call = client.stream(metadata, { deadline: deadline() });
+    let echoes = 0;
+    let status = null;
+    let readEnded = false;
+    const done = () => {
+      if (status === null || !readEnded) return;
+      if (status.code !== grpc.status.OK) {
+        reject(new Error(`call ${n}: status ${status.code} ${status.details}`));
+      } else if (echoes !== STREAM_MESSAGES) {
+        reject(new Error(`call ${n}: ${echoes} echoes, want ${STREAM_MESSAGES}`));
+      } else {
+        resolve(status);
+      }
+    };
+    call.on('data', (message) => {
+      if (!message.echo || message.echo.n !== n || message.echo.m !== echoes) {
+        reject(new Error(`call ${n}: echo ${JSON.stringify(message)}, want m ${echoes}`));
+        return;
+      }
+      echoes += 1;
+      if (echoes < STREAM_MESSAGES) call.write({ n, m: echoes });
+      else call.end();
+    });
+    call.on('end', () => {
+      readEnded = true;
+      done();
+    });
+    call.on('status', (value) => {
+      status = value;
+      done();
+    });
+    call.on('error', (error) => reject(new Error(`call ${n}: ${error.message}`)));
+    call.write({ n, m: 0 });
+  });
+}
+
+async function main() {
+  const host = args.family === 4 ? '127.0.0.1' : '::1';
+  const hostPort = (port) => (args.family === 4 ? `${host}:${port}` : `[${host}]:${port}`);
+  const server = new grpc.Server();
+  server.addService(ECHO, handlers);
+  const serverCredentials = args.tls
+    ? grpc.ServerCredentials.createSsl(null, [
+        { cert_chain: args.tls.cert, private_key: args.tls.key },
+      ])
+    : grpc.ServerCredentials.createInsecure();
+  const serverPort = await step(
+    'listen',
+    new Promise((resolve, reject) => {
+      server.bindAsync(hostPort(args.port), serverCredentials, (error, port) =>
+        error ? reject(error) : resolve(port),
+      );
+    }),
+  );
+  const EchoClient = grpc.makeGenericClientConstructor(ECHO, 'otel.test.Echo');
+  const client = new EchoClient(
+    hostPort(serverPort),
+    args.tls ? grpc.credentials.createSsl(args.tls.cert) : grpc.credentials.createInsecure(),
+    {
+      'grpc.enable_channelz': 1,
+      // The certificate's DNS name, for SNI and the identity check: grpc-js
+      // would otherwise set the TLS ServerName to the target's IP address,
+      // which Node warns about (DEP0123).
+      ...(args.tls ? { 'grpc.ssl_target_name_override': 'localhost' } : {}),
+    },
+  );
+
+  const report = [];
+  for (let n = 0; n < args.calls; n++) {
+    if (api.trace.getActiveSpan()) fail('a span is active where a call is made');
+    const where = `call ${n}`;
+    // The instrumentation injects the CLIENT span's context into this.
+    const metadata = new grpc.Metadata();
+    const call = args.kind === 'unary' ? unaryCall : streamCall;
+    const status = await step(where, call(client, n, metadata));
+    const sent = metadata.get('traceparent');
+    const traceparent = sent.length === 1 ? String(sent[0]) : null;
+    const match = traceparent !== null && TRACEPARENT.exec(traceparent);
+    if (!match) fail(`${where}: sent no valid traceparent (${JSON.stringify(sent.map(String))})`);
+    const [, traceId, spanId, flags] = match;
+    const seen = served.get(traceparent);
+    if (!seen || seen.count !== 1) {
+      fail(`${where}: the server got ${traceparent} ${seen ? seen.count : 0} times`);
+    }
+    const sockets = await step(`${where}: channelz`, clientSockets(client));
+    if (sockets.length !== 1) fail(`${where}: the channel has ${sockets.length} sockets, want 1`);
+    const [socket] = sockets;
+    const local = socket.local && socket.local.tcpip_address;
+    const remote = socket.remote && socket.remote.tcpip_address;
+    if (!local || !remote || seen.remotePort !== local.port || remote.port !== serverPort) {
+      fail(
+        `${where}: client port ${local && local.port} -> ${remote && remote.port}, ` +
+          `the server saw ${seen.peer} -> ${serverPort}`,
+      );
+    }
+    // Each call a stream of its own, all on the one connection.
+    if (Number(socket.data.streams_started) !== n + 1) {
+      fail(`${where}: the connection carried ${socket.data.streams_started} calls, want ${n + 1}`);
+    }
+    if (n > 0 && local.port !== report[0].client_port) {
+      fail(`${where}: client port ${local.port}, the first call's ${report[0].client_port}`);
+    }
+    report.push({
+      trace_id: traceId,
+      span_id: spanId,
+      sampled: (parseInt(flags, 16) & 1) === 1,
+      traceparent,
+      client_port: local.port,
+      server_port: serverPort,
+      status: status.code,
+    });
+  }
+  await step(
+    'server spans',
+    new Promise((resolve) => {
+      onFinished = () => finished >= args.calls && resolve();
+      onFinished();
+    }),
+  );
+  client.close();
+  await step('server shutdown', new Promise((resolve) => server.tryShutdown(resolve)));
+  // Every span ended by now: export them all before telling anyone the run is
+  // over.
+  try {
+    await step('export', provider.shutdown());
+  } catch (error) {
+    exportFailures.push(String(error));
+  }
+  if (exportFailures.length) fail(`could not export spans: ${exportFailures.join('; ')}`);
+  // One CLIENT and one SERVER span per sampled call, none for the others.
+  const sampledCount = report.filter((r) => r.sampled).length;
+  if (exported.length !== 2 * sampledCount) {
+    fail(
+      `exported ${exported.length} spans, want ${2 * sampledCount} ` +
+        `(${sampledCount} sampled calls)`,
+    );
+  }
+  for (const [n, r] of report.entries()) {
+    const spans = exported.filter((s) => s.traceId === r.trace_id);
+    // The CLIENT span the root, the SERVER span its child.
+    const clientSpan = spans.find(
+      (s) => s.kind === api.SpanKind.CLIENT && s.spanId === r.span_id && !s.parentSpanId,
+    );
+    const serverSpan = spans.find(
+      (s) => s.kind === api.SpanKind.SERVER && s.parentSpanId === r.span_id,
+    );
+    if (spans.length !== (r.sampled ? 2 : 0) || (r.sampled && !(clientSpan && serverSpan))) {
+      fail(`call ${n}: exported ${JSON.stringify(spans)} for ${r.traceparent}`);
+    }
+  }
+  process.stdout.write(
+    JSON.stringify({
+      server_port: serverPort,
+      pid: process.pid,
+      family: args.family,
+      kind: args.kind,
+      tls: args.tls !== null,
+      requests: report,
+    }) + '\n',
+  );
+}
+
+main().catch((error) => fail(error && error.stack ? error.stack : String(error)));
