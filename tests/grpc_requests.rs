@@ -11,7 +11,7 @@ mod support;
 
 use support::{
     app_links::{check_links, check_request_spans, root},
-    apps::{Calls, LONG, run_grpc},
+    apps::{App, Calls, DELAY_MS, LONG, run_grpc},
     load,
     otlp::{ReceivedSpan, Receiver},
     *,
@@ -38,6 +38,33 @@ fn grpc_calls_are_linked(test: &str, kind: Calls, family: u8, tls: bool, ratio: 
     let spans = rx.spans();
     check_links(&spans, &app);
     check_request_spans(&spans, &app);
+    if kind == Calls::Multiplexed {
+        check_own_answers(&spans, &app);
+    }
+}
+
+/// Calls answered in the reverse order of their making: each `tcp.request`
+/// span lasts at least its own call's wait, on both ends, so the answer that
+/// ended it was its stream's (the first answer, the last call's, would end
+/// the first call's span too early).
+fn check_own_answers(spans: &[ReceivedSpan], app: &App) {
+    let calls = app.requests.len() as u64;
+    for request in app.requests.iter().filter(|r| r.sampled) {
+        let n = request.call.expect("the call's number");
+        let wait_ns = (calls - n) * DELAY_MS * 1_000_000;
+        let ends: Vec<&ReceivedSpan> = spans
+            .iter()
+            .filter(|s| s.name == "tcp.request" && s.trace_id == request.trace_id)
+            .collect();
+        assert_eq!(ends.len(), 2, "{request:?}");
+        for span in ends {
+            assert!(
+                span.end_ns - span.start_ns >= wait_ns,
+                "call {n}: {} ns, its answer came after {wait_ns} ns at least: {span:#?}",
+                span.end_ns - span.start_ns
+            );
+        }
+    }
 }
 
 #[test]
@@ -88,5 +115,30 @@ fn grpc_unary_calls_half_sampled_over_h2c_ipv4() {
         4,
         false,
         0.5,
+    );
+}
+
+/// Eight calls in flight at once on one connection, answered last first: each
+/// is linked once on both ends, and its request spans end with its own
+/// stream's answer.
+#[test]
+fn grpc_multiplexed_calls_over_h2c_ipv6() {
+    grpc_calls_are_linked(
+        "grpc_multiplexed_calls_over_h2c_ipv6",
+        Calls::Multiplexed,
+        6,
+        false,
+        1.0,
+    );
+}
+
+#[test]
+fn grpc_multiplexed_calls_over_tls_ipv4() {
+    grpc_calls_are_linked(
+        "grpc_multiplexed_calls_over_tls_ipv4",
+        Calls::Multiplexed,
+        4,
+        true,
+        1.0,
     );
 }

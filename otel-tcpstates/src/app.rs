@@ -119,7 +119,9 @@ impl Sinks {
                 skaddr,
                 ts_ns,
                 sent,
-            } => self.with_table(|table, out| table.answer(*skaddr, *ts_ns, *sent, &mut &mut *out)),
+                of,
+            } => self
+                .with_table(|table, out| table.answer(*skaddr, *ts_ns, *sent, *of, &mut &mut *out)),
             Record::InvalidTraceparent | Record::UnknownIncident | Record::H2(_) => Ok(()),
             Record::Incident(incident) => {
                 self.with_table(|table, out| table.incident(incident, &mut &mut *out))

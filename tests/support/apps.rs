@@ -49,6 +49,8 @@ pub struct AppRequest {
     pub sampled: bool,
     pub client_port: u16,
     pub server_port: u16,
+    /// The gRPC app's number of the call (0: the first made).
+    pub call: Option<u64>,
 }
 
 #[derive(Debug)]
@@ -189,6 +191,9 @@ pub enum Calls {
     Unary,
     /// Bidirectional streaming: three messages each way a call.
     Stream,
+    /// Unary, all made at once, so multiplexed on the connection, and answered
+    /// in the reverse order: call n after (calls - n) x [`DELAY_MS`].
+    Multiplexed,
 }
 
 /// Runs the gRPC app (`tests/apps/node/traced_grpc.js`: `@grpc/grpc-js` with
@@ -214,7 +219,7 @@ pub fn run_grpc(
         (
             "--kind",
             match kind {
-                Calls::Unary => "unary",
+                Calls::Unary | Calls::Multiplexed => "unary",
                 Calls::Stream => "stream",
             }
             .to_owned(),
@@ -222,11 +227,17 @@ pub fn run_grpc(
         ("--ratio", ratio.to_string()),
         ("--delay-ms", DELAY_MS.to_string()),
     ];
+    if kind == Calls::Multiplexed {
+        args.push(("--concurrent", String::new()));
+    }
     if tls {
         args.push(("--tls", apps.join("certs").display().to_string()));
     }
     for (flag, value) in &args {
-        command.args([flag, value.as_str()]);
+        command.arg(flag);
+        if !value.is_empty() {
+            command.arg(value);
+        }
     }
     let (pid, out) = run_to_end(command, otlp_http, "gRPC app");
     report(pid, &out, &format!("gRPC app {args:?}"))
@@ -256,6 +267,7 @@ fn report(pid: u32, out: &Output, what: &str) -> App {
                 sampled: r["sampled"].as_bool().expect("sampled"),
                 client_port: port(&r["client_port"]),
                 server_port: port(&r["server_port"]),
+                call: r["call"].as_u64(),
             })
             .collect(),
     }

@@ -242,11 +242,14 @@ pub enum Record {
         link: Link,
     },
     /// The first payload segment the other way after a sampled request: its
-    /// answer; `sent`: it went out of the socket.
+    /// answer; `sent`: it went out of the socket. `of`: the request's parent
+    /// id, when the answer names its request (an HTTP/2 stream's); else it is
+    /// the oldest request in flight's.
     Answer {
         skaddr: u64,
         ts_ns: u64,
         sent: bool,
+        of: Option<[u8; 8]>,
     },
     /// A request's `traceparent` value was not valid: no link.
     InvalidTraceparent,
@@ -292,6 +295,7 @@ pub fn decode_record(record: &[u8]) -> Result<Record, DecodeError> {
             skaddr: raw.skaddr,
             ts_ns: raw.ts_ns,
             sent: raw.direction == otel_tcpstates_common::direction::SENT,
+            of: None,
         });
     }
     if record.len() != LINK_RECORD_SIZE {
@@ -548,17 +552,19 @@ pub(crate) mod tests {
             Ok(Record::Answer {
                 skaddr: 9,
                 ts_ns: 78,
-                sent: false
+                sent: false,
+                of: None,
             })
         );
-        // Four sizes, four kinds.
+        // Five sizes, five kinds.
         let sizes = [
             RECORD_SIZE,
             LINK_RECORD_SIZE,
             INCIDENT_RECORD_SIZE,
             ANSWER_RECORD_SIZE,
+            H2_RECORD_SIZE,
         ];
-        assert!((1..4).all(|i| !sizes[..i].contains(&sizes[i])));
+        assert!((1..sizes.len()).all(|i| !sizes[..i].contains(&sizes[i])));
     }
 
     #[test]

@@ -91,8 +91,10 @@ impl Side {
 #[derive(Default)]
 struct Conn {
     sides: [Option<Side>; 2],
-    /// Streams of sampled requests, waiting for their answers' HEADERS.
-    in_flight: Vec<u32>,
+    /// Streams of sampled requests, waiting for their answers' HEADERS, with
+    /// their parent ids: the answer ends that request's span, whatever the
+    /// order the streams are answered in.
+    in_flight: Vec<(u32, [u8; 8])>,
     /// A TLS connection's records made before its socket was named.
     held: Vec<Record>,
 }
@@ -229,13 +231,14 @@ impl Conn {
                 s.bytes.drain(..9);
                 s.front_ns = event.ts_ns;
                 if kind == HEADERS
-                    && let Some(at) = self.in_flight.iter().position(|&st| st == stream)
+                    && let Some(at) = self.in_flight.iter().position(|&(st, _)| st == stream)
                 {
-                    self.in_flight.remove(at);
+                    let (_, of) = self.in_flight.remove(at);
                     made.push(Record::Answer {
                         skaddr: 0,
                         ts_ns,
                         sent: dir == direction::SENT,
+                        of: Some(of),
                     });
                 }
                 continue;
@@ -291,7 +294,7 @@ impl Conn {
                     if self.in_flight.len() >= IN_FLIGHT {
                         self.in_flight.remove(0);
                     }
-                    self.in_flight.push(stream);
+                    self.in_flight.push((stream, link.span_id));
                 }
                 made.push(record);
             }
@@ -557,7 +560,8 @@ mod tests {
             [Record::Answer {
                 skaddr: SK,
                 ts_ns: 1_000,
-                sent: false
+                sent: false,
+                of: Some(FIRST_TP.1),
             }]
         );
         // A second HEADERS on stream 1 (trailers) answers nothing more.

@@ -7,9 +7,10 @@ use crate::{
     sessions::{incidents::SpanEvents, links::Added, outcome::ErrorType},
 };
 
-/// Requests a socket may have in flight at once (HTTP/1.1 pipelining); more are
-/// counted, not kept.
-pub const MAX_PENDING: usize = 4;
+/// Requests a socket may have in flight at once (HTTP/1.1 pipelining, HTTP/2
+/// streams); more are counted, not kept. Room is taken one request at a time,
+/// and the table bounds all sockets' requests together.
+pub const MAX_PENDING: usize = 16;
 /// Request spans made for traceparents the socket carried before (a retry, or a
 /// proxy or pooled client that reuses one context): at most this many per
 /// socket, so a context that repeats does not grow its trace without bound.
@@ -116,14 +117,16 @@ impl Requests {
         self.pending.push(request);
     }
 
-    /// The oldest request in flight the other way from `answer_sent` (whether
-    /// the answer went out of the socket), for its answer.
-    pub fn answered(&mut self, answer_sent: bool) -> Option<Request> {
+    /// The request in flight the other way from `answer_sent` (whether the
+    /// answer went out of the socket) that an answer ends: the one whose
+    /// parent id is `of` when the answer names it (an HTTP/2 stream's, on a
+    /// connection that multiplexes), else the oldest.
+    pub fn answered(&mut self, answer_sent: bool, of: Option<[u8; 8]>) -> Option<Request> {
         use crate::kernel::traceparent::Direction;
-        let at = self
-            .pending
-            .iter()
-            .position(|r| (r.link.direction == Direction::Received) == answer_sent)?;
+        let at = self.pending.iter().position(|r| {
+            (r.link.direction == Direction::Received) == answer_sent
+                && of.is_none_or(|id| r.link.span_id == id)
+        })?;
         let request = self.pending.remove(at);
         if self.pending.is_empty() {
             // Most sockets have no request in flight most of the time: their
@@ -228,10 +231,24 @@ mod tests {
             Admit::No
         );
         // A request sent is answered by a segment received.
-        assert_eq!(requests.answered(true), None);
-        assert_eq!(requests.answered(false).map(|r| r.index), Some(0));
-        assert_eq!(requests.answered(false).map(|r| r.index), Some(1));
+        assert_eq!(requests.answered(true, None), None);
+        assert_eq!(requests.answered(false, None).map(|r| r.index), Some(0));
+        assert_eq!(requests.answered(false, None).map(|r| r.index), Some(1));
         assert_eq!(requests.pending.len(), MAX_PENDING - 2);
         assert_eq!(requests.made, MAX_PENDING as u32);
+    }
+
+    #[test]
+    fn an_answer_that_names_its_request_ends_that_one_whatever_its_age() {
+        let mut requests = Requests::default();
+        for n in 0..3 {
+            requests.start(request(n, Direction::Received));
+        }
+        // An HTTP/2 stream answered out of order.
+        let second = requests.answered(true, Some([1; 8]));
+        assert_eq!(second.map(|r| r.index), Some(1));
+        // Not a request in flight: none ends.
+        assert_eq!(requests.answered(true, Some([9; 8])), None);
+        assert_eq!(requests.answered(true, None).map(|r| r.index), Some(0));
     }
 }

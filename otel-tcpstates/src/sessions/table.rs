@@ -930,12 +930,13 @@ impl SessionTable {
         skaddr: u64,
         ts_ns: u64,
         sent: bool,
+        of: Option<[u8; 8]>,
         out: &mut impl FnMut(Update<'_>),
     ) {
         let Some(session) = self.sessions.get_mut(&skaddr) else {
             return;
         };
-        let Some(request) = session.requests.as_mut().and_then(|r| r.answered(sent)) else {
+        let Some(request) = session.requests.as_mut().and_then(|r| r.answered(sent, of)) else {
             return;
         };
         self.kept.request_gone(&request);

@@ -18,7 +18,7 @@
  * batches, all flushed before the report is printed.
  *
  *     node traced_grpc.js --family 4|6 --calls N --kind unary|stream
- *         [--ratio R] [--delay-ms D] [--port P] [--tls DIR]
+ *         [--ratio R] [--delay-ms D] [--port P] [--tls DIR] [--concurrent]
  *
  * The service is defined here, without a .proto file: otel.test.Echo, its
  * messages JSON in the gRPC frames. --kind unary: /otel.test.Echo/Unary, one
@@ -26,7 +26,9 @@
  * client writes 3 messages, each after the echo of the one before, the server
  * echoes each, then both ends close. The server answers (echoes) --delay-ms
  * after a message came. All calls go over one client channel, so over one
- * HTTP/2 connection (each call a stream of its own), one call after another.
+ * HTTP/2 connection (each call a stream of its own), one call after another;
+ * with --concurrent (unary only) all at once, multiplexed, and the server
+ * answers them in the reverse order: call n after (N - n) x --delay-ms.
  * The server listens on 127.0.0.1 (--family 4) or ::1 (6), port --port (0, the
  * default: any free one); plaintext HTTP/2 (h2c) unless --tls DIR: TLS with the
  * server's certificate and key in DIR/cert.pem and DIR/key.pem, which the
@@ -39,12 +41,13 @@
  * On success it prints one JSON object on stdout:
  *   {"server_port": P, "pid": PID, "family": 4, "kind": "unary", "tls": false,
  *    "requests": [{"trace_id", "span_id", "sampled", "traceparent",
- *                  "client_port", "server_port", "status"}, ...]}
- * one entry per call, in call order, where trace_id, span_id and sampled come
+ *                  "client_port", "server_port", "status", "call"}, ...]}
+ * one entry per call, in call order (with --concurrent: in the order the
+ * server got them, which is their HEADERS frames' order), where trace_id, span_id and sampled come
  * from the traceparent the server got (the CLIENT span's context), client_port
  * is the client socket's local port as both ends saw it (the client's through
- * channelz, the server's through call.getPeer()), and status is the call's gRPC
- * status code (0). Any failure (a bad status, metadata the server did not get,
+ * channelz, the server's through call.getPeer()), status is the call's gRPC
+ * status code (0) and call its number (0 the first made). Any failure (a bad status, metadata the server did not get,
  * ports that do not agree, a call on a connection of its own, spans that could
  * not be exported) exits with status 1 and a message on stderr.
  */
@@ -88,6 +91,7 @@ function parseArguments() {
       'delay-ms': { type: 'string', default: '0' },
       port: { type: 'string', default: '0' },
       tls: { type: 'string' },
+      concurrent: { type: 'boolean', default: false },
     },
     strict: true,
   });
@@ -113,7 +117,17 @@ function parseArguments() {
       key: fs.readFileSync(path.join(values.tls, 'key.pem')),
     };
   }
-  return { family, calls, kind: values.kind, ratio, delayMs, port, tls };
+  if (values.concurrent && values.kind !== 'unary') fail('--concurrent is for --kind unary');
+  return {
+    family,
+    calls,
+    kind: values.kind,
+    ratio,
+    delayMs,
+    port,
+    tls,
+    concurrent: values.concurrent,
+  };
 }
 
 const args = parseArguments();
@@ -206,7 +220,12 @@ function peerPort(peer) {
 function record(call) {
   const values = call.metadata.get('traceparent');
   const traceparent = values.length === 1 ? String(values[0]) : null;
-  const seen = { peer: call.getPeer(), remotePort: peerPort(call.getPeer()), count: 1 };
+  const seen = {
+    peer: call.getPeer(),
+    remotePort: peerPort(call.getPeer()),
+    count: 1,
+    arrived: served.size,
+  };
   if (traceparent === null || !TRACEPARENT.test(traceparent)) {
     process.stderr.write(
       `traced_grpc.js: the server got a call without a valid traceparent ` +
@@ -227,12 +246,15 @@ const handlers = {
       serverFinished();
       return;
     }
+    // Concurrent calls are answered last first: each stream's answer is its
+    // own, whatever the order.
+    const delay = args.concurrent ? args.delayMs * (args.calls - call.request.n) : args.delayMs;
     setTimeout(() => {
       // The SERVER span ends in the instrumentation's callback, before this
       // returns.
       callback(null, { echo: call.request });
       serverFinished();
-    }, args.delayMs);
+    }, delay);
   },
   stream(call) {
     // Added after the instrumentation's own 'finish' listener, which ends the
@@ -386,13 +408,10 @@ async function main() {
   );
 
   const report = [];
-  for (let n = 0; n < args.calls; n++) {
-    if (api.trace.getActiveSpan()) fail('a span is active where a call is made');
+  // Checks call n's traceparent and connection, after `streams` calls in all
+  // have started on the channel, and reports it.
+  const check = async (n, metadata, status, streams) => {
     const where = `call ${n}`;
-    // The instrumentation injects the CLIENT span's context into this.
-    const metadata = new grpc.Metadata();
-    const call = args.kind === 'unary' ? unaryCall : streamCall;
-    const status = await step(where, call(client, n, metadata));
     const sent = metadata.get('traceparent');
     const traceparent = sent.length === 1 ? String(sent[0]) : null;
     const match = traceparent !== null && TRACEPARENT.exec(traceparent);
@@ -414,10 +433,10 @@ async function main() {
       );
     }
     // Each call a stream of its own, all on the one connection.
-    if (Number(socket.data.streams_started) !== n + 1) {
-      fail(`${where}: the connection carried ${socket.data.streams_started} calls, want ${n + 1}`);
+    if (Number(socket.data.streams_started) !== streams) {
+      fail(`${where}: the connection carried ${socket.data.streams_started} calls, want ${streams}`);
     }
-    if (n > 0 && local.port !== report[0].client_port) {
+    if (report.length > 0 && local.port !== report[0].client_port) {
       fail(`${where}: client port ${local.port}, the first call's ${report[0].client_port}`);
     }
     report.push({
@@ -428,8 +447,31 @@ async function main() {
       client_port: local.port,
       server_port: serverPort,
       status: status.code,
+      call: n,
+      arrived: seen.arrived,
     });
+  };
+  const call = args.kind === 'unary' ? unaryCall : streamCall;
+  if (args.concurrent) {
+    // All started before any is answered: one stream each, multiplexed.
+    const calls = [];
+    for (let n = 0; n < args.calls; n++) {
+      if (api.trace.getActiveSpan()) fail('a span is active where a call is made');
+      // The instrumentation injects the CLIENT span's context into this.
+      const metadata = new grpc.Metadata();
+      calls.push({ n, metadata, status: step(`call ${n}`, call(client, n, metadata)) });
+    }
+    for (const c of calls) await check(c.n, c.metadata, await c.status, args.calls);
+    report.sort((a, b) => a.arrived - b.arrived);
+  } else {
+    for (let n = 0; n < args.calls; n++) {
+      if (api.trace.getActiveSpan()) fail('a span is active where a call is made');
+      const metadata = new grpc.Metadata();
+      const status = await step(`call ${n}`, call(client, n, metadata));
+      await check(n, metadata, status, n + 1);
+    }
   }
+  for (const r of report) delete r.arrived;
   await step(
     'server spans',
     new Promise((resolve) => {

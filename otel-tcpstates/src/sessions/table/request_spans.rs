@@ -52,10 +52,10 @@ fn a_sampled_request_is_timed_from_its_first_segment_to_its_answer() {
     t.link(SK, 1101, link(2, false));
     t.incident(&retransmit(1150, ESTABLISHED), &mut collect);
     // An answer the same way as the request answers nothing.
-    t.answer(SK, 1190, true, &mut collect);
-    t.answer(SK, 1200, false, &mut collect);
+    t.answer(SK, 1190, true, None, &mut collect);
+    t.answer(SK, 1200, false, None, &mut collect);
     // No request in flight: nothing.
-    t.answer(SK, 1250, false, &mut collect);
+    t.answer(SK, 1250, false, None, &mut collect);
     t.link(SK, 1300, link(3, true));
     for event in &events[2..] {
         t.apply_settled(event, &mut collect);
@@ -142,7 +142,7 @@ fn a_request_on_a_socket_already_open_or_in_its_handshake() {
     );
     server.push(ev(sk, 7010, 10, SYN_RECV, ESTABLISHED, 80));
     t.apply(&server[1], &mut collect);
-    t.answer(sk, 7500, true, &mut collect);
+    t.answer(sk, 7500, true, None, &mut collect);
     let got = got.borrow();
     let served = &got[1];
     assert_eq!(
@@ -168,10 +168,10 @@ fn requests_in_flight_are_bounded_by_the_table_and_given_back() {
     t.link(SK, 1100, link(1, true));
     t.link(SK, 1101, link(2, true));
     assert_eq!(t.stats().requests_not_kept, 1);
-    t.answer(SK, 1200, false, &mut collect);
+    t.answer(SK, 1200, false, None, &mut collect);
     // Its room given back.
     t.link(SK, 1300, link(3, true));
-    t.answer(SK, 1400, false, &mut collect);
+    t.answer(SK, 1400, false, None, &mut collect);
     assert_eq!(spans.get(), 2);
     assert_eq!(t.kept.requests, 0);
     t.link(SK, 1500, link(4, true));
