@@ -90,8 +90,9 @@ pub struct Cli {
     #[arg(long = "trace-self")]
     pub trace_self: bool,
 
-    /// Link each socket's root span to the HTTP/1.x requests that used it, from
-    /// their W3C traceparent headers, and put a tcp.request span for each sampled
+    /// Link each socket's root span to the HTTP/1.x and HTTP/2 (gRPC, h2c)
+    /// requests that used it, from their W3C traceparent headers, and put a
+    /// tcp.request span for each sampled
     /// request into its application's trace (packet programs on the cgroup v2
     /// root; needs CAP_NET_ADMIN; off by default for what it costs, see
     /// BENCHMARKS.md)
@@ -102,7 +103,8 @@ pub struct Cli {
     #[arg(long = "no-links", overrides_with = "links")]
     pub no_links: bool,
 
-    /// With --links: also read the requests inside TLS, from uprobes on OpenSSL's
+    /// With --links: also read the requests inside TLS (HTTP/1.x and HTTP/2),
+    /// from uprobes on OpenSSL's
     /// SSL_write/SSL_read (the system's libssl.so.3, node, and the libssl of
     /// running processes; needs CAP_SYS_ADMIN, or CAP_PERFMON and CAP_BPF). Off by
     /// default for what it costs: every SSL_write and SSL_read of every process

@@ -436,17 +436,11 @@ mod tests {
         });
     }
 
-    fn links(records: &[Record]) -> Vec<(u64, [u8; 16], [u8; 8], u8, u8)> {
+    fn links(records: &[Record]) -> Vec<(u64, traceparent::Link)> {
         records
             .iter()
             .filter_map(|r| match r {
-                Record::Link { skaddr, link, .. } => Some((
-                    *skaddr,
-                    link.trace_id,
-                    link.span_id,
-                    link.trace_flags,
-                    link.method,
-                )),
+                Record::Link { skaddr, link, .. } => Some((*skaddr, *link)),
                 _ => None,
             })
             .collect()
@@ -484,13 +478,16 @@ mod tests {
             let made = links(&made);
             assert_eq!(made.len(), 2, "chunks of {chunk}");
             assert_eq!(
-                (made[0].1, made[0].2, made[0].3),
+                (made[0].1.trace_id, made[0].1.span_id, made[0].1.trace_flags),
                 (FIRST_TP.0, FIRST_TP.1, 1)
             );
-            assert_eq!(made[1].2, [0x00, 0xf0, 0x67, 0xaa, 0x0b, 0xa9, 0x02, 0xb7]);
-            assert_eq!(made[1].3, 0);
+            assert_eq!(
+                made[1].1.span_id,
+                [0x00, 0xf0, 0x67, 0xaa, 0x0b, 0xa9, 0x02, 0xb7]
+            );
+            assert_eq!(made[1].1.trace_flags, 0);
             // POST, on the socket itself.
-            assert!(made.iter().all(|l| l.0 == SK && l.4 == 3));
+            assert!(made.iter().all(|(sk, l)| *sk == SK && l.method() == "POST"));
         }
         // The kernel never sends a DATA frame on; had it, the decoder would
         // have stepped over it all the same.
@@ -522,7 +519,7 @@ mod tests {
         );
         let made = links(&made);
         assert_eq!(made.len(), 1);
-        assert_eq!((made[0].1, made[0].2), FIRST_TP);
+        assert_eq!((made[0].1.trace_id, made[0].1.span_id), FIRST_TP);
     }
 
     #[test]
@@ -583,7 +580,7 @@ mod tests {
         h2.record(&bind, |r| made.push(r));
         let made = links(&made);
         assert_eq!(made.len(), 1);
-        assert_eq!((made[0].0, made[0].1), (SK, FIRST_TP.0));
+        assert_eq!((made[0].0, made[0].1.trace_id), (SK, FIRST_TP.0));
         // Later requests go to the socket at once.
         let bytes = frame(HEADERS, END_HEADERS, 3, &hex(SECOND));
         let made = feed(&mut h2, ssl, direction::SENT, flags, &bytes, 256);
