@@ -134,23 +134,30 @@ if [[ $want_test -eq 1 ]]; then
 
   # The OpenTelemetry Python SDK and its OTLP/HTTP exporter, for the instrumented
   # applications in tests/apps/ whose W3C traceparent headers the tests follow
-  # into span links, with the instrumentation of the requests library (its
-  # 0.xxbN release goes with the SDK's 1.xx.N) and requests itself for
-  # tests/apps/traced_requests.py; the tests run them with PYTHONPATH=$otel_py_dir.
-  OTEL_PYTHON_VERSION=1.45.2
-  OTEL_PYTHON_CONTRIB_VERSION=0.66b2
+  # into span links, with the instrumentations of the requests library and of
+  # aiohttp's client (their 0.xxbN release goes with the SDK's 1.xx.N; 1.45.2's
+  # 0.66b2 has no aiohttp-client release, so both stay at 1.45.1/0.66b1) and
+  # requests and aiohttp themselves for tests/apps/traced_requests.py and
+  # tests/apps/traced_aiohttp.py; the tests run them with PYTHONPATH=$otel_py_dir.
+  OTEL_PYTHON_VERSION=1.45.1
+  OTEL_PYTHON_CONTRIB_VERSION=0.66b1
   REQUESTS_VERSION=2.34.2
+  AIOHTTP_VERSION=3.14.5
   otel_py_dir="${CARGO_HOME:-$HOME/.cargo}/otel-tcpstates-python"
   if [[ ! -d "$otel_py_dir/opentelemetry_sdk-$OTEL_PYTHON_VERSION.dist-info" ||
         ! -d "$otel_py_dir/opentelemetry_exporter_otlp_proto_http-$OTEL_PYTHON_VERSION.dist-info" ||
         ! -d "$otel_py_dir/opentelemetry_instrumentation_requests-$OTEL_PYTHON_CONTRIB_VERSION.dist-info" ||
-        ! -d "$otel_py_dir/requests-$REQUESTS_VERSION.dist-info" ]]; then
+        ! -d "$otel_py_dir/opentelemetry_instrumentation_aiohttp_client-$OTEL_PYTHON_CONTRIB_VERSION.dist-info" ||
+        ! -d "$otel_py_dir/requests-$REQUESTS_VERSION.dist-info" ||
+        ! -d "$otel_py_dir/aiohttp-$AIOHTTP_VERSION.dist-info" ]]; then
     pip_into "$otel_py_dir" \
-      "opentelemetry-sdk $OTEL_PYTHON_VERSION, opentelemetry-instrumentation-requests $OTEL_PYTHON_CONTRIB_VERSION" \
+      "opentelemetry-sdk $OTEL_PYTHON_VERSION, opentelemetry-instrumentation-requests and -aiohttp-client $OTEL_PYTHON_CONTRIB_VERSION" \
       "opentelemetry-sdk==$OTEL_PYTHON_VERSION" \
       "opentelemetry-exporter-otlp-proto-http==$OTEL_PYTHON_VERSION" \
       "opentelemetry-instrumentation-requests==$OTEL_PYTHON_CONTRIB_VERSION" \
-      "requests==$REQUESTS_VERSION"
+      "opentelemetry-instrumentation-aiohttp-client==$OTEL_PYTHON_CONTRIB_VERSION" \
+      "requests==$REQUESTS_VERSION" \
+      "aiohttp==$AIOHTTP_VERSION"
   fi
 
   # The OpenTelemetry JS SDK and its http instrumentation, for

@@ -126,6 +126,28 @@ fn python_requests_over_https_a_connection_each_ipv6() {
     );
 }
 
+/// asyncio's TLS encrypts into memory and sends from the event loop, where one
+/// thread runs both the client's and the server's connections.
+#[test]
+fn python_asyncio_aiohttp_over_https_keepalive_ipv6() {
+    https_requests_are_linked(
+        "python_asyncio_aiohttp_over_https_keepalive_ipv6",
+        Runtime::PythonAsyncio,
+        Mode::KeepAlive,
+        6,
+    );
+}
+
+#[test]
+fn python_asyncio_aiohttp_over_https_a_connection_each_ipv4() {
+    https_requests_are_linked(
+        "python_asyncio_aiohttp_over_https_a_connection_each_ipv4",
+        Runtime::PythonAsyncio,
+        Mode::New,
+        4,
+    );
+}
+
 #[test]
 fn node_https_keepalive_ipv4() {
     https_requests_are_linked(

@@ -32,6 +32,9 @@ pub const NODE_SERVICE: &str = "traced-node";
 pub enum Runtime {
     Node,
     Python,
+    /// Python's asyncio: aiohttp's client (instrumented) and server in one
+    /// event loop, whose TLS encrypts into memory and sends from the loop.
+    PythonAsyncio,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -73,6 +76,10 @@ pub fn packages(runtime: Runtime) -> PathBuf {
         Runtime::Python => (
             "otel-tcpstates-python",
             "opentelemetry/instrumentation/requests",
+        ),
+        Runtime::PythonAsyncio => (
+            "otel-tcpstates-python",
+            "opentelemetry/instrumentation/aiohttp_client",
         ),
     };
     let dir = cargo_home.join(dir);
@@ -153,10 +160,14 @@ pub fn run_app_over(
                 .env("NODE_PATH", packages(runtime));
             c
         }
-        Runtime::Python => {
+        Runtime::Python | Runtime::PythonAsyncio => {
             let mut c = Command::new("python3");
-            c.arg(apps.join("traced_requests.py"))
-                .env("PYTHONPATH", packages(runtime));
+            c.arg(apps.join(if runtime == Runtime::Python {
+                "traced_requests.py"
+            } else {
+                "traced_aiohttp.py"
+            }))
+            .env("PYTHONPATH", packages(runtime));
             c
         }
     };
