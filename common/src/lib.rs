@@ -256,11 +256,21 @@ pub mod h2_kind {
     /// side, every HEADERS and CONTINUATION frame whole (frame header and
     /// payload); on the answers' side, the 9-byte header of each HEADERS frame.
     pub const BYTES: u8 = 1;
-    /// The programs lost their place in the direction (a gap in the sequence
-    /// numbers, a record the ring had no room for): it is given up.
+    /// The programs lost their place in the direction: it is given up (and
+    /// counted in `LOST`). `len` says why: [`super::h2_broken`].
     pub const BROKEN: u8 = 2;
     /// The TLS connection `conn` is carried by TCP socket `skaddr`.
     pub const BIND: u8 = 3;
+}
+
+/// Why a direction was given up ([`h2_kind::BROKEN`]'s `len`).
+pub mod h2_broken {
+    /// A segment began past the next byte to walk: bytes were never seen.
+    pub const GAP: u16 = 1;
+    /// A record the ring had no room for, or bytes the kernel could not read.
+    pub const LOST: u16 = 2;
+    /// More frames in one segment or call than a walk takes.
+    pub const STEPS: u16 = 3;
 }
 
 /// Bits of [`H2Event::flags`].

@@ -27,7 +27,7 @@ use aya_ebpf::{
     macros::map,
     maps::LruHashMap,
 };
-use otel_tcpstates_common::{H2_CHUNK, H2_PREFACE, H2Event, h2_flag, h2_kind, lost};
+use otel_tcpstates_common::{H2_CHUNK, H2_PREFACE, H2Event, h2_broken, h2_flag, h2_kind, lost};
 
 use crate::{EVENTS, count_lost, wakeup_flags};
 
@@ -55,7 +55,8 @@ pub struct FlowKey {
 #[repr(C)]
 #[derive(Clone, Copy)]
 pub struct Flow {
-    /// Packets: the TCP sequence number of the next byte to walk.
+    /// Packets: the TCP sequence number of the next byte to walk (past a
+    /// segment, the next frame header's when a frame not read goes on).
     next: u32,
     /// Bytes of the current frame's payload still to come (0: a frame header
     /// comes next).
@@ -162,12 +163,13 @@ fn record(
     Some(entry)
 }
 
-/// Queues a record without data: a direction that begins or is given up.
+/// Queues a record without data: a direction that begins or is given up
+/// (`len`: why).
 #[inline(always)]
-fn mark(key: &FlowKey, kind: u8, flags: u8) -> bool {
+fn mark(key: &FlowKey, kind: u8, flags: u8, len: u16) -> bool {
     // SAFETY: helper without arguments.
     let now = unsafe { bpf_ktime_get_ns() };
-    match record(key, kind, flags, now, 0) {
+    match record(key, kind, flags, now, len) {
         Some(entry) => {
             entry.submit(wakeup_flags());
             true
@@ -315,19 +317,34 @@ fn begin(key: &FlowKey, flags: u8, next: u32) -> Option<*mut Flow> {
         count_lost(lost::H2);
         return None;
     }
-    if !mark(key, h2_kind::BEGIN, flags) {
+    if !mark(key, h2_kind::BEGIN, flags, 0) {
         let _ = H2_FLOWS.remove(key);
         return None;
     }
     H2_FLOWS.get_ptr_mut(key)
 }
 
-/// Gives a direction up: userspace drops its decoder.
+/// Gives a direction up (`why`: [`h2_broken`]): userspace drops its decoder.
 #[inline(always)]
-fn give_up(key: &FlowKey, flags: u8) {
+fn give_up(key: &FlowKey, flags: u8, why: u16) {
     let _ = H2_FLOWS.remove(key);
     count_lost(lost::H2);
-    let _ = mark(key, h2_kind::BROKEN, flags);
+    let _ = mark(key, h2_kind::BROKEN, flags, why);
+}
+
+/// Why a walk that stopped short of its end did.
+#[inline(always)]
+fn stopped(flow: *mut Flow) -> Option<u16> {
+    // SAFETY: a value of the map, from a successful lookup.
+    unsafe {
+        if (*flow).lost != 0 {
+            Some(h2_broken::LOST)
+        } else if (*flow).pos < (*flow).end {
+            Some(h2_broken::STEPS)
+        } else {
+            None
+        }
+    }
 }
 
 /// What a direction's first payload says about HTTP/2.
@@ -429,7 +446,7 @@ fn walk_segment(
     let off = next.wrapping_sub(seq) as i32;
     if off < 0 {
         // Bytes before this segment never came by: the place is lost.
-        give_up(&key, flags);
+        give_up(&key, flags, h2_broken::GAP);
         return;
     }
     if off as u32 >= seg_len {
@@ -460,13 +477,23 @@ fn walk_segment(
             0,
         )
     };
-    // SAFETY: as above.
-    if unsafe { (*flow).lost != 0 || (*flow).pos < (*flow).end } {
-        give_up(&key, flags);
+    if let Some(why) = stopped(flow) {
+        give_up(&key, flags, why);
         return;
     }
     // SAFETY: as above.
-    unsafe { (*flow).next = seq.wrapping_add(seg_len) };
+    unsafe {
+        let mut next = seq.wrapping_add(seg_len);
+        if (*flow).ship == 0 {
+            // Mid-way through a payload not read (DATA): the place is the next
+            // frame header's, so the segments before it may come in any order
+            // (on receive, two CPUs may hand over a connection's segments out
+            // of order) and are stepped over as walked already.
+            next = next.wrapping_add((*flow).left);
+            (*flow).left = 0;
+        }
+        (*flow).next = next;
+    }
 }
 
 // --------------------------------------------------------------- TLS calls --
@@ -518,9 +545,8 @@ pub(crate) fn plaintext(ssl: u64, pid: u32, dir: u8, buf: u64, len: u32) -> Opti
     };
     // SAFETY: as for a segment.
     unsafe { bpf_loop(STEPS, step_plain as *mut c_void, (&raw mut walk).cast(), 0) };
-    // SAFETY: as above.
-    if unsafe { (*flow).lost != 0 || (*flow).pos < (*flow).end } {
-        give_up(&key, flags);
+    if let Some(why) = stopped(flow) {
+        give_up(&key, flags, why);
         return None;
     }
     Some(flow)

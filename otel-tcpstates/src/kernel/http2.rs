@@ -18,7 +18,9 @@ use std::{borrow::Cow, num::NonZeroUsize};
 
 use loona_hpack::Decoder;
 use lru::LruCache;
-use otel_tcpstates_common::{H2Event, HTTP_METHODS, TRACEPARENT_COPY, direction, h2_flag, h2_kind};
+use otel_tcpstates_common::{
+    H2Event, HTTP_METHODS, TRACEPARENT_COPY, direction, h2_broken, h2_flag, h2_kind,
+};
 
 use super::{event::Record, traceparent};
 
@@ -51,8 +53,8 @@ const PRIORITY: u8 = 0x20;
 /// What the HTTP/2 decoding counted since the start.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Http2Counts {
-    /// Requests' sides given up: a header block the kernel could not deliver
-    /// (it said so), or one that did not decode.
+    /// Requests' sides given up here: a header block that did not decode (the
+    /// kernel counts those it gives up itself).
     pub broken: u64,
     /// Records of a TLS connection whose socket was never named in time.
     pub not_kept: u64,
@@ -156,7 +158,15 @@ impl Http2 {
                     && let Some(gone) = conn.sides[side].take()
                     && gone.requests
                 {
-                    self.counts.broken += 1;
+                    // Counted by the kernel (`LOST`), not here.
+                    tracing::debug!(
+                        "an HTTP/2 connection's requests given up by the kernel ({})",
+                        match event.len {
+                            h2_broken::GAP => "a gap in the stream",
+                            h2_broken::STEPS => "more frames in a segment than a walk takes",
+                            _ => "no room on the ring, or bytes not read",
+                        }
+                    );
                 }
             }
             h2_kind::BYTES => {
@@ -602,13 +612,14 @@ mod tests {
         );
         let bytes = frame(HEADERS, END_HEADERS, 1, &hex(FIRST));
         assert!(feed(&mut h2, SK, direction::SENT, h2_flag::REQUESTS, &bytes, 256).is_empty());
-        assert_eq!(h2.counts.broken, 1);
+        // The kernel counted that one (`LOST`).
+        assert_eq!(h2.counts.broken, 0);
         // A block that starts mid-stream: its dynamic-table index means nothing
         // to a new decoder.
         begin(&mut h2, SK, direction::SENT, h2_flag::REQUESTS);
         let bytes = frame(HEADERS, END_HEADERS, 3, &hex(SECOND));
         assert!(feed(&mut h2, SK, direction::SENT, h2_flag::REQUESTS, &bytes, 256).is_empty());
-        assert_eq!(h2.counts.broken, 2);
+        assert_eq!(h2.counts.broken, 1);
         let bytes = frame(HEADERS, END_HEADERS, 5, &hex(FIRST));
         assert!(feed(&mut h2, SK, direction::SENT, h2_flag::REQUESTS, &bytes, 256).is_empty());
     }
