@@ -40,7 +40,8 @@ the server answers each 200 with a small body, --delay-ms after it came (an
 asyncio.sleep: the loop goes on meanwhile).
 
 The packages are installed by scripts/setup.sh --test (pip --target); the tests
-run this file with PYTHONPATH set to that directory.
+run this file with PYTHONPATH set to that directory. What it shares with
+its sibling (command line, SDK setup, checks, report) is in traced_common.py.
 
 On success it prints one JSON object on stdout:
   {"server_port": P, "pid": PID, "family": 4, "mode": "keepalive",
@@ -52,55 +53,17 @@ the server did not get, a connection not kept alive, spans that could not be
 exported) raises: exit status 1 with a traceback on stderr.
 """
 
-import argparse
 import asyncio
-import json
 import os
-import re
 import ssl
-import sys
 
 import aiohttp
 from aiohttp import web
 from opentelemetry import trace
-from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
 from opentelemetry.instrumentation.aiohttp_client import AioHttpClientInstrumentor
-from opentelemetry.sdk.resources import Resource
-from opentelemetry.sdk.trace import TracerProvider
-from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, SpanExportResult
-from opentelemetry.sdk.trace.sampling import ParentBased, TraceIdRatioBased
+from traced_common import TIMEOUT, arguments, checked_request, print_report, start_tracing
 
 SERVICE = "traced-aiohttp"
-TRACEPARENT = re.compile(r"^00-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})$")
-# How long any one request may take before the app gives up: far longer than
-# anything takes, so only a hang trips it.
-TIMEOUT = 120
-
-
-class CheckedExporter(SpanExporter):
-    """The OTLP/HTTP exporter, remembering how its exports went, so that spans
-    that could not be exported fail the run."""
-
-    def __init__(self, inner):
-        self.inner = inner
-        self.exported = 0
-        self.failures = 0
-
-    def export(self, spans):
-        result = self.inner.export(spans)
-        if result == SpanExportResult.SUCCESS:
-            self.exported += len(spans)
-        else:
-            self.failures += 1
-        return result
-
-    def shutdown(self):
-        self.inner.shutdown()
-
-    def force_flush(self, timeout_millis=30000):
-        return self.inner.force_flush(timeout_millis)
-
-
 class Server:
     """The aiohttp.web server, on the event loop the client runs on."""
 
@@ -210,39 +173,18 @@ async def run(args, provider):
             status, traceparent, span_context = await send(
                 session, args.method, url, where, client_spans, client_ssl
             )
-            match = TRACEPARENT.match(traceparent or "")
-            if not match:
-                raise RuntimeError(f"{where}: sent no valid traceparent ({traceparent!r})")
-            trace_id, span_id, flags = match.groups()
-            if (
-                span_context is None
-                or trace.format_trace_id(span_context.trace_id) != trace_id
-                or trace.format_span_id(span_context.span_id) != span_id
-            ):
-                raise RuntimeError(
-                    f"{where}: {traceparent} is not its CLIENT span's context {span_context}"
-                )
-            sampled = int(flags, 16) & 1 == 1
-            if sampled != span_context.trace_flags.sampled:
-                raise RuntimeError(f"{where}: {traceparent} and its span disagree on sampling")
-            client_port, count = server.seen.get(traceparent, (None, 0))
-            if count != 1:
-                raise RuntimeError(f"{where}: the server got {traceparent} {count} times")
-            if args.mode == "keepalive" and report and client_port != report[0]["client_port"]:
-                raise RuntimeError(
-                    f"{where}: the connection was not kept alive"
-                    f" (port {client_port}, first {report[0]['client_port']})"
-                )
+            seen = server.seen.get(traceparent, (None, 0))
             report.append(
-                {
-                    "trace_id": trace_id,
-                    "span_id": span_id,
-                    "sampled": sampled,
-                    "traceparent": traceparent,
-                    "client_port": client_port,
-                    "server_port": server.port,
-                    "status": status,
-                }
+                checked_request(
+                    where,
+                    traceparent,
+                    span_context,
+                    seen,
+                    args.mode,
+                    report,
+                    server.port,
+                    status,
+                )
             )
     finally:
         if session is not None:
@@ -253,34 +195,9 @@ async def run(args, provider):
 
 
 def main():
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--family", type=int, choices=[4, 6], required=True)
-    parser.add_argument("--requests", type=int, required=True)
-    parser.add_argument("--mode", choices=["keepalive", "new"], default="keepalive")
-    parser.add_argument("--ratio", type=float, default=1.0)
-    parser.add_argument("--delay-ms", type=int, default=0)
-    parser.add_argument("--method", default="GET")
-    parser.add_argument("--port", type=int, default=0)
-    parser.add_argument("--tls", metavar="DIR")
-    args = parser.parse_args()
-    if args.requests < 1:
-        parser.error("--requests must be at least 1")
-    if not 0.0 <= args.ratio <= 1.0:
-        parser.error("--ratio is a number from 0 to 1")
-    if args.delay_ms < 0:
-        parser.error("--delay-ms must be >= 0")
-    if not re.fullmatch(r"[A-Z]+", args.method):
-        parser.error("--method is an upper-case HTTP method")
-    if not any(os.environ.get(f"OTEL_EXPORTER_OTLP_{k}ENDPOINT") for k in ["", "TRACES_"]):
-        parser.error("OTEL_EXPORTER_OTLP_ENDPOINT is not set")
+    args = arguments()
 
-    exporter = CheckedExporter(OTLPSpanExporter())
-    provider = TracerProvider(
-        resource=Resource.create({"service.name": SERVICE}),
-        sampler=ParentBased(root=TraceIdRatioBased(args.ratio)),
-    )
-    provider.add_span_processor(BatchSpanProcessor(exporter))
-    trace.set_tracer_provider(provider)
+    provider, exporter = start_tracing(SERVICE, args.ratio)
 
     try:
         server_port, report = asyncio.run(run(args, provider))
@@ -289,24 +206,7 @@ def main():
         # run is over.
         provider.shutdown()
 
-    if exporter.failures:
-        raise RuntimeError(f"{exporter.failures} exports of spans failed")
-    sampled_count = sum(r["sampled"] for r in report)
-    if exporter.exported != sampled_count:
-        raise RuntimeError(
-            f"exported {exporter.exported} spans, want {sampled_count} (one per sampled request)"
-        )
-    json.dump(
-        {
-            "server_port": server_port,
-            "pid": os.getpid(),
-            "family": args.family,
-            "mode": args.mode,
-            "requests": report,
-        },
-        sys.stdout,
-    )
-    print()
+    print_report(exporter, args, server_port, report)
 
 
 if __name__ == "__main__":

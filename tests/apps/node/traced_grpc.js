@@ -10,12 +10,9 @@
  * loaded, as an instrumented app does: the instrumentation then makes a CLIENT
  * span for each call (the trace's root: no span is active when a call is made)
  * and injects its context into the call's metadata, and a SERVER span for each
- * call the server gets, under the context it carries. The sampler is
- * ParentBased(TraceIdRatioBased(--ratio)), so whether a call is sampled depends
- * on its trace id; an unsampled call still carries a traceparent, its flags 00
- * (01 when sampled). Spans are exported over OTLP/HTTP (protobuf encoding) to
- * $OTEL_EXPORTER_OTLP_ENDPOINT (a base URL: traces go to /v1/traces), in
- * batches, all flushed before the report is printed.
+ * call the server gets, under the context it carries. The sampling, the export
+ * and the options shared with traced_node.js (--family, --ratio, --delay-ms,
+ * --port, --tls) are traced_common.js's: see there.
  *
  *     node traced_grpc.js --family 4|6 --calls N --kind unary|stream
  *         [--ratio R] [--delay-ms D] [--port P] [--tls DIR] [--concurrent]
@@ -34,10 +31,6 @@
  * server's certificate and key in DIR/cert.pem and DIR/key.pem, which the
  * client trusts.
  *
- * The packages come from package.json/package-lock.json next to this file;
- * scripts/setup.sh --test installs them with `npm ci` outside the repository, and
- * the tests run this file with NODE_PATH=<that directory>/node_modules.
- *
  * On success it prints one JSON object on stdout:
  *   {"server_port": P, "pid": PID, "family": 4, "kind": "unary", "tls": false,
  *    "requests": [{"trace_id", "span_id", "sampled", "traceparent",
@@ -53,74 +46,37 @@
  */
 'use strict';
 
-const { parseArgs } = require('node:util');
-
 const api = require('@opentelemetry/api');
-const { ExportResultCode } = require('@opentelemetry/core');
-const { OTLPTraceExporter } = require('@opentelemetry/exporter-trace-otlp-proto');
-const { registerInstrumentations } = require('@opentelemetry/instrumentation');
 const { GrpcInstrumentation } = require('@opentelemetry/instrumentation-grpc');
-const { resourceFromAttributes } = require('@opentelemetry/resources');
-const {
-  BatchSpanProcessor,
-  ParentBasedSampler,
-  TraceIdRatioBasedSampler,
-} = require('@opentelemetry/sdk-trace-base');
-const { NodeTracerProvider } = require('@opentelemetry/sdk-trace-node');
 
-const SERVICE = 'traced-grpc';
-const TRACEPARENT = /^00-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})$/;
+const common = require('./traced_common.js');
+
+const { TRACEPARENT, TIMEOUT_MS } = common;
+const fail = common.failer('traced_grpc.js');
 // Messages per streaming call.
 const STREAM_MESSAGES = 3;
-// How long any one call (or any one step after them) may take before the app
-// gives up: far longer than anything takes, so only a hang trips it.
-const TIMEOUT_MS = 120_000;
-
-function fail(message) {
-  process.stderr.write(`traced_grpc.js: ${message}\n`);
-  process.exit(1);
-}
 
 function parseArguments() {
-  const { values } = parseArgs({
+  const { values, family, ratio, delayMs, port, tls } = common.parseArguments(fail, {
     options: {
-      family: { type: 'string' },
       calls: { type: 'string' },
       kind: { type: 'string' },
-      ratio: { type: 'string', default: '1.0' },
-      'delay-ms': { type: 'string', default: '0' },
-      port: { type: 'string', default: '0' },
-      tls: { type: 'string' },
       concurrent: { type: 'boolean', default: false },
     },
-    strict: true,
+    afterFamily(values) {
+      const calls = Number(values.calls);
+      if (!Number.isInteger(calls) || calls < 1) fail('--calls N (N >= 1) is required');
+      if (values.kind !== 'unary' && values.kind !== 'stream') {
+        fail('--kind unary or stream is required');
+      }
+    },
+    afterTls(values) {
+      if (values.concurrent && values.kind !== 'unary') fail('--concurrent is for --kind unary');
+    },
   });
-  const family = Number(values.family);
-  const calls = Number(values.calls);
-  const ratio = Number(values.ratio);
-  const delayMs = Number(values['delay-ms']);
-  const port = Number(values.port);
-  if (!Number.isInteger(port) || port < 0 || port > 65535) fail('--port is a port number (0: any)');
-  if (family !== 4 && family !== 6) fail('--family 4 or 6 is required');
-  if (!Number.isInteger(calls) || calls < 1) fail('--calls N (N >= 1) is required');
-  if (values.kind !== 'unary' && values.kind !== 'stream') {
-    fail('--kind unary or stream is required');
-  }
-  if (!(ratio >= 0 && ratio <= 1)) fail('--ratio is a number from 0 to 1');
-  if (!Number.isInteger(delayMs) || delayMs < 0) fail('--delay-ms is a whole number >= 0');
-  let tls = null;
-  if (values.tls !== undefined) {
-    const fs = require('node:fs');
-    const path = require('node:path');
-    tls = {
-      cert: fs.readFileSync(path.join(values.tls, 'cert.pem')),
-      key: fs.readFileSync(path.join(values.tls, 'key.pem')),
-    };
-  }
-  if (values.concurrent && values.kind !== 'unary') fail('--concurrent is for --kind unary');
   return {
     family,
-    calls,
+    calls: Number(values.calls),
     kind: values.kind,
     ratio,
     delayMs,
@@ -132,54 +88,12 @@ function parseArguments() {
 
 const args = parseArguments();
 
-// Export results, so that spans that could not be exported fail the run; and
-// the spans exported, to check each call got its CLIENT and SERVER span.
-const exportFailures = [];
-const exported = [];
-class CheckedExporter {
-  constructor(inner) {
-    this.inner = inner;
-  }
-  export(spans, resultCallback) {
-    this.inner.export(spans, (result) => {
-      if (result.code === ExportResultCode.SUCCESS) {
-        for (const span of spans) {
-          const context = span.spanContext();
-          exported.push({
-            kind: span.kind,
-            traceId: context.traceId,
-            spanId: context.spanId,
-            parentSpanId: span.parentSpanContext ? span.parentSpanContext.spanId : undefined,
-          });
-        }
-      } else {
-        exportFailures.push(String(result.error || 'export failed'));
-      }
-      resultCallback(result);
-    });
-  }
-  shutdown() {
-    return this.inner.shutdown();
-  }
-  forceFlush() {
-    return this.inner.forceFlush ? this.inner.forceFlush() : Promise.resolve();
-  }
-}
-
-if (!process.env.OTEL_EXPORTER_OTLP_ENDPOINT && !process.env.OTEL_EXPORTER_OTLP_TRACES_ENDPOINT) {
-  fail('OTEL_EXPORTER_OTLP_ENDPOINT is not set');
-}
-const provider = new NodeTracerProvider({
-  resource: resourceFromAttributes({ 'service.name': SERVICE }),
-  sampler: new ParentBasedSampler({ root: new TraceIdRatioBasedSampler(args.ratio) }),
-  // The exporter reads OTEL_EXPORTER_OTLP_ENDPOINT and appends /v1/traces.
-  spanProcessors: [new BatchSpanProcessor(new CheckedExporter(new OTLPTraceExporter()))],
+const tracing = common.startTracing({
+  fail,
+  service: 'traced-grpc',
+  ratio: args.ratio,
+  instrumentations: [new GrpcInstrumentation()],
 });
-// The global tracer provider, the W3C trace-context propagator and the
-// AsyncLocalStorage context manager.
-provider.register();
-
-registerInstrumentations({ instrumentations: [new GrpcInstrumentation()] });
 
 // Only now, so that the instrumentation patches it.
 const grpc = require('@grpc/grpc-js');
@@ -482,21 +396,9 @@ async function main() {
   client.close();
   await step('server shutdown', new Promise((resolve) => server.tryShutdown(resolve)));
   // Every span ended by now: export them all before telling anyone the run is
-  // over.
-  try {
-    await step('export', provider.shutdown());
-  } catch (error) {
-    exportFailures.push(String(error));
-  }
-  if (exportFailures.length) fail(`could not export spans: ${exportFailures.join('; ')}`);
-  // One CLIENT and one SERVER span per sampled call, none for the others.
-  const sampledCount = report.filter((r) => r.sampled).length;
-  if (exported.length !== 2 * sampledCount) {
-    fail(
-      `exported ${exported.length} spans, want ${2 * sampledCount} ` +
-        `(${sampledCount} sampled calls)`,
-    );
-  }
+  // over, and check there is one CLIENT and one SERVER span per sampled call,
+  // none for the others.
+  const exported = await tracing.finish(report, 'calls', (done) => step('export', done));
   for (const [n, r] of report.entries()) {
     const spans = exported.filter((s) => s.traceId === r.trace_id);
     // The CLIENT span the root, the SERVER span its child.
@@ -522,4 +424,4 @@ async function main() {
   );
 }
 
-main().catch((error) => fail(error && error.stack ? error.stack : String(error)));
+common.run(fail, main);

@@ -10,11 +10,8 @@
  * HttpInstrumentation then makes a CLIENT span for each request (the trace's
  * root: no span is active when a request is made) and injects its context, and
  * a SERVER span for each request the server gets, under the context it carries.
- * The sampler is ParentBased(TraceIdRatioBased(--ratio)), so whether a request
- * is sampled depends on its trace id; an unsampled request still carries a
- * traceparent, its flags 00 (01 when sampled). Spans are exported over OTLP/HTTP
- * (protobuf encoding) to $OTEL_EXPORTER_OTLP_ENDPOINT (a base URL: traces go to
- * /v1/traces), in batches, all flushed before the report is printed.
+ * The sampling, the export and the options shared with traced_grpc.js (--family,
+ * --ratio, --delay-ms, --port, --tls) are traced_common.js's: see there.
  *
  *     node traced_node.js --family 4|6 --requests N [--mode keepalive|new]
  *         [--ratio R] [--delay-ms D] [--method GET] [--port P] [--tls DIR]
@@ -27,10 +24,6 @@
  * --tls DIR: HTTPS (the `https` module, Node's own OpenSSL) with the server's
  * certificate and key in DIR/cert.pem and DIR/key.pem, which the client trusts.
  *
- * The packages come from package.json/package-lock.json next to this file;
- * scripts/setup.sh --test installs them with `npm ci` outside the repository, and
- * the tests run this file with NODE_PATH=<that directory>/node_modules.
- *
  * On success it prints one JSON object on stdout:
  *   {"server_port": P, "pid": PID, "family": 4, "mode": "keepalive",
  *    "requests": [{"trace_id", "span_id", "sampled", "traceparent",
@@ -42,113 +35,42 @@
  */
 'use strict';
 
-const { parseArgs } = require('node:util');
-
 const api = require('@opentelemetry/api');
-const { ExportResultCode } = require('@opentelemetry/core');
-const { OTLPTraceExporter } = require('@opentelemetry/exporter-trace-otlp-proto');
-const { registerInstrumentations } = require('@opentelemetry/instrumentation');
 const { HttpInstrumentation } = require('@opentelemetry/instrumentation-http');
-const { resourceFromAttributes } = require('@opentelemetry/resources');
-const {
-  BatchSpanProcessor,
-  ParentBasedSampler,
-  TraceIdRatioBasedSampler,
-} = require('@opentelemetry/sdk-trace-base');
-const { NodeTracerProvider } = require('@opentelemetry/sdk-trace-node');
 
-const SERVICE = 'traced-node';
-const TRACEPARENT = /^00-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})$/;
-// How long any one request may take before the app gives up: far longer than
-// anything takes, so only a hang trips it.
-const TIMEOUT_MS = 120_000;
+const common = require('./traced_common.js');
 
-function fail(message) {
-  process.stderr.write(`traced_node.js: ${message}\n`);
-  process.exit(1);
-}
+const { TRACEPARENT, TIMEOUT_MS } = common;
+const fail = common.failer('traced_node.js');
 
 function parseArguments() {
-  const { values } = parseArgs({
+  const { values, family, ratio, delayMs, port, tls } = common.parseArguments(fail, {
     options: {
-      family: { type: 'string' },
       requests: { type: 'string' },
       mode: { type: 'string', default: 'keepalive' },
-      ratio: { type: 'string', default: '1.0' },
-      'delay-ms': { type: 'string', default: '0' },
       method: { type: 'string', default: 'GET' },
-      port: { type: 'string', default: '0' },
-      tls: { type: 'string' },
     },
-    strict: true,
+    afterFamily(values) {
+      const requests = Number(values.requests);
+      if (!Number.isInteger(requests) || requests < 1) fail('--requests N (N >= 1) is required');
+      if (values.mode !== 'keepalive' && values.mode !== 'new') fail('--mode is keepalive or new');
+    },
+    afterDelay(values) {
+      if (!/^[A-Z]+$/.test(values.method)) fail('--method is an upper-case HTTP method');
+    },
   });
-  const family = Number(values.family);
   const requests = Number(values.requests);
-  const ratio = Number(values.ratio);
-  const delayMs = Number(values['delay-ms']);
-  const port = Number(values.port);
-  if (!Number.isInteger(port) || port < 0 || port > 65535) fail('--port is a port number (0: any)');
-  if (family !== 4 && family !== 6) fail('--family 4 or 6 is required');
-  if (!Number.isInteger(requests) || requests < 1) fail('--requests N (N >= 1) is required');
-  if (values.mode !== 'keepalive' && values.mode !== 'new') fail('--mode is keepalive or new');
-  if (!(ratio >= 0 && ratio <= 1)) fail('--ratio is a number from 0 to 1');
-  if (!Number.isInteger(delayMs) || delayMs < 0) fail('--delay-ms is a whole number >= 0');
-  if (!/^[A-Z]+$/.test(values.method)) fail('--method is an upper-case HTTP method');
-  let tls = null;
-  if (values.tls !== undefined) {
-    const fs = require('node:fs');
-    const path = require('node:path');
-    tls = {
-      cert: fs.readFileSync(path.join(values.tls, 'cert.pem')),
-      key: fs.readFileSync(path.join(values.tls, 'key.pem')),
-    };
-  }
   return { family, requests, mode: values.mode, ratio, delayMs, method: values.method, port, tls };
 }
 
 const args = parseArguments();
 
-// Export results, so that spans that could not be exported fail the run.
-const exportFailures = [];
-let exportedSpans = 0;
-class CheckedExporter {
-  constructor(inner) {
-    this.inner = inner;
-  }
-  export(spans, resultCallback) {
-    this.inner.export(spans, (result) => {
-      if (result.code === ExportResultCode.SUCCESS) {
-        exportedSpans += spans.length;
-      } else {
-        exportFailures.push(String(result.error || 'export failed'));
-      }
-      resultCallback(result);
-    });
-  }
-  shutdown() {
-    return this.inner.shutdown();
-  }
-  forceFlush() {
-    return this.inner.forceFlush ? this.inner.forceFlush() : Promise.resolve();
-  }
-}
-
-if (!process.env.OTEL_EXPORTER_OTLP_ENDPOINT && !process.env.OTEL_EXPORTER_OTLP_TRACES_ENDPOINT) {
-  fail('OTEL_EXPORTER_OTLP_ENDPOINT is not set');
-}
-const provider = new NodeTracerProvider({
-  resource: resourceFromAttributes({ 'service.name': SERVICE }),
-  sampler: new ParentBasedSampler({ root: new TraceIdRatioBasedSampler(args.ratio) }),
-  // The exporter reads OTEL_EXPORTER_OTLP_ENDPOINT and appends /v1/traces.
-  spanProcessors: [new BatchSpanProcessor(new CheckedExporter(new OTLPTraceExporter()))],
-});
-// The global tracer provider, the W3C trace-context propagator and the
-// AsyncLocalStorage context manager.
-provider.register();
-
 // Each CLIENT span's context, by the ClientRequest it was made for.
 const clientSpans = new WeakMap();
-registerInstrumentations({
+const tracing = common.startTracing({
+  fail,
+  service: 'traced-node',
+  ratio: args.ratio,
   instrumentations: [
     new HttpInstrumentation({
       requestHook(span, request) {
@@ -304,21 +226,9 @@ async function main() {
   });
   await new Promise((resolve) => server.close(resolve));
   // Every span ended by now (the SERVER ones when their responses finished):
-  // export them all before telling anyone the run is over.
-  try {
-    await provider.shutdown();
-  } catch (error) {
-    exportFailures.push(String(error));
-  }
-  if (exportFailures.length) fail(`could not export spans: ${exportFailures.join('; ')}`);
-  const sampledCount = report.filter((r) => r.sampled).length;
-  // One CLIENT and one SERVER span per sampled request.
-  if (exportedSpans !== 2 * sampledCount) {
-    fail(
-      `exported ${exportedSpans} spans, want ${2 * sampledCount} ` +
-        `(${sampledCount} sampled requests)`,
-    );
-  }
+  // export them all before telling anyone the run is over, and check there is
+  // one CLIENT and one SERVER span per sampled request.
+  await tracing.finish(report, 'requests');
   process.stdout.write(
     JSON.stringify({
       server_port: serverPort,
@@ -330,4 +240,4 @@ async function main() {
   );
 }
 
-main().catch((error) => fail(error && error.stack ? error.stack : String(error)));
+common.run(fail, main);
