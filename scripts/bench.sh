@@ -7,6 +7,7 @@
 #   scripts/bench.sh --seconds 20 --runs baseline,otlp,baseline
 #   scripts/bench.sh --runs links
 #   scripts/bench.sh --runs incidents --link-rounds 4
+#   scripts/bench.sh --runs h2c --link-rounds 5 --link-seconds 4
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
@@ -18,12 +19,13 @@ fi
 scripts/setup.sh --test
 
 # The peer tracer, the statistics reader, and the links runs' HTTP server and load
-# generator (the bench starts nginx itself, from its own configuration).
+# generators, wrk and h2load (the bench starts nginx itself, from its own configuration).
 missing=()
 [[ -x /usr/sbin/tcpstates ]] || missing+=(libbpf-tools)
 command -v bpftool >/dev/null || missing+=(bpftool)
 [[ -x /usr/sbin/nginx ]] || missing+=(nginx)
 command -v wrk >/dev/null || missing+=(wrk)
+command -v h2load >/dev/null || missing+=(nghttp2-client)
 if ((${#missing[@]})); then
   echo "[bench] installing ${missing[*]}" >&2
   # No service may start from the install (nginx's would take port 80 and stay):

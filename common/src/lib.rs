@@ -289,7 +289,7 @@ pub mod h2_flag {
 /// shared ring by its size.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct H2Event {
+pub struct H2Record<const N: usize> {
     /// The connection: a socket, as [`Event::skaddr`] names it, or with
     /// [`h2_flag::TLS`] an `SSL *` of process `pid`.
     pub conn: u64,
@@ -309,8 +309,19 @@ pub struct H2Event {
     /// [`h2_flag`] bits.
     pub flags: u8,
     pub _pad: [u8; 7],
-    pub data: [u8; H2_CHUNK],
+    pub data: [u8; N],
 }
+
+/// An [`H2Record`] with room for a header block's bytes.
+pub type H2Event = H2Record<H2_CHUNK>;
+
+/// The bytes an [`H2Small`] carries at most: a frame header (the answers'
+/// side's), or none (a direction that begins or is given up, a TLS socket
+/// named).
+pub const H2_SMALL: usize = 16;
+
+/// An [`H2Record`] for what needs few bytes: a sixth of the ring's room.
+pub type H2Small = H2Record<H2_SMALL>;
 
 /// Something the kernel did to a socket besides changing its state: a
 /// retransmission, a reset, an error, a congestion state. Told from the other
@@ -495,6 +506,7 @@ mod pod {
     unsafe impl aya::Pod for super::IncidentEvent {}
     unsafe impl aya::Pod for super::AnswerEvent {}
     unsafe impl aya::Pod for super::H2Event {}
+    unsafe impl aya::Pod for super::H2Small {}
 }
 
 #[cfg(test)]
@@ -521,6 +533,7 @@ mod tests {
         assert_eq!(size_of::<IncidentEvent>(), 64);
         assert_eq!(size_of::<AnswerEvent>(), 24);
         assert_eq!(size_of::<H2Event>(), 296);
+        assert_eq!(size_of::<H2Small>(), 56);
         assert_eq!(offset_of!(IncidentEvent, saddr), 32);
     }
 

@@ -27,7 +27,9 @@ use aya_ebpf::{
     macros::map,
     maps::LruHashMap,
 };
-use otel_tcpstates_common::{H2_CHUNK, H2_PREFACE, H2Event, h2_broken, h2_flag, h2_kind, lost};
+use otel_tcpstates_common::{
+    H2_CHUNK, H2_PREFACE, H2_SMALL, H2Record, h2_broken, h2_flag, h2_kind, lost,
+};
 
 use crate::{EVENTS, count_lost, wakeup_flags};
 
@@ -41,6 +43,9 @@ const HEADERS: u8 = 0x1;
 const SETTINGS: u8 = 0x4;
 const CONTINUATION: u8 = 0x9;
 const FRAME_HEADER: u32 = 9;
+/// Payload bytes the record of a requests' side frame header carries with it
+/// (a power of two, at most [`H2_CHUNK`] - 9).
+const FIRST_PAYLOAD: u32 = 128;
 
 #[repr(C)]
 #[derive(Clone, Copy)]
@@ -138,16 +143,16 @@ struct Walk<B> {
 
 /// Opens a record of the direction `key`, its fields but `data` written.
 #[inline(always)]
-fn record(
+fn record<const N: usize>(
     key: &FlowKey,
     kind: u8,
     flags: u8,
     ts_ns: u64,
     len: u16,
-) -> Option<aya_ebpf::maps::ring_buf::RingBufEntry<H2Event>> {
-    let mut entry = EVENTS.reserve::<H2Event>(0)?;
+) -> Option<aya_ebpf::maps::ring_buf::RingBufEntry<H2Record<N>>> {
+    let mut entry = EVENTS.reserve::<H2Record<N>>(0)?;
     let event = entry.as_mut_ptr();
-    // SAFETY: a reserved, exclusively owned H2Event-sized slot; the caller
+    // SAFETY: a reserved, exclusively owned record-sized slot; the caller
     // writes `data` (or leaves it: the reader looks at `len` bytes only).
     unsafe {
         (*event).conn = key.conn;
@@ -169,7 +174,7 @@ fn record(
 fn mark(key: &FlowKey, kind: u8, flags: u8, len: u16) -> bool {
     // SAFETY: helper without arguments.
     let now = unsafe { bpf_ktime_get_ns() };
-    match record(key, kind, flags, now, len) {
+    match record::<H2_SMALL>(key, kind, flags, now, len) {
         Some(entry) => {
             entry.submit(wakeup_flags());
             true
@@ -197,7 +202,8 @@ fn step<B: Bytes>(walk: &mut Walk<B>) -> i64 {
             if take > H2_CHUNK as u32 {
                 take = H2_CHUNK as u32;
             }
-            let Some(mut entry) = record(&walk.key, h2_kind::BYTES, flow.flags, walk.ts_ns, 0)
+            let Some(mut entry) =
+                record::<H2_CHUNK>(&walk.key, h2_kind::BYTES, flow.flags, walk.ts_ns, 0)
             else {
                 flow.lost = 1;
                 return 1;
@@ -248,8 +254,12 @@ fn step<B: Bytes>(walk: &mut Walk<B>) -> i64 {
     let wanted = kind == HEADERS || (requests && kind == CONTINUATION);
     flow.left = len;
     flow.ship = u8::from(requests && wanted);
-    if wanted {
-        let Some(mut entry) = record(
+    if !wanted {
+        return 0;
+    }
+    if !requests {
+        // The answers' side: the frame header alone, in a small record.
+        let Some(mut entry) = record::<H2_SMALL>(
             &walk.key,
             h2_kind::BYTES,
             flow.flags,
@@ -260,12 +270,48 @@ fn step<B: Bytes>(walk: &mut Walk<B>) -> i64 {
             return 1;
         };
         let event = entry.as_mut_ptr();
-        // SAFETY: 9 of `data`'s bytes, from the header just read.
+        // SAFETY: 9 of `data`'s 16 bytes, from the header just read.
         unsafe {
             core::ptr::copy_nonoverlapping(hdr.as_ptr(), (*event).data.as_mut_ptr(), 9);
         }
         entry.submit(wakeup_flags());
+        return 0;
     }
+    // The requests' side: the header and as much of its payload as this
+    // segment or call holds, up to [`FIRST_PAYLOAD`], in one record (most
+    // requests' header blocks after a connection's first fit).
+    let Some(mut entry) = record::<H2_CHUNK>(&walk.key, h2_kind::BYTES, flow.flags, walk.ts_ns, 0)
+    else {
+        flow.lost = 1;
+        return 1;
+    };
+    let event = entry.as_mut_ptr();
+    // SAFETY: 9 of `data`'s bytes, from the header just read.
+    unsafe {
+        core::ptr::copy_nonoverlapping(hdr.as_ptr(), (*event).data.as_mut_ptr(), 9);
+    }
+    let rest = flow.end - flow.pos;
+    let mut take = if len < rest { len } else { rest };
+    if take > FIRST_PAYLOAD {
+        take = FIRST_PAYLOAD;
+    }
+    if take > 0 {
+        // Bounded for the verifier to 1..=FIRST_PAYLOAD (the same `take`).
+        let n = ((take - 1) & (FIRST_PAYLOAD - 1)) + 1;
+        // SAFETY: 9 + n <= 9 + FIRST_PAYLOAD bytes of `data`.
+        let to = unsafe { (*event).data.as_mut_ptr().add(9) };
+        if !walk.bytes.read(flow.pos, to, n) {
+            entry.discard(0);
+            flow.lost = 1;
+            return 1;
+        }
+        take = n;
+    }
+    // SAFETY: as above.
+    unsafe { (*event).len = (9 + take) as u16 };
+    entry.submit(wakeup_flags());
+    flow.pos += take;
+    flow.left -= take;
     0
 }
 
@@ -585,7 +631,7 @@ pub(crate) fn bind(flow: *mut Flow, ssl: u64, pid: u32, dir: u8, sk: u64) {
     };
     // SAFETY: helper without arguments.
     let now = unsafe { bpf_ktime_get_ns() };
-    let Some(mut entry) = record(&key, h2_kind::BIND, h2_flag::TLS, now, 0) else {
+    let Some(mut entry) = record::<H2_SMALL>(&key, h2_kind::BIND, h2_flag::TLS, now, 0) else {
         count_lost(lost::H2);
         return;
     };

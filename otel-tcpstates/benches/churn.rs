@@ -21,6 +21,8 @@ mod tls;
 mod bulk;
 #[path = "churn/firsthop.rs"]
 mod firsthop;
+#[path = "churn/h2c_links.rs"]
+mod h2c_links;
 #[path = "churn/incidents.rs"]
 mod incidents;
 #[path = "churn/keepalive.rs"]
@@ -75,7 +77,7 @@ static FLOOR_OBJECT: &[u8] =
     aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/tcpstates-floor"));
 
 const USAGE: &str = "usage: cargo bench --bench churn -- [--seconds N] [--warmup N]
-    [--runs baseline,floor,text,otlp,otlp-http,libbpf,baseline,links-churn,links-bulk,links-wrk,memory,sampling,sampling-memory,incidents,first-hop,memory-keepalive,tls]
+    [--runs baseline,floor,text,otlp,otlp-http,libbpf,baseline,links-churn,links-bulk,links-wrk,memory,sampling,sampling-memory,incidents,first-hop,memory-keepalive,tls,h2c]
     [--link-rounds N] [--link-seconds N] [--memory-sockets N] [--hold-connections N] [--no-pin]
     [--keepalive-connections N] [--keepalive-requests N] [--daemon PATH]
   --runs links = links-churn,links-bulk,links-wrk: each the daemon exporting OTLP/gRPC with
@@ -96,7 +98,9 @@ const USAGE: &str = "usage: cargo bench --bench churn -- [--seconds N] [--warmup
   DaemonSet's memory limit. --daemon PATH runs another build's daemon instead
   --runs tls: wrk over HTTPS against nginx with TLS, a distinct sampled traceparent on
   every request, under the daemon with --links: without and with --tls,
-  --link-rounds pairs (the order alternating) of --link-seconds measured after --warmup";
+  --link-rounds pairs (the order alternating) of --link-seconds measured after --warmup
+  --runs h2c: h2load over plaintext HTTP/2 against nginx, a fixed sampled traceparent on
+  every request, under the daemon with --no-links and --links, as --runs tls";
 
 #[path = "churn/options.rs"]
 mod options;
@@ -283,6 +287,9 @@ fn run() -> Result<()> {
     }
     if opts.runs.contains(&Mode::Tls) {
         tls_links::run(&opts);
+    }
+    if opts.runs.contains(&Mode::H2c) {
+        h2c_links::run(&opts);
     }
     if opts.runs.contains(&Mode::FirstHop) {
         firsthop::run(&opts);

@@ -28,6 +28,8 @@ use super::{DieWithParent as _, cpu_seconds, pin_to_cpu, wait_or_kill};
 /// keep-alive connections.
 const WRK_THREADS: u32 = 1;
 const WRK_CONNECTIONS: u32 = 32;
+/// Streams h2load keeps in flight on each connection (HTTP/2 multiplexing).
+const H2_STREAMS: u32 = 10;
 const READY_TIMEOUT: Duration = Duration::from_secs(10);
 /// [`TRACEPARENTS_LUA`]'s file in nginx's temporary directory.
 const TRACEPARENTS_SCRIPT: &str = "traceparents.lua";
@@ -96,13 +98,23 @@ impl Nginx {
         Self::start_with(cpu, Some(certs))
     }
 
+    /// [`Nginx::start`] serving plaintext HTTP/2 (`h2c`, the client's preface
+    /// first, as gRPC does it) on its port.
+    pub fn start_h2c(cpu: Option<usize>) -> Result<Nginx> {
+        Self::start_as(cpu, Serve::H2c)
+    }
+
     fn start_with(cpu: Option<usize>, certs: Option<&std::path::Path>) -> Result<Nginx> {
+        Self::start_as(cpu, certs.map_or(Serve::Http, Serve::Https))
+    }
+
+    fn start_as(cpu: Option<usize>, serve: Serve<'_>) -> Result<Nginx> {
         let dir = std::env::temp_dir().join(format!("churn-nginx-{}", std::process::id()));
         let _ = fs::remove_dir_all(&dir);
         fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
         let port = free_port()?;
         let conf = dir.join("nginx.conf");
-        fs::write(&conf, config(&dir, port, certs))?;
+        fs::write(&conf, config(&dir, port, serve))?;
         fs::write(dir.join(TRACEPARENTS_SCRIPT), TRACEPARENTS_LUA)?;
         let master = Command::new("nginx")
             .arg("-p")
@@ -118,7 +130,11 @@ impl Nginx {
             .on_cpu(cpu)
             .spawn()
             .context("starting nginx (scripts/bench.sh installs it)")?;
-        let scheme = if certs.is_some() { "https" } else { "http" };
+        let scheme = if matches!(serve, Serve::Https(_)) {
+            "https"
+        } else {
+            "http"
+        };
         let mut nginx = Nginx {
             master,
             dir,
@@ -216,6 +232,47 @@ impl Nginx {
     }
 }
 
+impl Nginx {
+    /// One h2load run of `seconds` against this nginx over h2c: `clients`
+    /// connections with `streams` requests in flight on each, every request
+    /// with `header` (`name: value`) when given.
+    pub fn h2load(&self, seconds: u64, header: Option<&str>, cpu: Option<usize>) -> Result<Wrk> {
+        let mut command = Command::new("h2load");
+        command.args([
+            "-c",
+            &WRK_CONNECTIONS.to_string(),
+            "-m",
+            &H2_STREAMS.to_string(),
+            "-D",
+            &seconds.to_string(),
+        ]);
+        if let Some(header) = header {
+            command.args(["-H", header]);
+        }
+        let mut child = command
+            .arg(format!("http://127.0.0.1:{}/", self.port))
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .die_with_parent()
+            .on_cpu(cpu)
+            .spawn()
+            .context("starting h2load (scripts/bench.sh installs it)")?;
+        let deadline = Instant::now() + Duration::from_secs(seconds + 30);
+        let status = wait_or_kill(&mut child, deadline).context("h2load did not finish in time")?;
+        let mut out = String::new();
+        child
+            .stdout
+            .take()
+            .context("h2load stdout")?
+            .read_to_string(&mut out)?;
+        if !status.success() {
+            bail!("h2load exited with {status}: {out}");
+        }
+        Wrk::parse_h2load(&out)
+    }
+}
+
 impl Drop for Nginx {
     fn drop(&mut self) {
         // SIGTERM: a fast shutdown (the master stops its workers).
@@ -225,17 +282,33 @@ impl Drop for Nginx {
     }
 }
 
+/// What nginx serves on its port.
+#[derive(Clone, Copy)]
+enum Serve<'a> {
+    Http,
+    /// With the certificate and key in this directory.
+    Https(&'a std::path::Path),
+    /// Plaintext HTTP/2.
+    H2c,
+}
+
 /// The whole configuration: one worker, keep-alive without a request limit, no
 /// access log, every path inside `dir`.
-fn config(dir: &std::path::Path, port: u16, certs: Option<&std::path::Path>) -> String {
-    let listen = match certs {
-        Some(certs) => format!(
+fn config(dir: &std::path::Path, port: u16, serve: Serve<'_>) -> String {
+    let listen = match serve {
+        Serve::Https(certs) => format!(
             "listen 127.0.0.1:{port} ssl;
         ssl_certificate {0}/cert.pem;
         ssl_certificate_key {0}/key.pem;",
             certs.display()
         ),
-        None => format!("listen 127.0.0.1:{port};"),
+        Serve::Http => format!("listen 127.0.0.1:{port};"),
+        // Without TLS, `http2` serves HTTP/2 only, by prior knowledge; no limit
+        // of requests a connection.
+        Serve::H2c => format!(
+            "listen 127.0.0.1:{port} http2;
+        http2_max_requests 1000000000;"
+        ),
     };
     let dir = dir.display();
     format!(
@@ -284,6 +357,43 @@ pub struct Wrk {
 }
 
 impl Wrk {
+    /// h2load's "finished in 4.00s, 123456.78 req/s, ..." and "requests: N
+    /// total, N started, N done, N succeeded, F failed, E errored, T timeout".
+    fn parse_h2load(out: &str) -> Result<Wrk> {
+        let finished = out
+            .lines()
+            .find(|l| l.starts_with("finished in "))
+            .with_context(|| format!("no \"finished in\" in h2load's output: {out}"))?;
+        let requests_per_s = finished
+            .split(", ")
+            .find_map(|f| f.strip_suffix(" req/s"))
+            .context("no req/s in h2load's output")?
+            .parse()?;
+        let counts = out
+            .lines()
+            .find_map(|l| l.strip_prefix("requests: "))
+            .context("no requests line in h2load's output")?;
+        let count = |what: &str| {
+            counts
+                .split(", ")
+                .find_map(|f| f.strip_suffix(what))
+                .and_then(|n| n.trim().parse::<u64>().ok())
+                .unwrap_or(0)
+        };
+        let requests = count(" succeeded");
+        let failed = count(" failed") + count(" errored") + count(" timeout");
+        let errors = if failed > 0 {
+            vec![format!("h2load: {counts}")]
+        } else {
+            Vec::new()
+        };
+        Ok(Wrk {
+            requests_per_s,
+            requests,
+            errors,
+        })
+    }
+
     fn parse(out: &str) -> Result<Wrk> {
         let field = |key: &str| {
             out.lines()

@@ -30,10 +30,13 @@ pub(crate) enum Mode {
     KeepAliveMemory,
     /// wrk over HTTPS against nginx with TLS: the TLS part off vs attached.
     Tls,
+    /// h2load over plaintext HTTP/2 against nginx: links off vs on.
+    H2c,
 }
 
 impl Mode {
-    pub(crate) const ALL: [Mode; 16] = [
+    pub(crate) const ALL: [Mode; 17] = [
+        Mode::H2c,
         Mode::Tls,
         Mode::KeepAliveMemory,
         Mode::FirstHop,
@@ -92,6 +95,7 @@ impl Mode {
                 | Mode::FirstHop
                 | Mode::KeepAliveMemory
                 | Mode::Tls
+                | Mode::H2c
         ) && !self.is_links()
     }
 
@@ -117,6 +121,7 @@ impl Mode {
             Mode::FirstHop => "first-hop",
             Mode::KeepAliveMemory => "memory-keepalive",
             Mode::Tls => "tls",
+            Mode::H2c => "h2c",
         }
     }
 
@@ -138,6 +143,7 @@ impl Mode {
             Mode::FirstHop => "first hop",
             Mode::KeepAliveMemory => "memory: keep-alive connections, collector stalled",
             Mode::Tls => "TLS part: wrk over HTTPS against nginx",
+            Mode::H2c => "HTTP/2: h2load over h2c against nginx",
         }
     }
 }

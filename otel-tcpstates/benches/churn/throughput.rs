@@ -133,7 +133,8 @@ pub(crate) fn throughput_run(mode: Mode, opts: &Options) -> Result<Row> {
             | Mode::Incidents
             | Mode::FirstHop
             | Mode::KeepAliveMemory
-            | Mode::Tls,
+            | Mode::Tls
+            | Mode::H2c,
             _,
         ) => {
             bail!("not a throughput run")

@@ -7,8 +7,8 @@ use std::{
 
 pub use otel_tcpstates_common::TcpFacts;
 use otel_tcpstates_common::{
-    AF_INET, AF_INET6, AnswerEvent, Event, H2Event, IncidentEvent, LinkEvent, TASK_COMM_LEN,
-    incident, tcp_state,
+    AF_INET, AF_INET6, AnswerEvent, Event, H2_CHUNK, H2_SMALL, H2Event, H2Small, IncidentEvent,
+    LinkEvent, TASK_COMM_LEN, incident, tcp_state,
 };
 
 use crate::kernel::traceparent::{self, Link};
@@ -177,8 +177,9 @@ pub const LINK_RECORD_SIZE: usize = size_of::<LinkEvent>();
 pub const INCIDENT_RECORD_SIZE: usize = size_of::<IncidentEvent>();
 /// Size of the record the packet programs write for a request's answer.
 pub const ANSWER_RECORD_SIZE: usize = size_of::<AnswerEvent>();
-/// Size of one HTTP/2 record ([`H2Event`]).
+/// Size of one HTTP/2 record ([`H2Event`]), and of a small one ([`H2Small`]).
 pub const H2_RECORD_SIZE: usize = size_of::<H2Event>();
+pub const H2_SMALL_RECORD_SIZE: usize = size_of::<H2Small>();
 
 /// A connection's ends, as its socket names them: (local address, port, remote
 /// address, port).
@@ -279,6 +280,25 @@ impl Record {
 pub fn decode_record(record: &[u8]) -> Result<Record, DecodeError> {
     if record.len() == INCIDENT_RECORD_SIZE {
         return decode_incident(record);
+    }
+    if record.len() == H2_SMALL_RECORD_SIZE {
+        // SAFETY: exactly size_of::<H2Small>() bytes of plain data, valid for
+        // any bit pattern; read_unaligned has no alignment needs.
+        let small = unsafe { record.as_ptr().cast::<H2Small>().read_unaligned() };
+        let mut data = [0; H2_CHUNK];
+        data[..H2_SMALL].copy_from_slice(&small.data);
+        return Ok(Record::H2(H2Event {
+            conn: small.conn,
+            ts_ns: small.ts_ns,
+            skaddr: small.skaddr,
+            pid: small.pid,
+            len: small.len.min(H2_SMALL as u16),
+            direction: small.direction,
+            kind: small.kind,
+            flags: small.flags,
+            _pad: [0; 7],
+            data,
+        }));
     }
     if record.len() == H2_RECORD_SIZE {
         // SAFETY: exactly size_of::<H2Event>() bytes of plain data, valid for
@@ -556,13 +576,14 @@ pub(crate) mod tests {
                 of: None,
             })
         );
-        // Five sizes, five kinds.
+        // Six sizes, six kinds.
         let sizes = [
             RECORD_SIZE,
             LINK_RECORD_SIZE,
             INCIDENT_RECORD_SIZE,
             ANSWER_RECORD_SIZE,
             H2_RECORD_SIZE,
+            H2_SMALL_RECORD_SIZE,
         ];
         assert!((1..sizes.len()).all(|i| !sizes[..i].contains(&sizes[i])));
     }

@@ -89,8 +89,8 @@ fn sessions_keep_at_most_a_kibibyte_a_socket_with_links_and_events() {
         size_of::<Requests>()
     );
     // One socket may keep all it was offered: 64 links, 64 events in each
-    // of two states.
-    assert!(most <= 5 * 1024, "{most} bytes in one session");
+    // of two states, 16 requests in flight (HTTP/2 streams; 6.2 KiB in all).
+    assert!(most <= 7 * 1024, "{most} bytes in one session");
     // All of them together may not: 65,536 sockets take 64 MiB at most.
     assert!(per_socket <= 1024, "{per_socket} bytes a socket");
 }
