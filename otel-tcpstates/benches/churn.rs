@@ -31,6 +31,8 @@ mod keepalive;
 mod links;
 #[path = "churn/nginx.rs"]
 mod nginx;
+#[path = "churn/paired.rs"]
+mod paired;
 #[path = "churn/sampling.rs"]
 mod sampling;
 #[path = "churn/tls_links.rs"]

@@ -201,33 +201,8 @@ impl Nginx {
                 command.arg("-s").arg(self.dir.join(TRACEPARENTS_SCRIPT));
             }
         }
-        let mut child = command
-            .arg(format!("{}://127.0.0.1:{}/", self.scheme, self.port))
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .die_with_parent()
-            .on_cpu(cpu)
-            .spawn()
-            .context("starting wrk (scripts/bench.sh installs it)")?;
-        // Its output is a few lines: the pipes do not fill before it exits.
-        let deadline = Instant::now() + Duration::from_secs(seconds + 30);
-        let status = wait_or_kill(&mut child, deadline).context("wrk did not finish in time")?;
-        let mut out = String::new();
-        let mut err = String::new();
-        child
-            .stdout
-            .take()
-            .context("wrk stdout")?
-            .read_to_string(&mut out)?;
-        child
-            .stderr
-            .take()
-            .context("wrk stderr")?
-            .read_to_string(&mut err)?;
-        if !status.success() {
-            bail!("wrk exited with {status}: {err}{out}");
-        }
+        command.arg(format!("{}://127.0.0.1:{}/", self.scheme, self.port));
+        let out = run_load(command, seconds, cpu, "wrk")?;
         Wrk::parse(&out)
     }
 }
@@ -249,28 +224,43 @@ impl Nginx {
         if let Some(header) = header {
             command.args(["-H", header]);
         }
-        let mut child = command
-            .arg(format!("http://127.0.0.1:{}/", self.port))
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .die_with_parent()
-            .on_cpu(cpu)
-            .spawn()
-            .context("starting h2load (scripts/bench.sh installs it)")?;
-        let deadline = Instant::now() + Duration::from_secs(seconds + 30);
-        let status = wait_or_kill(&mut child, deadline).context("h2load did not finish in time")?;
-        let mut out = String::new();
-        child
-            .stdout
-            .take()
-            .context("h2load stdout")?
-            .read_to_string(&mut out)?;
-        if !status.success() {
-            bail!("h2load exited with {status}: {out}");
-        }
+        command.arg(format!("http://127.0.0.1:{}/", self.port));
+        let out = run_load(command, seconds, cpu, "h2load")?;
         Wrk::parse_h2load(&out)
     }
+}
+
+/// Runs a load generator's `command` for its window of `seconds` (on `cpu`
+/// if given), killed 30 s past it: its output, or why it failed.
+fn run_load(mut command: Command, seconds: u64, cpu: Option<usize>, what: &str) -> Result<String> {
+    let mut child = command
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .die_with_parent()
+        .on_cpu(cpu)
+        .spawn()
+        .with_context(|| format!("starting {what} (scripts/bench.sh installs it)"))?;
+    // Its output is a few lines: the pipes do not fill before it exits.
+    let deadline = Instant::now() + Duration::from_secs(seconds + 30);
+    let status = wait_or_kill(&mut child, deadline)
+        .with_context(|| format!("{what} did not finish in time"))?;
+    let mut out = String::new();
+    let mut err = String::new();
+    child
+        .stdout
+        .take()
+        .context("its stdout")?
+        .read_to_string(&mut out)?;
+    child
+        .stderr
+        .take()
+        .context("its stderr")?
+        .read_to_string(&mut err)?;
+    if !status.success() {
+        bail!("{what} exited with {status}: {err}{out}");
+    }
+    Ok(out)
 }
 
 impl Drop for Nginx {
