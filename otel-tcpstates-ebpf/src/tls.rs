@@ -202,20 +202,8 @@ fn h2_write_ends(ret: i64) {
         return;
     };
     let _ = TLS_H2_WRITES.remove(&tid);
-    let taken = if call.written == 0 {
-        if ret <= 0 {
-            return;
-        }
-        ret as u64
-    } else {
-        if ret != 1 {
-            return;
-        }
-        // SAFETY: the helper checks the user address.
-        let Ok(n) = (unsafe { bpf_probe_read_user(call.written as *const u64) }) else {
-            return;
-        };
-        n
+    let Some(taken) = count(call.written, ret) else {
+        return;
     };
     let pid = (tid >> 32) as u32;
     let len = taken.min(u64::from(u32::MAX)) as u32;
@@ -269,6 +257,21 @@ pub fn ssl_write_exret(ctx: RetProbeContext) -> u32 {
     0
 }
 
+/// The bytes a call that returned `ret` took or gave: its return value for
+/// `SSL_write`/`SSL_read` (`at` 0), or what it wrote at `at` for their `_ex`
+/// forms (which return 1); `None` when it failed.
+#[inline(always)]
+fn count(at: u64, ret: i64) -> Option<u64> {
+    if at == 0 {
+        return (ret > 0).then_some(ret as u64);
+    }
+    if ret != 1 {
+        return None;
+    }
+    // SAFETY: the helper checks the user address.
+    unsafe { bpf_probe_read_user(at as *const u64) }.ok()
+}
+
 /// The thread's call in `calls` returned `ret`: its buffer and how many bytes
 /// it took or gave, when that is some.
 #[inline(always)]
@@ -277,18 +280,7 @@ fn call_ended(calls: &LruHashMap<u64, Call>, ret: i64) -> Option<(u64, u64, usiz
     // SAFETY: plain values copied out of a successful lookup.
     let call = (unsafe { calls.get(&tid) }).copied()?;
     let _ = calls.remove(&tid);
-    let len = if call.readbytes == 0 {
-        if ret <= 0 {
-            return None;
-        }
-        ret as u64
-    } else {
-        if ret != 1 {
-            return None;
-        }
-        // SAFETY: the helper checks the user address.
-        unsafe { bpf_probe_read_user(call.readbytes as *const u64) }.ok()?
-    };
+    let len = count(call.readbytes, ret)?;
     (call.buf != 0).then_some((call.ssl, call.buf, len.min(u64::from(u32::MAX)) as usize))
 }
 
